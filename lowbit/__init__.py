@@ -1,0 +1,31 @@
+"""lowbit: compress transformer language models to low-bit weights and run them fast."""
+
+from lowbit.api import from_pretrained, quantize, quantized_config, save_quantized
+from lowbit.config import (
+    AqlmConfig,
+    AwqConfig,
+    BitsAndBytesConfig,
+    GPTQConfig,
+    QuantConfig,
+    RtnConfig,
+    config_from_dict,
+)
+from lowbit.formats import IntGroupedLinear, QuantLinear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AqlmConfig",
+    "AwqConfig",
+    "BitsAndBytesConfig",
+    "GPTQConfig",
+    "IntGroupedLinear",
+    "QuantConfig",
+    "QuantLinear",
+    "RtnConfig",
+    "config_from_dict",
+    "from_pretrained",
+    "quantize",
+    "quantized_config",
+    "save_quantized",
+]

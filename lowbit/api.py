@@ -1,0 +1,163 @@
+"""The public entry points: quantize a model, save it, load it back."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit.checkpoint.safetensors_io import atomic_folder, load_state_dict, save_state_dict
+from lowbit.config import QuantConfig, config_from_dict
+from lowbit.formats.base import QuantLinear
+from lowbit.methods import QUANTIZERS, Quantizer
+from lowbit.methods.calibration import quantize_blockwise
+from lowbit.methods.walk import find_linears, set_module
+
+log = logging.getLogger(__name__)
+
+CONFIG_ATTR = "lowbit_quant_config"
+"""Attribute of a quantized model holding its :class:`QuantConfig`."""
+
+Calibration = torch.Tensor | str | os.PathLike | Sequence[str] | None
+
+
+def quantize(
+    model: nn.Module,
+    config: QuantConfig,
+    calib: Calibration = None,
+    *,
+    tokenizer=None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Quantize ``model`` in place with ``config`` and return it.
+
+    Args:
+        model: a transformers model (any architecture with a list of blocks).
+        config: e.g. ``RtnConfig(bits=4, group_size=128)``.
+        calib: calibration data for methods that need it: an int64 token tensor
+            ``[nsamples, seqlen]``, a text file path, a list of strings, or None for the
+            embedded WikiText-2 validation text (needs ``tokenizer``).
+        device: where blocks are quantized (default: where the model is).
+    """
+    if getattr(model, CONFIG_ATTR, None) is not None:
+        raise ValueError("model is already quantized")
+    quantizer = QUANTIZERS.get(config.quant_method)(config)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    quantizer.validate_environment(device)
+    quantizer.check_model(model)
+    if quantizer.requires_calibration:
+        ids = _calibration_ids(calib, tokenizer, config)
+        quantize_blockwise(model, quantizer, ids, device, progress=progress)
+    else:
+        _quantize_weights_only(model, quantizer, progress)
+    setattr(model, CONFIG_ATTR, config)
+    return model
+
+
+def _calibration_ids(calib: Calibration, tokenizer, config: QuantConfig) -> torch.Tensor:
+    if isinstance(calib, torch.Tensor):
+        if calib.dim() != 2 or calib.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"calibration tokens must be an int tensor [nsamples, seqlen], got {calib.dtype} {tuple(calib.shape)}")
+        return calib.long()
+    if tokenizer is None:
+        raise ValueError(f"{config.quant_method} needs calibration data: pass token ids, or a tokenizer with text")
+    from lowbit.eval.data import calibration_batch, calibration_texts
+
+    nsamples = getattr(config, "nsamples", 128)
+    seqlen = getattr(config, "model_seqlen", None) or 2048
+    return calibration_batch(tokenizer, calibration_texts(calib), nsamples, seqlen)
+
+
+def _quantize_weights_only(model: nn.Module, quantizer: Quantizer, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    linears = find_linears(model, quantizer.skip_modules(model))
+    for name, lin in tqdm(linears.items(), desc="quantizing layers", disable=not progress):
+        with torch.no_grad():
+            set_module(model, name, quantizer.quantize_layer(name, lin, None))
+
+
+def quantized_config(model: nn.Module) -> QuantConfig:
+    """The :class:`QuantConfig` a model was quantized with (``ValueError`` if it wasn't)."""
+    cfg = getattr(model, CONFIG_ATTR, None)
+    if cfg is None:
+        raise ValueError("model is not quantized by lowbit (no quantization config attached)")
+    return cfg
+
+
+def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, max_shard_size: int | str = "2GB") -> Path:
+    """Write a quantized model as safetensors shards + ``config.json`` (+ tokenizer) to ``path``.
+
+    The folder is built beside ``path`` and moved into place when complete. Tied weights are
+    stored once and re-tied on load.
+    """
+    qcfg = quantized_config(model)
+    tensors = _untied_state_dict(model)
+    config = model.config.to_dict()
+    config["quantization_config"] = qcfg.to_dict()
+    with atomic_folder(path) as tmp:
+        save_state_dict(tensors, tmp, max_shard_size)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(path)
+
+
+def _untied_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with each shared storage kept once (the first name in module order)."""
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    out = {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t
+    return out
+
+
+def from_pretrained(
+    name_or_path: str | os.PathLike,
+    *,
+    quantization_config: QuantConfig | None = None,
+    calib: Calibration = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    kernel: str = "auto",
+    progress: bool = True,
+) -> nn.Module:
+    """Load a lowbit checkpoint, or load a plain model and quantize it.
+
+    Args:
+        name_or_path: a local model folder, or ``"default"`` for the embedded SmolLM2-135M.
+        quantization_config: quantize a plain model with this config (must be None for a
+            folder that is already quantized).
+        dtype: dtype of the unquantized parts (default: the checkpoint's, else fp32).
+        kernel: ``"auto"`` or a kernel name forced on every quantized linear.
+    """
+    from lowbit.checkpoint.loading import load_plain, load_quantized
+    from lowbit.models import resolve_model
+
+    folder = resolve_model(str(name_or_path))
+    qdict = json.loads((folder / "config.json").read_text()).get("quantization_config")
+    if qdict is not None and qdict.get("quant_method") != "gguf":
+        if quantization_config is not None:
+            raise ValueError(f"{folder} is already quantized ({qdict.get('quant_method')}); drop quantization_config")
+        model = load_quantized(folder, config_from_dict(qdict), dtype=dtype or torch.float32, device=device)
+        setattr(model, CONFIG_ATTR, config_from_dict(qdict))
+    else:
+        model, tokenizer = load_plain(folder, dtype=dtype or torch.float32, device=device)
+        if quantization_config is not None:
+            quantize(model, quantization_config, calib, tokenizer=tokenizer, device=device, progress=progress)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.kernel = kernel
+    return model

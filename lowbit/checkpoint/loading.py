@@ -1,0 +1,109 @@
+"""Build transformers models from local folders: plain ones, and lowbit-quantized ones.
+
+A quantized folder is loaded without materialising the fp weights: the model skeleton is
+built with parameters on the meta device, its linears are swapped for empty quantized
+modules, and the checkpoint tensors are assigned after strict name/shape/dtype checks.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+from lowbit.checkpoint.safetensors_io import load_state_dict
+from lowbit.config import QuantConfig
+from lowbit.methods import QUANTIZERS
+from lowbit.methods.walk import find_linears, set_module
+
+log = logging.getLogger(__name__)
+
+
+def auto_class(config: PretrainedConfig) -> type:
+    """``AutoModelForCausalLM`` for causal LMs, ``AutoModel`` (bare encoder) otherwise."""
+    archs = getattr(config, "architectures", None) or []
+    return AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else AutoModel
+
+
+def load_tokenizer(folder: Path):
+    """The folder's tokenizer, or None when it has none."""
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        log.warning("no tokenizer loaded from %s: %s", folder, e)
+        return None
+
+
+def load_plain(folder: Path, dtype: torch.dtype, device: torch.device | str) -> tuple[nn.Module, object]:
+    """A non-quantized model folder -> (model in eval mode, tokenizer or None)."""
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    model = auto_class(config).from_pretrained(folder, dtype=dtype, local_files_only=True)
+    return model.to(device).eval(), load_tokenizer(folder)
+
+
+def load_quantized(folder: Path, qconfig: QuantConfig, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    """A lowbit checkpoint folder -> model whose quantized linears are ``QuantLinear``s."""
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # ours: transformers must not act on it
+    with init_empty_weights(include_buffers=False):
+        model = auto_class(config).from_config(config, dtype=dtype)
+    quantizer = QUANTIZERS.get(qconfig.quant_method)(qconfig)
+    for name, lin in find_linears(model, quantizer.skip_modules(model)).items():
+        set_module(model, name, quantizer.empty_module(name, lin, dtype))
+    tensors = load_state_dict(folder)
+    assign_checked(model, tensors, dtype, folder)
+    return model.to(device).eval()
+
+
+def assign_checked(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype, folder: Path) -> None:
+    """Assign checkpoint ``tensors`` to ``model``'s meta-device skeleton, strictly.
+
+    Every checkpoint tensor must name a parameter or buffer of matching shape; integer
+    tensors and quantized-module buffers must match dtype exactly; plain fp weights are
+    cast to ``dtype``. After re-tying weights, nothing may be left on the meta device.
+    """
+    expected = model.state_dict()
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise ValueError(f"checkpoint {folder} has tensors the model does not: {_few(unexpected)}")
+    quant_keys = _quantized_buffer_names(model)
+    for name, t in tensors.items():
+        want = expected[name]
+        if tuple(t.shape) != tuple(want.shape):
+            raise ValueError(f"checkpoint tensor {name} has shape {tuple(t.shape)}, the model expects {tuple(want.shape)}")
+        if name in quant_keys or not want.is_floating_point():
+            if t.dtype != want.dtype:
+                raise ValueError(f"checkpoint tensor {name} has dtype {t.dtype}, the format expects {want.dtype}")
+        elif not t.is_floating_point():
+            raise ValueError(f"checkpoint tensor {name} has dtype {t.dtype}, expected a floating-point weight")
+        else:
+            tensors[name] = t.to(dtype)
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"checkpoint tensor {name} contains NaN or Inf")
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise ValueError(f"checkpoint {folder} is missing tensors: {_few(missing)}")
+
+
+def _quantized_buffer_names(model: nn.Module) -> set[str]:
+    from lowbit.formats.base import QuantLinear
+
+    return {
+        f"{mname}.{bname}"
+        for mname, m in model.named_modules()
+        if isinstance(m, QuantLinear)
+        for bname, _ in m.named_buffers(recurse=False)
+        if bname != "bias"
+    }
+
+
+def _few(names: list[str], k: int = 5) -> str:
+    more = f" and {len(names) - k} more" if len(names) > k else ""
+    return ", ".join(names[:k]) + more

@@ -1,0 +1,394 @@
+"""Quantization configs: frozen, keyword-only dataclasses with transformers' field names.
+
+Each config is plain data. It is validated in ``__post_init__``, serializes with :meth:`to_dict`
+to the ``quantization_config`` entry of ``config.json``, and is read back with
+:func:`config_from_dict`, which dispatches on ``quant_method`` through :data:`CONFIGS`::
+
+    cfg = GPTQConfig(bits=4, group_size=128)
+    assert config_from_dict(json.loads(cfg.to_json_string())) == cfg
+
+Field names and defaults are those of transformers 5.23 (``transformers.utils.quantization_config``),
+plus the 4.x fields that 5.x dropped, so a ``config.json`` written by transformers 4.x/5.x,
+AutoGPTQ or AutoAWQ loads. Keys on input are checked, never silently dropped: each class lists
+its accepted legacy synonyms (``_ALIASES``) and the keys it deliberately ignores
+(``_IGNORED_INPUT_KEYS``); anything else is a ``ValueError``. Legacy keys that transformers
+still writes (GPTQ ``checkpoint_format``, AWQ ``version``, bnb ``_load_in_4bit``/``_load_in_8bit``)
+are written too, so transformers can read what lowbit writes.
+
+Fields holding dicts (``meta``, ``exllama_config``, ``modules_to_fuse``) are stored as private
+JSON-plain copies; such configs compare fine but are not hashable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import InitVar, dataclass, fields
+from enum import Enum
+from typing import Any, ClassVar, TypeVar
+
+from lowbit._config_fields import (
+    check_bool,
+    check_choice,
+    check_dtype_name,
+    check_exllama_config,
+    check_float,
+    check_group_size,
+    check_int,
+    check_json_dict,
+    check_legacy_format,
+    check_nested_str_tuple,
+    check_str,
+    check_str_tuple,
+    set_field,
+    to_plain,
+    where,
+)
+from lowbit.registry import Registry
+
+log = logging.getLogger(__name__)
+
+Q = TypeVar("Q", bound="QuantConfig")
+
+INT_BITS = (2, 3, 4, 8)
+GPTQ_FORMATS = ("gptq", "gptq_v2")
+AWQ_FORMATS = ("gemm", "gemv", "gemv_fast", "llm-awq", "exllama", "ipex")  # 5.x AwqFormat + 4.x versions
+# transformers 5.23 ``AwqBackend`` values; 4.x's "autoawq" and "llm-awq" are mapped in __post_init__.
+AWQ_BACKENDS = (
+    "auto", "auto_trainable", "machete", "marlin", "exllama_v2", "exllama_v1", "gemm", "gemm_triton",
+    "gemv", "gemv_fast", "torch_awq", "torch_fused_awq",
+)
+BNB_QUANT_TYPES = ("fp4", "nf4")
+BNB_COMPUTE_DTYPES = ("float16", "bfloat16", "float32")
+BNB_STORAGE_DTYPES = ("uint8", "int8", "float16", "bfloat16", "float32", "float64")  # as transformers
+# GPTQConfig fields transformers 5's AwqConfig inherits and writes; AWQ never reads them.
+_GPTQ_KEYS_IN_AWQ = frozenset({
+    "tokenizer", "dataset", "damp_percent", "desc_act", "act_group_aware", "sym", "true_sequential", "meta",
+    "model_seqlen", "block_name_to_quantize", "module_name_preceding_first_block", "batch_size",
+    "pad_token_id", "max_input_length", "cache_block_outputs", "modules_in_block_to_quantize",
+})
+_AUTOGPTQ_ALIASES = {"w_bit": "bits", "q_group_size": "group_size"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+    """Base of all configs: ``quant_method`` names the method, the rest is per-method data."""
+
+    quant_method: ClassVar[str]
+    _ALIASES: ClassVar[Mapping[str, str]] = {}  # legacy input key -> field it sets
+    _IGNORED_INPUT_KEYS: ClassVar[frozenset[str]] = frozenset()  # accepted on input, then dropped
+    _LEGACY_OUTPUT: ClassVar[Mapping[str, str]] = {}  # extra key to_dict writes -> field it copies
+
+    modules_to_not_convert: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_str_tuple(self, "modules_to_not_convert")
+        self._validate()
+
+    def _validate(self) -> None:
+        """Per-class checks and normalization (hook for subclasses)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict with ``quant_method``: tuples -> lists, dtypes -> names like ``"float16"``."""
+        out: dict[str, Any] = {"quant_method": self.quant_method}
+        for f in fields(self):
+            out[f.name] = to_plain(getattr(self, f.name), where(self, f.name))
+        for key, source in self._LEGACY_OUTPUT.items():
+            out[key] = out[source]
+        return out
+
+    def to_json_string(self) -> str:
+        """:meth:`to_dict` as JSON, keys sorted, indented by 2."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> QuantConfig:
+        """Build a config from a ``quantization_config`` dict.
+
+        On :class:`QuantConfig` itself this dispatches on ``d["quant_method"]``; on a subclass it
+        builds that class (``quant_method`` may then be left out, but must match if given).
+        """
+        if cls is QuantConfig:
+            return config_from_dict(d)
+        if not isinstance(d, Mapping):
+            raise TypeError(f"{cls.__name__}.from_dict needs a dict, not {type(d).__name__}")
+        kw = {str(k): v.value if isinstance(v, Enum) else v for k, v in d.items()}
+        method = kw.pop("quant_method", cls.quant_method)
+        if method != cls.quant_method:
+            raise ValueError(f"{cls.__name__} has quant_method {cls.quant_method!r}, but the dict says {method!r}")
+        cls._map_aliases(kw)
+        for key in cls._IGNORED_INPUT_KEYS:
+            kw.pop(key, None)
+        unknown = sorted(set(kw) - set(inspect.signature(cls).parameters))
+        if unknown:
+            raise ValueError(
+                f"unknown {cls.__name__} keys {', '.join(map(repr, unknown))}; known keys: "
+                + ", ".join(cls.input_keys())
+            )
+        return cls(**kw)
+
+    @classmethod
+    def _map_aliases(cls, kw: dict[str, Any]) -> None:
+        """Rename legacy keys in place; a legacy key and its field given together must agree."""
+        for alias, name in cls._ALIASES.items():
+            if alias not in kw:
+                continue
+            value = kw.pop(alias)
+            if name in kw and kw[name] != value:
+                raise ValueError(
+                    f"{cls.__name__}: {alias}={value!r} conflicts with {name}={kw[name]!r}; give one of them"
+                )
+            kw[name] = value
+
+    @classmethod
+    def input_keys(cls) -> list[str]:
+        """Every key :meth:`from_dict` accepts, sorted."""
+        keys = set(inspect.signature(cls).parameters) | set(cls._ALIASES) | cls._IGNORED_INPUT_KEYS
+        return sorted(keys | {"quant_method"})
+
+    def replace(self: Q, **changes: Any) -> Q:
+        """A new, validated config with ``changes`` applied (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+
+CONFIGS: Registry[type[QuantConfig]] = Registry("quant_method")
+
+
+def _registered(cls: type[Q]) -> type[Q]:
+    """Class decorator: add ``cls`` to :data:`CONFIGS` under its ``quant_method``."""
+    CONFIGS.add(cls.quant_method, cls)
+    return cls
+
+
+def config_from_dict(d: Mapping[str, Any]) -> QuantConfig:
+    """The config a ``quantization_config`` dict describes, chosen by its ``quant_method``.
+
+    Raises ``TypeError`` for a non-dict, ``ValueError`` for a missing or unknown ``quant_method``
+    and for keys the chosen class does not accept.
+    """
+    if not isinstance(d, Mapping):
+        raise TypeError(f"quantization_config must be a dict, not {type(d).__name__}")
+    if "quant_method" not in d:
+        raise ValueError(f"quantization_config has no 'quant_method'; known methods: {', '.join(CONFIGS)}")
+    method = d["quant_method"]
+    method = method.value if isinstance(method, Enum) else method
+    if not isinstance(method, str):
+        raise TypeError(f"quantization_config 'quant_method' must be a str, not {type(method).__name__}")
+    return CONFIGS.get(method).from_dict(d)
+
+
+@_registered
+@dataclass(frozen=True, kw_only=True)
+class GPTQConfig(QuantConfig):
+    """GPTQ (AutoGPTQ/GPTQModel/transformers layout). ``bits`` is required.
+
+    ``backend=None`` means ``"auto"``; ``act_group_aware`` is switched off when ``desc_act`` is on
+    (both as in transformers). ``checkpoint_format`` is the legacy name of ``format``.
+    ``nsamples`` and ``block_size`` (lazy-batch width of the solver) are lowbit's own.
+    """
+
+    quant_method: ClassVar[str] = "gptq"
+    _ALIASES: ClassVar[Mapping[str, str]] = _AUTOGPTQ_ALIASES
+    # AutoGPTQ file metadata and transformers 4.33's kernel switch: they do not describe the weights.
+    _IGNORED_INPUT_KEYS: ClassVar[frozenset[str]] = frozenset(
+        {"model_name_or_path", "model_file_base_name", "disable_exllama"}
+    )
+    _LEGACY_OUTPUT: ClassVar[Mapping[str, str]] = {"checkpoint_format": "format"}
+
+    bits: int
+    tokenizer: Any = None
+    dataset: str | tuple[str, ...] | None = None
+    group_size: int = 128
+    damp_percent: float = 0.1
+    desc_act: bool = False
+    act_group_aware: bool = True
+    sym: bool = True
+    true_sequential: bool = True
+    format: str = "gptq"
+    meta: dict[str, Any] | None = None
+    backend: str | None = None
+    model_seqlen: int | None = None
+    block_name_to_quantize: str | None = None
+    module_name_preceding_first_block: tuple[str, ...] | None = None
+    batch_size: int = 1
+    pad_token_id: int | None = None
+    max_input_length: int | None = None
+    cache_block_outputs: bool = True
+    modules_in_block_to_quantize: tuple[tuple[str, ...], ...] | None = None
+    static_groups: bool = False
+    use_cuda_fp16: bool = False  # transformers 4.x
+    use_exllama: bool | None = None  # transformers 4.x
+    exllama_config: dict[str, Any] | None = None  # transformers 4.x
+    nsamples: int = 128
+    block_size: int = 128
+    checkpoint_format: InitVar[str | None] = None
+
+    def __post_init__(self, checkpoint_format: str | None) -> None:
+        check_legacy_format(self, "checkpoint_format", checkpoint_format, "gptq")
+        super().__post_init__()
+
+    def _validate(self) -> None:
+        check_int(self, "bits", choices=INT_BITS)
+        check_group_size(self)
+        check_float(self, "damp_percent", lambda x: 0 < x < 1, "0 < damp_percent < 1")
+        check_choice(self, "format", GPTQ_FORMATS, lower=True)
+        if not isinstance(self.dataset, str):
+            check_str_tuple(self, "dataset")
+        for name in ("desc_act", "act_group_aware", "sym", "true_sequential", "cache_block_outputs",
+                     "static_groups", "use_cuda_fp16"):
+            check_bool(self, name)
+        check_bool(self, "use_exllama", optional=True)
+        for name in ("meta", "exllama_config"):
+            check_json_dict(self, name)
+        check_exllama_config(self)
+        check_str(self, "backend", optional=True, lower=True)
+        if self.backend is None:
+            set_field(self, "backend", "auto")
+        for name in ("model_seqlen", "max_input_length"):
+            check_int(self, name, optional=True, minimum=1)
+        check_int(self, "pad_token_id", optional=True)
+        for name in ("batch_size", "nsamples", "block_size"):
+            check_int(self, name, minimum=1)
+        check_str(self, "block_name_to_quantize", optional=True)
+        check_str_tuple(self, "module_name_preceding_first_block")
+        check_nested_str_tuple(self, "modules_in_block_to_quantize")
+        if self.desc_act and self.act_group_aware:
+            log.debug("GPTQConfig: act_group_aware switched off because desc_act=True (as in transformers)")
+            set_field(self, "act_group_aware", False)
+
+
+@_registered
+@dataclass(frozen=True, kw_only=True)
+class AwqConfig(QuantConfig):
+    """AWQ (AutoAWQ layouts). ``version`` is the legacy (case-insensitive) name of ``format``.
+
+    As in transformers, ``backend="autoawq"`` means ``"auto"`` and ``backend="llm-awq"`` means
+    ``format="llm-awq"``. The GEMM layout itself holds 4 bits only; the layout checks that.
+    ``duo_scaling`` and ``nsamples`` are lowbit's own search settings.
+    """
+
+    quant_method: ClassVar[str] = "awq"
+    _ALIASES: ClassVar[Mapping[str, str]] = _AUTOGPTQ_ALIASES
+    _IGNORED_INPUT_KEYS: ClassVar[frozenset[str]] = _GPTQ_KEYS_IN_AWQ
+    _LEGACY_OUTPUT: ClassVar[Mapping[str, str]] = {"version": "format"}
+
+    bits: int = 4
+    group_size: int = 128
+    zero_point: bool = True
+    format: str = "gemm"
+    backend: str = "auto"
+    do_fuse: bool | None = None  # transformers 4.x
+    fuse_max_seq_len: int | None = None  # transformers 4.x
+    modules_to_fuse: dict[str, Any] | None = None  # transformers 4.x
+    exllama_config: dict[str, Any] | None = None  # transformers 4.x
+    duo_scaling: bool = True
+    nsamples: int = 128
+    version: InitVar[str | None] = None
+
+    def __post_init__(self, version: str | None) -> None:
+        check_legacy_format(self, "version", version, "gemm")
+        super().__post_init__()
+
+    def _validate(self) -> None:
+        check_int(self, "bits", choices=INT_BITS)
+        check_group_size(self)
+        for name in ("zero_point", "duo_scaling"):
+            check_bool(self, name)
+        check_str(self, "backend", lower=True)
+        if self.backend == "autoawq":
+            set_field(self, "backend", "auto")
+        if self.backend == "llm-awq":
+            set_field(self, "backend", "auto")
+            set_field(self, "format", "llm-awq")
+        check_choice(self, "backend", AWQ_BACKENDS)
+        check_choice(self, "format", AWQ_FORMATS, lower=True)
+        check_bool(self, "do_fuse", optional=True)
+        check_int(self, "fuse_max_seq_len", optional=True, minimum=1)
+        if self.do_fuse and self.fuse_max_seq_len is None:
+            raise ValueError("AwqConfig.do_fuse=True needs fuse_max_seq_len; set it to the longest sequence to fuse for")
+        for name in ("modules_to_fuse", "exllama_config"):
+            check_json_dict(self, name)
+        check_exllama_config(self)
+        check_int(self, "nsamples", minimum=1)
+
+
+@_registered
+@dataclass(frozen=True, kw_only=True)
+class BitsAndBytesConfig(QuantConfig):
+    """bitsandbytes LLM.int8 (``load_in_8bit``) or FP4/NF4 (``load_in_4bit``): exactly one is True.
+
+    ``bnb_4bit_compute_dtype``/``bnb_4bit_quant_storage`` accept a ``torch.dtype`` or its name and
+    are stored as names (``None`` means transformers' defaults, float32 and uint8). ``to_dict``
+    also writes transformers' ``_load_in_4bit``/``_load_in_8bit``, which are accepted on input.
+    """
+
+    quant_method: ClassVar[str] = "bitsandbytes"
+    _ALIASES: ClassVar[Mapping[str, str]] = {"_load_in_8bit": "load_in_8bit", "_load_in_4bit": "load_in_4bit"}
+    _LEGACY_OUTPUT: ClassVar[Mapping[str, str]] = {"_load_in_8bit": "load_in_8bit", "_load_in_4bit": "load_in_4bit"}
+
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+    llm_int8_threshold: float = 6.0
+    llm_int8_skip_modules: tuple[str, ...] | None = None
+    llm_int8_enable_fp32_cpu_offload: bool = False
+    llm_int8_has_fp16_weight: bool = False
+    bnb_4bit_compute_dtype: str | None = None
+    bnb_4bit_quant_type: str = "fp4"
+    bnb_4bit_use_double_quant: bool = False
+    bnb_4bit_quant_storage: str | None = None
+
+    def _validate(self) -> None:
+        for name in ("load_in_8bit", "load_in_4bit", "llm_int8_enable_fp32_cpu_offload",
+                     "llm_int8_has_fp16_weight", "bnb_4bit_use_double_quant"):
+            check_bool(self, name)
+        if self.load_in_8bit == self.load_in_4bit:
+            raise ValueError(
+                f"BitsAndBytesConfig.load_in_8bit={self.load_in_8bit} and load_in_4bit={self.load_in_4bit}: "
+                "exactly one of them must be True"
+            )
+        check_float(self, "llm_int8_threshold", lambda x: x >= 0, "llm_int8_threshold >= 0")
+        check_str_tuple(self, "llm_int8_skip_modules")
+        check_dtype_name(self, "bnb_4bit_compute_dtype", BNB_COMPUTE_DTYPES)
+        check_choice(self, "bnb_4bit_quant_type", BNB_QUANT_TYPES)
+        check_dtype_name(self, "bnb_4bit_quant_storage", BNB_STORAGE_DTYPES)
+
+
+@_registered
+@dataclass(frozen=True, kw_only=True)
+class AqlmConfig(QuantConfig):
+    """AQLM additive quantization: ``num_codebooks`` codebooks of ``2**nbits_per_codebook`` vectors,
+    each of ``out_group_size x in_group_size`` weights."""
+
+    quant_method: ClassVar[str] = "aqlm"
+
+    in_group_size: int = 8
+    out_group_size: int = 1
+    num_codebooks: int = 1
+    nbits_per_codebook: int = 16
+    linear_weights_not_to_quantize: tuple[str, ...] | None = None
+
+    def _validate(self) -> None:
+        for name in ("in_group_size", "out_group_size", "num_codebooks"):
+            check_int(self, name, minimum=1)
+        check_int(self, "nbits_per_codebook", minimum=1, maximum=16)
+        check_str_tuple(self, "linear_weights_not_to_quantize")
+
+
+@_registered
+@dataclass(frozen=True, kw_only=True)
+class RtnConfig(QuantConfig):
+    """lowbit's round-to-nearest baseline: grouped integer weights, no calibration data."""
+
+    quant_method: ClassVar[str] = "rtn"
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+
+    def _validate(self) -> None:
+        check_int(self, "bits", choices=INT_BITS)
+        check_group_size(self)
+        check_bool(self, "sym")

@@ -1,0 +1,1 @@
+"""Evaluation: embedded corpora, perplexity, sizes and peak memory, the comparison table."""

@@ -1,0 +1,40 @@
+"""``QuantLinear``: the base of every quantized linear module."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from lowbit.kernels import select_kernel
+
+
+class QuantLinear(nn.Module):
+    """A linear layer whose weight is stored quantized.
+
+    Subclasses hold buffers and name their storage ``format``; the forward runs whichever
+    kernel :func:`lowbit.kernels.select_kernel` picks for the input (``self.kernel`` is
+    ``"auto"`` unless set). ``dequantize()`` always goes through the reference path.
+    """
+
+    format: ClassVar[str]
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kernel = "auto"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., K) -> (..., N)``."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
+        return select_kernel(self, x, self.kernel).fn(x, self)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as fp32 ``[N, K]``."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"

@@ -1,0 +1,116 @@
+"""``IntGroupedLinear``: 2/3/4/8-bit group-affine integer weights (GPTQ, AWQ, RTN).
+
+Buffers (the canonical layout; ecosystem layouts translate to and from it):
+
+========  ==========  ===========================  =========================================
+name      dtype       shape                        meaning
+========  ==========  ===========================  =========================================
+qweight   int32       ``[ceil(K*bits/32), N]``     codes packed along K, LSB first
+qzeros    int32       ``[G, ceil(N*bits/32)]``     true zero points packed along N
+scales    fp16/bf16   ``[G, N]``                   per-group scales
+g_idx     int32       ``[K]``                      group of each input column
+bias      fp          ``[N]``                      optional
+========  ==========  ===========================  =========================================
+
+``G = ceil(K / group_size)``; ``W[n, k] = (q[k, n] - z[g_idx[k], n]) * s[g_idx[k], n]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.formats.base import QuantLinear
+from lowbit.formats.packing import SUPPORTED_BITS, pack_int, packed_length
+from lowbit.kernels import KernelImpl, always, register_kernel
+from lowbit.kernels import reference
+
+
+class IntGroupedLinear(QuantLinear):
+    """Grouped-integer linear layer; see the module docstring for its buffers."""
+
+    format = "int_grouped"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bits: int,
+        group_size: int,
+        bias: bool,
+        scales_dtype: torch.dtype = torch.float16,
+        bias_dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features)
+        check_grouping(in_features, bits, group_size)
+        self.bits = bits
+        self.group_size = in_features if group_size == -1 else group_size
+        groups = -(-in_features // self.group_size)
+        kw = {"device": device}
+        self.register_buffer("qweight", torch.zeros(packed_length(in_features, bits), out_features, dtype=torch.int32, **kw))
+        self.register_buffer("qzeros", torch.zeros(groups, packed_length(out_features, bits), dtype=torch.int32, **kw))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=scales_dtype, **kw))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, **kw))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, **kw) if bias else None)
+
+    @classmethod
+    def from_quantized(
+        cls,
+        q: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        g_idx: torch.Tensor,
+        *,
+        bits: int,
+        group_size: int,
+        bias: torch.Tensor | None = None,
+    ) -> "IntGroupedLinear":
+        """Build from unpacked codes.
+
+        Args:
+            q: int ``[N, K]`` codes in ``[0, 2**bits)``.
+            scales: fp ``[G, N]`` (stored in its own dtype).
+            zeros: int ``[G, N]``.
+            g_idx: int ``[K]``.
+            bias: ``[N]`` or None.
+        """
+        n, k = q.shape
+        mod = cls(k, n, bits=bits, group_size=group_size, bias=bias is not None,
+                  scales_dtype=scales.dtype, bias_dtype=bias.dtype if bias is not None else torch.float16,
+                  device="meta")
+        mod.qweight = pack_int(q.t(), bits, dim=0)  # [K, N] -> [ceil(K*bits/32), N]
+        mod.qzeros = pack_int(zeros, bits, dim=1)  # [G, N] -> [G, ceil(N*bits/32)]
+        mod.scales = scales.contiguous()
+        mod.g_idx = g_idx.to(torch.int32).contiguous()
+        mod.bias = None if bias is None else bias.detach().clone()
+        return mod
+
+    def dequantize(self) -> torch.Tensor:
+        return reference.dequantize_int_grouped(self.qweight, self.scales, self.qzeros, self.g_idx, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}"
+
+
+def check_grouping(in_features: int, bits: int, group_size: int) -> None:
+    """Raise ``ValueError`` unless ``bits``/``group_size`` can hold a layer of ``in_features``."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits} is not supported by the grouped-int format; use one of {SUPPORTED_BITS}")
+    if group_size != -1 and group_size <= 0:
+        raise ValueError(f"group_size={group_size} must be -1 (one group per row) or positive")
+    if group_size != -1 and in_features % group_size:
+        raise ValueError(
+            f"group_size={group_size} does not divide in_features={in_features}; "
+            f"use a divisor of {in_features} or -1"
+        )
+
+
+def _reference_forward(x: torch.Tensor, m: IntGroupedLinear) -> torch.Tensor:
+    return reference.matmul_int_grouped(x, m.qweight, m.scales, m.qzeros, m.g_idx, m.bits, m.bias)
+
+
+register_kernel(
+    IntGroupedLinear.format,
+    KernelImpl("reference", 0, available=always, supports=lambda m, x: x.is_floating_point(), fn=_reference_forward),
+)

@@ -1,0 +1,90 @@
+"""Kernel registry: which implementation runs a quantized module's forward.
+
+Each storage format (``QuantLinear.format``) has a list of :class:`KernelImpl`. The plain
+PyTorch reference is registered at priority 0 for every format, so ``kernel="auto"`` always
+finds one; faster implementations register with a higher priority and say whether they are
+``available()`` (packages, hardware) and whether they ``supports()`` a given module and input.
+``LOWBIT_KERNEL=<name>`` in the environment forces a kernel by name (e.g. ``reference``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+ENV_VAR = "LOWBIT_KERNEL"
+
+
+@dataclass(frozen=True)
+class KernelImpl:
+    """One implementation of a format's forward: ``fn(x, module) -> y``."""
+
+    name: str
+    priority: int
+    available: Callable[[], bool]
+    supports: Callable[[torch.nn.Module, torch.Tensor], bool]
+    fn: Callable[[torch.Tensor, torch.nn.Module], torch.Tensor]
+
+
+_KERNELS: dict[str, list[KernelImpl]] = {}
+
+
+def register_kernel(fmt: str, impl: KernelImpl) -> None:
+    """Add ``impl`` to the kernels of storage format ``fmt`` (names are unique per format)."""
+    impls = _KERNELS.setdefault(fmt, [])
+    if any(i.name == impl.name for i in impls):
+        raise ValueError(f"kernel {impl.name!r} is already registered for format {fmt!r}")
+    impls.append(impl)
+    impls.sort(key=lambda i: -i.priority)
+
+
+def kernels_for(fmt: str) -> list[KernelImpl]:
+    """The registered kernels of ``fmt``, highest priority first."""
+    return list(_KERNELS.get(fmt, []))
+
+
+def always() -> bool:
+    """``available``/``supports`` helper for implementations that run everywhere."""
+    return True
+
+
+@functools.cache
+def _available(impl: KernelImpl) -> bool:
+    return bool(impl.available())
+
+
+def select_kernel(module: torch.nn.Module, x: torch.Tensor, kernel: str = "auto") -> KernelImpl:
+    """Pick the implementation that runs ``module(x)``.
+
+    ``kernel="auto"`` takes the highest-priority implementation that is available and
+    supports the input, unless ``LOWBIT_KERNEL`` names one. A named kernel that is unknown,
+    unavailable or does not support the input raises ``ValueError``.
+    """
+    fmt = type(module).format
+    impls = _KERNELS.get(fmt)
+    if not impls:
+        raise ValueError(f"no kernel is registered for format {fmt!r}")
+    forced = os.environ.get(ENV_VAR) or None
+    name = forced if forced and kernel == "auto" else kernel
+    if name == "auto":
+        for impl in impls:
+            if _available(impl) and impl.supports(module, x):
+                return impl
+        raise ValueError(f"no registered kernel of format {fmt!r} supports this input")
+    for impl in impls:
+        if impl.name == name:
+            if not _available(impl):
+                raise ValueError(f"kernel {name!r} for format {fmt!r} is not available on this machine")
+            if not impl.supports(module, x):
+                raise ValueError(
+                    f"kernel {name!r} does not support this input "
+                    f"(dtype {x.dtype}, device {x.device.type}) for format {fmt!r}"
+                )
+            return impl
+    known = ", ".join(i.name for i in impls)
+    source = f"{ENV_VAR}={name}" if forced and kernel == "auto" else f"kernel={name!r}"
+    raise ValueError(f"unknown kernel in {source} for format {fmt!r}; known: {known}")

@@ -1,0 +1,9 @@
+"""Quantization algorithms; each emits a module from :mod:`lowbit.formats`.
+
+Importing this package registers every built-in quantizer in ``QUANTIZERS``.
+"""
+
+from lowbit.methods import rtn  # noqa: F401  (registers "rtn")
+from lowbit.methods.base import QUANTIZERS, Quantizer
+
+__all__ = ["QUANTIZERS", "Quantizer"]

@@ -1,0 +1,76 @@
+"""The ``Quantizer`` contract and its registry (the role transformers' ``HfQuantizer`` plays).
+
+A quantizer turns one ``nn.Linear`` (or ``Conv1D``) into a :class:`QuantLinear`. Methods that
+need calibration statistics return a stats object from :meth:`Quantizer.collect` whose
+``add_batch(inputs)`` is fed each calibration input of that linear by the block-wise runner
+(:mod:`lowbit.methods.calibration`); the stats are handed to :meth:`quantize_layer`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar, Generic, Protocol, TypeVar
+
+import torch
+from torch import nn
+
+from lowbit.config import QuantConfig
+from lowbit.formats.base import QuantLinear
+from lowbit.registry import Registry
+
+C = TypeVar("C", bound=QuantConfig)
+
+
+class Stats(Protocol):
+    """Calibration statistics of one linear, fed its inputs ``[..., K]`` batch by batch."""
+
+    def add_batch(self, inputs: torch.Tensor) -> None: ...
+
+
+class Quantizer(ABC, Generic[C]):
+    """Validate, choose dtypes, build quantized modules for one method's config."""
+
+    requires_calibration: ClassVar[bool]
+    is_serializable: ClassVar[bool] = True
+    is_trainable: ClassVar[bool] = False
+
+    def __init__(self, config: C) -> None:
+        self.config = config
+
+    def validate_environment(self, device: torch.device) -> None:
+        """Raise if this method cannot run on ``device`` (default: runs everywhere)."""
+
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the model's unquantized parts should use (default: unchanged)."""
+        return dtype
+
+    def skip_modules(self, model: nn.Module) -> set[str]:
+        """Names of linears left unquantized: the config's plus the defaults."""
+        from lowbit.methods.walk import default_skips
+
+        return set(self.config.modules_to_not_convert or ()) | default_skips(model)
+
+    def check_layer(self, name: str, linear: nn.Module) -> None:
+        """Raise ``ValueError`` naming ``name`` if the config cannot hold this linear (default: it can)."""
+
+    def check_model(self, model: nn.Module) -> None:
+        """:meth:`check_layer` on every linear to be quantized, before any work starts."""
+        from lowbit.methods.walk import find_linears
+
+        for name, linear in find_linears(model, self.skip_modules(model)).items():
+            self.check_layer(name, linear)
+
+    def collect(self, name: str, linear: nn.Module) -> Stats | None:
+        """Statistics object gathering this linear's calibration inputs (None: none needed)."""
+        return None
+
+    @abstractmethod
+    def quantize_layer(self, name: str, linear: nn.Module, stats: Stats | None) -> QuantLinear:
+        """The quantized replacement of ``linear``."""
+
+    @abstractmethod
+    def empty_module(self, name: str, linear: nn.Module, dtype: torch.dtype) -> QuantLinear:
+        """A module with the right buffer shapes and dtypes, on the meta device, to load into."""
+
+
+QUANTIZERS: Registry[type[Quantizer]] = Registry("quantizer for quant_method")

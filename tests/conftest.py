@@ -1,0 +1,70 @@
+"""Shared test settings: the tolerance table, GPU marks and tiny-model fixtures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# --- tolerance table (STYLE.md) ----------------------------------------------------------
+# integer codes, pack/unpack, save/load: exact (torch.equal)
+DEQUANT_ATOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 1e-6}  # kernel vs reference
+MATMUL_REL = {torch.float16: 1e-3, torch.bfloat16: 5e-3, torch.float32: 1e-6}  # fused matmul vs reference
+RTN4_G128_MAX_PPL_RATIO = 1.5  # real model: 4-bit RTN g128 perplexity / fp32 perplexity
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA/ROCm GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+# --- tiny random models ------------------------------------------------------------------
+
+def byte_tokenizer():
+    """A 256-symbol byte-level tokenizer (no merges), saved and reloaded like a real one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=tok.id_to_token(10))
+
+
+def tiny_llama_model(seed: int = 0, layers: int = 2):
+    """A random LlamaForCausalLM: vocab 256, hidden 64, MLP 128, 4 heads (2 KV), tied head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=None, eos_token_id=10, pad_token_id=None)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+def _save_tiny(folder):
+    tiny_llama_model().save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def tiny_model_dir(tmp_path):
+    """A folder with a tiny random Llama and its byte tokenizer (fresh per test)."""
+    return _save_tiny(tmp_path / "tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir_module(tmp_path_factory):
+    """Same as ``tiny_model_dir``, shared by a module's tests (do not modify it)."""
+    return _save_tiny(tmp_path_factory.mktemp("tiny") / "tiny")

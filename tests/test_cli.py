@@ -1,0 +1,51 @@
+"""The ``lowbit`` command line on tiny models: results, exit codes, one-line errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from lowbit.cli import main
+
+
+def test_quantize_then_eval(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "q4"
+    assert main(["quantize", str(tiny_model_dir), "--bits", "4", "--group-size", "32", "--out", str(out)]) == 0
+    assert "saved rtn 4-bit model" in capsys.readouterr().out
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert main(["eval", str(out), "--tokens", "600", "--ppl-seqlen", "128"]) == 0
+    table = capsys.readouterr().out
+    assert "perplexity" in table and str(out) in table
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["quantize", "{model}", "--method", "nope", "--out", "{out}"], "unknown quant_method 'nope'"),
+    (["quantize", "{model}", "--bits", "5", "--out", "{out}"], "bits=5"),
+    (["quantize", "{model}", "--group-size", "48", "--out", "{out}"], "group_size=48 does not divide"),
+    (["quantize", "{model}", "--group-size", "0", "--out", "{out}"], "group_size=0"),
+    (["quantize", "{missing}", "--out", "{out}"], "no config.json"),
+    (["eval", "{missing}"], "no config.json"),
+    (["quantize", "{model}", "--method", "aqlm", "--bits", "2", "--out", "{out}"], "--bits does not apply"),
+], ids=["unknown-method", "bits", "group-not-dividing", "group-zero", "quantize-missing", "eval-missing",
+        "flag-not-for-method"])
+def test_bad_input_one_line_error(tiny_model_dir, tmp_path, capsys, argv, msg):
+    (tmp_path / "missing").mkdir()
+    fill = {"model": str(tiny_model_dir), "out": str(tmp_path / "out"), "missing": str(tmp_path / "missing")}
+    assert main([a.format(**fill) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lowbit: error:") and msg in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_quantize_leaves_existing_out_intact(tiny_model_dir, tmp_path):
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_model_dir), "--group-size", "32", "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["quantize", str(tiny_model_dir), "--group-size", "48", "--out", str(out)]) == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_console_script_exit_code_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lowbit.cli", "eval", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "no config.json" in proc.stderr
