@@ -4,7 +4,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from conftest import tiny_llama_model
 from lowbit.cli import main
 
 
@@ -21,12 +23,12 @@ def test_quantize_then_eval(tiny_model_dir, tmp_path, capsys):
 @pytest.mark.parametrize("argv,msg", [
     (["quantize", "{model}", "--method", "nope", "--out", "{out}"], "unknown quant_method 'nope'"),
     (["quantize", "{model}", "--bits", "5", "--out", "{out}"], "bits=5"),
-    (["quantize", "{model}", "--group-size", "48", "--out", "{out}"], "group_size=48 does not divide"),
+    (["quantize", "{model}", "--group-size", "-2", "--out", "{out}"], "group_size=-2"),
     (["quantize", "{model}", "--group-size", "0", "--out", "{out}"], "group_size=0"),
     (["quantize", "{missing}", "--out", "{out}"], "no config.json"),
     (["eval", "{missing}"], "no config.json"),
     (["quantize", "{model}", "--method", "aqlm", "--bits", "2", "--out", "{out}"], "--bits does not apply"),
-], ids=["unknown-method", "bits", "group-not-dividing", "group-zero", "quantize-missing", "eval-missing",
+], ids=["unknown-method", "bits", "group-negative", "group-zero", "quantize-missing", "eval-missing",
         "flag-not-for-method"])
 def test_bad_input_one_line_error(tiny_model_dir, tmp_path, capsys, argv, msg):
     (tmp_path / "missing").mkdir()
@@ -37,12 +39,19 @@ def test_bad_input_one_line_error(tiny_model_dir, tmp_path, capsys, argv, msg):
     assert not (tmp_path / "out").exists()
 
 
-def test_failed_quantize_leaves_existing_out_intact(tiny_model_dir, tmp_path):
+def test_failed_quantize_leaves_existing_out_intact(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "q"
     assert main(["quantize", str(tiny_model_dir), "--group-size", "32", "--out", str(out)]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert main(["quantize", str(tiny_model_dir), "--group-size", "48", "--out", str(out)]) == 2
+    bad = tiny_llama_model()
+    with torch.no_grad():
+        bad.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    bad.save_pretrained(tmp_path / "nan")
+    capsys.readouterr()
+    assert main(["quantize", str(tmp_path / "nan"), "--group-size", "32", "--out", str(out)]) == 2
+    assert "model.layers.1.mlp.down_proj: weight contains NaN" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan", "q", "tiny"]  # no temp folder left
 
 
 def test_console_script_exit_code_without_traceback(tmp_path):

@@ -74,9 +74,27 @@ def test_conv1d_weight_is_transposed():
     assert torch.allclose(mod(x), conv(x), atol=2e-2)
 
 
-def test_group_size_must_divide_in_features():
-    with pytest.raises(ValueError, match="group_size=48 does not divide in_features=64"):
-        RtnQuantizer(RtnConfig(bits=4, group_size=48)).quantize_layer("blk.q", _linear(64, 8), None)
+@pytest.mark.parametrize("k,gs", [(64, 48), (576, 128), (40, 64)], ids=["64g48", "576g128", "40g64"])
+def test_shorter_last_group(k, gs):
+    """A group size that does not divide K leaves a shorter last group (AutoGPTQ's ceil(K/g))."""
+    lin = _linear(k, 6)
+    mod = RtnQuantizer(RtnConfig(bits=4, group_size=gs)).quantize_layer("l", lin, None)
+    groups = -(-k // gs)
+    assert mod.scales.shape == (groups, 6) and mod.qzeros.shape == (groups, 1)
+    assert torch.equal(mod.g_idx, (torch.arange(k) // gs).to(torch.int32))
+    w = lin.weight.data
+    for g in range(groups):  # each group's codes come from that group's columns alone
+        cols = slice(g * gs, min((g + 1) * gs, k))
+        q, s, z = quantize_grouped(w[:, cols], 4, gs, sym=True)
+        assert torch.equal(mod.dequantize()[:, cols], dequantize(q, s.t(), z.t()))
+
+
+@pytest.mark.parametrize("gs,msg", [(0, "group_size=0"), (-2, "group_size=-2")])
+def test_bad_group_size_in_layer_check(gs, msg):
+    from lowbit.formats.int_grouped import check_grouping
+
+    with pytest.raises(ValueError, match=msg):
+        check_grouping(64, 4, gs)
 
 
 def test_nan_weights_refused():

@@ -13,6 +13,10 @@ bias      fp          ``[N]``                      optional
 ========  ==========  ===========================  =========================================
 
 ``G = ceil(K / group_size)``; ``W[n, k] = (q[k, n] - z[g_idx[k], n]) * s[g_idx[k], n]``.
+When ``group_size`` does not divide K the last group is shorter (``K - (G-1)*group_size``
+columns), as in the AutoGPTQ layout, whose ``scales`` also have ``ceil(K / group_size)`` rows:
+SmolLM2's K = 576 at group size 128 gives four groups of 128 and one of 64. Layouts and kernels
+that need whole groups (AutoAWQ GEMM, Marlin) check divisibility themselves.
 """
 
 from __future__ import annotations
@@ -99,11 +103,8 @@ def check_grouping(in_features: int, bits: int, group_size: int) -> None:
         raise ValueError(f"bits={bits} is not supported by the grouped-int format; use one of {SUPPORTED_BITS}")
     if group_size != -1 and group_size <= 0:
         raise ValueError(f"group_size={group_size} must be -1 (one group per row) or positive")
-    if group_size != -1 and in_features % group_size:
-        raise ValueError(
-            f"group_size={group_size} does not divide in_features={in_features}; "
-            f"use a divisor of {in_features} or -1"
-        )
+    if in_features <= 0:
+        raise ValueError(f"in_features={in_features} must be positive")
 
 
 def _reference_forward(x: torch.Tensor, m: IntGroupedLinear) -> torch.Tensor:
