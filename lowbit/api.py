@@ -48,7 +48,7 @@ def quantize(
     if getattr(model, CONFIG_ATTR, None) is not None:
         raise ValueError("model is already quantized")
     quantizer = QUANTIZERS.get(config.quant_method)(config)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = resolve_device(device) if device is not None else next(model.parameters()).device
     quantizer.validate_environment(device)
     quantizer.check_model(model)
     if quantizer.requires_calibration:
@@ -58,6 +58,20 @@ def quantize(
         _quantize_weights_only(model, quantizer, progress)
     setattr(model, CONFIG_ATTR, config)
     return model
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    """``device`` as a ``torch.device`` that exists here (``ValueError`` naming it otherwise)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device: {e}") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {device!r} is not available: this machine has {torch.cuda.device_count()} "
+                         "CUDA/ROCm GPU(s); use --device cpu")
+    if dev.type not in ("cpu", "cuda", "meta") and not hasattr(torch, dev.type):
+        raise ValueError(f"device {device!r} is not supported; use cpu or cuda")
+    return dev
 
 
 def _calibration_ids(calib: Calibration, tokenizer, config: QuantConfig) -> torch.Tensor:
@@ -92,12 +106,15 @@ def quantized_config(model: nn.Module) -> QuantConfig:
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, max_shard_size: int | str = "2GB") -> Path:
-    """Write a quantized model as safetensors shards + ``config.json`` (+ tokenizer) to ``path``.
+    """Write a quantized model as safetensors shards + ``config.json`` + tokenizer to ``path``.
 
-    The folder is built beside ``path`` and moved into place when complete. Tied weights are
-    stored once and re-tied on load.
+    ``tokenizer=None`` copies the tokenizer of the folder the model was loaded from, when that
+    folder has one. The folder is built beside ``path`` and moved into place when complete.
+    Tied weights are stored once and re-tied on load.
     """
     qcfg = quantized_config(model)
+    if tokenizer is None:
+        tokenizer = _source_tokenizer(model)
     tensors = _untied_state_dict(model)
     config = model.config.to_dict()
     config["quantization_config"] = qcfg.to_dict()
@@ -109,6 +126,14 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, ma
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(path)
+
+
+def _source_tokenizer(model: nn.Module):
+    """The tokenizer in the local folder ``model`` was loaded from, or None."""
+    from lowbit.checkpoint.loading import load_tokenizer
+
+    source = Path(str(getattr(model, "name_or_path", "") or ""))
+    return load_tokenizer(source) if str(source) and source.is_dir() else None
 
 
 def _untied_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -146,6 +171,7 @@ def from_pretrained(
     from lowbit.checkpoint.loading import load_plain, load_quantized
     from lowbit.models import resolve_model
 
+    device = resolve_device(device)
     folder = resolve_model(str(name_or_path))
     qdict = json.loads((folder / "config.json").read_text()).get("quantization_config")
     if qdict is not None and qdict.get("quant_method") != "gguf":

@@ -78,13 +78,10 @@ def config_from_args(args: argparse.Namespace):
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.api import from_pretrained, save_quantized
-    from lowbit.checkpoint.loading import load_tokenizer
-    from lowbit.models import resolve_model
 
     config = config_from_args(args)
-    folder = resolve_model(args.model)
-    model = from_pretrained(folder, quantization_config=config, calib=args.calib, device=args.device)
-    out = save_quantized(model, args.out, tokenizer=load_tokenizer(folder))
+    model = from_pretrained(args.model, quantization_config=config, calib=args.calib, device=args.device)
+    out = save_quantized(model, args.out)
     print(f"saved {config.quant_method} {getattr(config, 'bits', '')}-bit model to {out}")
     return 0
 
@@ -119,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()  # lowbit's own bars show the long work
     try:
+        from lowbit.api import resolve_device
+
+        args.device = str(resolve_device(args.device))
         return COMMANDS[args.command](args)
     except (ValueError, TypeError, OSError) as e:
         if args.debug:

@@ -50,7 +50,7 @@ def test_checkpoint_contents(quantized_dir):
     assert "lm_head.weight" not in tensors  # tied: stored once
     q = tensors["model.layers.0.self_attn.q_proj.qweight"]
     assert q.dtype == torch.int32 and q.shape == (64 * 4 // 32, 64)
-    assert (out / "tokenizer.json").exists() is False  # no tokenizer passed
+    assert (out / "tokenizer.json").is_file()  # copied from the source folder
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".q.")]  # no temp leftovers
 
 
@@ -102,6 +102,16 @@ def test_quantized_folder_with_config_raises(quantized_dir):
 def test_unknown_method_has_no_quantizer(tiny_model_dir):
     with pytest.raises(ValueError, match="unknown quantizer for quant_method 'aqlm'"):
         lowbit.from_pretrained(tiny_model_dir, quantization_config=lowbit.AqlmConfig())
+
+
+def test_tokenizer_is_optional(tmp_path):
+    from conftest import tiny_llama_model
+
+    tiny_llama_model().save_pretrained(tmp_path / "plain")  # no tokenizer in the source folder
+    model = lowbit.from_pretrained(tmp_path / "plain", quantization_config=RtnConfig(group_size=32), progress=False)
+    lowbit.save_quantized(model, tmp_path / "q")
+    assert not (tmp_path / "q" / "tokenizer.json").exists()
+    assert lowbit.from_pretrained(tmp_path / "q").model.layers[0].mlp.up_proj.bits == 4
 
 
 def test_save_unquantized_model_raises(tiny_model_dir, tmp_path):

@@ -28,8 +28,10 @@ def test_quantize_then_eval(tiny_model_dir, tmp_path, capsys):
     (["quantize", "{missing}", "--out", "{out}"], "no config.json"),
     (["eval", "{missing}"], "no config.json"),
     (["quantize", "{model}", "--method", "aqlm", "--bits", "2", "--out", "{out}"], "--bits does not apply"),
+    (["--device", "cuda:7", "quantize", "{model}", "--out", "{out}"], "device 'cuda:7' is not available"),
+    (["--device", "gpu", "eval", "{model}"], "device 'gpu' is not a torch device"),
 ], ids=["unknown-method", "bits", "group-negative", "group-zero", "quantize-missing", "eval-missing",
-        "flag-not-for-method"])
+        "flag-not-for-method", "device-absent", "device-unknown"])
 def test_bad_input_one_line_error(tiny_model_dir, tmp_path, capsys, argv, msg):
     (tmp_path / "missing").mkdir()
     fill = {"model": str(tiny_model_dir), "out": str(tmp_path / "out"), "missing": str(tmp_path / "missing")}

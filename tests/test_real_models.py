@@ -81,3 +81,17 @@ def test_encoder_rtn_8bit_keeps_sentence_embeddings():
     assert sum(isinstance(m, QuantLinear) for m in q.modules()) == 6 * 6 + 1  # 6 per layer + pooler
     cos = torch.nn.functional.cosine_similarity(embed(fp), embed(q))
     assert cos.min().item() > 0.995  # measured 0.9991
+
+
+def test_demo_prints_the_comparison_table(capsys):
+    from lowbit.cli import main
+
+    assert main(["demo", "--tokens", "1024"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("SmolLM2-135M-Instruct, WikiText-2 test, first 1024 tokens")
+    assert lines[1].split()[:3] == ["model", "perplexity", "ppl"]
+    rows = {line.split("  ")[0].strip(): line for line in lines[3:]}
+    assert set(rows) == {"fp32 (original)", "rtn 4-bit g128 sym"}
+    fp_ppl = float(rows["fp32 (original)"].split()[2])  # after the two words of the label
+    q_ppl = float(rows["rtn 4-bit g128 sym"].split()[4])  # after the four words of the label
+    assert fp_ppl < q_ppl < RTN4_G128_MAX_PPL_RATIO * fp_ppl

@@ -67,14 +67,11 @@ def quantize_folder(
 ) -> float:
     """Quantize a plain model folder into ``out``; returns the quantization time in seconds."""
     from lowbit.api import from_pretrained, save_quantized
-    from lowbit.checkpoint.loading import load_tokenizer
-    from lowbit.models import resolve_model
 
-    folder = resolve_model(str(name_or_path))
     start = time.perf_counter()
-    model = from_pretrained(folder, quantization_config=config, calib=calib, device=device)
+    model = from_pretrained(name_or_path, quantization_config=config, calib=calib, device=device)
     seconds = time.perf_counter() - start
-    save_quantized(model, out, tokenizer=load_tokenizer(folder))
+    save_quantized(model, out)
     del model
     gc.collect()
     return seconds
