@@ -165,7 +165,7 @@ def from_pretrained(
         name_or_path: a local model folder, or ``"default"`` for the embedded SmolLM2-135M.
         quantization_config: quantize a plain model with this config (must be None for a
             folder that is already quantized).
-        dtype: dtype of the unquantized parts (default: the checkpoint's, else fp32).
+        dtype: dtype of the unquantized parts (default fp32, which every CPU runs).
         kernel: ``"auto"`` or a kernel name forced on every quantized linear.
     """
     from lowbit.checkpoint.loading import load_plain, load_quantized

@@ -117,3 +117,23 @@ def test_tokenizer_is_optional(tmp_path):
 def test_save_unquantized_model_raises(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="not quantized"):
         lowbit.save_quantized(lowbit.from_pretrained(tiny_model_dir), tmp_path / "x")
+
+
+def test_gpt2_conv1d_model_round_trip(tmp_path):
+    """GPT-2 keeps its linears as transposed Conv1D; the walker and loader handle them generically."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64)).save_pretrained(
+        tmp_path / "gpt2")
+    model = lowbit.from_pretrained(tmp_path / "gpt2", quantization_config=RtnConfig(bits=4, group_size=32),
+                                   progress=False)
+    shapes = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert shapes["transformer.h.0.attn.c_attn"] == (64, 192) and shapes["transformer.h.1.mlp.c_proj"] == (256, 64)
+    assert len(shapes) == 2 * 4
+    lowbit.save_quantized(model, tmp_path / "q")
+    loaded = lowbit.from_pretrained(tmp_path / "q")
+    assert type(model).__name__ == type(loaded).__name__ == "GPT2LMHeadModel"
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)

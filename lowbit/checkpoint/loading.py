@@ -24,9 +24,13 @@ log = logging.getLogger(__name__)
 
 
 def auto_class(config: PretrainedConfig) -> type:
-    """``AutoModelForCausalLM`` for causal LMs, ``AutoModel`` (bare encoder) otherwise."""
+    """``AutoModelForCausalLM`` when the saved architecture is a causal LM (``LlamaForCausalLM``,
+    ``GPT2LMHeadModel``, ...), ``AutoModel`` (the bare model, e.g. an encoder) otherwise."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     archs = getattr(config, "architectures", None) or []
-    return AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else AutoModel
+    return AutoModelForCausalLM if any(a in causal for a in archs) else AutoModel
 
 
 def load_tokenizer(folder: Path):
