@@ -117,6 +117,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, ma
         tokenizer = _source_tokenizer(model)
     tensors = _untied_state_dict(model)
     config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]  # how loading picks the model class
     config["quantization_config"] = qcfg.to_dict()
     with atomic_folder(path) as tmp:
         save_state_dict(tensors, tmp, max_shard_size)
@@ -132,8 +133,8 @@ def _source_tokenizer(model: nn.Module):
     """The tokenizer in the local folder ``model`` was loaded from, or None."""
     from lowbit.checkpoint.loading import load_tokenizer
 
-    source = Path(str(getattr(model, "name_or_path", "") or ""))
-    return load_tokenizer(source) if str(source) and source.is_dir() else None
+    source = str(getattr(model, "name_or_path", "") or "")
+    return load_tokenizer(Path(source)) if source and Path(source).is_dir() else None
 
 
 def _untied_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ import torch
 
 
 def choose_qparams(
-    w: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype = torch.float16
+    w: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype = torch.float16, zero_min: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per row of ``w``.
 
@@ -28,10 +28,12 @@ def choose_qparams(
         sym: symmetric (zero fixed at ``2**(bits-1)``) or asymmetric range.
         scale_dtype: the scale is rounded to this dtype, the dtype it is stored in, so that
             quantizing with it matches what dequantization will use.
+        zero_min: smallest asymmetric zero point (1 where a layout stores ``z - 1``, as GPTQ v1
+            does; the grid then starts one step below 0 for groups with no negative weight).
 
     Returns:
         ``scale`` fp32 ``[...]`` (values representable in ``scale_dtype``) and ``zero``
-        int32 ``[...]`` in ``[0, 2**bits - 1]``.
+        int32 ``[...]`` in ``[zero_min, 2**bits - 1]``.
     """
     if not torch.isfinite(w).all():
         raise ValueError("weights contain NaN or Inf; cannot choose quantization parameters")
@@ -50,7 +52,7 @@ def choose_qparams(
     if sym:
         zero = torch.full_like(scale, (maxq + 1) // 2, dtype=torch.int32)
     else:
-        zero = torch.clamp(torch.round(-xmin / scale), 0, maxq).to(torch.int32)
+        zero = torch.clamp(torch.round(-xmin / scale), zero_min, maxq).to(torch.int32)
     return scale, zero
 
 

@@ -69,21 +69,87 @@ def _run_block(block: nn.Module, states: list[torch.Tensor], kwargs: dict[str, A
     return outs
 
 
+class _StopForward(Exception):
+    """Raised by a stats hook once every linear of the current group has seen its input."""
+
+
+def input_groups(block: nn.Module, linears: dict[str, nn.Module], state: torch.Tensor,
+                 kwargs: dict[str, Any]) -> list[list[str]]:
+    """The block's linears in call order, grouped by shared input (for true-sequential GPTQ).
+
+    Linears fed the very same tensor form one group: in a Llama block ``[q, k, v]``, ``[o]``,
+    ``[gate, up]``, ``[down]``; in GPT-2 ``[c_attn]``, ``[attn.c_proj]``, ``[c_fc]``,
+    ``[mlp.c_proj]``. Found by running ``state`` through the block once, for any architecture.
+    Linears the forward never calls are left out.
+    """
+    calls: list[tuple[str, torch.Tensor]] = []
+    handles = [lin.register_forward_hook(lambda _m, args, _o, n=name: calls.append((n, args[0])))
+               for name, lin in linears.items()]
+    try:
+        _run_block(block, [state], kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    seen: set[str] = set()
+    last_input = None
+    for name, x in calls:  # calls keeps every input alive, so `is` compares real identities
+        if name in seen:
+            continue
+        seen.add(name)
+        if groups and x is last_input:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_input = x
+    return groups
+
+
 def _with_stats(block: nn.Module, linears: dict[str, nn.Module], quantizer: Quantizer, prefix: str,
                 states: list[torch.Tensor], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Run the block once with a hook on every linear feeding its inputs to the stats."""
+    """Run the block with a hook on each of ``linears`` feeding its inputs to the stats.
+
+    Each forward stops as soon as every one of ``linears`` has seen its input.
+    """
     stats = {name: quantizer.collect(f"{prefix}.{name}", lin) for name, lin in linears.items()}
-    handles = [
-        lin.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add_batch(args[0].detach()))
-        for name, lin in linears.items()
-        if stats[name] is not None
-    ]
+    pending: set[str] = set()
+
+    def hook(name: str, x: torch.Tensor) -> None:
+        if stats[name] is not None:
+            stats[name].add_batch(x.detach())
+        pending.discard(name)
+        if not pending:
+            raise _StopForward
+
+    handles = [lin.register_forward_hook(lambda _m, args, _o, n=name: hook(n, args[0]))
+               for name, lin in linears.items()]
     try:
-        _run_block(block, states, kwargs)
+        for h in states:
+            pending.update(linears)
+            try:
+                block(h, **kwargs)
+            except _StopForward:
+                pass
     finally:
         for h in handles:
             h.remove()
     return stats
+
+
+def _sequential_groups(quantizer: Quantizer, block: nn.Module, linears: dict[str, nn.Module],
+                       states: list[torch.Tensor], kwargs: dict[str, Any]) -> list[list[str]]:
+    """How a block's linears are quantized: all at once, or group by group (true-sequential)."""
+    if not quantizer.requires_calibration:
+        return [list(linears)]
+    if getattr(quantizer, "true_sequential", False):
+        groups = input_groups(block, linears, states[0], kwargs)
+        called = {n for g in groups for n in g}
+        uncalled = [n for n in linears if n not in called]
+        if uncalled:
+            raise ValueError(f"linears {', '.join(uncalled)} are never called by the block's forward; "
+                             "skip them with modules_to_not_convert")
+        return groups
+    return [list(linears)]
 
 
 @torch.inference_mode()
@@ -95,6 +161,10 @@ def quantize_blockwise(
     progress: bool = True,
 ) -> None:
     """Quantize ``model`` in place, block by block, with calibration tokens ``input_ids``.
+
+    Within a block, a quantizer with ``true_sequential`` quantizes one input group at a time
+    (:func:`input_groups`), each group's statistics gathered with the earlier groups already
+    quantized; otherwise all linears are gathered in one pass.
 
     Args:
         input_ids: int64 ``[S, T]`` calibration batch.
@@ -112,9 +182,11 @@ def quantize_blockwise(
         block = blocks[i].to(device)
         name = f"{prefix}.{i}"
         linears = find_linears(block, skip, prefix=name)
-        stats = _with_stats(block, linears, quantizer, name, states, kwargs) if quantizer.requires_calibration else {}
-        for lname, lin in linears.items():
-            set_module(block, lname, quantizer.quantize_layer(f"{name}.{lname}", lin, stats.get(lname)).to(device))
+        for group in _sequential_groups(quantizer, block, linears, states, kwargs):
+            members = {n: linears[n] for n in group}
+            stats = _with_stats(block, members, quantizer, name, states, kwargs) if quantizer.requires_calibration else {}
+            for lname, lin in members.items():
+                set_module(block, lname, quantizer.quantize_layer(f"{name}.{lname}", lin, stats.get(lname)).to(device))
         states = _run_block(block, states, kwargs)
         blocks[i] = block.to(home)
     log.info("quantized %d blocks of %s", len(blocks), prefix)

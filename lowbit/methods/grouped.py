@@ -1,0 +1,49 @@
+"""What every method that emits :class:`IntGroupedLinear` shares (RTN, GPTQ, AWQ)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit.formats.int_grouped import IntGroupedLinear, check_grouping
+from lowbit.methods.base import C, Quantizer
+from lowbit.methods.walk import linear_shape, linear_weight
+
+
+class IntGroupedQuantizer(Quantizer[C]):
+    """A quantizer whose config has ``bits`` and ``group_size`` and whose modules are
+    :class:`IntGroupedLinear`."""
+
+    def group_size(self, in_features: int) -> int:
+        """The config's group size, with -1 resolved to ``in_features``."""
+        return in_features if self.config.group_size == -1 else self.config.group_size
+
+    def check_layer(self, name: str, linear: nn.Module) -> None:
+        k, _ = linear_shape(linear)
+        try:
+            check_grouping(k, self.config.bits, self.config.group_size)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+
+    def checked_weight(self, name: str, linear: nn.Module) -> torch.Tensor:
+        """The weight ``[N, K]`` after :meth:`check_layer` and a NaN/Inf check."""
+        self.check_layer(name, linear)
+        w = linear_weight(linear)
+        if not torch.isfinite(w).all():
+            raise ValueError(f"{name}: weight contains NaN or Inf; refusing to quantize it")
+        return w
+
+    def build(self, linear: nn.Module, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+              g_idx: torch.Tensor) -> IntGroupedLinear:
+        """The module for codes ``q`` int ``[N, K]``, ``scales`` ``[G, N]`` (stored fp16),
+        ``zeros`` int ``[G, N]`` and ``g_idx`` int ``[K]``; the linear's bias is kept."""
+        k, _ = linear_shape(linear)
+        bias = linear.bias.data if linear.bias is not None else None
+        return IntGroupedLinear.from_quantized(q, scales.to(torch.float16), zeros, g_idx.to(q.device),
+                                               bits=self.config.bits, group_size=self.group_size(k), bias=bias)
+
+    def empty_module(self, name: str, linear: nn.Module, dtype: torch.dtype) -> IntGroupedLinear:
+        k, n = linear_shape(linear)
+        return IntGroupedLinear(k, n, bits=self.config.bits, group_size=self.config.group_size,
+                                bias=linear.bias is not None, scales_dtype=torch.float16, bias_dtype=dtype,
+                                device="meta")
