@@ -112,16 +112,21 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, ma
     folder has one. The folder is built beside ``path`` and moved into place when complete.
     Tied weights are stored once and re-tied on load.
     """
+    from lowbit.checkpoint.layouts import LAYOUTS
+
     qcfg = quantized_config(model)
     if tokenizer is None:
         tokenizer = _source_tokenizer(model)
-    tensors = _untied_state_dict(model)
+    layout = LAYOUTS.get(qcfg.quant_method)
+    tensors = layout.to_checkpoint(model, _untied_state_dict(model), qcfg)
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]  # how loading picks the model class
     config["quantization_config"] = qcfg.to_dict()
     with atomic_folder(path) as tmp:
         save_state_dict(tensors, tmp, max_shard_size)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for fname, text in layout.extra_files(qcfg).items():
+            (tmp / fname).write_text(text)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:

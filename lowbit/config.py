@@ -187,7 +187,9 @@ class GPTQConfig(QuantConfig):
 
     ``backend=None`` means ``"auto"``; ``act_group_aware`` is switched off when ``desc_act`` is on
     (both as in transformers). ``checkpoint_format`` is the legacy name of ``format``.
-    ``nsamples`` and ``block_size`` (lazy-batch width of the solver) are lowbit's own.
+    ``pack_dtype`` is GPTQModel's (only int32 words are read). ``nsamples`` (calibration
+    windows of ``model_seqlen`` tokens) and ``block_size`` (lazy-batch width of the solver) are
+    lowbit's own.
     """
 
     quant_method: ClassVar[str] = "gptq"
@@ -222,6 +224,7 @@ class GPTQConfig(QuantConfig):
     use_cuda_fp16: bool = False  # transformers 4.x
     use_exllama: bool | None = None  # transformers 4.x
     exllama_config: dict[str, Any] | None = None  # transformers 4.x
+    pack_dtype: str = "int32"  # GPTQModel >= 1.8.1
     nsamples: int = 128
     block_size: int = 128
     checkpoint_format: InitVar[str | None] = None
@@ -235,6 +238,7 @@ class GPTQConfig(QuantConfig):
         check_group_size(self)
         check_float(self, "damp_percent", lambda x: 0 < x < 1, "0 < damp_percent < 1")
         check_choice(self, "format", GPTQ_FORMATS, lower=True)
+        check_choice(self, "pack_dtype", ("int32",))
         if not isinstance(self.dataset, str):
             check_str_tuple(self, "dataset")
         for name in ("desc_act", "act_group_aware", "sym", "true_sequential", "cache_block_outputs",

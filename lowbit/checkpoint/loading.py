@@ -15,6 +15,7 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
+from lowbit.checkpoint.layouts import LAYOUTS
 from lowbit.checkpoint.safetensors_io import load_state_dict
 from lowbit.config import QuantConfig
 from lowbit.methods import QUANTIZERS
@@ -59,7 +60,7 @@ def load_quantized(folder: Path, qconfig: QuantConfig, dtype: torch.dtype, devic
     quantizer = QUANTIZERS.get(qconfig.quant_method)(qconfig)
     for name, lin in find_linears(model, quantizer.skip_modules(model)).items():
         set_module(model, name, quantizer.empty_module(name, lin, dtype))
-    tensors = load_state_dict(folder)
+    tensors = LAYOUTS.get(qconfig.quant_method).from_checkpoint(model, load_state_dict(folder), qconfig)
     assign_checked(model, tensors, dtype, folder)
     return model.to(device).eval()
 
@@ -68,8 +69,8 @@ def assign_checked(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: to
     """Assign checkpoint ``tensors`` to ``model``'s meta-device skeleton, strictly.
 
     Every checkpoint tensor must name a parameter or buffer of matching shape; integer
-    tensors and quantized-module buffers must match dtype exactly; plain fp weights are
-    cast to ``dtype``. After re-tying weights, nothing may be left on the meta device.
+    tensors and quantized-module buffers (bias included: each format fixes its dtype) must
+    match dtype exactly; plain fp weights are cast to ``dtype``. After re-tying weights, nothing may be left on the meta device.
     """
     expected = model.state_dict()
     unexpected = sorted(set(tensors) - set(expected))
@@ -104,7 +105,6 @@ def _quantized_buffer_names(model: nn.Module) -> set[str]:
         for mname, m in model.named_modules()
         if isinstance(m, QuantLinear)
         for bname, _ in m.named_buffers(recurse=False)
-        if bname != "bias"
     }
 
 

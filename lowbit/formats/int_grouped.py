@@ -9,7 +9,7 @@ qweight   int32       ``[ceil(K*bits/32), N]``     codes packed along K, LSB fir
 qzeros    int32       ``[G, ceil(N*bits/32)]``     true zero points packed along N
 scales    fp16/bf16   ``[G, N]``                   per-group scales
 g_idx     int32       ``[K]``                      group of each input column
-bias      fp          ``[N]``                      optional
+bias      fp16        ``[N]``                      optional
 ========  ==========  ===========================  =========================================
 
 ``G = ceil(K / group_size)``; ``W[n, k] = (q[k, n] - z[g_idx[k], n]) * s[g_idx[k], n]``.

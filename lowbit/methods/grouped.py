@@ -36,14 +36,15 @@ class IntGroupedQuantizer(Quantizer[C]):
     def build(self, linear: nn.Module, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
               g_idx: torch.Tensor) -> IntGroupedLinear:
         """The module for codes ``q`` int ``[N, K]``, ``scales`` ``[G, N]`` (stored fp16),
-        ``zeros`` int ``[G, N]`` and ``g_idx`` int ``[K]``; the linear's bias is kept."""
+        ``zeros`` int ``[G, N]`` and ``g_idx`` int ``[K]``; the linear's bias is stored fp16, as the
+        GPTQ layout stores it."""
         k, _ = linear_shape(linear)
-        bias = linear.bias.data if linear.bias is not None else None
+        bias = linear.bias.data.to(torch.float16) if linear.bias is not None else None
         return IntGroupedLinear.from_quantized(q, scales.to(torch.float16), zeros, g_idx.to(q.device),
                                                bits=self.config.bits, group_size=self.group_size(k), bias=bias)
 
     def empty_module(self, name: str, linear: nn.Module, dtype: torch.dtype) -> IntGroupedLinear:
         k, n = linear_shape(linear)
         return IntGroupedLinear(k, n, bits=self.config.bits, group_size=self.config.group_size,
-                                bias=linear.bias is not None, scales_dtype=torch.float16, bias_dtype=dtype,
+                                bias=linear.bias is not None, scales_dtype=torch.float16, bias_dtype=torch.float16,
                                 device="meta")
