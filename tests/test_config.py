@@ -215,8 +215,14 @@ def test_gptq_bits_is_required():
 # --- dispatch errors -----------------------------------------------------------------------
 
 def test_unknown_key_is_named():
-    with pytest.raises(ValueError, match=r"unknown GPTQConfig keys 'pack_dtype', 'zzz'; known keys: .*block_size"):
-        config_from_dict({"quant_method": "gptq", "bits": 4, "pack_dtype": "int32", "zzz": 1})
+    with pytest.raises(ValueError, match=r"unknown GPTQConfig keys 'yyy', 'zzz'; known keys: .*block_size"):
+        config_from_dict({"quant_method": "gptq", "bits": 4, "yyy": "int32", "zzz": 1})
+
+
+def test_gptqmodel_pack_dtype_other_than_int32_is_refused():
+    assert config_from_dict({"quant_method": "gptq", "bits": 4, "pack_dtype": "int32"}).pack_dtype == "int32"
+    with pytest.raises(ValueError, match=r"GPTQConfig.pack_dtype='int16' is not supported; use one of 'int32'"):
+        config_from_dict({"quant_method": "gptq", "bits": 4, "pack_dtype": "int16"})
 
 
 def test_unknown_quant_method_names_it_and_the_known_ones():
