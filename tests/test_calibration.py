@@ -29,10 +29,15 @@ class _RecordingRtn(RtnQuantizer):
 
     def __init__(self, config):
         super().__init__(config)
-        self.seen = {}
+        self.seen = {}  # what collect was asked for: one per input group
+        self.given = {}  # the stats each linear was quantized with
 
     def collect(self, name, linear):
         return self.seen.setdefault(name, _CountingStats())
+
+    def quantize_layer(self, name, linear, stats):
+        self.given[name] = stats
+        return super().quantize_layer(name, linear, stats)
 
 
 def _ids(n=3, t=11):
@@ -77,8 +82,13 @@ def test_runner_feeds_every_linear_and_matches_full_forward():
     ids = _ids()
     quantizer = _RecordingRtn(RtnConfig(bits=8, group_size=-1))
     quantize_blockwise(model, quantizer, ids, "cpu", progress=False)
-    assert len(quantizer.seen) == 14
-    assert all(s.rows == 3 * 11 for s in quantizer.seen.values())
+    assert len(quantizer.given) == 14  # every linear, with the stats of its input group:
+    assert sorted(quantizer.seen) == sorted(f"model.layers.{i}.{n}" for i in range(2) for n in (
+        "self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"))
+    assert all(s.rows == 3 * 11 for s in quantizer.given.values())
+    blk = "model.layers.0."
+    assert quantizer.given[blk + "self_attn.v_proj"] is quantizer.given[blk + "self_attn.q_proj"]
+    assert quantizer.given[blk + "mlp.up_proj"] is quantizer.given[blk + "mlp.gate_proj"]
     # the second block saw the outputs of the already-quantized first block:
     reference = tiny_llama_model()
     with torch.no_grad():
@@ -89,7 +99,7 @@ def test_runner_feeds_every_linear_and_matches_full_forward():
         for row in ids:
             reference(row[None], use_cache=False)
         hook.remove()
-    fed = quantizer.seen["model.layers.1.self_attn.q_proj"].inputs
+    fed = quantizer.given["model.layers.1.self_attn.k_proj"].inputs
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(fed, captured))
 
 

@@ -105,27 +105,28 @@ def input_groups(block: nn.Module, linears: dict[str, nn.Module], state: torch.T
     return groups
 
 
-def _with_stats(block: nn.Module, linears: dict[str, nn.Module], quantizer: Quantizer, prefix: str,
-                states: list[torch.Tensor], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Run the block with a hook on each of ``linears`` feeding its inputs to the stats.
+def _with_stats(block: nn.Module, groups: list[list[str]], linears: dict[str, nn.Module], quantizer: Quantizer,
+                prefix: str, states: list[torch.Tensor], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Run the block feeding each input group's stats (one object shared by the group's members,
+    which see the same input); returns the stats of every member.
 
-    Each forward stops as soon as every one of ``linears`` has seen its input.
+    Each forward stops as soon as every group has seen its input.
     """
-    stats = {name: quantizer.collect(f"{prefix}.{name}", lin) for name, lin in linears.items()}
+    shared = {g[0]: quantizer.collect(f"{prefix}.{g[0]}", linears[g[0]]) for g in groups}
     pending: set[str] = set()
 
     def hook(name: str, x: torch.Tensor) -> None:
-        if stats[name] is not None:
-            stats[name].add_batch(x.detach())
+        if shared[name] is not None:
+            shared[name].add_batch(x.detach())
         pending.discard(name)
         if not pending:
             raise _StopForward
 
-    handles = [lin.register_forward_hook(lambda _m, args, _o, n=name: hook(n, args[0]))
-               for name, lin in linears.items()]
+    handles = [linears[first].register_forward_hook(lambda _m, args, _o, n=first: hook(n, args[0]))
+               for first in shared]
     try:
         for h in states:
-            pending.update(linears)
+            pending.update(shared)
             try:
                 block(h, **kwargs)
             except _StopForward:
@@ -133,23 +134,22 @@ def _with_stats(block: nn.Module, linears: dict[str, nn.Module], quantizer: Quan
     finally:
         for h in handles:
             h.remove()
-    return stats
+    return {name: shared[g[0]] for g in groups for name in g}
 
 
-def _sequential_groups(quantizer: Quantizer, block: nn.Module, linears: dict[str, nn.Module],
-                       states: list[torch.Tensor], kwargs: dict[str, Any]) -> list[list[str]]:
-    """How a block's linears are quantized: all at once, or group by group (true-sequential)."""
-    if not quantizer.requires_calibration:
-        return [list(linears)]
-    if getattr(quantizer, "true_sequential", False):
-        groups = input_groups(block, linears, states[0], kwargs)
-        called = {n for g in groups for n in g}
-        uncalled = [n for n in linears if n not in called]
-        if uncalled:
-            raise ValueError(f"linears {', '.join(uncalled)} are never called by the block's forward; "
-                             "skip them with modules_to_not_convert")
-        return groups
-    return [list(linears)]
+def _plan(quantizer: Quantizer, block: nn.Module, linears: dict[str, nn.Module],
+          states: list[torch.Tensor], kwargs: dict[str, Any]) -> list[list[list[str]]]:
+    """Steps of input groups: each step's groups are gathered in one pass, then quantized.
+
+    ``true_sequential``: one step per input group, in call order; otherwise one step for all.
+    """
+    groups = input_groups(block, linears, states[0], kwargs)
+    called = {n for g in groups for n in g}
+    uncalled = [n for n in linears if n not in called]
+    if uncalled:
+        raise ValueError(f"linears {', '.join(uncalled)} are never called by the block's forward; "
+                         "skip them with modules_to_not_convert")
+    return [[g] for g in groups] if getattr(quantizer, "true_sequential", False) else [groups]
 
 
 @torch.inference_mode()
@@ -162,9 +162,10 @@ def quantize_blockwise(
 ) -> None:
     """Quantize ``model`` in place, block by block, with calibration tokens ``input_ids``.
 
-    Within a block, a quantizer with ``true_sequential`` quantizes one input group at a time
-    (:func:`input_groups`), each group's statistics gathered with the earlier groups already
-    quantized; otherwise all linears are gathered in one pass.
+    Within a block, linears that share an input (:func:`input_groups`) share one statistics
+    object. A quantizer with ``true_sequential`` quantizes one input group at a time, each
+    group's statistics gathered with the earlier groups already quantized; otherwise all
+    groups are gathered in one pass.
 
     Args:
         input_ids: int64 ``[S, T]`` calibration batch.
@@ -182,11 +183,14 @@ def quantize_blockwise(
         block = blocks[i].to(device)
         name = f"{prefix}.{i}"
         linears = find_linears(block, skip, prefix=name)
-        for group in _sequential_groups(quantizer, block, linears, states, kwargs):
-            members = {n: linears[n] for n in group}
-            stats = _with_stats(block, members, quantizer, name, states, kwargs) if quantizer.requires_calibration else {}
-            for lname, lin in members.items():
-                set_module(block, lname, quantizer.quantize_layer(f"{name}.{lname}", lin, stats.get(lname)).to(device))
+        if not quantizer.requires_calibration:
+            for lname, lin in linears.items():
+                set_module(block, lname, quantizer.quantize_layer(f"{name}.{lname}", lin, None).to(device))
+        elif linears:
+            for step in _plan(quantizer, block, linears, states, kwargs):
+                stats = _with_stats(block, step, linears, quantizer, name, states, kwargs)
+                for lname, st in stats.items():
+                    set_module(block, lname, quantizer.quantize_layer(f"{name}.{lname}", linears[lname], st).to(device))
         states = _run_block(block, states, kwargs)
         blocks[i] = block.to(home)
     log.info("quantized %d blocks of %s", len(blocks), prefix)
