@@ -24,6 +24,8 @@ CONFIG_ATTR = "lowbit_quant_config"
 """Attribute of a quantized model holding its :class:`QuantConfig`."""
 
 Calibration = torch.Tensor | str | os.PathLike | Sequence[str] | None
+DEFAULT_CALIB_SEQLEN = 512
+"""Calibration window when the config's ``model_seqlen`` is None (128 windows of 512 tokens)."""
 
 
 def quantize(
@@ -78,13 +80,16 @@ def _calibration_ids(calib: Calibration, tokenizer, config: QuantConfig) -> torc
     if isinstance(calib, torch.Tensor):
         if calib.dim() != 2 or calib.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"calibration tokens must be an int tensor [nsamples, seqlen], got {calib.dtype} {tuple(calib.shape)}")
+        if calib.shape[0] < 1 or calib.shape[1] < 2:
+            raise ValueError(f"too little calibration data: token tensor of shape {tuple(calib.shape)}; "
+                             "give at least one window of 2 or more tokens")
         return calib.long()
     if tokenizer is None:
         raise ValueError(f"{config.quant_method} needs calibration data: pass token ids, or a tokenizer with text")
     from lowbit.eval.data import calibration_batch, calibration_texts
 
     nsamples = getattr(config, "nsamples", 128)
-    seqlen = getattr(config, "model_seqlen", None) or 2048
+    seqlen = getattr(config, "model_seqlen", None) or DEFAULT_CALIB_SEQLEN
     return calibration_batch(tokenizer, calibration_texts(calib), nsamples, seqlen)
 
 

@@ -23,9 +23,13 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric range")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric range (zero points)")
+    p.add_argument("--desc-act", action="store_true", default=None, help="gptq: act-order (columns by decreasing Hessian diagonal)")
+    p.add_argument("--static-groups", action="store_true", default=None, help="gptq: group parameters fixed before the solve")
+    p.add_argument("--damp-percent", type=float, default=None, help="gptq: Hessian dampening, fraction of its mean diagonal")
+    p.add_argument("--format", default=None, help="gptq: checkpoint format, gptq (v1, default) or gptq_v2")
     p.add_argument("--calib", default=None, help="calibration text file (default: embedded WikiText-2 valid)")
-    p.add_argument("--nsamples", type=int, default=None, help="calibration samples")
-    p.add_argument("--seqlen", type=int, default=None, help="calibration sequence length")
+    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: 128)")
+    p.add_argument("--seqlen", type=int, default=None, help="calibration window length in tokens (default: 512)")
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -58,14 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace):
     """The method's config from CLI flags; flags the method has no field for are errors."""
-    from dataclasses import fields
+    from dataclasses import MISSING, fields
 
     from lowbit.config import CONFIGS
 
     cls = CONFIGS.get(args.method)
     names = {f.name for f in fields(cls)}
-    given = {"bits": args.bits, "group_size": args.group_size, "sym": args.sym,
+    given = {"bits": args.bits, "group_size": args.group_size, "sym": args.sym, "desc_act": args.desc_act,
+             "static_groups": args.static_groups, "damp_percent": args.damp_percent, "format": args.format,
              "nsamples": args.nsamples, "model_seqlen": args.seqlen}
+    if given["bits"] is None and any(f.name == "bits" and f.default is MISSING for f in fields(cls)):
+        given["bits"] = 4  # GPTQConfig requires bits; the CLI's default is 4
     kw = {}
     for key, value in given.items():
         if value is None:

@@ -20,6 +20,16 @@ def test_quantize_then_eval(tiny_model_dir, tmp_path, capsys):
     assert "perplexity" in table and str(out) in table
 
 
+def test_quantize_gptq_from_the_command_line(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "g"
+    argv = ["quantize", str(tiny_model_dir), "--method", "gptq", "--group-size", "32", "--desc-act",
+            "--nsamples", "4", "--seqlen", "64", "--out", str(out)]
+    assert main(argv) == 0
+    assert "saved gptq 4-bit model" in capsys.readouterr().out
+    assert (out / "quantize_config.json").is_file()
+    assert main(["eval", str(out), "--tokens", "300", "--ppl-seqlen", "64"]) == 0
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["quantize", "{model}", "--method", "nope", "--out", "{out}"], "unknown quant_method 'nope'"),
     (["quantize", "{model}", "--bits", "5", "--out", "{out}"], "bits=5"),
@@ -30,8 +40,14 @@ def test_quantize_then_eval(tiny_model_dir, tmp_path, capsys):
     (["quantize", "{model}", "--method", "aqlm", "--bits", "2", "--out", "{out}"], "--bits does not apply"),
     (["--device", "cuda:7", "quantize", "{model}", "--out", "{out}"], "device 'cuda:7' is not available"),
     (["--device", "gpu", "eval", "{model}"], "device 'gpu' is not a torch device"),
+    (["quantize", "{model}", "--desc-act", "--out", "{out}"], "--desc-act does not apply to method 'rtn'"),
+    (["quantize", "{model}", "--method", "gptq", "--damp-percent", "1.5", "--out", "{out}"], "damp_percent=1.5"),
+    (["quantize", "{model}", "--method", "gptq", "--format", "marlin", "--out", "{out}"], "format='marlin'"),
+    (["quantize", "{model}", "--method", "gptq", "--calib", "{missing}/none.txt", "--out", "{out}"],
+     "calibration file"),
 ], ids=["unknown-method", "bits", "group-negative", "group-zero", "quantize-missing", "eval-missing",
-        "flag-not-for-method", "device-absent", "device-unknown"])
+        "flag-not-for-method", "device-absent", "device-unknown", "desc-act-rtn", "damp", "gptq-format",
+        "calib-missing"])
 def test_bad_input_one_line_error(tiny_model_dir, tmp_path, capsys, argv, msg):
     (tmp_path / "missing").mkdir()
     fill = {"model": str(tiny_model_dir), "out": str(tmp_path / "out"), "missing": str(tmp_path / "missing")}

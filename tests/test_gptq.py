@@ -201,3 +201,24 @@ def test_gptq_save_load_round_trip(tmp_path):
             assert torch.equal(m.dequantize(), loaded.get_submodule(name).dequantize()), name
     with torch.no_grad():
         assert torch.equal(model(_ids(2, 9, 1)).logits, loaded(_ids(2, 9, 1)).logits)
+
+
+@pytest.mark.parametrize("calib,msg", [
+    (torch.tensor([[5]]), "too little calibration data"),
+    (torch.zeros(2, 3, 4, dtype=torch.int64), "int tensor \\[nsamples, seqlen\\]"),
+    (torch.rand(2, 8), "int tensor \\[nsamples, seqlen\\]"),
+], ids=["one-token", "3d", "float"])
+def test_bad_calibration_tensors(calib, msg):
+    with pytest.raises(ValueError, match=msg):
+        lowbit.quantize(tiny_llama_model(), GPTQConfig(bits=4, group_size=32), calib, progress=False)
+
+
+def test_gptq_without_tokenizer_or_tokens_raises():
+    with pytest.raises(ValueError, match="gptq needs calibration data"):
+        lowbit.quantize(tiny_llama_model(), GPTQConfig(bits=4, group_size=32), ["some text"], progress=False)
+
+
+def test_few_calibration_rows_warn(caplog):
+    with caplog.at_level(logging.WARNING, logger="lowbit.methods.gptq"):
+        lowbit.quantize(tiny_llama_model(), GPTQConfig(bits=4, group_size=32), _ids(1, 16), progress=False)
+    assert "16 calibration rows for 64 inputs" in caplog.text

@@ -208,6 +208,9 @@ class GptqQuantizer(IntGroupedQuantizer[GPTQConfig]):
         w = self.checked_weight(name, linear)  # [N, K]
         if stats is None or stats.nsamples == 0:
             raise ValueError(f"{name}: GPTQ got no calibration inputs for this layer")
+        if stats.nsamples < w.shape[1]:
+            log.warning("%s: %d calibration rows for %d inputs: the Hessian is rank-deficient and only "
+                        "the dampening holds it up; give more calibration tokens", name, stats.nsamples, w.shape[1])
         try:
             r = gptq_quantize(w, stats.H, bits=cfg.bits, group_size=self.group_size(w.shape[1]), sym=cfg.sym,
                               desc_act=cfg.desc_act, static_groups=cfg.static_groups,
