@@ -1,0 +1,78 @@
+"""GPTQ against round-to-nearest on the embedded SmolLM2-135M and WikiText-2, side by side.
+
+Every row uses the same model, the same calibration windows (cut from WikiText-2 valid with a
+fixed seed) and the same evaluation tokens (WikiText-2 test). Prints a markdown table:
+perplexity, its ratio to the fp32 original, and quantization wall time.
+
+    python bench/gptq_quality.py --nsamples 32 --seqlen 512 --tokens 16384
+
+A peer GPTQ column (GPTQModel) is added when ``gptqmodel`` is importable; it is not here, and
+the table says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import time
+
+import torch
+
+import lowbit
+from lowbit.checkpoint.loading import load_tokenizer
+from lowbit.eval.data import calibration_batch, calibration_texts, wikitext2
+from lowbit.eval.perplexity import text_perplexity
+from lowbit.models import default_causal_lm_path
+
+ROWS = [  # label, config
+    ("RTN 4-bit g128 sym", lowbit.RtnConfig(bits=4, group_size=128, sym=True)),
+    ("GPTQ 4-bit g128 sym", lowbit.GPTQConfig(bits=4, group_size=128, sym=True)),
+    ("RTN 4-bit g128 asym", lowbit.RtnConfig(bits=4, group_size=128, sym=False)),
+    ("GPTQ 4-bit g128 asym", lowbit.GPTQConfig(bits=4, group_size=128, sym=False)),
+    ("GPTQ 4-bit g128 sym act-order", lowbit.GPTQConfig(bits=4, group_size=128, sym=True, desc_act=True)),
+    ("RTN 3-bit g128 asym", lowbit.RtnConfig(bits=3, group_size=128, sym=False)),
+    ("GPTQ 3-bit g128 asym", lowbit.GPTQConfig(bits=3, group_size=128, sym=False)),
+]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--tokens", type=int, default=16384, help="WikiText-2 test tokens scored")
+    p.add_argument("--ppl-seqlen", type=int, default=512)
+    p.add_argument("--only", default=None, help="comma-separated row numbers to run (1-based)")
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    folder = default_causal_lm_path()
+    tok = load_tokenizer(folder)
+    text = wikitext2("test")
+    calib = calibration_batch(tok, calibration_texts(None), args.nsamples, args.seqlen)
+
+    def ppl(model) -> float:
+        return text_perplexity(model, tok, text, seqlen=args.ppl_seqlen, max_tokens=args.tokens)
+
+    base = ppl(lowbit.from_pretrained(folder))
+    print(f"SmolLM2-135M-Instruct, WikiText-2 test first {args.tokens} tokens ({args.ppl_seqlen}-token windows); "
+          f"calibration {args.nsamples} x {args.seqlen} tokens of WikiText-2 valid; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print("| model | perplexity | vs fp32 | quantize time |")
+    print("|---|---|---|---|")
+    print(f"| fp32 original | {base:.3f} | 1.000 | - |", flush=True)
+    chosen = {int(i) for i in args.only.split(",")} if args.only else set(range(1, len(ROWS) + 1))
+    for i, (label, cfg) in enumerate(ROWS, 1):
+        if i not in chosen:
+            continue
+        model = lowbit.from_pretrained(folder)
+        start = time.perf_counter()
+        lowbit.quantize(model, cfg, calib if cfg.quant_method == "gptq" else None, progress=False)
+        seconds = time.perf_counter() - start
+        value = ppl(model)
+        print(f"| {label} | {value:.3f} | {value / base:.3f} | {seconds:.1f} s |", flush=True)
+    if importlib.util.find_spec("gptqmodel") is None:
+        print("\n(gptqmodel is not installed here: no peer GPTQ column)")
+
+
+if __name__ == "__main__":
+    main()
