@@ -95,3 +95,26 @@ def test_demo_prints_the_comparison_table(capsys):
     fp_ppl = float(rows["fp32 (original)"].split()[2])  # after the two words of the label
     q_ppl = float(rows["rtn 4-bit g128 sym"].split()[4])  # after the four words of the label
     assert fp_ppl < q_ppl < RTN4_G128_MAX_PPL_RATIO * fp_ppl
+
+
+def test_gptq_4bit_beats_rtn_and_round_trips_in_the_gptq_layout(smollm2, tmp_path):
+    from lowbit import GPTQConfig
+    from lowbit.eval.data import calibration_batch, calibration_texts
+
+    folder, tok = smollm2
+    calib = calibration_batch(tok, calibration_texts(None), nsamples=8, seqlen=256)
+
+    def ppl(model):
+        return text_perplexity(model, tok, wikitext2("test"), seqlen=512, max_tokens=PPL_TOKENS)
+
+    rtn = ppl(lowbit.from_pretrained(folder, quantization_config=RtnConfig(bits=4, group_size=128), progress=False))
+    model = lowbit.from_pretrained(folder, quantization_config=GPTQConfig(bits=4, group_size=128), calib=calib,
+                                   progress=False)
+    gptq = ppl(model)
+    assert gptq < 0.95 * rtn, (gptq, rtn)
+    lowbit.save_quantized(model, tmp_path / "g")
+    assert json.loads((tmp_path / "g" / "quantize_config.json").read_text())["checkpoint_format"] == "gptq"
+    loaded = lowbit.from_pretrained(tmp_path / "g")
+    ids = torch.tensor([tok("Quantization keeps most of the model.")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
