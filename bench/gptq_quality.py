@@ -32,6 +32,9 @@ ROWS = [  # label, config
     ("GPTQ 4-bit g128 sym act-order", lowbit.GPTQConfig(bits=4, group_size=128, sym=True, desc_act=True)),
     ("RTN 3-bit g128 asym", lowbit.RtnConfig(bits=3, group_size=128, sym=False)),
     ("GPTQ 3-bit g128 asym", lowbit.GPTQConfig(bits=3, group_size=128, sym=False)),
+    ("GPTQ 4-bit g128 sym damp 0.01", lowbit.GPTQConfig(bits=4, group_size=128, sym=True, damp_percent=0.01)),
+    ("GPTQ 4-bit g128 asym act-order damp 0.01",
+     lowbit.GPTQConfig(bits=4, group_size=128, sym=False, desc_act=True, damp_percent=0.01)),
 ]
 
 

@@ -56,10 +56,21 @@ def quantize(
     if quantizer.requires_calibration:
         ids = _calibration_ids(calib, tokenizer, config)
         quantize_blockwise(model, quantizer, ids, device, progress=progress)
+        config = _record_left_out(model, quantizer, config)
     else:
         _quantize_weights_only(model, quantizer, progress)
     setattr(model, CONFIG_ATTR, config)
     return model
+
+
+def _record_left_out(model: nn.Module, quantizer: Quantizer, config: QuantConfig) -> QuantConfig:
+    """Add linears the block runner did not reach (outside the blocks, e.g. a BERT pooler) to
+    ``modules_to_not_convert``, so the saved config loads them back as plain linears."""
+    left = sorted(find_linears(model, quantizer.skip_modules(model)))
+    if not left:
+        return config
+    log.warning("left unquantized (outside the transformer blocks, no calibration inputs): %s", ", ".join(left))
+    return config.replace(modules_to_not_convert=(*(config.modules_to_not_convert or ()), *left))
 
 
 def resolve_device(device: torch.device | str) -> torch.device:

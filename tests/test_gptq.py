@@ -234,3 +234,22 @@ def test_gptq_on_gpu_matches_cpu():
         if isinstance(m, IntGroupedLinear):
             a, b = m.dequantize(), gpu.get_submodule(name).dequantize().cpu()
             assert (a != b).float().mean() < 0.02, name  # float summation order differs by device
+
+
+def test_linears_outside_blocks_are_recorded_as_not_converted(tmp_path, caplog):
+    """A BERT-style pooler sits outside the blocks: GPTQ leaves it, and the saved config says so."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=128, max_position_embeddings=64)).eval()
+    with caplog.at_level(logging.WARNING, logger="lowbit.api"):
+        lowbit.quantize(bert, GPTQConfig(bits=4, group_size=32), _ids(4, 16), progress=False)
+    assert "pooler.dense" in caplog.text
+    assert lowbit.quantized_config(bert).modules_to_not_convert == ("pooler.dense",)
+    assert sum(isinstance(m, IntGroupedLinear) for m in bert.modules()) == 2 * 6
+    lowbit.save_quantized(bert, tmp_path / "b")
+    loaded = lowbit.from_pretrained(tmp_path / "b")
+    ids = _ids(2, 9, 1)
+    with torch.no_grad():
+        assert torch.equal(bert(ids).last_hidden_state, loaded(ids).last_hidden_state)

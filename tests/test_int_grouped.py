@@ -48,7 +48,8 @@ def test_forward_matches_dense_dequantized(m, dtype):
     mod = RtnQuantizer(RtnConfig(bits=4, group_size=16)).quantize_layer("l", lin, None)
     x = torch.randn(m, 64, generator=torch.Generator().manual_seed(m)).to(dtype)
     y = mod(x)
-    ref = (x.double() @ mod.dequantize().double().t() + lin.bias.double())
+    assert mod.bias.dtype == torch.float16 and torch.equal(mod.bias, lin.bias.data.half())  # GPTQ layout: fp16
+    ref = x.double() @ mod.dequantize().double().t() + mod.bias.double()
     rel = ((y.double() - ref).norm() / ref.norm()).item()
     assert y.dtype == dtype and y.shape == (m, 24)
     assert rel <= {torch.float32: 1e-6, torch.bfloat16: 5e-3}[dtype]

@@ -160,9 +160,11 @@ def gptq_quantize(
                 scale, zero = static[g]
                 col_params[col] = g
             elif col % group_size == 0:
-                # the group's current (error-updated) weights: the rest of this block, then later ones
+                # the group's current weights: the rest of this block, then later columns with
+                # the error this block has made so far applied (the lazy update is still pending)
                 end = min(col + group_size, k)
-                cols = torch.cat([W1[:, i : i + (end - col)], W[:, i2:end]], dim=1)  # [N, end-col]
+                later = W[:, i2:end] - Err1[:, :i] @ U[i1:col, i2:end]  # [N, end-i2] (empty if end <= i2)
+                cols = torch.cat([W1[:, i : i + (end - col)], later], dim=1)  # [N, end-col]
                 scale, zero = choose_qparams(cols, bits, sym, zero_min=zero_min)
                 scales.append(scale)
                 zeros.append(zero)
