@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowbit.checkpoint.safetensors_io import atomic_folder, load_state_dict, save_state_dict
+from lowbit.checkpoint.safetensors_io import atomic_folder, save_state_dict, untied_state_dict
 from lowbit.config import QuantConfig, config_from_dict
 from lowbit.formats.base import QuantLinear
 from lowbit.methods import QUANTIZERS, Quantizer
@@ -134,7 +134,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, ma
     if tokenizer is None:
         tokenizer = _source_tokenizer(model)
     layout = LAYOUTS.get(qcfg.quant_method)
-    tensors = layout.to_checkpoint(model, _untied_state_dict(model), qcfg)
+    tensors = layout.to_checkpoint(model, untied_state_dict(model), qcfg)
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]  # how loading picks the model class
     config["quantization_config"] = qcfg.to_dict()
@@ -156,19 +156,6 @@ def _source_tokenizer(model: nn.Module):
 
     source = str(getattr(model, "name_or_path", "") or "")
     return load_tokenizer(Path(source)) if source and Path(source).is_dir() else None
-
-
-def _untied_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with each shared storage kept once (the first name in module order)."""
-    seen: set[tuple[int, int, tuple[int, ...]]] = set()
-    out = {}
-    for name, t in model.state_dict().items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key in seen:
-            continue
-        seen.add(key)
-        out[name] = t
-    return out
 
 
 def from_pretrained(

@@ -30,7 +30,7 @@ def _hessian(x):
     return stats.H
 
 
-def _dequant(r, group_size):
+def _dequant(r):
     s = r.scales[r.g_idx.long()].t()  # [N, K]
     z = r.zeros[r.g_idx.long()].t()
     return dequantize(r.q, s, z)
@@ -82,7 +82,7 @@ def test_gptq_output_error_below_rtn(bits, gs, sym, desc_act, static):
     assert r.scales.shape == r.zeros.shape == (-(-k // g), w.shape[0])
     q, s, z = quantize_grouped(w, bits, g, sym)
     rtn = dequantize(q, s.t()[:, group_index(k, g).long()], z.t()[:, group_index(k, g).long()])
-    gptq_err, rtn_err = _out_err(w, _dequant(r, g), x), _out_err(w, rtn, x)
+    gptq_err, rtn_err = _out_err(w, _dequant(r), x), _out_err(w, rtn, x)
     assert gptq_err < 0.9 * rtn_err, (gptq_err, rtn_err)
 
 
@@ -117,7 +117,7 @@ def test_dead_columns_are_zeroed():
     w, x = _layer_data()
     x[:, 5] = 0  # input channel 5 never fires
     r = gptq_quantize(w, _hessian(x), bits=4, group_size=32, sym=True)
-    assert torch.equal(_dequant(r, 32)[:, 5], torch.zeros(24))
+    assert torch.equal(_dequant(r)[:, 5], torch.zeros(24))
 
 
 def test_zero_min_keeps_asym_zeros_storable_as_v1():

@@ -5,10 +5,10 @@ import logging
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import lowbit
-from lowbit import GPTQConfig, IntGroupedLinear
+from lowbit import GPTQConfig
 from lowbit.checkpoint.layouts.gptq import (
     QUANTIZE_CONFIG_FILE,
     zeros_from_checkpoint,

@@ -70,7 +70,8 @@ def assign_checked(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: to
 
     Every checkpoint tensor must name a parameter or buffer of matching shape; integer
     tensors and quantized-module buffers (bias included: each format fixes its dtype) must
-    match dtype exactly; plain fp weights are cast to ``dtype``. After re-tying weights, nothing may be left on the meta device.
+    match dtype exactly; plain fp weights are cast to ``dtype``. After re-tying weights,
+    nothing may be left on the meta device.
     """
     expected = model.state_dict()
     unexpected = sorted(set(tensors) - set(expected))

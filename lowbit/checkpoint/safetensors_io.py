@@ -69,6 +69,19 @@ def _swap_into_place(tmp: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def untied_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with each shared tensor (tied weights) kept once, under the first
+    name in module order."""
+    seen: set[tuple[int, int, tuple[int, ...], torch.dtype]] = set()
+    out = {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            out[name] = t
+    return out
+
+
 def _parse_size(size: int | str) -> int:
     if isinstance(size, int):
         return size

@@ -27,14 +27,9 @@ def folder_bytes(folder: str | Path) -> int:
 
 def model_weight_bytes(model: nn.Module) -> int:
     """Bytes of a model's parameters and persistent buffers, each shared storage counted once."""
-    seen = set()
-    total = 0
-    for t in model.state_dict().values():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
+    from lowbit.checkpoint.safetensors_io import untied_state_dict
+
+    return sum(t.numel() * t.element_size() for t in untied_state_dict(model).values())
 
 
 def _status_kib(field: str) -> int | None:
