@@ -10,7 +10,7 @@ from lowbit.config import (
     RtnConfig,
     config_from_dict,
 )
-from lowbit.formats import IntGroupedLinear, QuantLinear
+from lowbit.formats import Blockwise4Linear, Int8Linear, IntGroupedLinear, QuantLinear
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,8 @@ __all__ = [
     "AwqConfig",
     "BitsAndBytesConfig",
     "GPTQConfig",
+    "Blockwise4Linear",
+    "Int8Linear",
     "IntGroupedLinear",
     "QuantConfig",
     "QuantLinear",

@@ -77,7 +77,7 @@ def assign_checked(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: to
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise ValueError(f"checkpoint {folder} has tensors the model does not: {_few(unexpected)}")
-    quant_keys = _quantized_buffer_names(model)
+    quant_keys, packed_keys = _quantized_buffer_names(model)
     for name, t in tensors.items():
         want = expected[name]
         if tuple(t.shape) != tuple(want.shape):
@@ -89,7 +89,7 @@ def assign_checked(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: to
             raise ValueError(f"checkpoint tensor {name} has dtype {t.dtype}, expected a floating-point weight")
         else:
             tensors[name] = t.to(dtype)
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if t.is_floating_point() and name not in packed_keys and not torch.isfinite(t).all():
             raise ValueError(f"checkpoint tensor {name} contains NaN or Inf")
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
@@ -98,15 +98,18 @@ def assign_checked(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: to
         raise ValueError(f"checkpoint {folder} is missing tensors: {_few(missing)}")
 
 
-def _quantized_buffer_names(model: nn.Module) -> set[str]:
+def _quantized_buffer_names(model: nn.Module) -> tuple[set[str], set[str]]:
+    """Names of all quantized-module buffers, and of those holding packed bits."""
     from lowbit.formats.base import QuantLinear
 
-    return {
-        f"{mname}.{bname}"
-        for mname, m in model.named_modules()
-        if isinstance(m, QuantLinear)
-        for bname, _ in m.named_buffers(recurse=False)
-    }
+    quant, packed = set(), set()
+    for mname, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            for bname, _ in m.named_buffers(recurse=False):
+                quant.add(f"{mname}.{bname}")
+                if bname in m.packed_buffers:
+                    packed.add(f"{mname}.{bname}")
+    return quant, packed
 
 
 def _few(names: list[str], k: int = 5) -> str:

@@ -19,6 +19,8 @@ class QuantLinear(nn.Module):
     """
 
     format: ClassVar[str]
+    packed_buffers: ClassVar[frozenset[str]] = frozenset()
+    """Buffers holding packed bits in a float dtype (never checked for NaN: any bit pattern is valid)."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()

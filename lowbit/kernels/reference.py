@@ -60,3 +60,137 @@ def matmul_int_grouped(
     """
     w = dequantize_int_grouped(qweight, scales, qzeros, g_idx, bits).to(x.dtype)  # [N, K]
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def dequantize_blockwise8(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """Blockwise 8-bit codes -> fp32: ``out[i] = code[codes[i]] * absmax[i // blocksize]``.
+
+    Args:
+        codes: uint8 ``[L]``.
+        absmax: fp32 ``[ceil(L / blocksize)]``.
+        code: fp32 ``[256]`` map (e.g. the dynamic map).
+    Returns:
+        fp32 ``[L]``.
+    """
+    v = code[codes.reshape(-1).long()]  # [L]
+    return v * absmax.repeat_interleave(blocksize)[: v.numel()]
+
+
+def dequantize_blockwise4(
+    weight: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_map: torch.Tensor,
+    blocksize: int,
+    shape: tuple[int, int],
+    nested_absmax: torch.Tensor | None = None,
+    nested_quant_map: torch.Tensor | None = None,
+    nested_offset: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dequantize an NF4/FP4 weight (bitsandbytes' 4-bit format, see
+    :mod:`lowbit.formats.blockwise4`).
+
+    Args:
+        weight: ``[ceil(N*K/2)/itemsize, 1]`` of any storage dtype; as bytes, two 4-bit codes per
+            byte, the even element in the high nibble.
+        absmax: fp32 ``[B]``, or uint8 ``[B]`` codes of ``nested_quant_map`` when double-quantized.
+        quant_map: fp32 ``[16]``.
+        shape: ``(N, K)``.
+        nested_absmax: fp32 ``[ceil(B/256)]`` (double quant only), with ``nested_quant_map``
+            fp32 ``[256]`` and ``nested_offset`` fp32 ``[]``.
+    Returns:
+        fp32 ``[N, K]``.
+    """
+    if nested_absmax is not None:
+        absmax = dequantize_blockwise8(absmax, nested_absmax, nested_quant_map, 256) + nested_offset
+    n = shape[0] * shape[1]
+    b = weight.reshape(-1).view(torch.uint8).long()
+    codes = torch.stack([b >> 4, b & 0xF], dim=1).reshape(-1)[:n]  # [N*K]
+    w = quant_map[codes] * absmax.repeat_interleave(blocksize)[:n]
+    return w.reshape(shape)
+
+
+def matmul_blockwise4(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    absmax: torch.Tensor,
+    quant_map: torch.Tensor,
+    blocksize: int,
+    shape: tuple[int, int],
+    nested_absmax: torch.Tensor | None = None,
+    nested_quant_map: torch.Tensor | None = None,
+    nested_offset: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` for an NF4/FP4 weight (see :func:`dequantize_blockwise4`), computed in
+    ``compute_dtype`` (None: x's dtype); the result has x's dtype, shape ``[..., N]``."""
+    dtype = compute_dtype or x.dtype
+    w = dequantize_blockwise4(weight, absmax, quant_map, blocksize, shape,
+                              nested_absmax, nested_quant_map, nested_offset).to(dtype)
+    return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype)).to(x.dtype)
+
+
+def dequantize_int8_rows(weight: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
+    """Row-wise int8 -> fp32: ``W[n, k] = CB[n, k] * SCB[n] / 127``.
+
+    Args:
+        weight: int8 ``[N, K]`` (``CB``).
+        scb: fp32 ``[N]``, absmax of each row.
+    """
+    return weight.float() * (scb / 127.0).unsqueeze(1)
+
+
+EXACT_FP32_K = 1024
+"""Columns per fp32 partial product in :func:`int_matmul_exact`: 1024 * 127 * 127 < 2**24, so every
+partial sum of int8 products is an integer that fp32 holds exactly, in any summation order."""
+
+
+def int_matmul_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a [M, K] int8 @ b [N, K].T`` -> int32 ``[M, N]``, exactly.
+
+    Runs as fp32 matmuls over chunks of at most :data:`EXACT_FP32_K` columns whose results are
+    exact integers, summed in int32 (on CPU this is ~10x faster than ``torch._int_mm``).
+    """
+    acc = torch.zeros(a.shape[0], b.shape[0], dtype=torch.int32, device=a.device)
+    for k in range(0, a.shape[1], EXACT_FP32_K):
+        acc += (a[:, k : k + EXACT_FP32_K].float() @ b[:, k : k + EXACT_FP32_K].float().t()).to(torch.int32)
+    return acc
+
+
+def matmul_int8_outlier(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scb: torch.Tensor,
+    threshold: float,
+    bias: torch.Tensor | None = None,
+    int_matmul=int_matmul_exact,
+) -> torch.Tensor:
+    """LLM.int8 ``x @ W.T + bias`` with mixed-precision outlier decomposition.
+
+    Input columns where any row has ``|x| >= threshold`` (none when ``threshold == 0``) are
+    multiplied in fp32 with the dequantized weight columns. The rest of ``x`` is quantized per
+    row, ``CA = round(127 * x / absmax_row)``, multiplied with ``CB`` in int32 and scaled by
+    ``absmax_row * SCB / 127**2``.
+
+    Args:
+        x: fp ``[..., K]``.
+        weight: int8 ``[N, K]``; scb: fp32 ``[N]``.
+        bias: ``[N]`` or None.
+        int_matmul: ``(int8 [M, K], int8 [N, K]) -> int32 [M, N]``; a kernel passes its own.
+    Returns:
+        ``[..., N]`` in x's dtype.
+    """
+    k = x.shape[-1]
+    xf = x.reshape(-1, k).float()  # [M, K]
+    outliers = (xf.abs() >= threshold).any(dim=0) if threshold > 0 else torch.zeros(k, dtype=torch.bool, device=x.device)
+    xi = xf.masked_fill(outliers, 0.0)
+    row = xi.abs().amax(dim=1)  # [M]
+    ca = torch.round(xi * (127.0 / row.clamp(min=1e-30)).unsqueeze(1)).to(torch.int8)  # [M, K]
+    acc = int_matmul(ca, weight).float()  # [M, N]
+    out = acc * (row.unsqueeze(1) * scb.unsqueeze(0)) / (127.0 * 127.0)
+    if outliers.any():
+        w_out = dequantize_int8_rows(weight[:, outliers], scb)  # [N, K_outlier]
+        out = out + xf[:, outliers] @ w_out.t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,91 @@
+"""bitsandbytes-style quantization (lowbit's) against transformers + bitsandbytes, side by side.
+
+Quantizes the embedded SmolLM2-135M with LLM.int8, NF4 and FP4 (with and without double quant)
+in lowbit, and, when ``bitsandbytes`` is importable, the same model with the same settings
+through transformers + bitsandbytes; scores each on the same WikiText-2 test tokens. Prints a
+markdown table: perplexity, ratio to the original, quantization time, and how many of the
+quantized tensors are bit-identical between the two tools.
+
+    python bench/bnb_quality.py --tokens 16384 --dtype float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import time
+
+import torch
+
+import lowbit
+from lowbit.checkpoint.loading import load_tokenizer
+from lowbit.eval.data import wikitext2
+from lowbit.eval.perplexity import text_perplexity
+from lowbit.models import default_causal_lm_path
+
+ROWS = [  # label, BitsAndBytesConfig kwargs (field names shared by lowbit and transformers)
+    ("LLM.int8 (threshold 6)", dict(load_in_8bit=True)),
+    ("NF4", dict(load_in_4bit=True, bnb_4bit_quant_type="nf4")),
+    ("NF4 double quant", dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)),
+    ("FP4", dict(load_in_4bit=True, bnb_4bit_quant_type="fp4")),
+    ("FP4 double quant", dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True)),
+]
+
+
+def _quantized_tensors(model) -> dict[str, torch.Tensor]:
+    """The serialized packed weights (``*_proj.weight``, int8 or uint8) of every quantized linear,
+    as raw bytes, from the model's state dict (what both tools save)."""
+    return {k: t.reshape(-1).view(torch.uint8) for k, t in model.state_dict().items()
+            if k.endswith("_proj.weight") and not t.is_floating_point()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=16384, help="WikiText-2 test tokens scored")
+    p.add_argument("--ppl-seqlen", type=int, default=512)
+    p.add_argument("--dtype", default="float32", help="dtype the model is loaded and quantized in")
+    p.add_argument("--only", default=None, help="comma-separated row numbers to run (1-based)")
+    args = p.parse_args()
+    dtype = getattr(torch, args.dtype)
+    peer = importlib.util.find_spec("bitsandbytes") is not None
+
+    folder = default_causal_lm_path()
+    tok = load_tokenizer(folder)
+    text = wikitext2("test")
+
+    def ppl(model) -> float:
+        return text_perplexity(model, tok, text, seqlen=args.ppl_seqlen, max_tokens=args.tokens)
+
+    base = ppl(lowbit.from_pretrained(folder, dtype=dtype))
+    print(f"SmolLM2-135M-Instruct ({args.dtype}), WikiText-2 test first {args.tokens} tokens "
+          f"({args.ppl_seqlen}-token windows); original perplexity {base:.3f}")
+    print("\n| method | lowbit ppl | ratio | quantize s | transformers+bitsandbytes ppl | ratio | "
+          "identical packed weights |")
+    print("|---|---|---|---|---|---|---|")
+    only = {int(i) for i in args.only.split(",")} if args.only else None
+    for i, (label, kw) in enumerate(ROWS, 1):
+        if only and i not in only:
+            continue
+        t0 = time.perf_counter()
+        ours = lowbit.from_pretrained(folder, dtype=dtype, quantization_config=lowbit.BitsAndBytesConfig(**kw),
+                                      progress=False)
+        qsec = time.perf_counter() - t0
+        ours_ppl = ppl(ours)
+        cells = ["bitsandbytes not installed", "-", "-"]
+        if peer:
+            from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+            theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
+                                                          quantization_config=BitsAndBytesConfig(**kw)).eval()
+            theirs_ppl = ppl(theirs)
+            a, b = _quantized_tensors(ours), _quantized_tensors(theirs)
+            same = sum(torch.equal(a[n], b[n]) for n in a if n in b)
+            cells = [f"{theirs_ppl:.3f}", f"{theirs_ppl / base:.3f}", f"{same}/{len(a)}"]
+            del theirs
+        print(f"| {label} | {ours_ppl:.3f} | {ours_ppl / base:.3f} | {qsec:.1f} | " + " | ".join(cells) + " |",
+              flush=True)
+        del ours
+
+
+if __name__ == "__main__":
+    main()

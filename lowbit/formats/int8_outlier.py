@@ -1,0 +1,110 @@
+"""``Int8Linear``: LLM.int8 -- row-wise absmax int8 weights with fp outlier columns at run time.
+
+Buffers (bitsandbytes' ``Linear8bitLt`` state dict, which is also its checkpoint layout):
+
+=============  =======  =========  ====================================================
+name           dtype    shape      meaning
+=============  =======  =========  ====================================================
+weight         int8     ``[N, K]`` ``CB = round(127 * W / SCB)``, row-major
+SCB            fp32     ``[N]``    absmax of each weight row
+weight_format  uint8    ``[]``     0 ("row"), the only layout bitsandbytes loads
+bias           model    ``[N]``    optional
+=============  =======  =========  ====================================================
+
+Forward (Dettmers et al. 2022): input columns holding any ``|x| >= threshold`` (bitsandbytes'
+comparison) are multiplied in floating point with the dequantized weight columns; every other
+column is quantized per row of ``x`` to int8 and multiplied in integers with int32 accumulation.
+``threshold = 0`` turns the decomposition off.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.formats.base import QuantLinear
+from lowbit.kernels import KernelImpl, always, register_kernel
+from lowbit.kernels import reference
+
+ROW_FORMAT = 0  # bitsandbytes' LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING["row"]
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vector-wise absmax int8: ``w [N, K]`` (any float dtype) -> ``(CB int8 [N, K], SCB fp32 [N])``.
+
+    ``CB = round(w * (127 / SCB))`` computed in fp32, as bitsandbytes' ``int8_vectorwise_quant``;
+    an all-zero row has ``SCB = 0`` and codes 0.
+    """
+    scb = w.abs().amax(dim=1).float()  # [N]
+    cb = torch.round(w.float() * (127.0 / scb).unsqueeze(1)).nan_to_num_(0.0)
+    return cb.to(torch.int8), scb
+
+
+class Int8Linear(QuantLinear):
+    """LLM.int8 linear layer; see the module docstring for its buffers and forward."""
+
+    format = "int8_outlier"
+
+    def __init__(self, in_features: int, out_features: int, *, threshold: float = 6.0, bias: bool = False,
+                 bias_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__(in_features, out_features)
+        if threshold < 0:
+            raise ValueError(f"llm_int8_threshold={threshold} must be >= 0 (0 turns outlier decomposition off)")
+        self.threshold = float(threshold)
+        kw = {"device": device}
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, **kw))
+        self.register_buffer("SCB", torch.zeros(out_features, dtype=torch.float32, **kw))
+        self.register_buffer("weight_format", torch.tensor(ROW_FORMAT, dtype=torch.uint8, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, **kw) if bias else None)
+
+    @classmethod
+    def from_linear(cls, w: torch.Tensor, bias: torch.Tensor | None, *, threshold: float = 6.0) -> "Int8Linear":
+        """Quantize a weight ``w [N, K]`` (and keep ``bias [N]`` in its dtype).
+
+        The weight is rounded to float16 first, as bitsandbytes does whatever the model's dtype,
+        so the codes and ``SCB`` are bitsandbytes' bit for bit.
+        """
+        n, k = w.shape
+        mod = cls(k, n, threshold=threshold, bias=bias is not None,
+                  bias_dtype=bias.dtype if bias is not None else torch.float32, device="meta")
+        mod.weight, mod.SCB = quantize_rows(w.to(torch.float16))
+        mod.weight_format = torch.tensor(ROW_FORMAT, dtype=torch.uint8, device=w.device)
+        mod.bias = None if bias is None else bias.detach().clone()
+        return mod
+
+    def dequantize(self) -> torch.Tensor:
+        return reference.dequantize_int8_rows(self.weight, self.SCB)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, threshold={self.threshold}"
+
+
+def _reference_forward(x: torch.Tensor, m: Int8Linear) -> torch.Tensor:
+    return reference.matmul_int8_outlier(x, m.weight, m.SCB, m.threshold, m.bias)
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a [M, K] int8 @ b [N, K].T`` -> int32 ``[M, N]`` with ``torch._int_mm``."""
+    return torch._int_mm(a, b.t())
+
+
+def _int_mm_forward(x: torch.Tensor, m: Int8Linear) -> torch.Tensor:
+    return reference.matmul_int8_outlier(x, m.weight, m.SCB, m.threshold, m.bias, int_matmul=int_mm)
+
+
+def _int_mm_supported(m: Int8Linear, x: torch.Tensor) -> bool:
+    """CUDA only (on CPU ``torch._int_mm`` is slower than the reference's exact fp32 chunks); it
+    needs M > 16 and K, N multiples of 8."""
+    rows = x.numel() // x.shape[-1]
+    return (x.is_floating_point() and x.device.type == "cuda" and rows > 16
+            and m.in_features % 8 == 0 and m.out_features % 8 == 0)
+
+
+register_kernel(
+    Int8Linear.format,
+    KernelImpl("reference", 0, available=always, supports=lambda m, x: x.is_floating_point(), fn=_reference_forward),
+)
+register_kernel(
+    Int8Linear.format,
+    KernelImpl("int_mm", 1, available=lambda: hasattr(torch, "_int_mm"), supports=_int_mm_supported,
+               fn=_int_mm_forward),
+)
