@@ -16,8 +16,9 @@ EXIT_USAGE = 2
 
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="rtn", help="quantization method (default: rtn)")
-    p.add_argument("--bits", type=int, default=None, help="bits per weight (default: the method's, 4 for rtn)")
+    p.add_argument("--method", default="rtn", help="quantization method: rtn, gptq, awq, bitsandbytes (default: rtn)")
+    p.add_argument("--bits", type=int, default=None,
+                   help="bits per weight (default: 4); bitsandbytes: 8 = LLM.int8, 4 = NF4/FP4")
     p.add_argument("--group-size", type=int, default=None,
                    help="columns per group, -1 for one per row (default: the method's, 128 for rtn)")
     sym = p.add_mutually_exclusive_group()
@@ -27,7 +28,10 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--static-groups", action="store_true", default=None, help="gptq: group parameters fixed before the solve")
     p.add_argument("--damp-percent", type=float, default=None, help="gptq: Hessian dampening, fraction of its mean diagonal")
     p.add_argument("--format", default=None, help="gptq: checkpoint format, gptq (v1, default) or gptq_v2")
-    p.add_argument("--calib", default=None, help="calibration text file (default: embedded WikiText-2 valid)")
+    p.add_argument("--quant-type", default=None, help="bitsandbytes 4-bit: nf4 or fp4 (default: fp4, as transformers)")
+    p.add_argument("--double-quant", action="store_true", default=None, help="bitsandbytes 4-bit: quantize the absmax too")
+    p.add_argument("--threshold", type=float, default=None, help="bitsandbytes 8-bit: outlier threshold (default: 6.0)")
+    p.add_argument("--calib", default=None, help="gptq/awq: calibration text file (default: embedded WikiText-2 valid)")
     p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: 128)")
     p.add_argument("--seqlen", type=int, default=None, help="calibration window length in tokens (default: 512)")
 
@@ -70,8 +74,10 @@ def config_from_args(args: argparse.Namespace):
     names = {f.name for f in fields(cls)}
     given = {"bits": args.bits, "group_size": args.group_size, "sym": args.sym, "desc_act": args.desc_act,
              "static_groups": args.static_groups, "damp_percent": args.damp_percent, "format": args.format,
-             "nsamples": args.nsamples, "model_seqlen": args.seqlen}
-    if given["bits"] is None and any(f.name == "bits" and f.default is MISSING for f in fields(cls)):
+             "nsamples": args.nsamples, "model_seqlen": args.seqlen, "quant_type": args.quant_type,
+             "double_quant": args.double_quant, "threshold": args.threshold}
+    given = FLAG_FIELDS.get(args.method, _same_names)(given)
+    if given.get("bits", 0) is None and any(f.name == "bits" and f.default is MISSING for f in fields(cls)):
         given["bits"] = 4  # GPTQConfig requires bits; the CLI's default is 4
     kw = {}
     for key, value in given.items():
@@ -83,13 +89,41 @@ def config_from_args(args: argparse.Namespace):
     return cls(**kw)
 
 
+def _same_names(given: dict) -> dict:
+    return given
+
+
+def _bnb_fields(given: dict) -> dict:
+    """bitsandbytes flags -> BitsAndBytesConfig fields: ``--bits 8`` is LLM.int8, ``--bits 4`` NF4/FP4."""
+    bits = given.pop("bits", None) or 4
+    if bits not in (4, 8):
+        raise ValueError(f"--bits {bits}: bitsandbytes quantizes to 8 (LLM.int8) or 4 (NF4/FP4) bits")
+    renames = {"quant_type": "bnb_4bit_quant_type", "double_quant": "bnb_4bit_use_double_quant",
+               "threshold": "llm_int8_threshold"}
+    out = {renames.get(k, k): v for k, v in given.items()}
+    out["load_in_8bit" if bits == 8 else "load_in_4bit"] = True
+    return out
+
+
+def _awq_fields(given: dict) -> dict:
+    """AWQ names its asymmetric range ``zero_point``: ``--sym`` is ``zero_point=False``."""
+    sym = given.pop("sym", None)
+    return given if sym is None else {**given, "zero_point": not sym}
+
+
+FLAG_FIELDS = {"bitsandbytes": _bnb_fields, "awq": _awq_fields}
+"""Methods whose config fields are not named like the CLI flags: flags -> fields."""
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.api import from_pretrained, save_quantized
 
     config = config_from_args(args)
     model = from_pretrained(args.model, quantization_config=config, calib=args.calib, device=args.device)
     out = save_quantized(model, args.out)
-    print(f"saved {config.quant_method} {getattr(config, 'bits', '')}-bit model to {out}")
+    from lowbit.eval.summary import describe
+
+    print(f"saved {describe(config)} model to {out}")
     return 0
 
 

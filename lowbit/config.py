@@ -67,7 +67,7 @@ BNB_STORAGE_DTYPES = ("uint8", "int8", "float16", "bfloat16", "float32", "float6
 # GPTQConfig fields transformers 5's AwqConfig inherits and writes; AWQ never reads them.
 _GPTQ_KEYS_IN_AWQ = frozenset({
     "tokenizer", "dataset", "damp_percent", "desc_act", "act_group_aware", "sym", "true_sequential", "meta",
-    "model_seqlen", "block_name_to_quantize", "module_name_preceding_first_block", "batch_size",
+    "block_name_to_quantize", "module_name_preceding_first_block", "batch_size",
     "pad_token_id", "max_input_length", "cache_block_outputs", "modules_in_block_to_quantize",
 })
 _AUTOGPTQ_ALIASES = {"w_bit": "bits", "q_group_size": "group_size"}
@@ -271,7 +271,8 @@ class AwqConfig(QuantConfig):
 
     As in transformers, ``backend="autoawq"`` means ``"auto"`` and ``backend="llm-awq"`` means
     ``format="llm-awq"``. The GEMM layout itself holds 4 bits only; the layout checks that.
-    ``duo_scaling`` and ``nsamples`` are lowbit's own search settings.
+    ``duo_scaling`` and ``nsamples`` are lowbit's own search settings; ``model_seqlen`` (None: 512)
+    is the calibration window, as in transformers' GPTQConfig, which its AwqConfig inherits.
     """
 
     quant_method: ClassVar[str] = "awq"
@@ -290,6 +291,7 @@ class AwqConfig(QuantConfig):
     exllama_config: dict[str, Any] | None = None  # transformers 4.x
     duo_scaling: bool = True
     nsamples: int = 128
+    model_seqlen: int | None = None  # transformers' (inherited from GPTQConfig): calibration window
     version: InitVar[str | None] = None
 
     def __post_init__(self, version: str | None) -> None:
@@ -317,6 +319,7 @@ class AwqConfig(QuantConfig):
             check_json_dict(self, name)
         check_exllama_config(self)
         check_int(self, "nsamples", minimum=1)
+        check_int(self, "model_seqlen", optional=True, minimum=2)
 
 
 @_registered
@@ -358,6 +361,12 @@ class BitsAndBytesConfig(QuantConfig):
         check_dtype_name(self, "bnb_4bit_compute_dtype", BNB_COMPUTE_DTYPES)
         check_choice(self, "bnb_4bit_quant_type", BNB_QUANT_TYPES)
         check_dtype_name(self, "bnb_4bit_quant_storage", BNB_STORAGE_DTYPES)
+
+    def label(self) -> str:
+        """Short description, e.g. ``bnb nf4 double-quant`` or ``bnb int8 t6.0``."""
+        if self.load_in_8bit:
+            return f"bnb int8 t{self.llm_int8_threshold:g}"
+        return f"bnb {self.bnb_4bit_quant_type}" + (" double-quant" if self.bnb_4bit_use_double_quant else "")
 
 
 @_registered

@@ -16,11 +16,10 @@ from lowbit.formats.blockwise4 import (
     code_table,
     dynamic_map,
     nearest_code,
-    pack_nibbles,
     quantize_4bit,
-    unpack_nibbles,
 )
 from lowbit.formats.int8_outlier import Int8Linear, int_mm, quantize_rows
+from lowbit.formats.packing import pack_nibbles, unpack_nibbles
 from lowbit.kernels import reference
 
 from conftest import tiny_llama_model

@@ -13,7 +13,7 @@ from lowbit.cli import main
 def test_quantize_then_eval(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "q4"
     assert main(["quantize", str(tiny_model_dir), "--bits", "4", "--group-size", "32", "--out", str(out)]) == 0
-    assert "saved rtn 4-bit model" in capsys.readouterr().out
+    assert "saved rtn 4-bit g32 sym model" in capsys.readouterr().out
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert main(["eval", str(out), "--tokens", "600", "--ppl-seqlen", "128"]) == 0
     table = capsys.readouterr().out
@@ -25,8 +25,19 @@ def test_quantize_gptq_from_the_command_line(tiny_model_dir, tmp_path, capsys):
     argv = ["quantize", str(tiny_model_dir), "--method", "gptq", "--group-size", "32", "--desc-act",
             "--nsamples", "4", "--seqlen", "64", "--out", str(out)]
     assert main(argv) == 0
-    assert "saved gptq 4-bit model" in capsys.readouterr().out
+    assert "saved gptq 4-bit g32 sym model" in capsys.readouterr().out
     assert (out / "quantize_config.json").is_file()
+    assert main(["eval", str(out), "--tokens", "300", "--ppl-seqlen", "64"]) == 0
+
+
+@pytest.mark.parametrize("flags,label", [
+    (["--bits", "4", "--quant-type", "nf4", "--double-quant"], "bnb nf4 double-quant"),
+    (["--bits", "8", "--threshold", "4"], "bnb int8 t4"),
+], ids=["nf4", "int8"])
+def test_quantize_bitsandbytes_from_the_command_line(tiny_model_dir, tmp_path, capsys, flags, label):
+    out = tmp_path / "b"
+    assert main(["quantize", str(tiny_model_dir), "--method", "bitsandbytes", *flags, "--out", str(out)]) == 0
+    assert f"saved {label} model" in capsys.readouterr().out
     assert main(["eval", str(out), "--tokens", "300", "--ppl-seqlen", "64"]) == 0
 
 
@@ -45,9 +56,15 @@ def test_quantize_gptq_from_the_command_line(tiny_model_dir, tmp_path, capsys):
     (["quantize", "{model}", "--method", "gptq", "--format", "marlin", "--out", "{out}"], "format='marlin'"),
     (["quantize", "{model}", "--method", "gptq", "--calib", "{missing}/none.txt", "--out", "{out}"],
      "calibration file"),
+    (["quantize", "{model}", "--method", "bitsandbytes", "--bits", "3", "--out", "{out}"], "8 (LLM.int8) or 4"),
+    (["quantize", "{model}", "--method", "bitsandbytes", "--quant-type", "int4", "--out", "{out}"],
+     "bnb_4bit_quant_type='int4'"),
+    (["quantize", "{model}", "--method", "bitsandbytes", "--group-size", "64", "--out", "{out}"],
+     "--group-size does not apply"),
+    (["quantize", "{model}", "--quant-type", "nf4", "--out", "{out}"], "--quant-type does not apply to method 'rtn'"),
 ], ids=["unknown-method", "bits", "group-negative", "group-zero", "quantize-missing", "eval-missing",
         "flag-not-for-method", "device-absent", "device-unknown", "desc-act-rtn", "damp", "gptq-format",
-        "calib-missing"])
+        "calib-missing", "bnb-bits", "bnb-quant-type", "bnb-group-size", "quant-type-rtn"])
 def test_bad_input_one_line_error(tiny_model_dir, tmp_path, capsys, argv, msg):
     (tmp_path / "missing").mkdir()
     fill = {"model": str(tiny_model_dir), "out": str(tmp_path / "out"), "missing": str(tmp_path / "missing")}

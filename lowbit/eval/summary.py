@@ -105,7 +105,9 @@ def run_demo(
 
 
 def describe(config: QuantConfig) -> str:
-    """Short label, e.g. ``rtn 4-bit g128 sym``."""
+    """Short label, e.g. ``rtn 4-bit g128 sym``, or the config's own ``label()``."""
+    if hasattr(config, "label"):
+        return config.label()
     parts = [config.quant_method]
     if hasattr(config, "bits"):
         parts.append(f"{config.bits}-bit")

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 from lowbit.formats.base import QuantLinear
+from lowbit.formats.packing import pack_nibbles
 from lowbit.kernels import KernelImpl, always, register_kernel
 from lowbit.kernels import reference
 
@@ -116,24 +117,6 @@ def quantize_blocks(x: torch.Tensor, table: torch.Tensor, blocksize: int) -> tup
         absmax = torch.cat([absmax, am.unsqueeze(0)])
         scaled = torch.cat([scaled, x[full:] / am.clamp(min=1e-38)])
     return nearest_code(scaled.clamp(-1, 1), table), absmax
-
-
-def pack_nibbles(codes: torch.Tensor, pad: int = 0) -> torch.Tensor:
-    """4-bit codes ``[L]`` -> uint8 ``[ceil(L/2)]``, element ``2i`` in the high nibble.
-
-    Example: codes ``[1, 2, 3]`` -> bytes ``[0x12, 0x30]``; an odd length is padded with code
-    ``pad`` (bitsandbytes pads with the code of 0.0: 7 for NF4, 0 for FP4).
-    """
-    c = codes.reshape(-1).to(torch.uint8)
-    if c.numel() % 2:
-        c = torch.cat([c, c.new_full((1,), pad)])
-    return (c[0::2] << 4) | c[1::2]
-
-
-def unpack_nibbles(packed: torch.Tensor, length: int) -> torch.Tensor:
-    """Inverse of :func:`pack_nibbles`: uint8 ``[ceil(L/2)]`` -> int64 codes ``[length]``."""
-    b = packed.reshape(-1).view(torch.uint8).long()
-    return torch.stack([b >> 4, b & 0xF], dim=1).reshape(-1)[:length]
 
 
 @dataclass(frozen=True)

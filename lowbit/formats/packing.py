@@ -15,6 +15,9 @@ Worked example (4 bits, packed along dim 0, one column)::
 Words are stored as ``torch.int32`` (two's complement), so a word with its top bit set is
 negative; unpacking masks accordingly. A packed dimension whose length is not a multiple of
 the values-per-word count is padded with zeros; unpack takes the original length back.
+
+bitsandbytes' 4-bit weights use another rule, bytes with the first value in the high nibble:
+:func:`pack_nibbles` / :func:`unpack_nibbles`.
 """
 
 from __future__ import annotations
@@ -115,3 +118,21 @@ def unpack_int(packed: torch.Tensor, bits: int, n: int, dim: int = 0) -> torch.T
         shifts = (torch.arange(per, device=p.device) * bits).view(1, per, *([1] * (p.dim() - 1)))
         vals = ((p.unsqueeze(1) >> shifts) & mask).flatten(0, 1)[:n]
     return vals.to(torch.int32).movedim(0, dim).contiguous()
+
+
+def pack_nibbles(codes: torch.Tensor, pad: int = 0) -> torch.Tensor:
+    """4-bit codes ``[L]`` -> uint8 ``[ceil(L/2)]``, element ``2i`` in the high nibble.
+
+    Example: codes ``[1, 2, 3]`` -> bytes ``[0x12, 0x30]``; an odd length is padded with code
+    ``pad`` (bitsandbytes pads with the code of 0.0: 7 for NF4, 0 for FP4).
+    """
+    c = codes.reshape(-1).to(torch.uint8)
+    if c.numel() % 2:
+        c = torch.cat([c, c.new_full((1,), pad)])
+    return (c[0::2] << 4) | c[1::2]
+
+
+def unpack_nibbles(packed: torch.Tensor, length: int) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles`: uint8 ``[ceil(L/2)]`` -> int64 codes ``[length]``."""
+    b = packed.reshape(-1).view(torch.uint8).long()
+    return torch.stack([b >> 4, b & 0xF], dim=1).reshape(-1)[:length]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lowbit.formats.packing import unpack_int
+from lowbit.formats.packing import unpack_int, unpack_nibbles
 
 
 def dequantize_int_grouped(
@@ -103,8 +103,7 @@ def dequantize_blockwise4(
     if nested_absmax is not None:
         absmax = dequantize_blockwise8(absmax, nested_absmax, nested_quant_map, 256) + nested_offset
     n = shape[0] * shape[1]
-    b = weight.reshape(-1).view(torch.uint8).long()
-    codes = torch.stack([b >> 4, b & 0xF], dim=1).reshape(-1)[:n]  # [N*K]
+    codes = unpack_nibbles(weight, n)  # [N*K]
     w = quant_map[codes] * absmax.repeat_interleave(blocksize)[:n]
     return w.reshape(shape)
 

@@ -33,6 +33,9 @@ class Quantizer(ABC, Generic[C]):
     requires_calibration: ClassVar[bool]
     is_serializable: ClassVar[bool] = True
     is_trainable: ClassVar[bool] = False
+    propagate_fp: ClassVar[bool] = False
+    """Calibrate each block on the previous block's full-precision outputs (AWQ) rather than on
+    its quantized outputs (GPTQ)."""
 
     def __init__(self, config: C) -> None:
         self.config = config
@@ -59,6 +62,11 @@ class Quantizer(ABC, Generic[C]):
 
         for name, linear in find_linears(model, self.skip_modules(model)).items():
             self.check_layer(name, linear)
+
+    def prepare_block(self, block: nn.Module, name: str, linears: dict[str, nn.Module],
+                      states: list[torch.Tensor], kwargs: dict) -> None:
+        """Transform the block's full-precision weights before its linears are quantized (AWQ's
+        scaling and clipping); ``states`` are its calibration inputs. Default: nothing."""
 
     def collect(self, name: str, linear: nn.Module) -> Stats | None:
         """Statistics object gathering this linear's calibration inputs (None: none needed)."""

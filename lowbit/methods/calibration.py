@@ -5,7 +5,9 @@ the keyword arguments the model passes to blocks: attention mask, rotary embeddi
 are captured. Then, for each block in turn: move it to the device, feed the captured
 inputs through it with a stats hook on each linear, replace the linears by their quantized
 versions, run the inputs through the *quantized* block to get the next block's inputs (as
-GPTQ does), and move the block back. Peak device memory is one block plus the activations.
+GPTQ does; a quantizer with ``propagate_fp``, AWQ, passes the full-precision block's outputs
+on instead), and move the block back. A quantizer may transform the block's weights first
+(``prepare_block``: AWQ's scaling and clipping). Peak device memory is one block plus the activations.
 """
 
 from __future__ import annotations
@@ -113,6 +115,8 @@ def _with_stats(block: nn.Module, groups: list[list[str]], linears: dict[str, nn
     Each forward stops as soon as every group has seen its input.
     """
     shared = {g[0]: quantizer.collect(f"{prefix}.{g[0]}", linears[g[0]]) for g in groups}
+    if all(st is None for st in shared.values()):
+        return {name: None for g in groups for name in g}  # nothing to gather: no forward needed
     pending: set[str] = set()
 
     def hook(name: str, x: torch.Tensor) -> None:
@@ -183,15 +187,19 @@ def quantize_blockwise(
         block = blocks[i].to(device)
         name = f"{prefix}.{i}"
         linears = find_linears(block, skip, prefix=name)
+        fp_outputs = None
         if not quantizer.requires_calibration:
             for lname, lin in linears.items():
                 set_module(block, lname, quantizer.quantize_layer(f"{name}.{lname}", lin, None).to(device))
         elif linears:
+            if quantizer.propagate_fp:
+                fp_outputs = _run_block(block, states, kwargs)
+            quantizer.prepare_block(block, name, linears, states, kwargs)
             for step in _plan(quantizer, block, linears, states, kwargs):
                 stats = _with_stats(block, step, linears, quantizer, name, states, kwargs)
                 for lname, st in stats.items():
                     set_module(block, lname, quantizer.quantize_layer(f"{name}.{lname}", linears[lname], st).to(device))
-        states = _run_block(block, states, kwargs)
+        states = fp_outputs if fp_outputs is not None else _run_block(block, states, kwargs)
         blocks[i] = block.to(home)
     log.info("quantized %d blocks of %s", len(blocks), prefix)
 

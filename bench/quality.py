@@ -1,13 +1,14 @@
-"""GPTQ against round-to-nearest on the embedded SmolLM2-135M and WikiText-2, side by side.
+"""Quantization methods side by side on the embedded SmolLM2-135M and WikiText-2.
 
 Every row uses the same model, the same calibration windows (cut from WikiText-2 valid with a
 fixed seed) and the same evaluation tokens (WikiText-2 test). Prints a markdown table:
 perplexity, its ratio to the fp32 original, and quantization wall time.
 
-    python bench/gptq_quality.py --nsamples 32 --seqlen 512 --tokens 16384
+    python bench/quality.py --table gptq --nsamples 32 --seqlen 512 --tokens 16384
+    python bench/quality.py --table awq --nsamples 32 --seqlen 512 --tokens 16384
 
-A peer GPTQ column (GPTQModel) is added when ``gptqmodel`` is importable; it is not here, and
-the table says so.
+The AWQ table uses group size 64: SmolLM2's hidden size, 576, is not a multiple of 128, and the
+AWQ GEMM layout needs whole groups. Peer columns (GPTQModel, AutoAWQ) are not installed here.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import lowbit
 from lowbit.checkpoint.loading import load_tokenizer
 from lowbit.eval.data import calibration_batch, calibration_texts, wikitext2
 from lowbit.eval.perplexity import text_perplexity
+from lowbit.methods import QUANTIZERS
 from lowbit.models import default_causal_lm_path
 
-ROWS = [  # label, config
+GPTQ_ROWS = [  # label, config
     ("RTN 4-bit g128 sym", lowbit.RtnConfig(bits=4, group_size=128, sym=True)),
     ("GPTQ 4-bit g128 sym", lowbit.GPTQConfig(bits=4, group_size=128, sym=True)),
     ("RTN 4-bit g128 asym", lowbit.RtnConfig(bits=4, group_size=128, sym=False)),
@@ -37,9 +39,22 @@ ROWS = [  # label, config
      lowbit.GPTQConfig(bits=4, group_size=128, sym=False, desc_act=True, damp_percent=0.01)),
 ]
 
+AWQ_ROWS = [
+    ("RTN 4-bit g64 asym", lowbit.RtnConfig(bits=4, group_size=64, sym=False)),
+    ("GPTQ 4-bit g64 asym", lowbit.GPTQConfig(bits=4, group_size=64, sym=False)),
+    ("AWQ 4-bit g64 zero-point", lowbit.AwqConfig(bits=4, group_size=64)),
+    ("AWQ 4-bit g64 zero-point, x-only scale", lowbit.AwqConfig(bits=4, group_size=64, duo_scaling=False)),
+    ("RTN 3-bit g64 asym", lowbit.RtnConfig(bits=3, group_size=64, sym=False)),
+    ("GPTQ 3-bit g64 asym", lowbit.GPTQConfig(bits=3, group_size=64, sym=False)),
+    ("AWQ 3-bit g64 zero-point", lowbit.AwqConfig(bits=3, group_size=64)),
+]
+
+TABLES = {"gptq": GPTQ_ROWS, "awq": AWQ_ROWS}
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--table", choices=sorted(TABLES), default="gptq")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--tokens", type=int, default=16384, help="WikiText-2 test tokens scored")
@@ -63,18 +78,21 @@ def main() -> None:
     print("| model | perplexity | vs fp32 | quantize time |")
     print("|---|---|---|---|")
     print(f"| fp32 original | {base:.3f} | 1.000 | - |", flush=True)
-    chosen = {int(i) for i in args.only.split(",")} if args.only else set(range(1, len(ROWS) + 1))
-    for i, (label, cfg) in enumerate(ROWS, 1):
+    chosen = {int(i) for i in args.only.split(",")} if args.only else set(range(1, len(rows) + 1))
+    rows = TABLES[args.table]
+    for i, (label, cfg) in enumerate(rows, 1):
         if i not in chosen:
             continue
         model = lowbit.from_pretrained(folder)
         start = time.perf_counter()
-        lowbit.quantize(model, cfg, calib if cfg.quant_method == "gptq" else None, progress=False)
+        needs_data = QUANTIZERS.get(cfg.quant_method).requires_calibration
+        lowbit.quantize(model, cfg, calib if needs_data else None, progress=False)
         seconds = time.perf_counter() - start
         value = ppl(model)
         print(f"| {label} | {value:.3f} | {value / base:.3f} | {seconds:.1f} s |", flush=True)
-    if importlib.util.find_spec("gptqmodel") is None:
-        print("\n(gptqmodel is not installed here: no peer GPTQ column)")
+    for peer in ("gptqmodel", "awq"):
+        if importlib.util.find_spec(peer) is None:
+            print(f"\n({peer} is not installed here: no peer column)")
 
 
 if __name__ == "__main__":
