@@ -430,8 +430,11 @@ def test_checkpoints_interchange_with_transformers_bitsandbytes(name, dtype, tin
     from_hf = lowbit.from_pretrained(tmp_path / "hf", dtype=dtype)
     hf_from_ours = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=dtype)
     # transformers loaded our checkpoint with bitsandbytes modules, and the same weights
-    hf_up, our_up = hf_from_ours.model.layers[0].mlp.up_proj, ours.model.layers[0].mlp.up_proj
+    hf_up = hf_from_ours.model.layers[0].mlp.up_proj
     assert type(hf_up).__module__.startswith("bitsandbytes")
+    prefix = "model.layers.0.mlp.up_proj."
+    reloaded = {k: t for k, t in hf_from_ours.state_dict().items() if k.startswith(prefix)}
+    assert reloaded and all(torch.equal(t, ours_t[k]) for k, t in reloaded.items())
     with torch.no_grad():
         y_hf, y_from_hf = hf(ids).logits.float(), from_hf(ids).logits.float()
         y_ours, y_hf_from_ours = ours(ids).logits.float(), hf_from_ours(ids).logits.float()

@@ -215,9 +215,6 @@ class Blockwise4Linear(QuantLinear):
         mod.bias = None if bias is None else bias.detach().clone()
         return mod
 
-    def quant_storage(self) -> torch.dtype:
-        return self.weight.dtype
-
     def dequantize(self) -> torch.Tensor:
         return reference.dequantize_blockwise4(
             self.weight, self.absmax, self.quant_map, self.blocksize, (self.out_features, self.in_features),

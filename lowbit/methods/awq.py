@@ -32,7 +32,7 @@ from torch import nn
 
 from lowbit.config import AwqConfig
 from lowbit.formats.int_grouped import IntGroupedLinear
-from lowbit.methods.affine import choose_qparams, dequantize, fake_quantize_grouped, group_index, quantize, quantize_grouped
+from lowbit.methods.affine import choose_qparams, dequantize, fake_quantize_grouped, group_index, quantize
 from lowbit.methods.awq_maps import BlockMap, ScaleGroup, block_map
 from lowbit.methods.base import QUANTIZERS, Stats
 from lowbit.methods.grouped import IntGroupedQuantizer
@@ -227,7 +227,6 @@ class AwqQuantizer(IntGroupedQuantizer[AwqConfig]):
     """AWQ scale and clip search per block (:meth:`prepare_block`), then RTN per linear."""
 
     requires_calibration = True
-    propagate_fp = True
 
     @property
     def sym(self) -> bool:
@@ -239,14 +238,15 @@ class AwqQuantizer(IntGroupedQuantizer[AwqConfig]):
         block_map(type(blocks[0]).__name__)
 
     def prepare_block(self, block: nn.Module, name: str, linears: dict[str, nn.Module],
-                      states: list[torch.Tensor], kwargs: dict[str, Any]) -> None:
-        """Search and apply AWQ scales and clipping to the block's fp weights, in place."""
+                      states: list[torch.Tensor], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+        """Search and apply AWQ scales and clipping to the block's fp weights, in place; returns
+        the fp block's outputs (from the same pass that captures the search inputs), on which the
+        next block is calibrated, as AutoAWQ does."""
         bmap = block_map(type(block).__name__)
         groups = [g for g in bmap.groups if can_fold(block, g)]
         cap = _Capture(block, bmap, list(linears))
         try:
-            for h in states:
-                block(h, **kwargs)
+            fp_outputs = [_first(block(h, **kwargs)) for h in states]
         finally:
             cap.remove()
         scales = {g: self._search(block, name, g, cap) for g in groups}
@@ -268,6 +268,7 @@ class AwqQuantizer(IntGroupedQuantizer[AwqConfig]):
             k, _ = linear_shape(linears[lname])
             max_val = search_clip(w, x, self.config.bits, self.group_size(k), self.sym)
             set_linear_weight(linears[lname], apply_clip(w, max_val, self.group_size(k)))
+        return fp_outputs
 
     def _search(self, block: nn.Module, name: str, g: ScaleGroup, cap: _Capture) -> torch.Tensor:
         mods = [block.get_submodule(n) for n in g.linears]
@@ -298,8 +299,4 @@ class AwqQuantizer(IntGroupedQuantizer[AwqConfig]):
         return s.to(originals[0].device)
 
     def quantize_layer(self, name: str, linear: nn.Module, stats: Stats | None) -> IntGroupedLinear:
-        w = self.checked_weight(name, linear)  # [N, K], already scaled and clipped
-        k, _ = linear_shape(linear)
-        gs = self.group_size(k)
-        q, scales, zeros = quantize_grouped(w, self.config.bits, gs, self.sym)
-        return self.build(linear, q, scales, zeros, group_index(k, gs))
+        return self.round_to_nearest(name, linear, self.sym)  # the weight is already scaled and clipped

@@ -33,9 +33,6 @@ class Quantizer(ABC, Generic[C]):
     requires_calibration: ClassVar[bool]
     is_serializable: ClassVar[bool] = True
     is_trainable: ClassVar[bool] = False
-    propagate_fp: ClassVar[bool] = False
-    """Calibrate each block on the previous block's full-precision outputs (AWQ) rather than on
-    its quantized outputs (GPTQ)."""
 
     def __init__(self, config: C) -> None:
         self.config = config
@@ -64,9 +61,15 @@ class Quantizer(ABC, Generic[C]):
             self.check_layer(name, linear)
 
     def prepare_block(self, block: nn.Module, name: str, linears: dict[str, nn.Module],
-                      states: list[torch.Tensor], kwargs: dict) -> None:
+                      states: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor] | None:
         """Transform the block's full-precision weights before its linears are quantized (AWQ's
-        scaling and clipping); ``states`` are its calibration inputs. Default: nothing."""
+        scaling and clipping); ``states`` are its calibration inputs.
+
+        Returns the full-precision block's outputs when the next block should be calibrated on
+        them (AWQ), or None to pass on the quantized block's outputs (GPTQ; the default, which
+        does nothing).
+        """
+        return None
 
     def collect(self, name: str, linear: nn.Module) -> Stats | None:
         """Statistics object gathering this linear's calibration inputs (None: none needed)."""

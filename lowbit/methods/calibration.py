@@ -5,9 +5,9 @@ the keyword arguments the model passes to blocks: attention mask, rotary embeddi
 are captured. Then, for each block in turn: move it to the device, feed the captured
 inputs through it with a stats hook on each linear, replace the linears by their quantized
 versions, run the inputs through the *quantized* block to get the next block's inputs (as
-GPTQ does; a quantizer with ``propagate_fp``, AWQ, passes the full-precision block's outputs
-on instead), and move the block back. A quantizer may transform the block's weights first
-(``prepare_block``: AWQ's scaling and clipping). Peak device memory is one block plus the activations.
+GPTQ does), and move the block back. A quantizer may transform the block's weights first
+(``prepare_block``: AWQ's scaling and clipping) and then pass on the full-precision block's
+outputs instead. Peak device memory is one block plus the activations.
 """
 
 from __future__ import annotations
@@ -192,9 +192,7 @@ def quantize_blockwise(
             for lname, lin in linears.items():
                 set_module(block, lname, quantizer.quantize_layer(f"{name}.{lname}", lin, None).to(device))
         elif linears:
-            if quantizer.propagate_fp:
-                fp_outputs = _run_block(block, states, kwargs)
-            quantizer.prepare_block(block, name, linears, states, kwargs)
+            fp_outputs = quantizer.prepare_block(block, name, linears, states, kwargs)
             for step in _plan(quantizer, block, linears, states, kwargs):
                 stats = _with_stats(block, step, linears, quantizer, name, states, kwargs)
                 for lname, st in stats.items():

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from lowbit.formats.int_grouped import IntGroupedLinear, check_grouping
+from lowbit.methods.affine import group_index, quantize_grouped
 from lowbit.methods.base import C, Quantizer
 from lowbit.methods.walk import linear_shape, linear_weight
 
@@ -32,6 +33,14 @@ class IntGroupedQuantizer(Quantizer[C]):
         if not torch.isfinite(w).all():
             raise ValueError(f"{name}: weight contains NaN or Inf; refusing to quantize it")
         return w
+
+    def round_to_nearest(self, name: str, linear: nn.Module, sym: bool) -> IntGroupedLinear:
+        """The linear's (checked) weight rounded group-wise to ``config.bits``, contiguous groups."""
+        w = self.checked_weight(name, linear)  # [N, K]
+        k, _ = linear_shape(linear)
+        group_size = self.group_size(k)
+        q, scales, zeros = quantize_grouped(w, self.config.bits, group_size, sym)  # [N,K] [G,N] [G,N]
+        return self.build(linear, q, scales, zeros, group_index(k, group_size))
 
     def build(self, linear: nn.Module, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
               g_idx: torch.Tensor) -> IntGroupedLinear:
