@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # no GPU: Triton kernels run under the interpreter (set before any kernel module is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # --- tolerance table (STYLE.md) ----------------------------------------------------------
 # integer codes, pack/unpack, save/load: exact (torch.equal)

@@ -24,8 +24,9 @@ from __future__ import annotations
 import torch
 
 from lowbit.formats.base import QuantLinear
+from lowbit.formats.group_order import GroupOrdered, to_group_ordered
 from lowbit.formats.packing import SUPPORTED_BITS, pack_int, packed_length
-from lowbit.kernels import KernelImpl, always, register_kernel
+from lowbit.kernels import KernelImpl, always, register_kernel, triton_gpu_available
 from lowbit.kernels import reference
 
 
@@ -57,6 +58,7 @@ class IntGroupedLinear(QuantLinear):
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=scales_dtype, **kw))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, **kw))
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, **kw) if bias else None)
+        self._ordered: tuple[tuple, GroupOrdered | None] | None = None
 
     @classmethod
     def from_quantized(
@@ -93,6 +95,19 @@ class IntGroupedLinear(QuantLinear):
     def dequantize(self) -> torch.Tensor:
         return reference.dequantize_int_grouped(self.qweight, self.scales, self.qzeros, self.g_idx, self.bits)
 
+    def group_ordered(self) -> GroupOrdered | None:
+        """This weight in the Triton kernels' group order, or None if its groups are unequal.
+
+        Built once and cached (an act-order weight costs one reordered copy of ``qweight``);
+        rebuilt when a buffer is replaced, moved or written in place. The buffers, and so the
+        checkpoint, keep the canonical layout.
+        """
+        bufs = (self.qweight, self.scales, self.qzeros, self.g_idx)
+        key = tuple((b.data_ptr(), b._version, b.device) for b in bufs)
+        if self._ordered is None or self._ordered[0] != key:
+            self._ordered = (key, to_group_ordered(self.qweight, self.scales, self.qzeros, self.g_idx, self.bits))
+        return self._ordered[1]
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}"
 
@@ -111,7 +126,21 @@ def _reference_forward(x: torch.Tensor, m: IntGroupedLinear) -> torch.Tensor:
     return reference.matmul_int_grouped(x, m.qweight, m.scales, m.qzeros, m.g_idx, m.bits, m.bias)
 
 
+def _triton_supports(m: IntGroupedLinear, x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and m.group_ordered() is not None
+
+
+def _triton_forward(x: torch.Tensor, m: IntGroupedLinear) -> torch.Tensor:
+    from lowbit.kernels import triton_int_grouped
+
+    return triton_int_grouped.matmul_group_ordered(x, m.group_ordered(), m.bias)
+
+
 register_kernel(
     IntGroupedLinear.format,
     KernelImpl("reference", 0, available=always, supports=lambda m, x: x.is_floating_point(), fn=_reference_forward),
+)
+register_kernel(
+    IntGroupedLinear.format,
+    KernelImpl("triton", 10, available=triton_gpu_available, supports=_triton_supports, fn=_triton_forward),
 )

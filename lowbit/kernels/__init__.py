@@ -10,6 +10,7 @@ finds one; faster implementations register with a higher priority and say whethe
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +51,11 @@ def kernels_for(fmt: str) -> list[KernelImpl]:
 def always() -> bool:
     """``available``/``supports`` helper for implementations that run everywhere."""
     return True
+
+
+def triton_gpu_available() -> bool:
+    """Triton is importable and PyTorch sees a CUDA or ROCm GPU."""
+    return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
 
 
 @functools.cache

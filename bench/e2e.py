@@ -1,0 +1,134 @@
+"""End to end: batch-1 decode and prefill tokens/s of a 4-bit model against the same model in fp16.
+
+The model is the embedded SmolLM2-135M, or (``--model llama7b``) a Llama with Llama-7B's layer
+shapes and random weights (``--layers`` of them), which is what decode speed depends on. The
+4-bit model is RTN w4 g128 (same kernels as GPTQ/AWQ checkpoints). Decode runs one token at a time
+through a static KV cache; ``--graphs`` captures each decode step in a CUDA graph (as gpt-fast
+does), so launch overhead does not hide the kernels.
+
+    python bench/e2e.py --model llama7b --layers 8 --graphs
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import lowbit
+from lowbit.config import RtnConfig
+from lowbit.models import default_causal_lm_path
+
+
+def build(model_name: str, layers: int):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if model_name == "smollm2":
+        return AutoModelForCausalLM.from_pretrained(default_causal_lm_path(), dtype=torch.float16)
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                      num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(torch.float16)
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    return model
+
+
+class Decoder:
+    """One-token decode steps over a static KV cache, optionally replayed from a CUDA graph."""
+
+    def __init__(self, model, max_len: int, graphs: bool) -> None:
+        from transformers import StaticCache
+
+        self.model = model
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+        self.pos = torch.zeros(1, dtype=torch.long, device="cuda")
+        self.graph = None
+        if graphs:
+            self.logits = self._step()  # allocate the cache and compile kernels before capture
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                self._step()
+            torch.cuda.current_stream().wait_stream(s)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._step()
+
+    @torch.inference_mode()
+    def _step(self) -> torch.Tensor:
+        out = self.model(input_ids=self.ids, past_key_values=self.cache, cache_position=self.pos, use_cache=True)
+        return out.logits
+
+    def step(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        self.ids.copy_(token.view(1, 1))
+        self.pos.fill_(position)
+        if self.graph is None:
+            return self._step()
+        self.graph.replay()
+        return self.logits
+
+
+def decode_tokens_per_s(model, new_tokens: int, graphs: bool, trials: int = 3) -> float:
+    rates = []
+    for _ in range(trials):
+        dec = Decoder(model, new_tokens + 8, graphs)
+        token = torch.ones(1, dtype=torch.long, device="cuda")
+        for i in range(4):  # warm-up
+            dec.step(token, i)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for i in range(4, 4 + new_tokens):
+            token = dec.step(token, i)[0, -1].argmax().view(1)
+        torch.cuda.synchronize()
+        rates.append(new_tokens / (time.perf_counter() - t))
+    return statistics.median(rates)
+
+
+@torch.inference_mode()
+def prefill_tokens_per_s(model, prompt_len: int, trials: int = 5) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device="cuda")
+    model(input_ids=ids, use_cache=False)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(trials):
+        t = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return prompt_len / statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=["smollm2", "llama7b"], default="smollm2")
+    p.add_argument("--layers", type=int, default=8, help="decoder layers of the llama7b-shaped model")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--graphs", action="store_true", help="replay each decode step from a CUDA graph")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/e2e.py needs a CUDA or ROCm GPU")
+    results = {}
+    for label in ("fp16", "lowbit w4g128"):
+        model = build(args.model, args.layers).cuda().eval()
+        if label != "fp16":
+            lowbit.quantize(model, RtnConfig(bits=4, group_size=128), progress=False)
+        results[label] = (decode_tokens_per_s(model, args.new_tokens, args.graphs),
+                          prefill_tokens_per_s(model, args.prompt_len))
+        del model
+        torch.cuda.empty_cache()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, model {args.model}"
+          f"{f' ({args.layers} layers)' if args.model == 'llama7b' else ''}, graphs={args.graphs}")
+    print("| model | decode tok/s (batch 1) | prefill tok/s | decode vs fp16 |")
+    print("|---|---|---|---|")
+    base = results["fp16"][0]
+    for label, (dec, pre) in results.items():
+        print(f"| {label} | {dec:.1f} | {pre:.0f} | {dec / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

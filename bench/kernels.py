@@ -1,0 +1,278 @@
+"""Grouped-int kernels against fp16 cuBLAS, peer 4-bit kernels and a read-stream probe, in one run.
+
+For each Llama-7B layer shape (K x N) and M = 1, 16, 128 it times, with CUDA graphs and cold L2:
+
+* ``fp16``: ``F.linear`` with an fp16 weight (cuBLAS);
+* ``lowbit w4g128`` and ``lowbit w4g128 act`` (act-order, rows reordered at load);
+* peers importable here: PyTorch's tinygemm int4 (``aten._weight_int4pack_mm``, what torchao's
+  int4 weight-only uses), bitsandbytes NF4 (``matmul_4bit``);
+* ``probe``: ``torch.sum`` over a buffer of the same byte count as the 4-bit kernel must read
+  (packed weight, scales, zeros, x) — the bandwidth a plain read stream reaches at that size;
+* standalone dequantize against a device-to-device copy of the same bytes (read + write).
+
+Cold L2: each timed graph runs the op over several independent input sets whose total size is
+at least four times the L2, so every call reads its weights from HBM. Times are medians over
+trials, in microseconds per call; ``eager`` is the same op launched from Python without a graph
+(launch overhead included). Every kernel is checked against the reference on fresh random data
+before it is timed.
+
+    python bench/kernels.py                       # all shapes, prints a markdown table
+    python bench/kernels.py --shapes 4096x4096 --m 1 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.formats.group_order import to_group_ordered
+from lowbit.formats.packing import pack_int
+from lowbit.kernels import reference
+
+SHAPES = ["4096x4096", "4096x11008", "11008x4096", "8192x8192"]  # K x N
+
+
+# --- timing ------------------------------------------------------------------------------
+
+def time_graph(calls: list[Callable[[], object]], reps: int = 20, trials: int = 7) -> float:
+    """Median µs per call of ``calls`` (each run once per pass), captured in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for c in calls:  # compile and warm up outside the capture
+            c()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(trials):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / (reps * len(calls)))
+    return statistics.median(samples)
+
+
+def time_eager(calls: list[Callable[[], object]], reps: int = 20, trials: int = 7) -> float:
+    """Median µs per call launched from Python (same rotation as :func:`time_graph`)."""
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(trials):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            for c in calls:
+                c()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / (reps * len(calls)))
+    return statistics.median(samples)
+
+
+def copies_for(nbytes: int, l2: int) -> int:
+    """Input sets needed so that one pass over them reads at least 4x the L2."""
+    return max(2, min(64, math.ceil(4 * l2 / max(nbytes, 1))))
+
+
+def l2_bytes() -> int:
+    props = torch.cuda.get_device_properties(0)
+    return int(getattr(props, "L2_cache_size", 50 * 2**20))
+
+
+# --- operands ----------------------------------------------------------------------------
+
+def random_w4(k: int, n: int, group: int, act_order: bool, seed: int):
+    """Canonical 4-bit grouped tensors on the GPU: (qweight, scales, qzeros, g_idx)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    groups = k // group
+    q = torch.randint(0, 16, (k, n), device="cuda", generator=gen, dtype=torch.int32)
+    z = torch.randint(0, 16, (groups, n), device="cuda", generator=gen, dtype=torch.int32)
+    s = torch.rand(groups, n, device="cuda", generator=gen).mul_(0.02).add_(1e-3).half()
+    g_idx = (torch.arange(k, device="cuda") // group).int()
+    if act_order:
+        perm = torch.randperm(k, device="cuda", generator=gen)
+        g_idx = g_idx[torch.argsort(perm)]
+    return pack_int(q, 4, dim=0), s, pack_int(z, 4, dim=1), g_idx
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+# --- rows --------------------------------------------------------------------------------
+
+def fp16_row(m, k, n, sets):
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(sets)]
+    xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(sets)]
+    return [lambda x=x, w=w: F.linear(x, w) for x, w in zip(xs, ws)], 2 * n * k + 2 * m * (k + n), 0.0
+
+
+def lowbit_row(m, k, n, sets, act_order, group=128):
+    from lowbit.kernels import triton_int_grouped as T
+
+    calls, err = [], 0.0
+    for i in range(sets):
+        qw, s, qz, g = random_w4(k, n, group, act_order, seed=i)
+        layout = to_group_ordered(qw, s, qz, g, 4)
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        if i == 0:
+            err = rel_err(T.matmul_group_ordered(x, layout), reference.matmul_int_grouped(x.float(), qw, s, qz, g, 4))
+        calls.append(lambda x=x, layout=layout: T.matmul_group_ordered(x, layout))
+    nbytes = k * n // 2 + (k // group) * n * (2 + 0.5) + 2 * m * (k + n)
+    return calls, nbytes, err
+
+
+def tinygemm_row(m, k, n, sets, group=128):
+    """PyTorch's int4 tinygemm (bf16 activations), as torchao's int4 weight-only uses it."""
+    calls, err = [], 0.0
+    for i in range(sets):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        wg = w.float().reshape(n, k // group, group)
+        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp(min=1e-6)
+        q = ((wg - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+        zero = lo + 8 * scale  # tinygemm: w = (q - 8) * scale + zero
+        sz = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], dim=-1).transpose(0, 1).contiguous().bfloat16()
+        packed_u8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+        packed = torch.ops.aten._convert_weight_to_int4pack(packed_u8, 8)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        if i == 0:
+            deq = ((q.float().reshape(n, k // group, group) - 8) * scale + zero).reshape(n, k)
+            err = rel_err(torch.ops.aten._weight_int4pack_mm(x, packed, group, sz), x.float() @ deq.t())
+        calls.append(lambda x=x, p=packed, sz=sz: torch.ops.aten._weight_int4pack_mm(x, p, group, sz))
+    return calls, k * n // 2 + (k // group) * n * 4 + 2 * m * (k + n), err
+
+
+def bnb_row(m, k, n, sets):
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as BF
+
+    calls, err = [], 0.0
+    for i in range(sets):
+        w = torch.randn(n, k, device="cuda", dtype=torch.float16)
+        qw, qs = BF.quantize_4bit(w, quant_type="nf4", blocksize=64)
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        if i == 0:
+            err = rel_err(bnb.matmul_4bit(x, qw.t(), quant_state=qs), x.float() @ BF.dequantize_4bit(qw, qs).float().t())
+        calls.append(lambda x=x, qw=qw, qs=qs: bnb.matmul_4bit(x, qw.t(), quant_state=qs))
+    return calls, k * n // 2 + (k * n // 64) * 4 + 2 * m * (k + n), err
+
+
+def probe_row(nbytes, sets):
+    bufs = [torch.randn(int(nbytes) // 2, device="cuda", dtype=torch.float16) for _ in range(sets)]
+    return [lambda b=b: b.sum() for b in bufs], nbytes, 0.0
+
+
+PEERS = {"tinygemm int4 (bf16)": tinygemm_row, "bitsandbytes nf4": bnb_row}
+
+
+def bench_shape(k: int, n: int, m: int, l2: int, eager: bool) -> list[dict]:
+    rows = []
+
+    def add(name, built):
+        calls, nbytes, err = built
+        us = time_graph(calls)
+        row = {"K": k, "N": n, "M": m, "kernel": name, "us": us, "bytes": nbytes, "GBps": nbytes / us / 1e3,
+               "rel_err": err}
+        if eager:
+            row["eager_us"] = time_eager(calls)
+        rows.append(row)
+        return row
+
+    w4_bytes = k * n // 2
+    sets4 = copies_for(w4_bytes, l2)
+    add("fp16 F.linear", fp16_row(m, k, n, copies_for(2 * n * k, l2)))
+    low = add("lowbit w4g128", lowbit_row(m, k, n, sets4, act_order=False))
+    add("lowbit w4g128 act-order", lowbit_row(m, k, n, sets4, act_order=True))
+    for name, fn in PEERS.items():
+        try:
+            add(name, fn(m, k, n, sets4))
+        except Exception as e:  # a peer missing or failing here is reported, not fatal
+            rows.append({"K": k, "N": n, "M": m, "kernel": name, "error": f"{type(e).__name__}: {e}"[:200]})
+    add("probe torch.sum (same bytes)", probe_row(low["bytes"], sets4))
+    return rows
+
+
+def bench_dequantize(k: int, n: int, l2: int) -> list[dict]:
+    from lowbit.kernels import triton_int_grouped as T
+
+    sets = copies_for(k * n * 2, l2)
+    calls = []
+    for i in range(sets):
+        qw, s, qz, g = random_w4(k, n, 128, False, seed=i)
+        layout = to_group_ordered(qw, s, qz, g, 4)
+        if i == 0:
+            err = rel_err(T.dequantize_group_ordered(layout, k), reference.dequantize_int_grouped(qw, s, qz, g, 4))
+        calls.append(lambda layout=layout: T.dequantize_group_ordered(layout, k))
+    nbytes = k * n // 2 + (k // 128) * n * 2.5 + 2 * k * n
+    us = time_graph(calls)
+    srcs = [torch.randn(int(nbytes) // 4, device="cuda", dtype=torch.float16) for _ in range(sets)]
+    dsts = [torch.empty_like(b) for b in srcs]
+    cus = time_graph([lambda a=a, b=b: b.copy_(a) for a, b in zip(srcs, dsts)])
+    return [{"K": k, "N": n, "M": 0, "kernel": "lowbit dequantize w4g128", "us": us, "bytes": nbytes,
+             "GBps": nbytes / us / 1e3, "rel_err": err},
+            {"K": k, "N": n, "M": 0, "kernel": "probe copy (same bytes)", "us": cus, "bytes": nbytes,
+             "GBps": nbytes / cus / 1e3, "rel_err": 0.0}]
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| K x N | M | kernel | µs (graph) | µs (eager) | GB/s | % of probe | vs fp16 | rel err |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    base = {(r["K"], r["N"], r["M"]): r["us"] for r in rows if r["kernel"].startswith("fp16")}
+    probe = {(r["K"], r["N"], r["M"]): r["GBps"] for r in rows if r["kernel"].startswith("probe")}
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['K']}x{r['N']} | {r['M']} | {r['kernel']} | failed: {r['error']} ||||||")
+            continue
+        fp = base.get((r["K"], r["N"], r["M"]))
+        ratio = f"{fp / r['us']:.2f}x" if fp else ""
+        eager = f"{r['eager_us']:.1f}" if "eager_us" in r else ""
+        pb = probe.get((r["K"], r["N"], r["M"]))
+        of_probe = f"{100 * r['GBps'] / pb:.0f}%" if pb else ""
+        print(f"| {r['K']}x{r['N']} | {r['M']} | {r['kernel']} | {r['us']:.1f} | {eager} | {r['GBps']:.0f} | "
+              f"{of_probe} | {ratio} | {r['rel_err']:.1e} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated KxN")
+    p.add_argument("--m", default="1,16,128", help="comma-separated batch rows")
+    p.add_argument("--no-eager", action="store_true", help="skip the eager (launch overhead) timing")
+    p.add_argument("--json", default=None, help="also write the rows here")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/kernels.py needs a CUDA or ROCm GPU")
+    torch.manual_seed(0)
+    l2 = l2_bytes()
+    props = torch.cuda.get_device_properties(0)
+    print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2 / 2**20:.0f} MiB; "
+          f"torch {torch.__version__}")
+    rows = []
+    for shape in args.shapes.split(","):
+        k, n = (int(v) for v in shape.split("x"))
+        for m in (int(v) for v in args.m.split(",")):
+            rows += bench_shape(k, n, m, l2, not args.no_eager)
+        rows += bench_dequantize(k, n, l2)
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": props.name, "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Ahead-of-time compilation of every Triton kernel for NVIDIA sm_90 and AMD gfx942 (MI300).
+
+Runs on a machine without a GPU: ``triton.compile`` lowers each kernel variant through the
+target's whole pipeline (PTX and cubin for CUDA, AMDGCN and hsaco for HIP, with the HIP
+options the launch configuration uses). A kernel that stops compiling for either vendor fails
+here before anyone runs it there::
+
+    python -m lowbit.kernels.aot_check            # prints one line per variant, exit 1 on failure
+
+``TRITON_INTERPRET`` must be unset (the interpreter replaces kernels with Python functions).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+TARGETS = (("cuda", 90, 32), ("hip", "gfx942", 64))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compile of one kernel: its argument types and constexpr values."""
+
+    kernel: str
+    signature: dict
+    constants: dict
+
+    def label(self) -> str:
+        return f"{self.kernel}[{', '.join(f'{k}={v}' for k, v in self.constants.items())}]"
+
+
+def _matmul_variants() -> list[Variant]:
+    ptrs = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "perm_ptr": "*i32",
+            "b_ptr": "*fp16", "y_ptr": "*fp16"}
+    ints = {name: "i32" for name in ("M", "N", "K", "stride_xm", "stride_ym", "qw_words", "qz_words")}
+    out = []
+    # (bits, group, perm, block_m, block_n, block_k, split_k, tile_in_group, dtype)
+    for bits, group, perm, bm, bn, bk, split, in_group, dt in (
+        (4, 128, False, 1, 64, 128, 8, True, "fp16"),  # GEMV, split-K
+        (4, 128, True, 16, 64, 128, 4, True, "fp16"),  # act-order, tl.dot, split-K
+        (4, 128, False, 64, 128, 128, 1, True, "bf16"),  # GEMM, bias in-kernel
+        (3, 64, False, 16, 64, 64, 1, True, "fp16"),  # 3-bit straddling words
+        (2, 32, True, 4, 32, 32, 2, True, "bf16"),
+        (8, 100, False, 16, 64, 32, 1, False, "fp16"),  # tiles spanning groups
+    ):
+        sig = dict(ptrs, **ints)
+        for name in ("x_ptr", "s_ptr", "b_ptr"):
+            sig[name] = f"*{dt}"
+        sig["y_ptr"] = f"*{dt}" if split == 1 else "*fp32"
+        consts = dict(BITS=bits, GROUP=group, HAS_PERM=perm, HAS_BIAS=split == 1, BLOCK_M=bm, BLOCK_N=bn,
+                      BLOCK_K=bk, SPLIT_K=split, TILE_IN_GROUP=in_group, DOT_FP32=False)
+        out.append(Variant("_matmul_kernel", sig, consts))
+    return out
+
+
+def _dequantize_variants() -> list[Variant]:
+    sig = {"qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "perm_ptr": "*i32", "out_ptr": "*fp16",
+           "N": "i32", "K": "i32", "qw_words": "i32", "qz_words": "i32"}
+    return [Variant("_dequantize_kernel", sig, dict(BITS=bits, GROUP=128, HAS_PERM=perm, BLOCK_N=64, BLOCK_K=64))
+            for bits, perm in ((2, False), (3, True), (4, False), (4, True), (8, False))]
+
+
+def variants() -> list[Variant]:
+    """Every kernel variant the check compiles."""
+    return _matmul_variants() + _dequantize_variants()
+
+
+def compile_variant(v: Variant, target: tuple) -> str:
+    """Compile ``v`` for ``target`` (backend, arch, warp size); returns the final binary's kind."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lowbit.kernels import triton_int_grouped
+
+    fn = getattr(triton_int_grouped, v.kernel)
+    if not isinstance(fn, triton.runtime.JITFunction):
+        raise RuntimeError("kernels are interpreted (TRITON_INTERPRET is set); unset it to compile")
+    signature = dict(v.signature, **{name: "constexpr" for name in v.constants})
+    src = ASTSource(fn=fn, signature=signature, constexprs=dict(v.constants))
+    backend = target[0]
+    options = {"num_warps": 4}
+    if backend == "hip":
+        options.update(waves_per_eu=2, matrix_instr_nonkdim=16, kpack=1, num_stages=2)
+    kernel = triton.compile(src, target=GPUTarget(*target), options=options)
+    binary = "cubin" if backend == "cuda" else "hsaco"
+    if not kernel.asm.get(binary):
+        raise RuntimeError(f"no {binary} produced")
+    return binary
+
+
+def main() -> int:
+    failed = 0
+    for v in variants():
+        for target in TARGETS:
+            try:
+                kind = compile_variant(v, target)
+                print(f"ok    {target[0]}:{target[1]}  {v.label()}  -> {kind}")
+            except Exception as e:  # report every failing variant, not only the first
+                failed += 1
+                print(f"FAIL  {target[0]}:{target[1]}  {v.label()}: {type(e).__name__}: {str(e)[:400]}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

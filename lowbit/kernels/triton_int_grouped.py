@@ -1,0 +1,293 @@
+"""Triton kernels for the grouped-int format: dequantize and fused dequant-matmul.
+
+One source for NVIDIA CUDA and AMD ROCm. Both kernels read the :class:`GroupOrdered` layout
+(canonical packing, rows in group order, optional ``perm`` gathered from the activations), so
+act-order weights take the same path as plain ones. The reference twins are
+:func:`lowbit.kernels.reference.dequantize_int_grouped` and
+:func:`lowbit.kernels.reference.matmul_int_grouped`; :func:`dequantize_int_grouped` and
+:func:`matmul_int_grouped` here take the same arguments.
+
+The matmul has two inner products chosen by a compile-time flag: ``tl.dot`` on tiles of at least
+16 rows (prefill, batched decode), and a broadcast multiply-sum for ``BLOCK_M < 16`` (single-token
+decode, where the tensor cores would idle on padding). ``SPLIT_K > 1`` spreads K over programs so
+that a skinny product still fills the GPU; each split writes fp32 partial sums that one reduction
+adds (deterministic, and the output needs no zero-fill).
+
+Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors; the tests use that.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit.formats.group_order import GroupOrdered, to_group_ordered
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _unpack(base, idx, other, stride_word, stride_other, n_words, mask, BITS: tl.constexpr):
+    """Values ``idx`` along a packed dimension (see :mod:`lowbit.formats.packing`), as int32.
+
+    ``idx`` and ``other`` broadcast against each other; word ``w`` of line ``o`` is at
+    ``base + w * stride_word + o * stride_other``. A 3-bit value may straddle two words.
+    """
+    bit = idx * BITS
+    word = bit >> 5
+    shift = (bit & 31).to(tl.uint32)
+    lo = tl.load(base + word * stride_word + other * stride_other, mask=mask, other=0)
+    v = lo.to(tl.uint32, bitcast=True) >> shift
+    if BITS == 3:
+        nxt = mask & (word + 1 < n_words)
+        hi = tl.load(base + (word + 1) * stride_word + other * stride_other, mask=nxt, other=0)
+        spill = hi.to(tl.uint32, bitcast=True) << ((32 - shift) & 31)
+        v = v | tl.where(shift > 29, spill, 0)
+    return (v & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def _product(x, w, BLOCK_M: tl.constexpr, DOT_FP32: tl.constexpr):
+    """``x [BM, BK] @ w [BK, BN]`` in fp32; ``w`` holds fp32 values, rounded to x's dtype for ``tl.dot``.
+
+    ``BLOCK_M >= 16`` uses ``tl.dot`` (tensor cores); smaller tiles multiply and sum on the
+    vector units. ``DOT_FP32`` makes the dot's operands fp32: only for bf16 under the Triton
+    interpreter, whose bf16 dot and int-to-bf16 casts are wrong.
+    """
+    if BLOCK_M >= 16:
+        if DOT_FP32:
+            return tl.dot(x.to(tl.float32), w.to(x.dtype).to(tl.float32))
+        return tl.dot(x, w.to(x.dtype))
+    return tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
+
+
+@triton.jit
+def _matmul_kernel(
+    x_ptr, qw_ptr, s_ptr, qz_ptr, perm_ptr, b_ptr, y_ptr,
+    M, N, K, stride_xm, stride_ym, qw_words, qz_words,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    TILE_IN_GROUP: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """``y[M, N] = x[M, K] @ W.T (+ bias)``; with ``SPLIT_K > 1``, fp32 partials ``y[SPLIT_K, M, N]``."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // grid_n
+    pid_n = pid % grid_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        if HAS_PERM:
+            src_k = tl.load(perm_ptr + offs_k, mask=mask_k, other=0)
+        else:
+            src_k = offs_k
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + src_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
+        mask_kn = mask_k[:, None] & mask_n[None, :]
+        q = _unpack(qw_ptr, offs_k[:, None], offs_n[None, :], N, 1, qw_words, mask_kn, BITS)  # [BK, BN]
+        if TILE_IN_GROUP:
+            # one group per tile: scale after the product, on [BM, BN] instead of [BK, BN]
+            g = k0 // GROUP
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # [BN]
+            z = _unpack(qz_ptr + g * qz_words, offs_n, 0, 1, 0, qz_words, mask_n, BITS)  # [BN]
+            w = (q - z[None, :]).to(tl.float32)  # |q - z| < 256: exact in fp16 and bf16
+            acc += _product(x, w, BLOCK_M, DOT_FP32) * s[None, :]
+        else:
+            g = offs_k // GROUP  # [BK]
+            s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask_kn, other=0.0)
+            z = _unpack(qz_ptr, offs_n[None, :], g[:, None], 1, qz_words, qz_words, mask_kn, BITS)
+            acc += _product(x, (q - z).to(tl.float32) * s.to(tl.float32), BLOCK_M, DOT_FP32)
+    mask_mn = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
+                 acc.to(y_ptr.dtype.element_ty), mask=mask_mn)
+    else:
+        tl.store(y_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask_mn)
+
+
+@triton.jit
+def _dequantize_kernel(
+    qw_ptr, s_ptr, qz_ptr, perm_ptr, out_ptr,
+    N, K, qw_words, qz_words,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_PERM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``out[N, K]`` (canonical column order) from the group-ordered codes."""
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_k = offs_k < K
+    mask_kn = mask_k[:, None] & (offs_n < N)[None, :]
+    q = _unpack(qw_ptr, offs_k[:, None], offs_n[None, :], N, 1, qw_words, mask_kn, BITS)  # [BK, BN]
+    g = offs_k // GROUP
+    s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask_kn, other=0.0)
+    z = _unpack(qz_ptr, offs_n[None, :], g[:, None], 1, qz_words, qz_words, mask_kn, BITS)
+    w = (q - z).to(tl.float32) * s.to(tl.float32)
+    if HAS_PERM:
+        dst_k = tl.load(perm_ptr + offs_k, mask=mask_k, other=0)
+    else:
+        dst_k = offs_k
+    tl.store(out_ptr + offs_n[None, :] * K + dst_k[:, None], w.to(out_ptr.dtype.element_ty), mask=mask_kn)
+
+
+# --- launch configuration ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    """Tile sizes and compiler options of one matmul launch."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+    hip: tuple[tuple[str, int], ...] = ()  # HIP-only compiler options (waves_per_eu, ...)
+
+    def launch_options(self) -> dict:
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages, **dict(self.hip)}
+
+
+def block_k_for(group: int, k: int, cap: int = 128) -> tuple[int, bool]:
+    """The K tile and whether each tile lies inside one group.
+
+    The largest power of two up to ``cap`` that divides ``group`` keeps tiles inside groups (so
+    scales apply after the product); ``group >= K`` (one group per row) allows any tile. A group
+    with no such divisor of at least 16 (``tl.dot``'s minimum) takes 32-wide tiles that span
+    groups and dequantize per element.
+    """
+    if group >= k:
+        return min(cap, max(16, triton.next_power_of_2(k))), True
+    bk = cap
+    while bk >= 16 and group % bk:
+        bk //= 2
+    return (bk, True) if bk >= 16 else (32, False)
+
+
+def _is_hip() -> bool:
+    return torch.version.hip is not None
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_config(m: int, n: int, k: int, group: int, sms: int, hip: bool) -> MatmulConfig:
+    """Heuristic tiles for ``[m, k] @ [k, n]``: FMA GEMV for ``m < 16``, ``tl.dot`` tiles above.
+
+    Split-K is chosen so that about two waves of programs cover the GPU's ``sms``
+    multiprocessors, with at least two K tiles per split. HIP (wave64) gets its own options.
+    """
+    block_k, _ = block_k_for(group, k)
+    if m < 16:
+        block_m = 1 if m == 1 else triton.next_power_of_2(m)
+        block_n = 64 if block_m <= 2 else 32
+        num_warps = 4
+    elif m <= 64:
+        block_m, block_n, num_warps = 16, 64, 4
+    else:
+        block_m, block_n, num_warps = 64, 128, 8
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    k_tiles = triton.cdiv(k, block_k)
+    split_k = 1
+    while tiles * split_k * 2 <= 2 * sms and k_tiles // (split_k * 2) >= 2:
+        split_k *= 2
+    hip_opts = (("waves_per_eu", 2), ("matrix_instr_nonkdim", 16), ("kpack", 1)) if hip else ()
+    num_stages = 2 if hip else 3
+    return MatmulConfig(block_m, block_n, block_k, split_k, num_warps, num_stages, hip_opts)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _device_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4  # interpreter on CPU: a small grid keeps the tests quick
+
+
+# --- wrappers ----------------------------------------------------------------------------
+
+def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` from the group-ordered layout.
+
+    Args:
+        x: fp16/bf16 ``[..., K]`` (fp32 works too; its dot runs in tf32 on GPUs).
+        w: the weight in group order.
+        bias: ``[N]`` or None.
+    Returns:
+        ``[..., N]`` in x's dtype, accumulated in fp32.
+    """
+    k = x.shape[-1]
+    n = w.scales.shape[1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    cfg = matmul_config(m, n, k, w.group_size, _device_sms(x.device), _is_hip())
+    _, in_group = block_k_for(w.group_size, k)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
+    if cfg.split_k == 1:
+        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    else:
+        y = torch.empty(cfg.split_k, m, n, device=x.device, dtype=torch.float32)
+    _matmul_kernel[grid](
+        x2, w.qweight, w.scales, w.qzeros, w.perm if w.perm is not None else w.qweight,
+        bias if bias is not None else w.scales, y,
+        m, n, k, x2.stride(0), n, w.qweight.shape[0], w.qzeros.shape[1],
+        BITS=w.bits, GROUP=w.group_size, HAS_PERM=w.perm is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+        TILE_IN_GROUP=in_group, DOT_FP32=_INTERPRET and x.dtype == torch.bfloat16, **cfg.launch_options(),
+    )
+    if cfg.split_k > 1:
+        y = y.sum(0)
+        if bias is not None:
+            y += bias
+        y = y.to(x.dtype)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def dequantize_group_ordered(w: GroupOrdered, k: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """The weight ``[N, K]`` in ``dtype``, columns in the canonical (input) order."""
+    n = w.scales.shape[1]
+    out = torch.empty(n, k, device=w.qweight.device, dtype=dtype)
+    block_n, block_k = 64, 64
+    grid = (triton.cdiv(k, block_k), triton.cdiv(n, block_n))
+    _dequantize_kernel[grid](
+        w.qweight, w.scales, w.qzeros, w.perm if w.perm is not None else w.qweight, out,
+        n, k, w.qweight.shape[0], w.qzeros.shape[1],
+        BITS=w.bits, GROUP=w.group_size, HAS_PERM=w.perm is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    )
+    return out
+
+
+def _ordered(qweight, scales, qzeros, g_idx, bits) -> GroupOrdered:
+    w = to_group_ordered(qweight, scales, qzeros, g_idx, bits)
+    if w is None:
+        raise ValueError("g_idx does not sort into equal contiguous groups; the Triton kernels need that "
+                         "(use the reference kernel)")
+    return w
+
+
+def dequantize_int_grouped(qweight, scales, qzeros, g_idx, bits, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Twin of :func:`lowbit.kernels.reference.dequantize_int_grouped` (returns ``dtype``, not fp32)."""
+    return dequantize_group_ordered(_ordered(qweight, scales, qzeros, g_idx, bits), g_idx.numel(), dtype)
+
+
+def matmul_int_grouped(x, qweight, scales, qzeros, g_idx, bits, bias=None) -> torch.Tensor:
+    """Twin of :func:`lowbit.kernels.reference.matmul_int_grouped` (reorders act-order on each call)."""
+    return matmul_group_ordered(x, _ordered(qweight, scales, qzeros, g_idx, bits), bias)
