@@ -3,7 +3,8 @@
 For each Llama-7B layer shape (K x N) and M = 1, 16, 128 it times, with CUDA graphs and cold L2:
 
 * ``fp16``: ``F.linear`` with an fp16 weight (cuBLAS);
-* ``lowbit w4g128`` and ``lowbit w4g128 act`` (act-order, rows reordered at load);
+* ``lowbit w4g128`` and ``lowbit w4g128 act`` (act-order, rows reordered at load), and lowbit's
+  NF4 kernel (blocks of 64, double quant) on the bitsandbytes layout;
 * peers importable here: PyTorch's tinygemm int4 (``aten._weight_int4pack_mm``, what torchao's
   int4 weight-only uses), bitsandbytes NF4 (``matmul_4bit``);
 * ``probe``: ``torch.sum`` over a buffer of the same byte count as the 4-bit kernel must read
@@ -137,6 +138,24 @@ def lowbit_row(m, k, n, sets, act_order, group=128):
     return calls, nbytes, err
 
 
+def lowbit_nf4_row(m, k, n, sets):
+    """lowbit's NF4 kernel on the bitsandbytes layout (blocks of 64, double quant)."""
+    from lowbit.formats.blockwise4 import Blockwise4Linear
+    from lowbit.kernels import triton_blockwise4 as B
+
+    calls, err = [], 0.0
+    for i in range(sets):
+        w = torch.randn(n, k, device="cuda", dtype=torch.float16)
+        mod = Blockwise4Linear.from_linear(w, None, quant_type="nf4", blocksize=64, double_quant=True)
+        a = (mod.weight, mod.absmax, mod.quant_map, 64, (n, k), mod.nested_absmax, mod.nested_quant_map,
+             mod.nested_offset)
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        if i == 0:
+            err = rel_err(B.matmul_blockwise4(x, *a), reference.matmul_blockwise4(x.float(), *a))
+        calls.append(lambda x=x, a=a: B.matmul_blockwise4(x, *a))
+    return calls, k * n // 2 + k * n // 64 + 2 * m * (k + n), err
+
+
 def tinygemm_row(m, k, n, sets, group=128):
     """PyTorch's int4 tinygemm (bf16 activations), as torchao's int4 weight-only uses it."""
     calls, err = [], 0.0
@@ -199,6 +218,7 @@ def bench_shape(k: int, n: int, m: int, l2: int, eager: bool) -> list[dict]:
     add("fp16 F.linear", fp16_row(m, k, n, copies_for(2 * n * k, l2)))
     low = add("lowbit w4g128", lowbit_row(m, k, n, sets4, act_order=False))
     add("lowbit w4g128 act-order", lowbit_row(m, k, n, sets4, act_order=True))
+    add("lowbit nf4 double-quant", lowbit_nf4_row(m, k, n, sets4))
     for name, fn in PEERS.items():
         try:
             add(name, fn(m, k, n, sets4))

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from lowbit.formats.base import QuantLinear
 from lowbit.formats.packing import pack_nibbles
-from lowbit.kernels import KernelImpl, always, register_kernel
+from lowbit.kernels import KernelImpl, always, register_kernel, triton_gpu_available
 from lowbit.kernels import reference
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -231,7 +231,23 @@ def _reference_forward(x: torch.Tensor, m: Blockwise4Linear) -> torch.Tensor:
         m.nested_absmax, m.nested_quant_map, m.nested_offset, m.bias, m.compute_dtype)
 
 
+def _triton_supports(m: Blockwise4Linear, x: torch.Tensor) -> bool:
+    return x.is_cuda and x.is_floating_point() and (m.compute_dtype or x.dtype) in (torch.float16, torch.bfloat16)
+
+
+def _triton_forward(x: torch.Tensor, m: Blockwise4Linear) -> torch.Tensor:
+    from lowbit.kernels import triton_blockwise4
+
+    return triton_blockwise4.matmul_blockwise4(
+        x, m.weight, m.absmax, m.quant_map, m.blocksize, (m.out_features, m.in_features),
+        m.nested_absmax, m.nested_quant_map, m.nested_offset, m.bias, m.compute_dtype)
+
+
 register_kernel(
     Blockwise4Linear.format,
     KernelImpl("reference", 0, available=always, supports=lambda m, x: x.is_floating_point(), fn=_reference_forward),
+)
+register_kernel(
+    Blockwise4Linear.format,
+    KernelImpl("triton", 10, available=triton_gpu_available, supports=_triton_supports, fn=_triton_forward),
 )

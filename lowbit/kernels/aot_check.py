@@ -22,12 +22,13 @@ TARGETS = (("cuda", 90, 32), ("hip", "gfx942", 64))
 class Variant:
     """One compile of one kernel: its argument types and constexpr values."""
 
+    module: str  # under lowbit.kernels
     kernel: str
     signature: dict
     constants: dict
 
     def label(self) -> str:
-        return f"{self.kernel}[{', '.join(f'{k}={v}' for k, v in self.constants.items())}]"
+        return f"{self.module}.{self.kernel}[{', '.join(f'{k}={v}' for k, v in self.constants.items())}]"
 
 
 def _matmul_variants() -> list[Variant]:
@@ -50,20 +51,39 @@ def _matmul_variants() -> list[Variant]:
         sig["y_ptr"] = f"*{dt}" if split == 1 else "*fp32"
         consts = dict(BITS=bits, GROUP=group, HAS_PERM=perm, HAS_BIAS=split == 1, BLOCK_M=bm, BLOCK_N=bn,
                       BLOCK_K=bk, SPLIT_K=split, TILE_IN_GROUP=in_group, DOT_FP32=False)
-        out.append(Variant("_matmul_kernel", sig, consts))
+        out.append(Variant("triton_int_grouped", "_matmul_kernel", sig, consts))
     return out
 
 
 def _dequantize_variants() -> list[Variant]:
     sig = {"qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "perm_ptr": "*i32", "out_ptr": "*fp16",
            "N": "i32", "K": "i32", "qw_words": "i32", "qz_words": "i32"}
-    return [Variant("_dequantize_kernel", sig, dict(BITS=bits, GROUP=128, HAS_PERM=perm, BLOCK_N=64, BLOCK_K=64))
+    return [Variant("triton_int_grouped", "_dequantize_kernel", sig,
+                    dict(BITS=bits, GROUP=128, HAS_PERM=perm, BLOCK_N=64, BLOCK_K=64))
             for bits, perm in ((2, False), (3, True), (4, False), (4, True), (8, False))]
+
+
+def _blockwise4_variants() -> list[Variant]:
+    out = []
+    for nested, bm, split, dt in ((False, 1, 8, "fp16"), (True, 1, 8, "bf16"), (True, 16, 2, "fp16"),
+                                  (False, 64, 1, "bf16")):
+        sig = {"x_ptr": f"*{dt}", "w_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "qmap_ptr": "*fp32",
+               "nabs_ptr": "*fp32", "nmap_ptr": "*fp32", "noff_ptr": "*fp32", "b_ptr": f"*{dt}",
+               "y_ptr": f"*{dt}" if split == 1 else "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32"}
+        consts = dict(BLOCKSIZE=64, NESTED=nested, HAS_BIAS=split == 1, BLOCK_M=bm, BLOCK_N=64 if bm < 64 else 128,
+                      BLOCK_K=64, SPLIT_K=split, DOT_FP32=False)
+        out.append(Variant("triton_blockwise4", "_matmul_kernel", sig, consts))
+    for nested in (False, True):
+        sig = {"w_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "qmap_ptr": "*fp32", "nabs_ptr": "*fp32",
+               "nmap_ptr": "*fp32", "noff_ptr": "*fp32", "out_ptr": "*fp16", "numel": "i32"}
+        out.append(Variant("triton_blockwise4", "_dequantize_kernel", sig,
+                           dict(BLOCKSIZE=64, NESTED=nested, BLOCK=1024)))
+    return out
 
 
 def variants() -> list[Variant]:
     """Every kernel variant the check compiles."""
-    return _matmul_variants() + _dequantize_variants()
+    return _matmul_variants() + _dequantize_variants() + _blockwise4_variants()
 
 
 def compile_variant(v: Variant, target: tuple) -> str:
@@ -72,9 +92,9 @@ def compile_variant(v: Variant, target: tuple) -> str:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from lowbit.kernels import triton_int_grouped
+    import importlib
 
-    fn = getattr(triton_int_grouped, v.kernel)
+    fn = getattr(importlib.import_module(f"lowbit.kernels.{v.module}"), v.kernel)
     if not isinstance(fn, triton.runtime.JITFunction):
         raise RuntimeError("kernels are interpreted (TRITON_INTERPRET is set); unset it to compile")
     signature = dict(v.signature, **{name: "constexpr" for name in v.constants})

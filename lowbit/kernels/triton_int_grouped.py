@@ -18,17 +18,12 @@ Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors; the tests use that.
 
 from __future__ import annotations
 
-import functools
-import os
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 from lowbit.formats.group_order import GroupOrdered, to_group_ordered
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from lowbit.kernels.triton_common import INTERPRET, _product, finish_split_k, launch_config, output_buffer
 
 
 @triton.jit
@@ -49,21 +44,6 @@ def _unpack(base, idx, other, stride_word, stride_other, n_words, mask, BITS: tl
         spill = hi.to(tl.uint32, bitcast=True) << ((32 - shift) & 31)
         v = v | tl.where(shift > 29, spill, 0)
     return (v & ((1 << BITS) - 1)).to(tl.int32)
-
-
-@triton.jit
-def _product(x, w, BLOCK_M: tl.constexpr, DOT_FP32: tl.constexpr):
-    """``x [BM, BK] @ w [BK, BN]`` in fp32; ``w`` holds fp32 values, rounded to x's dtype for ``tl.dot``.
-
-    ``BLOCK_M >= 16`` uses ``tl.dot`` (tensor cores); smaller tiles multiply and sum on the
-    vector units. ``DOT_FP32`` makes the dot's operands fp32: only for bf16 under the Triton
-    interpreter, whose bf16 dot and int-to-bf16 casts are wrong.
-    """
-    if BLOCK_M >= 16:
-        if DOT_FP32:
-            return tl.dot(x.to(tl.float32), w.to(x.dtype).to(tl.float32))
-        return tl.dot(x, w.to(x.dtype))
-    return tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
 
 
 @triton.jit
@@ -146,22 +126,6 @@ def _dequantize_kernel(
 
 # --- launch configuration ----------------------------------------------------------------
 
-@dataclass(frozen=True)
-class MatmulConfig:
-    """Tile sizes and compiler options of one matmul launch."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    split_k: int
-    num_warps: int
-    num_stages: int
-    hip: tuple[tuple[str, int], ...] = ()  # HIP-only compiler options (waves_per_eu, ...)
-
-    def launch_options(self) -> dict:
-        return {"num_warps": self.num_warps, "num_stages": self.num_stages, **dict(self.hip)}
-
-
 def block_k_for(group: int, k: int, cap: int = 128) -> tuple[int, bool]:
     """The K tile and whether each tile lies inside one group.
 
@@ -176,47 +140,6 @@ def block_k_for(group: int, k: int, cap: int = 128) -> tuple[int, bool]:
     while bk >= 16 and group % bk:
         bk //= 2
     return (bk, True) if bk >= 16 else (32, False)
-
-
-def _is_hip() -> bool:
-    return torch.version.hip is not None
-
-
-@functools.lru_cache(maxsize=None)
-def matmul_config(m: int, n: int, k: int, group: int, sms: int, hip: bool) -> MatmulConfig:
-    """Heuristic tiles for ``[m, k] @ [k, n]``: FMA GEMV for ``m < 16``, ``tl.dot`` tiles above.
-
-    Split-K is chosen so that about two waves of programs cover the GPU's ``sms``
-    multiprocessors, with at least two K tiles per split. HIP (wave64) gets its own options.
-    """
-    block_k, _ = block_k_for(group, k)
-    if m < 16:
-        block_m = 1 if m == 1 else triton.next_power_of_2(m)
-        block_n = 64 if block_m <= 2 else 32
-        num_warps = 4
-    elif m <= 64:
-        block_m, block_n, num_warps = 16, 64, 4
-    else:
-        block_m, block_n, num_warps = 64, 128, 8
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    k_tiles = triton.cdiv(k, block_k)
-    split_k = 1
-    while tiles * split_k * 2 <= 2 * sms and k_tiles // (split_k * 2) >= 2:
-        split_k *= 2
-    hip_opts = (("waves_per_eu", 2), ("matrix_instr_nonkdim", 16), ("kpack", 1)) if hip else ()
-    num_stages = 2 if hip else 3
-    return MatmulConfig(block_m, block_n, block_k, split_k, num_warps, num_stages, hip_opts)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _device_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 4  # interpreter on CPU: a small grid keeps the tests quick
 
 
 # --- wrappers ----------------------------------------------------------------------------
@@ -237,27 +160,19 @@ def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | 
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    cfg = matmul_config(m, n, k, w.group_size, _device_sms(x.device), _is_hip())
-    _, in_group = block_k_for(w.group_size, k)
+    block_k, in_group = block_k_for(w.group_size, k)
+    cfg = launch_config(m, n, k, block_k, x.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
-    if cfg.split_k == 1:
-        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    else:
-        y = torch.empty(cfg.split_k, m, n, device=x.device, dtype=torch.float32)
+    y = output_buffer(cfg, m, n, x)
     _matmul_kernel[grid](
         x2, w.qweight, w.scales, w.qzeros, w.perm if w.perm is not None else w.qweight,
         bias if bias is not None else w.scales, y,
         m, n, k, x2.stride(0), n, w.qweight.shape[0], w.qzeros.shape[1],
         BITS=w.bits, GROUP=w.group_size, HAS_PERM=w.perm is not None, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
-        TILE_IN_GROUP=in_group, DOT_FP32=_INTERPRET and x.dtype == torch.bfloat16, **cfg.launch_options(),
+        TILE_IN_GROUP=in_group, DOT_FP32=INTERPRET and x.dtype == torch.bfloat16, **cfg.launch_options(),
     )
-    if cfg.split_k > 1:
-        y = y.sum(0)
-        if bias is not None:
-            y += bias
-        y = y.to(x.dtype)
-    return y.reshape(*x.shape[:-1], n)
+    return finish_split_k(y, cfg, bias, x.dtype).reshape(*x.shape[:-1], n)
 
 
 def dequantize_group_ordered(w: GroupOrdered, k: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:

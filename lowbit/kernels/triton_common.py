@@ -1,0 +1,115 @@
+"""Launch configuration and device helpers shared by the Triton kernels.
+
+One heuristic picks tiles for every fused dequant-matmul: a vector-unit GEMV for fewer than 16
+rows, ``tl.dot`` tiles above, and split-K when the output alone would leave most of the GPU's
+multiprocessors idle. No autotuning at call time: the choice is a cached function of the
+shape, so an eager call does no search.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+"""Kernels run under the Triton interpreter (CPU tensors; the tests use it)."""
+
+
+@triton.jit
+def _product(x, w, BLOCK_M: tl.constexpr, DOT_FP32: tl.constexpr):
+    """``x [BM, BK] @ w [BK, BN]`` in fp32; ``w`` holds fp32 values, rounded to x's dtype for ``tl.dot``.
+
+    ``BLOCK_M >= 16`` uses ``tl.dot`` (tensor cores); smaller tiles multiply and sum on the
+    vector units. ``DOT_FP32`` makes the dot's operands fp32: only for bf16 under the Triton
+    interpreter, whose bf16 dot and int-to-bf16 casts are wrong.
+    """
+    if BLOCK_M >= 16:
+        if DOT_FP32:
+            return tl.dot(x.to(tl.float32), w.to(x.dtype).to(tl.float32))
+        return tl.dot(x, w.to(x.dtype))
+    return tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    """Tile sizes and compiler options of one matmul launch."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+    hip: tuple[tuple[str, int], ...] = ()  # HIP-only compiler options (waves_per_eu, ...)
+
+    def launch_options(self) -> dict:
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages, **dict(self.hip)}
+
+
+def is_hip() -> bool:
+    """PyTorch is a ROCm build (AMD GPUs, wave64)."""
+    return torch.version.hip is not None
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_config(m: int, n: int, k: int, block_k: int, sms: int, hip: bool) -> MatmulConfig:
+    """Heuristic tiles for ``[m, k] @ [k, n]`` with K tiles of ``block_k``.
+
+    FMA GEMV for ``m < 16``, ``tl.dot`` tiles above. Split-K is chosen so that about two waves
+    of programs cover the GPU's ``sms`` multiprocessors, with at least two K tiles per split.
+    HIP gets its own compiler options.
+    """
+    if m < 16:
+        block_m = 1 if m == 1 else triton.next_power_of_2(m)
+        block_n = 64 if block_m <= 2 else 32
+        num_warps = 4
+    elif m <= 64:
+        block_m, block_n, num_warps = 16, 64, 4
+    else:
+        block_m, block_n, num_warps = 64, 128, 8
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    k_tiles = triton.cdiv(k, block_k)
+    split_k = 1
+    while tiles * split_k * 2 <= 2 * sms and k_tiles // (split_k * 2) >= 2:
+        split_k *= 2
+    hip_opts = (("waves_per_eu", 2), ("matrix_instr_nonkdim", 16), ("kpack", 1)) if hip else ()
+    num_stages = 2 if hip else 3
+    return MatmulConfig(block_m, block_n, block_k, split_k, num_warps, num_stages, hip_opts)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def device_sms(device: torch.device) -> int:
+    """Multiprocessors of ``device`` (4 for CPU tensors under the interpreter: a small grid)."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
+
+
+def launch_config(m: int, n: int, k: int, block_k: int, device: torch.device) -> MatmulConfig:
+    return matmul_config(m, n, k, block_k, device_sms(device), is_hip())
+
+
+def output_buffer(cfg: MatmulConfig, m: int, n: int, x: torch.Tensor) -> torch.Tensor:
+    """``[M, N]`` in x's dtype, or fp32 partials ``[SPLIT_K, M, N]``; never zero-filled."""
+    if cfg.split_k == 1:
+        return torch.empty(m, n, device=x.device, dtype=x.dtype)
+    return torch.empty(cfg.split_k, m, n, device=x.device, dtype=torch.float32)
+
+
+def finish_split_k(y: torch.Tensor, cfg: MatmulConfig, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Sum split-K partials and add the bias (the kernel adds it itself when ``split_k == 1``)."""
+    if cfg.split_k == 1:
+        return y
+    y = y.sum(0)
+    if bias is not None:
+        y += bias
+    return y.to(dtype)

@@ -1,0 +1,98 @@
+"""Triton NF4/FP4 kernels against the reference (interpreter on CPU; compiled on a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import DEQUANT_ATOL, MATMUL_REL
+from lowbit.formats.blockwise4 import Blockwise4Linear
+from lowbit.kernels import reference, select_kernel
+
+pytest.importorskip("triton")
+T = pytest.importorskip("lowbit.kernels.triton_blockwise4")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (M, N, K, blocksize): odd N*K (a padded last byte), K not a multiple of the block (blocks
+# straddle rows), blocks larger than a row, M on both sides of the tl.dot threshold
+SHAPES = [(1, 33, 71, 64), (3, 40, 96, 64), (16, 24, 100, 128), (127, 20, 64, 64), (2, 48, 80, 256)]
+SHAPE_IDS = [f"M{m}-N{n}-K{k}-b{b}" for m, n, k, b in SHAPES]
+
+
+def random_module(n, k, blocksize, quant_type, double_quant, seed, storage=torch.uint8, bias=True):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    b = torch.randn(n, generator=gen) if bias else None
+    return Blockwise4Linear.from_linear(w, b, quant_type=quant_type, blocksize=blocksize,
+                                        double_quant=double_quant, quant_storage=storage).to(DEVICE)
+
+
+def args(m: Blockwise4Linear) -> tuple:
+    return (m.weight, m.absmax, m.quant_map, m.blocksize, (m.out_features, m.in_features),
+            m.nested_absmax, m.nested_quant_map, m.nested_offset)
+
+
+def rel_err(got, want) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", False), ("nf4", True), ("fp4", True)],
+                         ids=["nf4", "nf4-dq", "fp4-dq"])
+@pytest.mark.parametrize("m,n,k,bs", SHAPES, ids=SHAPE_IDS)
+def test_matmul_matches_reference(m, n, k, bs, quant_type, double_quant, dtype):
+    mod = random_module(n, k, bs, quant_type, double_quant, seed=m + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(n)).to(DEVICE, dtype)
+    want = reference.matmul_blockwise4(x.float(), *args(mod), bias=mod.bias)  # fp32: the kernel's error alone
+    got = T.matmul_blockwise4(x, *args(mod), bias=mod.bias)
+    assert got.dtype == dtype and got.shape == (m, n) and torch.isfinite(got).all()
+    assert rel_err(got, want) <= MATMUL_REL[dtype]
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", False), ("fp4", False), ("nf4", True)],
+                         ids=["nf4", "fp4", "nf4-dq"])
+@pytest.mark.parametrize("n,k,bs", [(33, 71, 64), (24, 100, 128), (300, 40, 4096)], ids=["odd", "b128", "b4096"])
+def test_dequantize_matches_reference(n, k, bs, quant_type, double_quant):
+    mod = random_module(n, k, bs, quant_type, double_quant, seed=n)
+    want = reference.dequantize_blockwise4(*args(mod))
+    for dtype in (torch.float16, torch.bfloat16):
+        got = T.dequantize_blockwise4(*args(mod), dtype=dtype)
+        assert got.shape == (n, k)
+        torch.testing.assert_close(got, want.to(dtype), atol=DEQUANT_ATOL[dtype], rtol=DEQUANT_ATOL[dtype])
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32], ids=["bf16-storage", "fp32-storage"])
+def test_any_quant_storage(storage):
+    mod = random_module(32, 64, 64, "nf4", True, seed=5, storage=storage)
+    x = torch.randn(4, 64).to(DEVICE, torch.float16)
+    want = reference.matmul_blockwise4(x.float(), *args(mod), bias=mod.bias)
+    assert rel_err(T.matmul_blockwise4(x, *args(mod), bias=mod.bias), want) <= MATMUL_REL[torch.float16]
+
+
+def test_compute_dtype_and_batched_input():
+    from lowbit.formats.blockwise4 import _triton_forward
+
+    mod = random_module(40, 96, 64, "nf4", False, seed=9)
+    mod.compute_dtype = torch.bfloat16
+    x = torch.randn(2, 5, 96).to(DEVICE, torch.float16)
+    want = reference.matmul_blockwise4(x.bfloat16().float(), *args(mod), bias=mod.bias)
+    got = _triton_forward(x, mod)
+    assert got.dtype == torch.float16 and got.shape == (2, 5, 40)
+    assert rel_err(got, want) <= MATMUL_REL[torch.bfloat16]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU selection")
+def test_cpu_and_fp32_compute_select_reference():
+    mod = random_module(16, 64, 64, "nf4", False, seed=1)
+    assert select_kernel(mod, torch.randn(2, 64, dtype=torch.float16)).name == "reference"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 128])
+def test_model_size_on_gpu(m):
+    mod = random_module(4096, 4096, 64, "nf4", True, seed=m, bias=False)
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+    assert select_kernel(mod, x).name == "triton"
+    want = reference.matmul_blockwise4(x.float(), *args(mod))
+    assert rel_err(mod(x), want) <= MATMUL_REL[torch.float16]
