@@ -78,8 +78,8 @@ def main() -> None:
     print("| model | perplexity | vs fp32 | quantize time |")
     print("|---|---|---|---|")
     print(f"| fp32 original | {base:.3f} | 1.000 | - |", flush=True)
-    chosen = {int(i) for i in args.only.split(",")} if args.only else set(range(1, len(rows) + 1))
     rows = TABLES[args.table]
+    chosen = {int(i) for i in args.only.split(",")} if args.only else set(range(1, len(rows) + 1))
     for i, (label, cfg) in enumerate(rows, 1):
         if i not in chosen:
             continue

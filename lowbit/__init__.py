@@ -1,6 +1,13 @@
 """lowbit: compress transformer language models to low-bit weights and run them fast."""
 
-from lowbit.api import from_pretrained, quantize, quantized_config, save_quantized
+from lowbit.api import (
+    from_pretrained,
+    hf_config,
+    quantize,
+    quantized_config,
+    register_with_transformers,
+    save_quantized,
+)
 from lowbit.config import (
     AqlmConfig,
     AwqConfig,
@@ -27,7 +34,9 @@ __all__ = [
     "RtnConfig",
     "config_from_dict",
     "from_pretrained",
+    "hf_config",
     "quantize",
     "quantized_config",
+    "register_with_transformers",
     "save_quantized",
 ]

@@ -196,3 +196,20 @@ def from_pretrained(
         if isinstance(m, QuantLinear):
             m.kernel = kernel
     return model
+
+
+def hf_config(config: QuantConfig, calib: Calibration = None):
+    """``config`` for transformers' ``from_pretrained(..., quantization_config=...)``: the model is
+    quantized by lowbit and ``save_pretrained`` writes lowbit's checkpoint. See
+    :mod:`lowbit.integrations.transformers` (imported here, not at ``import lowbit``: it is slow)."""
+    from lowbit.integrations.transformers import hf_config as _hf_config
+
+    return _hf_config(config, calib)
+
+
+def register_with_transformers() -> None:
+    """Register lowbit's methods with transformers, so that ``AutoModel*.from_pretrained(path)`` of
+    a lowbit ``rtn`` checkpoint loads with lowbit's modules (:func:`hf_config` also does this)."""
+    from lowbit.integrations.transformers import register
+
+    register()

@@ -1,4 +1,4 @@
-"""``lowbit`` command line: quantize, eval, demo.
+"""``lowbit`` command line: quantize, eval, convert, demo.
 
 The CLI owns the console: results go to stdout, progress bars to stderr, and a user error
 is one line on stderr with exit status 2 (``--debug`` shows the traceback instead).
@@ -56,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity, size, peak memory of a model folder")
     e.add_argument("model", help="local (plain or quantized) model folder, or 'default'")
     _add_eval_args(e)
+
+    c = sub.add_parser("convert", help="rewrite a quantized checkpoint in another layout (exact where possible)")
+    c.add_argument("src", type=Path, help="quantized model folder")
+    c.add_argument("dst", type=Path, help="output folder (written atomically)")
+    c.add_argument("--to", required=True, help="rtn, gptq, gptq-v2, awq or bnb")
+    c.add_argument("--requantize", action="store_true",
+                   help="allow conversions that change the weights: dequantize, then quantize with the flags below")
+    _add_quant_args(c)
 
     d = sub.add_parser("demo", help="quantize the embedded model and compare it with the original")
     d.add_argument("--out", type=Path, default=None, help="where to keep the quantized model (default: a temp folder)")
@@ -136,6 +144,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+QUANT_FLAGS = ("bits", "group_size", "sym", "desc_act", "static_groups", "damp_percent", "format", "quant_type",
+               "double_quant", "threshold", "calib", "nsamples", "seqlen")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from lowbit.convert import convert, normalize_target
+    from lowbit.eval.summary import describe
+
+    target = normalize_target(args.to)
+    given = [f for f in QUANT_FLAGS if getattr(args, f) is not None]
+    if args.method != "rtn" or (given and not args.requantize):
+        raise ValueError("convert takes the method from --to; quantization flags apply only with --requantize")
+    requantize_config = None
+    if args.requantize:
+        args.method = target.removesuffix("_v2")
+        if target == "gptq_v2":
+            args.format = "gptq_v2"
+        if args.method == "bitsandbytes" and args.quant_type is None and args.bits != 8:
+            args.quant_type = "nf4"
+        requantize_config = config_from_args(args)
+    cfg = convert(args.src, args.dst, target, requantize=args.requantize, requantize_config=requantize_config,
+                  calib=args.calib)
+    how = "requantized" if args.requantize else "converted exactly"
+    print(f"{how}: {args.src} -> {args.dst} ({describe(cfg)}, layout {target})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lowbit.eval.summary import run_demo
 
@@ -145,7 +180,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "demo": cmd_demo}
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "convert": cmd_convert, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -57,12 +57,16 @@ def load_quantized(folder: Path, qconfig: QuantConfig, dtype: torch.dtype, devic
         del config.quantization_config  # ours: transformers must not act on it
     with init_empty_weights(include_buffers=False):
         model = auto_class(config).from_config(config, dtype=dtype)
-    quantizer = QUANTIZERS.get(qconfig.quant_method)(qconfig)
-    for name, lin in find_linears(model, quantizer.skip_modules(model)).items():
-        set_module(model, name, quantizer.empty_module(name, lin, dtype))
+    swap_in_empty_modules(model, QUANTIZERS.get(qconfig.quant_method)(qconfig), dtype)
     tensors = LAYOUTS.get(qconfig.quant_method).from_checkpoint(model, load_state_dict(folder), qconfig)
     assign_checked(model, tensors, dtype, folder)
     return model.to(device).eval()
+
+
+def swap_in_empty_modules(model: nn.Module, quantizer, dtype: torch.dtype) -> None:
+    """Replace every linear ``quantizer`` quantizes with its empty module (meta device), to load into."""
+    for name, lin in find_linears(model, quantizer.skip_modules(model)).items():
+        set_module(model, name, quantizer.empty_module(name, lin, dtype))
 
 
 def assign_checked(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype, folder: Path) -> None:
