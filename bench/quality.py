@@ -1,4 +1,4 @@
-"""Quantization methods side by side on the embedded SmolLM2-135M and WikiText-2.
+"""Quantization (and pruning) methods side by side on the embedded SmolLM2-135M and WikiText-2.
 
 Every row uses the same model, the same calibration windows (cut from WikiText-2 valid with a
 fixed seed) and the same evaluation tokens (WikiText-2 test). Prints a markdown table:
@@ -6,6 +6,7 @@ perplexity, its ratio to the fp32 original, and quantization wall time.
 
     python bench/quality.py --table gptq --nsamples 32 --seqlen 512 --tokens 16384
     python bench/quality.py --table awq --nsamples 32 --seqlen 512 --tokens 16384
+    python bench/quality.py --table pruning --nsamples 32 --seqlen 512 --tokens 16384
 
 The AWQ table uses group size 64: SmolLM2's hidden size, 576, is not a multiple of 128, and the
 AWQ GEMM layout needs whole groups. Peer columns (GPTQModel, AutoAWQ) are not installed here.
@@ -21,9 +22,9 @@ import torch
 
 import lowbit
 from lowbit.checkpoint.loading import load_tokenizer
+from lowbit.compress import PruneConfig, compress
 from lowbit.eval.data import calibration_batch, calibration_texts, wikitext2
 from lowbit.eval.perplexity import text_perplexity
-from lowbit.methods import QUANTIZERS
 from lowbit.models import default_causal_lm_path
 
 GPTQ_ROWS = [  # label, config
@@ -49,7 +50,17 @@ AWQ_ROWS = [
     ("AWQ 3-bit g64 zero-point", lowbit.AwqConfig(bits=3, group_size=64)),
 ]
 
-TABLES = {"gptq": GPTQ_ROWS, "awq": AWQ_ROWS}
+PRUNING_ROWS = [  # pruning at 50 % against 4-bit quantization: what halving the linears' bits costs each way
+    ("GPTQ 4-bit g128 asym", lowbit.GPTQConfig(bits=4, group_size=128, sym=False)),
+    ("magnitude 50%", PruneConfig(method="magnitude")),
+    ("Wanda 50%", PruneConfig(method="wanda")),
+    ("SparseGPT 50%", PruneConfig(method="sparsegpt")),
+    ("magnitude 2:4", PruneConfig(method="magnitude", pattern="2:4")),
+    ("Wanda 2:4", PruneConfig(method="wanda", pattern="2:4")),
+    ("SparseGPT 2:4", PruneConfig(method="sparsegpt", pattern="2:4")),
+]
+
+TABLES = {"gptq": GPTQ_ROWS, "awq": AWQ_ROWS, "pruning": PRUNING_ROWS}
 
 
 def main() -> None:
@@ -85,8 +96,7 @@ def main() -> None:
             continue
         model = lowbit.from_pretrained(folder)
         start = time.perf_counter()
-        needs_data = QUANTIZERS.get(cfg.quant_method).requires_calibration
-        lowbit.quantize(model, cfg, calib if needs_data else None, progress=False)
+        compress(model, cfg, calib, progress=False)
         seconds = time.perf_counter() - start
         value = ppl(model)
         print(f"| {label} | {value:.3f} | {value / base:.3f} | {seconds:.1f} s |", flush=True)

@@ -1,4 +1,4 @@
-"""``lowbit`` command line: quantize, eval, convert, demo.
+"""``lowbit`` command line: quantize, prune, eval, convert, compare, demo.
 
 The CLI owns the console: results go to stdout, progress bars to stderr, and a user error
 is one line on stderr with exit status 2 (``--debug`` shows the traceback instead).
@@ -40,6 +40,11 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=16384, help="WikiText-2 test tokens scored (default: 16384)")
     p.add_argument("--ppl-seqlen", type=int, default=512, help="perplexity window (default: 512)")
     p.add_argument("--kernel", default="auto", help="kernel for quantized layers (default: auto)")
+    p.add_argument("--shots", type=int, default=None,
+                   help="causal LM: also score SST-2 dev few-shot with this many examples in the prompt")
+    p.add_argument("--examples", type=int, default=None, help="SST-2 dev sentences scored few-shot (default: all 872)")
+    p.add_argument("--probe-base", default=None,
+                   help="encoder: the original encoder whose SST-2 probe is applied (default: the embedded all-MiniLM-L6-v2)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,9 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, type=Path, help="output folder (replaced atomically)")
     _add_quant_args(q)
 
-    e = sub.add_parser("eval", help="perplexity, size, peak memory of a model folder")
-    e.add_argument("model", help="local (plain or quantized) model folder, or 'default'")
+    e = sub.add_parser("eval", help="perplexity or SST-2 accuracy, size, peak memory of a model folder")
+    e.add_argument("model", help="local (plain or quantized) model folder, 'default' (causal LM) or 'encoder'")
     _add_eval_args(e)
+
+    pr = sub.add_parser("prune", help="prune a model folder (magnitude, Wanda, SparseGPT) and save it dense")
+    pr.add_argument("model", help="local model folder, 'default' or 'encoder'")
+    pr.add_argument("--out", required=True, type=Path, help="output folder (replaced atomically)")
+    pr.add_argument("--method", required=True, help="magnitude, wanda or sparsegpt")
+    pr.add_argument("--sparsity", type=float, default=None,
+                    help="fraction of weights zeroed (default: 0.5, or N/M for an N:M pattern)")
+    pr.add_argument("--pattern", default="unstructured", help="unstructured (default) or N:M, e.g. 2:4")
+    pr.add_argument("--calib", default=None, help="wanda/sparsegpt: calibration text file (default: embedded WikiText-2 valid)")
+    pr.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
+    pr.add_argument("--seqlen", type=int, default=None, help="calibration window length in tokens (default: 512)")
 
     c = sub.add_parser("convert", help="rewrite a quantized checkpoint in another layout (exact where possible)")
     c.add_argument("src", type=Path, help="quantized model folder")
@@ -64,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--requantize", action="store_true",
                    help="allow conversions that change the weights: dequantize, then quantize with the flags below")
     _add_quant_args(c)
+
+    cm = sub.add_parser("compare", help="quantization against pruning on the same models and data, with a report")
+    cm.add_argument("model", nargs="?", default="default", help="causal LM folder or 'default' (the encoder is the embedded one)")
+    cm.add_argument("--out", type=Path, default=Path("lowbit-compare"), help="report folder; finished rows are reused")
+    cm.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all)")
+    cm.add_argument("--tokens", type=int, default=4096, help="WikiText-2 test tokens scored (default: 4096)")
+    cm.add_argument("--nsamples", type=int, default=16, help="calibration windows (default: 16)")
+    cm.add_argument("--seqlen", type=int, default=256, help="calibration window length (default: 256)")
+    cm.add_argument("--no-encoder", action="store_true", help="skip the encoder's SST-2 rows")
+    cm.add_argument("--list", action="store_true", help="list the methods and exit")
 
     d = sub.add_parser("demo", help="quantize the embedded model and compare it with the original")
     d.add_argument("--out", type=Path, default=None, help="where to keep the quantized model (default: a temp folder)")
@@ -139,8 +165,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lowbit.eval.summary import evaluate_folder, format_table
 
     row = evaluate_folder(args.model, label=str(args.model), tokens=args.tokens, seqlen=args.ppl_seqlen,
-                          device=args.device, kernel=args.kernel)
+                          device=args.device, kernel=args.kernel, shots=args.shots, examples=args.examples,
+                          probe_base=args.probe_base)
     print(format_table([row]))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    import torch
+
+    from lowbit.checkpoint.loading import load_plain
+    from lowbit.compress import PruneConfig, prune, save_pruned, sparsity_of
+    from lowbit.models import resolve_model
+
+    config = PruneConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern, nsamples=args.nsamples,
+                         model_seqlen=args.seqlen)
+    model, tokenizer = load_plain(resolve_model(args.model), torch.float32, args.device)
+    prune(model, config, args.calib, tokenizer=tokenizer, device=args.device)
+    out = save_pruned(model, args.out, config, tokenizer)
+    print(f"saved {config.label()} model ({sparsity_of(model):.1%} of the linear weights zero) to {out}")
     return 0
 
 
@@ -171,6 +214,26 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from lowbit.eval.compare import METHODS, CompareSettings, run_compare
+
+    if args.list:
+        for m in METHODS.values():
+            print(f"{m.name:12s} {m.kind:13s} {m.label}")
+        return 0
+    if args.device != "cpu":
+        raise ValueError("compare runs on cpu for now")
+    settings = CompareSettings(tokens=args.tokens, nsamples=args.nsamples, calib_seqlen=args.seqlen,
+                               encoder=not args.no_encoder)
+    methods = args.methods.split(",") if args.methods else None
+    report = run_compare(args.out, methods, settings, model=args.model)
+    failed = [r["label"] for r in report["rows"] if any(isinstance(r.get(p), dict) and "error" in r[p]
+                                                        for p in ("lm", "encoder"))]
+    print(f"wrote {args.out / 'report.md'} ({len(report['rows'])} methods"
+          + (f"; failed: {', '.join(failed)}" if failed else "") + ")")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lowbit.eval.summary import run_demo
 
@@ -180,7 +243,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "convert": cmd_convert, "demo": cmd_demo}
+COMMANDS = {"quantize": cmd_quantize, "prune": cmd_prune, "eval": cmd_eval, "convert": cmd_convert,
+            "compare": cmd_compare, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

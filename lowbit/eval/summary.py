@@ -11,20 +11,27 @@ from pathlib import Path
 import torch
 
 from lowbit.config import QuantConfig
+from lowbit.eval.classification import Accuracy
 
 
 @dataclass(frozen=True)
 class EvalRow:
-    """What one model costs and keeps; sizes in bytes, times in seconds."""
+    """What one model costs and keeps; sizes in bytes, times in seconds.
+
+    ``perplexity`` is WikiText-2 test (causal LMs); ``accuracy`` is SST-2 dev (``task`` names
+    how: the encoder probe, or few-shot scoring of a causal LM).
+    """
 
     label: str
-    perplexity: float
+    perplexity: float | None
     disk_bytes: int
     weight_bytes: int
     peak_bytes: int
     peak_kind: str
     eval_seconds: float
     quantize_seconds: float | None = None
+    accuracy: Accuracy | None = None
+    task: str | None = None
 
 
 def evaluate_folder(
@@ -36,27 +43,48 @@ def evaluate_folder(
     device: str = "cpu",
     kernel: str = "auto",
     quantize_seconds: float | None = None,
+    shots: int | None = None,
+    examples: int | None = None,
+    probe_base: str | Path | None = None,
 ) -> EvalRow:
-    """Load a plain or quantized model folder and measure it on WikiText-2 test."""
+    """Load a plain or quantized model folder and measure it.
+
+    A causal LM gets WikiText-2 test perplexity, and SST-2 ``shots``-shot accuracy on the first
+    ``examples`` dev sentences when ``shots`` is given. An encoder gets SST-2 dev accuracy under
+    the probe of the original encoder ``probe_base`` (default: the embedded all-MiniLM-L6-v2).
+    """
+    from transformers import AutoConfig
+
     from lowbit.api import from_pretrained
-    from lowbit.checkpoint.loading import load_tokenizer
+    from lowbit.checkpoint.loading import auto_class, load_tokenizer
+    from lowbit.eval import classification as C
     from lowbit.eval.data import wikitext2
     from lowbit.eval.memory import PeakMemory, folder_bytes, model_weight_bytes
     from lowbit.eval.perplexity import text_perplexity
-    from lowbit.models import resolve_model
+    from lowbit.models import default_encoder_path, resolve_model
 
     folder = resolve_model(str(name_or_path))
     tokenizer = load_tokenizer(folder)
     if tokenizer is None:
-        raise ValueError(f"{folder} has no tokenizer; perplexity needs one")
+        raise ValueError(f"{folder} has no tokenizer; evaluation needs one")
+    causal = auto_class(AutoConfig.from_pretrained(folder, local_files_only=True)).__name__ == "AutoModelForCausalLM"
+    if not causal and shots is not None:
+        raise ValueError(f"{folder} is an encoder: few-shot scoring (--shots) needs a causal LM")
+    probe = None if causal else C.reference_probe(resolve_model(str(probe_base)) if probe_base else default_encoder_path())
     gc.collect()
+    ppl = acc = task = None
     with PeakMemory(torch.device(device)) as peak:
         model = from_pretrained(folder, device=device, kernel=kernel)
         start = time.perf_counter()
-        ppl = text_perplexity(model, tokenizer, wikitext2("test"), seqlen=seqlen, max_tokens=tokens, progress=True)
+        if causal:
+            ppl = text_perplexity(model, tokenizer, wikitext2("test"), seqlen=seqlen, max_tokens=tokens, progress=True)
+            if shots is not None:
+                acc, task = C.fewshot_sst2(model, tokenizer, shots, examples, progress=True), f"SST-2 {shots}-shot"
+        else:
+            acc, task = C.sst2_probe_accuracy(model, tokenizer, probe), "SST-2 probe"
         seconds = time.perf_counter() - start
     row = EvalRow(label, ppl, folder_bytes(folder), model_weight_bytes(model), peak.peak_bytes,
-                  "peak RSS" if peak.device == "cpu" else "peak CUDA", seconds, quantize_seconds)
+                  "peak RSS" if peak.device == "cpu" else "peak CUDA", seconds, quantize_seconds, acc, task)
     del model
     gc.collect()
     return row
@@ -125,21 +153,26 @@ def _mb(n: int) -> str:
 def format_table(rows: list[EvalRow]) -> str:
     """A plain-text table; the first row is the reference for the ratio columns."""
     base = rows[0]
-    head = ["model", "perplexity", "ppl ratio", "size on disk", "weights in memory", "peak memory",
-            "eval time", "quantize time"]
-    body = [
-        [
-            r.label,
-            f"{r.perplexity:.3f}",
-            f"{r.perplexity / base.perplexity:.3f}",
+    has_ppl = any(r.perplexity is not None for r in rows)
+    tasks = sorted({r.task for r in rows if r.task})
+    head = ["model", *(["perplexity", "ppl ratio"] if has_ppl else []), *[f"{t} accuracy [95% CI]" for t in tasks],
+            "size on disk", "weights in memory", "peak memory", "eval time", "quantize time"]
+    body = []
+    for r in rows:
+        cells = [r.label]
+        if has_ppl:
+            cells += ["-", "-"] if r.perplexity is None else [
+                f"{r.perplexity:.3f}",
+                "-" if base.perplexity is None else f"{r.perplexity / base.perplexity:.3f}"]
+        cells += [str(r.accuracy) if r.task == t else "-" for t in tasks]
+        cells += [
             f"{_mb(r.disk_bytes)} ({r.disk_bytes / base.disk_bytes:.2f}x)",
             f"{_mb(r.weight_bytes)} ({r.weight_bytes / base.weight_bytes:.2f}x)",
             f"{_mb(r.peak_bytes)} {r.peak_kind}",
             f"{r.eval_seconds:.1f} s",
             "-" if r.quantize_seconds is None else f"{r.quantize_seconds:.1f} s",
         ]
-        for r in rows
-    ]
+        body.append(cells)
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])

@@ -14,7 +14,15 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.triton_common import INTERPRET, _product, finish_split_k, launch_config, output_buffer
+from lowbit.kernels.triton_common import (
+    INTERPRET,
+    _output_tile,
+    _product,
+    _store_output,
+    finish_split_k,
+    launch_config,
+    output_buffer,
+)
 
 
 @triton.jit
@@ -43,18 +51,12 @@ def _matmul_kernel(
     DOT_FP32: tl.constexpr,
 ):
     """``y[M, N] = x[M, K] @ W.T (+ bias)``; with ``SPLIT_K > 1``, fp32 partials ``y[SPLIT_K, M, N]``."""
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // grid_n
-    pid_n = pid % grid_n
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = _output_tile(M, N, BLOCK_M, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
     row = offs_n.to(tl.int64) * K  # [BN] flat index of each output row's first weight
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+    for k0 in range(tl.program_id(1) * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
@@ -63,13 +65,7 @@ def _matmul_kernel(
         w = _values(w_ptr, absmax_ptr, qmap_ptr, nabs_ptr, nmap_ptr, noff_ptr, i,
                     mask_k[:, None] & mask_n[None, :], BLOCKSIZE, NESTED)
         acc += _product(x, w, BLOCK_M, DOT_FP32)
-    mask_mn = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask_mn)
-    else:
-        tl.store(y_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask_mn)
+    _store_output(y_ptr, b_ptr, acc, offs_m, offs_n, M, N, N, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit

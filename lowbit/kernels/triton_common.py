@@ -35,6 +35,29 @@ def _product(x, w, BLOCK_M: tl.constexpr, DOT_FP32: tl.constexpr):
     return tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
 
 
+@triton.jit
+def _output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's output rows and columns: program 0 walks the ``[M, N]`` tiles, N fastest."""
+    pid = tl.program_id(0)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    offs_m = (pid // grid_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (pid % grid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n
+
+
+@triton.jit
+def _store_output(y_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym,
+                  HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Write the fp32 tile: ``+ bias`` in y's dtype, or this split's fp32 partials ``y[pid_k, M, N]``."""
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(y_ptr + tl.program_id(1) * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+
+
 @dataclass(frozen=True)
 class MatmulConfig:
     """Tile sizes and compiler options of one matmul launch."""

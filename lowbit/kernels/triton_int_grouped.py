@@ -23,7 +23,15 @@ import triton
 import triton.language as tl
 
 from lowbit.formats.group_order import GroupOrdered, to_group_ordered
-from lowbit.kernels.triton_common import INTERPRET, _product, finish_split_k, launch_config, output_buffer
+from lowbit.kernels.triton_common import (
+    INTERPRET,
+    _output_tile,
+    _product,
+    _store_output,
+    finish_split_k,
+    launch_config,
+    output_buffer,
+)
 
 
 @triton.jit
@@ -55,17 +63,11 @@ def _matmul_kernel(
     TILE_IN_GROUP: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """``y[M, N] = x[M, K] @ W.T (+ bias)``; with ``SPLIT_K > 1``, fp32 partials ``y[SPLIT_K, M, N]``."""
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // grid_n
-    pid_n = pid % grid_n
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = _output_tile(M, N, BLOCK_M, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+    for k0 in range(tl.program_id(1) * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         if HAS_PERM:
@@ -88,14 +90,7 @@ def _matmul_kernel(
             s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask_kn, other=0.0)
             z = _unpack(qz_ptr, offs_n[None, :], g[:, None], 1, qz_words, qz_words, mask_kn, BITS)
             acc += _product(x, (q - z).to(tl.float32) * s.to(tl.float32), BLOCK_M, DOT_FP32)
-    mask_mn = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
-                 acc.to(y_ptr.dtype.element_ty), mask=mask_mn)
-    else:
-        tl.store(y_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask_mn)
+    _store_output(y_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit

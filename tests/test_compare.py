@@ -1,0 +1,73 @@
+"""lowbit compare: rows, resume, failures, the report and its plots."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lowbit.eval import compare as C
+from lowbit.eval.report import write_report
+
+
+def fake_row(name, label, kind, ppl, mib, acc=None, error=None):
+    lm = {"error": error} if error else {
+        "perplexity": ppl, "weight_bytes": mib * 2**20, "peak_bytes": 900 * 2**20, "sparsity": 0.5 if kind == "pruning" else 0.0,
+        "compress_seconds": 1.0, "speed": {"prompt_len": 8, "new_tokens": 2, "prefill_s": 0.05, "prefill_spread_s": 0.01,
+                                          "decode_tokens_per_s": {"1": 10.0, "4": 30.0}, "decode_spread_s": {"1": 0.0, "4": 0.0}}}
+    enc = None if acc is None else {"accuracy": acc, "correct": int(acc * 872), "total": 872, "ci95": [acc - 0.03, acc + 0.03],
+                                    "weight_bytes": mib * 2**19, "compress_seconds": 0.5}
+    return {"name": name, "label": label, "kind": kind, "lm": lm, "encoder": enc}
+
+
+def test_report_tables_plots_and_failures(tmp_path):
+    pytest.importorskip("matplotlib")
+    report = {"settings": C.CompareSettings().key(), "model": "SmolLM2", "torch": "2.13", "rows": [
+        fake_row("fp32", "fp32 original", "baseline", 25.0, 513, 0.788),
+        fake_row("rtn4", "RTN 4-bit", "quantization", 32.0, 162, 0.789),
+        fake_row("wanda", "Wanda 50%", "pruning", 40.0, 513, 0.742),
+        fake_row("awq4", "AWQ 4-bit", "quantization", 0, 0, error="ValueError: boom"),
+    ]}
+    path = write_report(report, tmp_path)
+    text = path.read_text()
+    assert "| RTN 4-bit | 32.000 | 1.280 | 162.0 | 0% |" in text
+    assert "| Wanda 50% | 0.742 | [0.712, 0.772] | -0.046 |" in text
+    assert "failed: ValueError: boom" in text and "Failed: AWQ 4-bit" in text
+    for png in ("perplexity_vs_size.png", "accuracy_vs_size.png", "speed_memory.png"):
+        assert (tmp_path / png).stat().st_size > 10_000 and f"]({png})" in text
+
+
+def test_unknown_method_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown method\\(s\\) gptq9; known: fp32, rtn8"):
+        C.resolve_methods(["rtn4", "gptq9"])
+    assert [m.name for m in C.resolve_methods(["rtn4"])] == ["fp32", "rtn4"]
+
+
+TINY = C.CompareSettings(tokens=256, seqlen=128, nsamples=2, calib_seqlen=64, prompt_len=8, new_tokens=2,
+                         batch_sizes=(1, 2), repeats=1)
+
+
+@pytest.mark.real
+def test_compare_runs_resumes_and_survives_a_crash(tmp_path, monkeypatch):
+    # 1 of every 7 inputs: SmolLM2's 576 inputs do not split into groups of 7, so this method fails
+    broken = C.Method("broken", "broken method", "pruning", C.PruneConfig(method="magnitude", pattern="1:7"),
+                      on_encoder=False)
+    monkeypatch.setitem(C.METHODS, "broken", broken)
+    report = C.run_compare(tmp_path, ["magnitude", "broken"], TINY, progress=False)
+    rows = {r["name"]: r for r in report["rows"]}
+    assert list(rows) == ["fp32", "magnitude", "broken"]
+    assert rows["magnitude"]["lm"]["sparsity"] == pytest.approx(0.5, abs=1e-6)
+    assert rows["magnitude"]["lm"]["perplexity"] > rows["fp32"]["lm"]["perplexity"]
+    assert 0.6 < rows["fp32"]["encoder"]["accuracy"] < 0.9
+    assert rows["broken"]["lm"]["error"].startswith("ValueError:") and "groups of 7" in rows["broken"]["lm"]["error"]
+    assert rows["broken"]["encoder"] is None
+    assert (tmp_path / "report.md").is_file() and json.loads((tmp_path / "results.json").read_text())["rows"]
+
+    # a second run reuses the finished rows instead of recomputing them
+    def no_rerun(*a, **k):
+        raise AssertionError("recomputed a cached row")
+
+    monkeypatch.setattr(C, "_lm_row", no_rerun)
+    monkeypatch.setattr(C, "_encoder_row", no_rerun)
+    again = C.run_compare(tmp_path, ["magnitude"], TINY, progress=False)
+    assert [r["name"] for r in again["rows"]] == ["fp32", "magnitude"]
