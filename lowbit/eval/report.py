@@ -8,6 +8,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+STAGGER = ((5, 4), (5, -10), (-28, 6), (-28, -10))  # label offsets in points, cycled along the x axis
 KIND_STYLE = {"baseline": ("black", "*"), "quantization": ("tab:blue", "o"), "pruning": ("tab:orange", "s")}
 
 
@@ -69,7 +70,7 @@ def plot(report: dict, out: Path) -> list[str]:
     rows = report["rows"]
     names = []
 
-    def scatter(part: str, value: str, ylabel: str, fname: str, title: str, err=None) -> None:
+    def scatter(part: str, value: str, ylabel: str, fname: str, title: str, err=None, log_y=False) -> None:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         pts = [r for r in rows if _ok(r, part)]
         for kind, (color, marker) in KIND_STYLE.items():
@@ -84,8 +85,12 @@ def plot(report: dict, out: Path) -> list[str]:
                 ax.errorbar(xs, ys, yerr=[lo, hi], fmt=marker, color=color, label=kind, capsize=3)
             else:
                 ax.scatter(xs, ys, color=color, marker=marker, label=kind, s=45)
-            for x, y, r in zip(xs, ys, sel):
-                ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        # short names (the tables give the full labels), staggered so neighbours stay readable
+        for i, r in enumerate(sorted(pts, key=lambda r: (r[part]["weight_bytes"], r[part][value]))):
+            ax.annotate(r["name"], (r[part]["weight_bytes"] / 2**20, r[part][value]), textcoords="offset points",
+                        xytext=STAGGER[i % len(STAGGER)], fontsize=7)
+        if log_y:
+            ax.set_yscale("log")
         ax.set_xlabel("weights in memory (MiB)")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
@@ -96,8 +101,8 @@ def plot(report: dict, out: Path) -> list[str]:
         plt.close(fig)
         names.append(fname)
 
-    scatter("lm", "perplexity", "WikiText-2 perplexity (lower is better)", "perplexity_vs_size.png",
-            "Causal LM: perplexity against size")
+    scatter("lm", "perplexity", "WikiText-2 perplexity, log scale (lower is better)", "perplexity_vs_size.png",
+            "Causal LM: perplexity against size", log_y=True)
     if any(_ok(r, "encoder") for r in rows):
         scatter("encoder", "accuracy", "SST-2 dev accuracy (95% CI)", "accuracy_vs_size.png",
                 "Encoder: SST-2 accuracy against size", err=True)
@@ -118,6 +123,10 @@ def plot(report: dict, out: Path) -> list[str]:
                     color=[KIND_STYLE[r["kind"]][0] for r in lm_rows])
         axes[1].set_ylabel("peak memory (MiB)")
         axes[1].set_title("Peak memory while compressing and evaluating")
+        from matplotlib.patches import Patch
+
+        kinds = sorted({r["kind"] for r in lm_rows})
+        axes[1].legend(handles=[Patch(color=KIND_STYLE[k][0], label=k) for k in kinds])
         for ax in axes:
             ax.set_xticks([i + 0.4 - width / 2 if ax is axes[0] else i for i in idx])
             ax.set_xticklabels([r["label"] for r in lm_rows], rotation=45, ha="right", fontsize=7)
@@ -138,7 +147,7 @@ def write_report(report: dict, out: Path) -> Path:
     parts = [
         "# lowbit compare: quantization against pruning",
         "",
-        f"Causal LM: {report['model']}, WikiText-2 test perplexity over {s['tokens']} tokens "
+        f"Causal LM: {Path(report['model']).name}, WikiText-2 test perplexity over {s['tokens']} tokens "
         f"({s['seqlen']}-token windows). Calibration: {s['nsamples']} windows of {s['calib_seqlen']} tokens of "
         f"WikiText-2 valid (seed {s['seed']}), the same for every method. Speed: prompt of {s['prompt_len']} "
         f"random tokens, {s['new_tokens']} greedy tokens per sequence, median of {s['repeats']} runs "
