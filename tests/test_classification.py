@@ -87,12 +87,17 @@ def test_verbalizer_logprobs_are_the_summed_token_logprobs():
     assert acc.total == 12 and 0 <= acc.correct <= 12
 
 
-def test_reference_probe_is_cached(tmp_path, monkeypatch):
+def tiny_encoder_dir(tmp_path, monkeypatch) -> None:
+    """A tiny BERT with the byte tokenizer in ``tmp_path/enc``; the probe cache under ``tmp_path``."""
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
     tok = byte_tokenizer()
     tok.pad_token = tok.eos_token
     tiny_bert().save_pretrained(tmp_path / "enc")
     tok.save_pretrained(tmp_path / "enc")
+
+
+def test_reference_probe_is_cached(tmp_path, monkeypatch):
+    tiny_encoder_dir(tmp_path, monkeypatch)
     first = C.reference_probe(tmp_path / "enc", train_size=200)
     files = list((tmp_path / "cache" / "probes").glob("*.safetensors"))
     assert len(files) == 1
@@ -105,11 +110,7 @@ def test_reference_probe_is_cached(tmp_path, monkeypatch):
 def test_eval_of_an_encoder_reports_probe_accuracy(tmp_path, monkeypatch):
     from lowbit.eval.summary import evaluate_folder, format_table
 
-    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
-    tok = byte_tokenizer()
-    tok.pad_token = tok.eos_token
-    tiny_bert().save_pretrained(tmp_path / "enc")
-    tok.save_pretrained(tmp_path / "enc")
+    tiny_encoder_dir(tmp_path, monkeypatch)
     row = evaluate_folder(tmp_path / "enc", label="tiny", tokens=0, seqlen=0, probe_base=tmp_path / "enc")
     assert row.perplexity is None and row.task == "SST-2 probe" and row.accuracy.total == 872
     assert "SST-2 probe accuracy" in format_table([row]) and "perplexity" not in format_table([row])
