@@ -23,6 +23,7 @@ from torch import nn
 
 from lowbit.config import AwqConfig, BitsAndBytesConfig, GPTQConfig, QuantConfig, RtnConfig
 from lowbit.formats import IntGroupedLinear, QuantLinear
+from lowbit.formats.base import modules_of
 from lowbit.formats.packing import unpack_int
 
 TARGETS = ("rtn", "gptq", "gptq_v2", "awq", "bitsandbytes")
@@ -37,17 +38,9 @@ def normalize_target(to: str) -> str:
     return name
 
 
-def grouped_modules(model: nn.Module) -> dict[str, IntGroupedLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, IntGroupedLinear)}
-
-
 def zeros_are_midpoint(m: IntGroupedLinear) -> bool:
     z = unpack_int(m.qzeros, m.bits, m.out_features, dim=1)
     return bool((z == 1 << (m.bits - 1)).all())
-
-
-def is_act_order(m: IntGroupedLinear) -> bool:
-    return not torch.equal(m.g_idx.long().cpu(), torch.arange(m.in_features) // m.group_size)
 
 
 def exact_config(model: nn.Module, source: QuantConfig, target: str) -> QuantConfig:
@@ -56,8 +49,8 @@ def exact_config(model: nn.Module, source: QuantConfig, target: str) -> QuantCon
     Raises ``ValueError`` naming the obstacle when it cannot (mixed widths or groups,
     act-order into AWQ, a non-grouped source).
     """
-    mods = grouped_modules(model)
-    others = sorted(n for n, m in model.named_modules() if isinstance(m, QuantLinear) and n not in mods)
+    mods = modules_of(model, IntGroupedLinear)
+    others = sorted(n for n in modules_of(model, QuantLinear) if n not in mods)
     if others or not mods:
         raise ValueError(f"{source.quant_method} weights ({type(model.get_submodule(others[0])).__name__ if others else 'none'}) "
                          f"are not grouped integers; converting them to {target} changes them: requantize to allow it (--requantize)")
@@ -66,7 +59,7 @@ def exact_config(model: nn.Module, source: QuantConfig, target: str) -> QuantCon
     if odd:
         raise ValueError(f"{odd[0]} does not have the checkpoint's bits={b}, group_size={g}")
     sym = all(zeros_are_midpoint(m) for m in mods.values())
-    act = sorted(n for n, m in mods.items() if is_act_order(m))
+    act = sorted(n for n, m in mods.items() if m.is_act_order())
     skip = source.modules_to_not_convert
     if target == "rtn":
         return RtnConfig(bits=b, group_size=g, sym=sym, modules_to_not_convert=skip)
@@ -84,7 +77,7 @@ def dequantized(model: nn.Module) -> nn.Module:
     from lowbit.api import CONFIG_ATTR
     from lowbit.methods.walk import set_module
 
-    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]:
+    for name, m in modules_of(model, QuantLinear).items():
         w = m.dequantize()  # fp32 [N, K]
         lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=torch.float32)
         with torch.no_grad():

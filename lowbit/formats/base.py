@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import nn
 
 from lowbit.kernels import select_kernel
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def modules_of(model: nn.Module, cls: type[M]) -> dict[str, M]:
+    """Every submodule of ``model`` that is a ``cls``, by dotted name, in definition order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, cls)}
 
 
 class QuantLinear(nn.Module):

@@ -95,6 +95,11 @@ class IntGroupedLinear(QuantLinear):
     def dequantize(self) -> torch.Tensor:
         return reference.dequantize_int_grouped(self.qweight, self.scales, self.qzeros, self.g_idx, self.bits)
 
+    def is_act_order(self) -> bool:
+        """Whether ``g_idx`` is permuted (act-order) rather than ``k // group_size``."""
+        order = torch.arange(self.in_features, dtype=torch.int32) // self.group_size
+        return not torch.equal(self.g_idx.cpu(), order)
+
     def group_ordered(self) -> GroupOrdered | None:
         """This weight in the Triton kernels' group order, or None if its groups are unequal.
 

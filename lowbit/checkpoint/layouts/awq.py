@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lowbit.config import AwqConfig
+from lowbit.formats.base import modules_of
 from lowbit.formats.int_grouped import IntGroupedLinear
 from lowbit.formats.packing import pack_int, unpack_int
 from lowbit.methods.affine import group_index
@@ -52,10 +53,6 @@ def awq_unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
     return q
 
 
-def _modules(model: nn.Module) -> dict[str, IntGroupedLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, IntGroupedLinear)}
-
-
 def check_awq_shape(name: str, k: int, n: int, bits: int, group_size: int) -> None:
     """``ValueError`` unless a K -> N layer with these settings fits the GEMM layout."""
     if bits != BITS:
@@ -76,10 +73,10 @@ class AwqLayout:
         if config.format != "gemm":
             raise ValueError(f"lowbit writes the AWQ GEMM layout; AwqConfig.format={config.format!r} is read-only")
         out = dict(tensors)
-        for name, m in _modules(model).items():
+        for name, m in modules_of(model, IntGroupedLinear).items():
             k, n = m.in_features, m.out_features
             check_awq_shape(name, k, n, m.bits, m.group_size)
-            if not torch.equal(m.g_idx.cpu(), group_index(k, m.group_size)):
+            if m.is_act_order():
                 raise ValueError(f"{name}: act-order (permuted g_idx) weights cannot be stored in the AWQ layout, "
                                  "which has no g_idx")
             q = unpack_int(m.qweight, BITS, k, dim=0)  # [K, N]
@@ -91,7 +88,7 @@ class AwqLayout:
     def from_checkpoint(self, model: nn.Module, tensors: dict[str, torch.Tensor],
                         config: AwqConfig) -> dict[str, torch.Tensor]:
         out = dict(tensors)
-        for name, m in _modules(model).items():
+        for name, m in modules_of(model, IntGroupedLinear).items():
             if f"{name}.qweight" not in tensors:
                 continue  # reported as missing by the strict loader
             k, n = m.in_features, m.out_features

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from lowbit.config import BitsAndBytesConfig
+from lowbit.formats.base import modules_of
 from lowbit.formats.blockwise4 import NESTED_BLOCKSIZE, QUANT_TYPES, Blockwise4Linear
 from lowbit.formats.int8_outlier import ROW_FORMAT, Int8Linear
 from lowbit.methods.walk import set_module
@@ -62,10 +63,6 @@ def json_tensor(d: dict) -> torch.Tensor:
     return torch.tensor(list(json.dumps(d).encode("utf-8")), dtype=torch.uint8)
 
 
-def _modules(model: nn.Module, cls: type) -> dict:
-    return {name: m for name, m in model.named_modules() if isinstance(m, cls)}
-
-
 class BnbLayout:
     """Translate :class:`Blockwise4Linear` / :class:`Int8Linear` buffers to and from the
     bitsandbytes layout."""
@@ -73,7 +70,7 @@ class BnbLayout:
     def to_checkpoint(self, model: nn.Module, tensors: dict[str, torch.Tensor],
                       config: BitsAndBytesConfig) -> dict[str, torch.Tensor]:
         out = dict(tensors)
-        for name, m in _modules(model, Blockwise4Linear).items():
+        for name, m in modules_of(model, Blockwise4Linear).items():
             for buf in _RENAMED:
                 if f"{name}.{buf}" in out:
                     out[f"{name}.weight.{buf}"] = out.pop(f"{name}.{buf}")
@@ -84,7 +81,7 @@ class BnbLayout:
     def from_checkpoint(self, model: nn.Module, tensors: dict[str, torch.Tensor],
                         config: BitsAndBytesConfig) -> dict[str, torch.Tensor]:
         out = dict(tensors)
-        for name, m in _modules(model, Blockwise4Linear).items():
+        for name, m in modules_of(model, Blockwise4Linear).items():
             state = _read_state(name, out)
             if state is None:
                 continue  # no tensors for this linear: reported as missing by the strict loader
@@ -96,7 +93,7 @@ class BnbLayout:
             if new.double_quant:
                 out[f"{name}.nested_offset"] = torch.tensor(float(state["nested_offset"]), dtype=torch.float32)
             _cast_bias(name, new, out)
-        for name, m in _modules(model, Int8Linear).items():
+        for name, m in modules_of(model, Int8Linear).items():
             fmt = out.get(f"{name}.weight_format")
             if fmt is not None and int(fmt) != ROW_FORMAT:
                 raise ValueError(f"{name}.weight_format is {int(fmt)}; only the row-major int8 layout (0) can be "

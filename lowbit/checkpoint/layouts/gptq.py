@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lowbit.config import GPTQConfig
+from lowbit.formats.base import modules_of
 from lowbit.formats.int_grouped import IntGroupedLinear
 from lowbit.formats.packing import pack_int, unpack_int
 
@@ -34,10 +35,6 @@ log = logging.getLogger(__name__)
 V1, V2 = "gptq", "gptq_v2"
 ZERO_OFFSET = {V1: 1, V2: 0}  # stored = true zero - offset
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
-
-
-def _modules(model: nn.Module) -> dict[str, IntGroupedLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, IntGroupedLinear)}
 
 
 def zeros_to_checkpoint(qzeros: torch.Tensor, bits: int, n: int, fmt: str, name: str = "qzeros") -> torch.Tensor:
@@ -94,7 +91,7 @@ class GptqLayout:
     def to_checkpoint(self, model: nn.Module, tensors: dict[str, torch.Tensor],
                       config: GPTQConfig) -> dict[str, torch.Tensor]:
         out = dict(tensors)
-        for name, m in _modules(model).items():
+        for name, m in modules_of(model, IntGroupedLinear).items():
             key = f"{name}.qzeros"
             out[key] = zeros_to_checkpoint(tensors[key], m.bits, m.out_features, config.format, key)
         return out
@@ -102,7 +99,7 @@ class GptqLayout:
     def from_checkpoint(self, model: nn.Module, tensors: dict[str, torch.Tensor],
                         config: GPTQConfig) -> dict[str, torch.Tensor]:
         out = dict(tensors)
-        for name, m in _modules(model).items():
+        for name, m in modules_of(model, IntGroupedLinear).items():
             key = f"{name}.qzeros"
             if key not in tensors:
                 continue  # reported as missing by the strict loader
