@@ -216,6 +216,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from lowbit.eval.compare import METHODS, CompareSettings, run_compare
+    from lowbit.eval.report import failed_labels
 
     if args.list:
         for m in METHODS.values():
@@ -227,8 +228,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                encoder=not args.no_encoder)
     methods = args.methods.split(",") if args.methods else None
     report = run_compare(args.out, methods, settings, model=args.model)
-    failed = [r["label"] for r in report["rows"] if any(isinstance(r.get(p), dict) and "error" in r[p]
-                                                        for p in ("lm", "encoder"))]
+    failed = failed_labels(report["rows"])
     print(f"wrote {args.out / 'report.md'} ({len(report['rows'])} methods"
           + (f"; failed: {', '.join(failed)}" if failed else "") + ")")
     return 0

@@ -20,6 +20,11 @@ def _ok(row: dict, part: str) -> bool:
     return isinstance(row.get(part), dict) and "error" not in row[part]
 
 
+def failed_labels(rows: list[dict]) -> list[str]:
+    """Labels of the methods that raised on the causal LM or on the encoder."""
+    return [r["label"] for r in rows if any(isinstance(r.get(p), dict) and "error" in r[p] for p in ("lm", "encoder"))]
+
+
 def lm_table(rows: list[dict]) -> str:
     base = next((r["lm"] for r in rows if r["name"] == "fp32" and _ok(r, "lm")), None)
     batches = sorted({b for r in rows if _ok(r, "lm") for b in r["lm"]["speed"]["decode_tokens_per_s"]}, key=int)
@@ -143,7 +148,7 @@ def write_report(report: dict, out: Path) -> Path:
     s = report["settings"]
     rows = report["rows"]
     pngs = plot(report, out)
-    failed = [r["label"] for r in rows if any(isinstance(r.get(p), dict) and "error" in r[p] for p in ("lm", "encoder"))]
+    failed = failed_labels(rows)
     parts = [
         "# lowbit compare: quantization against pruning",
         "",

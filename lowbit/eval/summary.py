@@ -53,7 +53,7 @@ def evaluate_folder(
     ``examples`` dev sentences when ``shots`` is given. An encoder gets SST-2 dev accuracy under
     the probe of the original encoder ``probe_base`` (default: the embedded all-MiniLM-L6-v2).
     """
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from lowbit.api import from_pretrained
     from lowbit.checkpoint.loading import auto_class, load_tokenizer
@@ -67,7 +67,7 @@ def evaluate_folder(
     tokenizer = load_tokenizer(folder)
     if tokenizer is None:
         raise ValueError(f"{folder} has no tokenizer; evaluation needs one")
-    causal = auto_class(AutoConfig.from_pretrained(folder, local_files_only=True)).__name__ == "AutoModelForCausalLM"
+    causal = auto_class(AutoConfig.from_pretrained(folder, local_files_only=True)) is AutoModelForCausalLM
     if not causal and shots is not None:
         raise ValueError(f"{folder} is an encoder: few-shot scoring (--shots) needs a causal LM")
     probe = None if causal else C.reference_probe(resolve_model(str(probe_base)) if probe_base else default_encoder_path())
