@@ -41,6 +41,20 @@ SHAPES = ["4096x4096", "4096x11008", "11008x4096", "8192x8192"]  # K x N
 
 # --- timing ------------------------------------------------------------------------------
 
+def _median_us(one_pass: Callable[[], object], calls_per_pass: int, reps: int, trials: int) -> float:
+    """Median over ``trials`` of the µs per call of ``reps`` passes, timed with CUDA events."""
+    samples = []
+    for _ in range(trials):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            one_pass()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / (reps * calls_per_pass))
+    return statistics.median(samples)
+
+
 def time_graph(calls: list[Callable[[], object]], reps: int = 20, trials: int = 7) -> float:
     """Median µs per call of ``calls`` (each run once per pass), captured in one CUDA graph."""
     stream = torch.cuda.Stream()
@@ -55,16 +69,7 @@ def time_graph(calls: list[Callable[[], object]], reps: int = 20, trials: int = 
             c()
     graph.replay()
     torch.cuda.synchronize()
-    samples = []
-    for _ in range(trials):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / (reps * len(calls)))
-    return statistics.median(samples)
+    return _median_us(graph.replay, len(calls), reps, trials)
 
 
 def time_eager(calls: list[Callable[[], object]], reps: int = 20, trials: int = 7) -> float:
@@ -72,17 +77,12 @@ def time_eager(calls: list[Callable[[], object]], reps: int = 20, trials: int = 
     for c in calls:
         c()
     torch.cuda.synchronize()
-    samples = []
-    for _ in range(trials):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            for c in calls:
-                c()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / (reps * len(calls)))
-    return statistics.median(samples)
+
+    def one_pass() -> None:
+        for c in calls:
+            c()
+
+    return _median_us(one_pass, len(calls), reps, trials)
 
 
 def copies_for(nbytes: int, l2: int) -> int:
