@@ -27,6 +27,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def calib_ids(nsamples: int = 4, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
+    """Random calibration tokens for the tiny byte-vocabulary models: int64 ``[nsamples, seqlen]``."""
+    return torch.randint(0, 256, (nsamples, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
 # --- tiny random models ------------------------------------------------------------------
 
 def byte_tokenizer():

@@ -24,15 +24,11 @@ from lowbit.methods.awq import (
 from lowbit.methods.awq_maps import BLOCK_MAPS
 from lowbit.methods.walk import linear_weight
 
-from conftest import tiny_llama_model
+from conftest import calib_ids, tiny_llama_model
 
 
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
-
-
-def _calib(n=4, t=64, seed=0):
-    return torch.randint(0, 256, (n, t), generator=_gen(seed))
 
 
 # --- packing ---------------------------------------------------------------------------------
@@ -141,7 +137,7 @@ def test_folding_every_scale_group_leaves_the_fp_model_unchanged(make):
     from lowbit.methods.walk import find_blocks, linear_shape
 
     model = make()
-    ids = _calib(2, 32)
+    ids = calib_ids(2, 32)
     with torch.no_grad():
         before = model(ids).logits
         _, blocks = find_blocks(model)
@@ -182,7 +178,7 @@ def _output_error(model, ref_model, ids):
 
 @pytest.mark.parametrize("bits", [3, 4])
 def test_awq_beats_rtn_on_salient_channels(bits):
-    ids, held_out = _calib(8, 64, seed=0), _calib(4, 64, seed=1)
+    ids, held_out = calib_ids(8, 64, seed=0), calib_ids(4, 64, seed=1)
     cfg = AwqConfig(bits=bits, group_size=32, nsamples=8)
     awq = lowbit.quantize(_salient_llama(), cfg, calib=ids, progress=False)
     rtn = lowbit.quantize(_salient_llama(), lowbit.RtnConfig(bits=bits, group_size=32, sym=False))
@@ -192,9 +188,9 @@ def test_awq_beats_rtn_on_salient_channels(bits):
 
 @pytest.mark.parametrize("make,linears", [(_gpt2, 8), (_opt, 12)], ids=["gpt2", "opt"])
 def test_awq_runs_on_other_architectures(make, linears):
-    model = lowbit.quantize(make(), AwqConfig(bits=4, group_size=32, nsamples=4), calib=_calib(), progress=False)
+    model = lowbit.quantize(make(), AwqConfig(bits=4, group_size=32, nsamples=4), calib=calib_ids(4, 64), progress=False)
     assert sum(isinstance(m, IntGroupedLinear) for m in model.modules()) == linears
-    assert _output_error(model, make(), _calib(2, 32, seed=3)) < 0.2
+    assert _output_error(model, make(), calib_ids(2, 32, seed=3)) < 0.2
 
 
 def test_unknown_architecture_is_a_clear_error():
@@ -205,7 +201,7 @@ def test_unknown_architecture_is_a_clear_error():
                                 intermediate_size=128)).eval()
     with pytest.raises(ValueError, match=r"AWQ does not know which linears of a BertLayer share an input; "
                                          r"add a BlockMap for it in lowbit/methods/awq_maps.py"):
-        lowbit.quantize(bert, AwqConfig(bits=4, group_size=32, nsamples=2), calib=_calib(2, 16))
+        lowbit.quantize(bert, AwqConfig(bits=4, group_size=32, nsamples=2), calib=calib_ids(2, 16))
 
 
 # --- the GEMM layout on disk -----------------------------------------------------------------
@@ -213,7 +209,7 @@ def test_unknown_architecture_is_a_clear_error():
 @pytest.mark.parametrize("zero_point", [True, False], ids=["asym", "sym"])
 def test_save_load_round_trip_in_the_gemm_layout(tmp_path, zero_point):
     cfg = AwqConfig(bits=4, group_size=32, zero_point=zero_point, nsamples=4)
-    model = lowbit.quantize(_salient_llama(), cfg, calib=_calib(), progress=False)
+    model = lowbit.quantize(_salient_llama(), cfg, calib=calib_ids(4, 64), progress=False)
     lowbit.save_quantized(model, tmp_path / "awq")
     t = load_file(tmp_path / "awq" / SINGLE_FILE)
     p = "model.layers.0.mlp.up_proj."  # K=64 -> N=128
@@ -231,7 +227,7 @@ def test_save_load_round_trip_in_the_gemm_layout(tmp_path, zero_point):
     loaded = lowbit.from_pretrained(tmp_path / "awq")
     for (na, a), (nb, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert na == nb and torch.equal(a, b), na
-    ids = _calib(2, 32, seed=5)
+    ids = calib_ids(2, 32, seed=5)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
 
@@ -241,7 +237,7 @@ def test_save_load_round_trip_in_the_gemm_layout(tmp_path, zero_point):
     (AwqConfig(bits=4, group_size=48, nsamples=2), "group_size=48 does not divide in_features=64"),
 ], ids=["bits", "group"])
 def test_what_the_gemm_layout_cannot_hold_is_refused_and_nothing_written(tmp_path, cfg, msg):
-    model = lowbit.quantize(tiny_llama_model(), cfg, calib=_calib(2, 32), progress=False)
+    model = lowbit.quantize(tiny_llama_model(), cfg, calib=calib_ids(2, 32), progress=False)
     with pytest.raises(ValueError, match=msg):
         lowbit.save_quantized(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -249,7 +245,7 @@ def test_what_the_gemm_layout_cannot_hold_is_refused_and_nothing_written(tmp_pat
 
 def test_mismatched_layout_on_load_is_a_clear_error(tmp_path):
     model = lowbit.quantize(tiny_llama_model(), AwqConfig(bits=4, group_size=32, nsamples=2),
-                            calib=_calib(2, 32), progress=False)
+                            calib=calib_ids(2, 32), progress=False)
     lowbit.save_quantized(model, tmp_path / "awq")
     path = tmp_path / "awq" / SINGLE_FILE
     t = load_file(path)

@@ -8,15 +8,12 @@ import pytest
 import torch
 
 import lowbit
+from conftest import calib_ids
 from lowbit.checkpoint.safetensors_io import load_state_dict
 from lowbit.cli import main
 from lowbit.convert import convert
 
 IDS = torch.tensor([[5, 17, 99, 3, 250, 42, 7]])
-
-
-def calib_ids():
-    return torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
 
 
 def quantized(folder, tmp_path, cfg, name="src"):

@@ -12,13 +12,10 @@ import pytest
 import torch
 
 import lowbit
+from conftest import calib_ids
 from lowbit.checkpoint.safetensors_io import load_state_dict
 
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # loaded into one linear each
-
-
-def calib_ids():
-    return torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.fixture(scope="module", params=[

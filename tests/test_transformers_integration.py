@@ -9,15 +9,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import lowbit
+from conftest import calib_ids
 from lowbit.checkpoint.safetensors_io import load_state_dict
 from lowbit.formats import Blockwise4Linear, IntGroupedLinear
 from lowbit.integrations.transformers import LowbitHfConfig, LowbitHfQuantizer
 
 IDS = torch.tensor([[5, 17, 99, 3, 250, 42, 7]])
-
-
-def calib_ids(n=4, seqlen=32):
-    return torch.randint(0, 256, (n, seqlen), generator=torch.Generator().manual_seed(0))
 
 
 def hf_quantize(folder, cfg, calib=None):
