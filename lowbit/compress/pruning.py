@@ -224,13 +224,12 @@ class Pruner(Quantizer[PruneConfig]):
         cfg = self.config
         w = linear_weight(linear)  # [N, K] view of the module's weight
         if cfg.method == "magnitude":
-            new = w.masked_fill(magnitude_mask(w, cfg.sparsity, cfg.n_m), 0)
+            w.masked_fill_(magnitude_mask(w, cfg.sparsity, cfg.n_m), 0)
         elif cfg.method == "wanda":
-            new = w.masked_fill(wanda_mask(w, stats.norm, cfg.sparsity, cfg.n_m), 0)
+            w.masked_fill_(wanda_mask(w, stats.norm, cfg.sparsity, cfg.n_m), 0)
         else:
-            new = sparsegpt_prune(w, stats.H, cfg.sparsity, cfg.n_m, block_size=cfg.block_size,
-                                  damp_percent=cfg.damp_percent).to(w.dtype)
-        w.copy_(new)
+            w.copy_(sparsegpt_prune(w, stats.H, cfg.sparsity, cfg.n_m, block_size=cfg.block_size,
+                                    damp_percent=cfg.damp_percent))
         return linear
 
     def empty_module(self, name, linear, dtype):

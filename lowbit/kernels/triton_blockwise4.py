@@ -20,6 +20,7 @@ from lowbit.kernels.triton_common import (
     _product,
     _store_output,
     finish_split_k,
+    input_rows,
     launch_config,
     output_buffer,
 )
@@ -109,9 +110,7 @@ def matmul_blockwise4(x, weight, absmax, quant_map, blocksize, shape, nested_abs
     """
     n, k = shape
     dtype = compute_dtype or x.dtype
-    x2 = x.reshape(-1, k).to(dtype)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = input_rows(x, dtype)
     m = x2.shape[0]
     w, nested_ptrs, nested = _operands(weight, absmax, nested_absmax, nested_quant_map, nested_offset)
     cfg = launch_config(m, n, k, 64, x.device)

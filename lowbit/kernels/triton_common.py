@@ -121,6 +121,12 @@ def launch_config(m: int, n: int, k: int, block_k: int, device: torch.device) ->
     return matmul_config(m, n, k, block_k, device_sms(device), is_hip())
 
 
+def input_rows(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x [..., K]`` as ``[M, K]`` rows in ``dtype`` (default: x's), unit stride along K (a view where possible)."""
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype or x.dtype)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
 def output_buffer(cfg: MatmulConfig, m: int, n: int, x: torch.Tensor) -> torch.Tensor:
     """``[M, N]`` in x's dtype, or fp32 partials ``[SPLIT_K, M, N]``; never zero-filled."""
     if cfg.split_k == 1:

@@ -29,6 +29,7 @@ from lowbit.kernels.triton_common import (
     _product,
     _store_output,
     finish_split_k,
+    input_rows,
     launch_config,
     output_buffer,
 )
@@ -151,9 +152,7 @@ def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | 
     """
     k = x.shape[-1]
     n = w.scales.shape[1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = input_rows(x)
     m = x2.shape[0]
     block_k, in_group = block_k_for(w.group_size, k)
     cfg = launch_config(m, n, k, block_k, x.device)
