@@ -145,3 +145,12 @@ def test_cli_eval_encoder_and_fewshot(capsys):
     assert main(["eval", "default", "--tokens", "512", "--shots", "2", "--examples", "8"]) == 0
     out = capsys.readouterr().out
     assert "SST-2 2-shot accuracy" in out and "(n=8)" in out and "perplexity" in out
+
+
+def test_probe_folder_without_tokenizer_and_negative_shots(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    tiny_bert().save_pretrained(tmp_path / "enc")  # no tokenizer beside it
+    with pytest.raises(ValueError, match="has no tokenizer; the probe needs one"):
+        C.reference_probe(tmp_path / "enc", train_size=50)
+    with pytest.raises(ValueError, match="shots=-1 must be >= 0"):
+        C.pick_demos([("a", 0), ("b", 1)], -1)

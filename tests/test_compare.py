@@ -71,3 +71,12 @@ def test_compare_runs_resumes_and_survives_a_crash(tmp_path, monkeypatch):
     monkeypatch.setattr(C, "_encoder_row", no_rerun)
     again = C.run_compare(tmp_path, ["magnitude"], TINY, progress=False)
     assert [r["name"] for r in again["rows"]] == ["fp32", "magnitude"]
+
+
+def test_cli_compare_list_and_cpu_only(capsys):
+    from lowbit.cli import main
+
+    assert main(["compare", "--list"]) == 0
+    assert "sparsegpt24" in capsys.readouterr().out
+    assert main(["--device", "meta", "compare", "--methods", "rtn4"]) == 2
+    assert "compare runs on cpu for now" in capsys.readouterr().err

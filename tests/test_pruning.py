@@ -152,3 +152,23 @@ def test_calibration_methods_need_data_and_nm_needs_divisible_inputs():
         prune(tiny_llama_model(), PruneConfig(method="wanda"), progress=False)
     with pytest.raises(ValueError, match="do not split into groups of 5"):
         prune(tiny_llama_model(), PruneConfig(method="magnitude", pattern="1:5", sparsity=0.2), progress=False)
+
+
+def test_solver_and_stats_error_paths():
+    from lowbit.compress.pruning import InputNormStats
+
+    w, _, H = layer_problem()
+    with pytest.raises(ValueError, match="block_size=30 must be a multiple of M=4"):
+        sparsegpt_prune(w, H, 0.5, (2, 4), block_size=30)
+    bad = w.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="weights contain NaN or Inf"):
+        sparsegpt_prune(bad, H, 0.5)
+    with pytest.raises(ValueError, match="activations contain NaN or Inf"):
+        InputNormStats(4).add_batch(torch.tensor([[1.0, float("inf"), 0.0, 2.0]]))
+    with pytest.raises(ValueError, match="10 inputs do not split into groups of 4 for an 2:4 pattern"):
+        lowest_mask(torch.rand(3, 10), 0.5, (2, 4), per_row=True)
+    with pytest.raises(ValueError, match="need 0 < N < M"):
+        PruneConfig(method="wanda", pattern="4:4", sparsity=0.99)
+    with pytest.raises(ValueError, match="nsamples=0 must be >= 1"):
+        PruneConfig(method="wanda", nsamples=0)

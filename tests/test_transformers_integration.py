@@ -116,3 +116,10 @@ def test_multi_device_map_refused(tiny_model_dir):
         AutoModelForCausalLM.from_pretrained(
             tiny_model_dir, quantization_config=lowbit.hf_config(lowbit.RtnConfig()),
             device_map={"model.embed_tokens": "cpu", "model.layers": "meta", "model.norm": "cpu", "lm_head": "cpu"})
+
+
+def test_pre_quantized_non_canonical_layout_is_refused():
+    """Only lowbit's own rtn layout loads through its transformers quantizer; GPTQ folders go elsewhere."""
+    q = LowbitHfQuantizer(lowbit.hf_config(lowbit.GPTQConfig(bits=4)), pre_quantized=True)
+    with pytest.raises(ValueError, match="'gptq' checkpoint loads through transformers' own quantizer"):
+        q.validate_environment(device_map=None)
