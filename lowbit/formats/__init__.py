@@ -2,7 +2,8 @@
 
 from lowbit.formats.base import QuantLinear
 from lowbit.formats.blockwise4 import Blockwise4Linear
+from lowbit.formats.codebook import AqlmLinear
 from lowbit.formats.int8_outlier import Int8Linear
 from lowbit.formats.int_grouped import IntGroupedLinear
 
-__all__ = ["Blockwise4Linear", "Int8Linear", "IntGroupedLinear", "QuantLinear"]
+__all__ = ["AqlmLinear", "Blockwise4Linear", "Int8Linear", "IntGroupedLinear", "QuantLinear"]

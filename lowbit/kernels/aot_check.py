@@ -81,9 +81,28 @@ def _blockwise4_variants() -> list[Variant]:
     return out
 
 
+def _codebook_variants() -> list[Variant]:
+    out = []
+    # (codebooks, entries, in_group, block_m, split_k, dtype): AQLM 2x8 and 1x16 GEMV/GEMM
+    for c, size, ig, bm, split, dt in ((2, 256, 8, 1, 8, "fp16"), (1, 65536, 8, 1, 8, "bf16"),
+                                        (2, 256, 8, 16, 2, "fp16"), (1, 65536, 16, 64, 1, "fp16")):
+        sig = {"x_ptr": f"*{dt}", "codes_ptr": "*i8" if size <= 256 else "*i16", "books_ptr": f"*{dt}",
+               "scales_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}" if split == 1 else "*fp32",
+               "M": "i32", "N": "i32", "K": "i32", "GI": "i32", "stride_xm": "i32"}
+        consts = dict(C=c, SIZE=size, IG=ig, HAS_BIAS=split == 1, BLOCK_M=bm, BLOCK_N=64 if bm < 64 else 128,
+                      BLOCK_K=128, SPLIT_K=split, DOT_FP32=False)
+        out.append(Variant("triton_codebook", "_matmul_kernel", sig, consts))
+    for c, size in ((2, 256), (1, 65536)):
+        sig = {"codes_ptr": "*i8" if size <= 256 else "*i16", "books_ptr": "*fp16", "scales_ptr": "*fp16",
+               "out_ptr": "*fp16", "N": "i32", "K": "i32", "GI": "i32"}
+        out.append(Variant("triton_codebook", "_dequantize_kernel", sig,
+                           dict(C=c, SIZE=size, IG=8, BLOCK_N=32, BLOCK_K=64)))
+    return out
+
+
 def variants() -> list[Variant]:
     """Every kernel variant the check compiles."""
-    return _matmul_variants() + _dequantize_variants() + _blockwise4_variants()
+    return _matmul_variants() + _dequantize_variants() + _blockwise4_variants() + _codebook_variants()
 
 
 def compile_variant(v: Variant, target: tuple) -> str:

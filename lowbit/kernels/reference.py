@@ -193,3 +193,52 @@ def matmul_int8_outlier(
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def unpack_codes(codes: torch.Tensor, nbits: int) -> torch.Tensor:
+    """Codebook indices as int64 in ``[0, 2**nbits)``.
+
+    AQLM stores ``nbits``-bit indices in the smallest signed int dtype that holds them, indices
+    of ``2**(nbits-1)`` and up as their two's-complement negatives (``idx - 2**nbits``);
+    reading takes them modulo ``2**nbits``.
+    """
+    return codes.long() & ((1 << nbits) - 1)
+
+
+def dequantize_codebook(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Dequantize the additive-codebook (AQLM) weight.
+
+    Args:
+        codes: int8/int16 ``[N/og, K/ig, C]``, one index per codebook for each group of ``og``
+            outputs x ``ig`` inputs (stored as :func:`unpack_codes` reads them).
+        codebooks: fp ``[C, 2**nbits, og, ig]``.
+        scales: fp ``[N/og, 1, 1, 1]``, one per output group.
+
+    Returns:
+        fp32 ``[N, K]``: group ``(o, i)`` is ``scales[o] * sum_c codebooks[c, codes[o, i, c]]``.
+    """
+    n_codebooks, size, og, ig = codebooks.shape
+    go, gi, _ = codes.shape
+    idx = unpack_codes(codes, size.bit_length() - 1)  # [Go, Gi, C]
+    groups = torch.zeros(go, gi, og, ig, dtype=torch.float32, device=codes.device)
+    for c in range(n_codebooks):
+        groups += codebooks[c].float()[idx[..., c]]  # [Go, Gi, og, ig]
+    groups *= scales.float()  # [Go, 1, 1, 1]
+    return groups.permute(0, 2, 1, 3).reshape(go * og, gi * ig)
+
+
+def matmul_codebook(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` for the additive-codebook weight (see :func:`dequantize_codebook`).
+
+    Args:
+        x: fp ``[..., K]``; the result has x's dtype, shape ``[..., N]``.
+        bias: ``[N]`` or None.
+    """
+    w = dequantize_codebook(codes, codebooks, scales).to(x.dtype)  # [N, K]
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))

@@ -1,0 +1,130 @@
+"""Triton kernels for the additive-codebook (AQLM) format: dequantize and fused dequant-matmul.
+
+The weight is read as AQLM stores it (see :mod:`lowbit.formats.codebook`): for output row ``n``
+and input column ``k``, ``W[n, k] = scales[n] * sum_c codebooks[c, codes[n, k // IG, c], 0, k % IG]``.
+Each program gathers its tile's codewords from the codebooks (a 2x8 codebook pair is 8 KiB and
+stays in L1; a 1x16 codebook is 1 MiB and is served from L2), so the weight is read once, as
+codes, and dequantized in registers. The per-row scale multiplies the accumulated product once,
+after the K loop. Output groups of one row (``out_group_size == 1``, the published schemes) only.
+
+Reference twins: :func:`lowbit.kernels.reference.dequantize_codebook` and
+:func:`lowbit.kernels.reference.matmul_codebook`, with the same arguments here. Under
+``TRITON_INTERPRET=1`` the kernels run on CPU tensors; the tests use that.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit.kernels.triton_common import (
+    INTERPRET,
+    _output_tile,
+    _product,
+    _store_output,
+    finish_split_k,
+    input_rows,
+    launch_config,
+    output_buffer,
+)
+
+
+@triton.jit
+def _codewords(codes_ptr, books_ptr, rows, cols, mask, GI,
+               C: tl.constexpr, SIZE: tl.constexpr, IG: tl.constexpr):
+    """Unscaled fp32 weights at output ``rows`` x input ``cols`` (broadcasting against each other)."""
+    group = cols // IG
+    within = cols % IG
+    code_at = codes_ptr + (rows * GI + group) * C
+    w = tl.zeros(mask.shape, dtype=tl.float32)
+    for c in tl.static_range(C):
+        code = tl.load(code_at + c, mask=mask, other=0).to(tl.int32) & (SIZE - 1)  # signed storage -> index
+        w += tl.load(books_ptr + (c * SIZE + code) * IG + within, mask=mask, other=0.0).to(tl.float32)
+    return w
+
+
+@triton.jit
+def _matmul_kernel(
+    x_ptr, codes_ptr, books_ptr, scales_ptr, b_ptr, y_ptr,
+    M, N, K, GI, stride_xm,
+    C: tl.constexpr, SIZE: tl.constexpr, IG: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """``y[M, N] = x[M, K] @ W.T (+ bias)``; with ``SPLIT_K > 1``, fp32 partials ``y[SPLIT_K, M, N]``."""
+    offs_m, offs_n = _output_tile(M, N, BLOCK_M, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(tl.program_id(1) * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
+        w = _codewords(codes_ptr, books_ptr, offs_n[None, :], offs_k[:, None],
+                       mask_k[:, None] & mask_n[None, :], GI, C, SIZE, IG)  # [BK, BN]
+        acc += _product(x, w, BLOCK_M, DOT_FP32)
+    s = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    _store_output(y_ptr, b_ptr, acc * s[None, :], offs_m, offs_n, M, N, N, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _dequantize_kernel(codes_ptr, books_ptr, scales_ptr, out_ptr, N, K, GI,
+                       C: tl.constexpr, SIZE: tl.constexpr, IG: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``out[N, K]`` tile by tile."""
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    w = _codewords(codes_ptr, books_ptr, offs_n[:, None], offs_k[None, :], mask, GI, C, SIZE, IG)  # [BN, BK]
+    s = tl.load(scales_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], (w * s[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def supports(codebooks: torch.Tensor) -> bool:
+    """The kernels handle one output row per group (``out_group_size == 1``)."""
+    return codebooks.dim() == 4 and codebooks.shape[2] == 1
+
+
+def _geometry(codes: torch.Tensor, codebooks: torch.Tensor) -> tuple[int, int, int, int, int]:
+    if not supports(codebooks):
+        raise ValueError(f"the Triton codebook kernels need out_group_size 1, not {codebooks.shape[2]} "
+                         "(use the reference kernel)")
+    n_codebooks, size, _, ig = codebooks.shape
+    n, gi, _ = codes.shape
+    return n, gi * ig, gi, n_codebooks, size
+
+
+def dequantize_codebook(codes, codebooks, scales, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Twin of :func:`lowbit.kernels.reference.dequantize_codebook`: ``[N, K]`` in ``dtype``."""
+    n, k, gi, n_codebooks, size = _geometry(codes, codebooks)
+    out = torch.empty(n, k, device=codes.device, dtype=dtype)
+    block_n, block_k = 32, 64
+    _dequantize_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
+        codes.contiguous(), codebooks.contiguous(), scales.contiguous(), out, n, k, gi,
+        C=n_codebooks, SIZE=size, IG=codebooks.shape[3], BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    return out
+
+
+def matmul_codebook(x, codes, codebooks, scales, bias=None) -> torch.Tensor:
+    """Twin of :func:`lowbit.kernels.reference.matmul_codebook` (fp16/bf16; fp32 runs in tf32 dots).
+
+    Args:
+        x: ``[..., K]``; the product accumulates in fp32; the result has x's dtype, ``[..., N]``.
+    """
+    n, k, gi, n_codebooks, size = _geometry(codes, codebooks)
+    x2 = input_rows(x)
+    m = x2.shape[0]
+    block_k = min(128, max(16, triton.next_power_of_2(k)))
+    cfg = launch_config(m, n, k, block_k, x.device)
+    y = output_buffer(cfg, m, n, x2)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
+    _matmul_kernel[grid](
+        x2, codes.contiguous(), codebooks.contiguous(), scales.contiguous(),
+        bias if bias is not None else scales, y, m, n, k, gi, x2.stride(0),
+        C=n_codebooks, SIZE=size, IG=codebooks.shape[3], HAS_BIAS=bias is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+        DOT_FP32=INTERPRET and x.dtype == torch.bfloat16, **cfg.launch_options(),
+    )
+    return finish_split_k(y, cfg, bias, x.dtype).reshape(*x.shape[:-1], n)

@@ -1,0 +1,98 @@
+"""Triton AQLM codebook kernels against the reference (interpreter on CPU; compiled on a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import DEQUANT_ATOL, MATMUL_REL
+from lowbit.formats.codebook import AqlmLinear
+from lowbit.kernels import reference, select_kernel
+
+pytest.importorskip("triton")
+T = pytest.importorskip("lowbit.kernels.triton_codebook")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (M, N, K, in_group): odd N, K not a multiple of the K tile, M on both sides of the tl.dot threshold
+SHAPES = [(1, 33, 72, 8), (3, 40, 96, 8), (16, 24, 80, 16), (37, 20, 64, 4), (2, 48, 200, 8)]
+SHAPE_IDS = [f"M{m}-N{n}-K{k}-g{g}" for m, n, k, g in SHAPES]
+SCHEMES = [(2, 8), (1, 16), (3, 5)]  # the two published schemes and an odd one (int8 codes, 32 entries)
+
+
+def random_module(n, k, ig, n_codebooks, nbits, seed, bias=True, dtype=torch.float16):
+    """Random codes over the whole index range (signed storage exercised), codebooks, scales, bias."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 1 << nbits, (n, k // ig, n_codebooks), generator=gen)
+    books = torch.randn(n_codebooks, 1 << nbits, 1, ig, generator=gen)
+    scales = torch.rand(n, generator=gen) * 0.05 + 0.01
+    b = torch.randn(n, generator=gen) if bias else None
+    return AqlmLinear.from_quantized(idx, books, scales, b, dtype=dtype).to(DEVICE)
+
+
+def args(m: AqlmLinear) -> tuple:
+    return m.codes, m.codebooks, m.scales
+
+
+def rel_err(got, want) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("scheme", SCHEMES, ids=[f"{c}x{b}" for c, b in SCHEMES])
+@pytest.mark.parametrize("m,n,k,ig", SHAPES, ids=SHAPE_IDS)
+def test_matmul_matches_reference(m, n, k, ig, scheme, dtype):
+    mod = random_module(n, k, ig, *scheme, seed=m + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(n)).to(DEVICE, dtype)
+    want = reference.matmul_codebook(x.float(), *args(mod), bias=mod.bias)  # fp32: the kernel's error alone
+    got = T.matmul_codebook(x, *args(mod), bias=mod.bias)
+    assert got.dtype == dtype and got.shape == (m, n) and torch.isfinite(got).all()
+    assert rel_err(got, want) <= MATMUL_REL[dtype]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=[f"{c}x{b}" for c, b in SCHEMES])
+@pytest.mark.parametrize("n,k,ig", [(33, 72, 8), (24, 80, 16), (70, 40, 4)], ids=["odd", "g16", "g4"])
+def test_dequantize_matches_reference(n, k, ig, scheme):
+    mod = random_module(n, k, ig, *scheme, seed=n)
+    want = reference.dequantize_codebook(*args(mod))
+    for dtype in (torch.float16, torch.bfloat16):
+        got = T.dequantize_codebook(*args(mod), dtype=dtype)
+        assert got.shape == (n, k)
+        torch.testing.assert_close(got, want.to(dtype), atol=DEQUANT_ATOL[dtype], rtol=DEQUANT_ATOL[dtype])
+
+
+def test_batched_input_and_bf16_codebooks():
+    from lowbit.formats.codebook import _triton_forward
+
+    mod = random_module(40, 96, 8, 2, 8, seed=9, dtype=torch.bfloat16)
+    x = torch.randn(2, 5, 96).to(DEVICE, torch.float16)
+    want = reference.matmul_codebook(x.float(), *args(mod), bias=mod.bias)
+    got = _triton_forward(x, mod)
+    assert got.dtype == torch.float16 and got.shape == (2, 5, 40)
+    assert rel_err(got, want) <= MATMUL_REL[torch.float16]
+
+
+def test_out_groups_other_than_one_are_refused():
+    gen = torch.Generator().manual_seed(0)
+    mod = AqlmLinear.from_quantized(torch.randint(0, 256, (8, 4, 1), generator=gen),
+                                    torch.randn(1, 256, 2, 8, generator=gen), torch.rand(8, generator=gen), None)
+    assert not T.supports(mod.codebooks)
+    with pytest.raises(ValueError, match="out_group_size 1, not 2"):
+        T.matmul_codebook(torch.randn(1, 32, dtype=torch.float16), *args(mod))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU selection")
+def test_cpu_selects_reference():
+    mod = random_module(16, 64, 8, 2, 8, seed=1)
+    assert select_kernel(mod, torch.randn(2, 64, dtype=torch.float16)).name == "reference"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", [(2, 8), (1, 16)], ids=["2x8", "1x16"])
+@pytest.mark.parametrize("m", [1, 16, 128])
+def test_model_size_on_gpu(m, scheme):
+    mod = random_module(4096, 4096, 8, *scheme, seed=m, bias=False)
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+    assert select_kernel(mod, x).name == "triton"
+    want = reference.matmul_codebook(x.float(), *args(mod))
+    assert rel_err(mod(x), want) <= MATMUL_REL[torch.float16]
