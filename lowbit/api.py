@@ -59,7 +59,7 @@ def quantize(
         config = _record_left_out(model, quantizer, config)
     else:
         _quantize_weights_only(model, quantizer, progress)
-    setattr(model, CONFIG_ATTR, config)
+    setattr(model, CONFIG_ATTR, quantizer.finish_config(model, config))
     return model
 
 

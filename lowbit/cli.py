@@ -16,7 +16,7 @@ EXIT_USAGE = 2
 
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="rtn", help="quantization method: rtn, gptq, awq, bitsandbytes (default: rtn)")
+    p.add_argument("--method", default="rtn", help="quantization method: rtn, gptq, awq, bitsandbytes, aqlm (default: rtn)")
     p.add_argument("--bits", type=int, default=None,
                    help="bits per weight (default: 4); bitsandbytes: 8 = LLM.int8, 4 = NF4/FP4")
     p.add_argument("--group-size", type=int, default=None,
@@ -31,7 +31,13 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant-type", default=None, help="bitsandbytes 4-bit: nf4 or fp4 (default: fp4, as transformers)")
     p.add_argument("--double-quant", action="store_true", default=None, help="bitsandbytes 4-bit: quantize the absmax too")
     p.add_argument("--threshold", type=float, default=None, help="bitsandbytes 8-bit: outlier threshold (default: 6.0)")
-    p.add_argument("--calib", default=None, help="gptq/awq: calibration text file (default: embedded WikiText-2 valid)")
+    p.add_argument("--scheme", default=None,
+                   help="aqlm: codebooks x bits per codebook, e.g. 2x8 or 1x16 (default: 1x16, as transformers)")
+    p.add_argument("--in-group-size", type=int, default=None, help="aqlm: input columns per codeword (default: 8)")
+    p.add_argument("--beam-size", type=int, default=None, help="aqlm: code tuples kept in the beam search (default: 4)")
+    p.add_argument("--max-iterations", type=int, default=None,
+                   help="aqlm: most alternations of codebook and code updates (default: 8)")
+    p.add_argument("--calib", default=None, help="gptq/awq/aqlm: calibration text file (default: embedded WikiText-2 valid)")
     p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: 128)")
     p.add_argument("--seqlen", type=int, default=None, help="calibration window length in tokens (default: 512)")
 
@@ -84,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     cm = sub.add_parser("compare", help="quantization against pruning on the same models and data, with a report")
     cm.add_argument("model", nargs="?", default="default", help="causal LM folder or 'default' (the encoder is the embedded one)")
     cm.add_argument("--out", type=Path, default=Path("lowbit-compare"), help="report folder; finished rows are reused")
-    cm.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all)")
+    cm.add_argument("--methods", default=None, help="comma-separated methods (default: all but those --list marks 'only when named')")
     cm.add_argument("--tokens", type=int, default=4096, help="WikiText-2 test tokens scored (default: 4096)")
     cm.add_argument("--nsamples", type=int, default=16, help="calibration windows (default: 16)")
     cm.add_argument("--seqlen", type=int, default=256, help="calibration window length (default: 256)")
@@ -109,7 +115,8 @@ def config_from_args(args: argparse.Namespace):
     given = {"bits": args.bits, "group_size": args.group_size, "sym": args.sym, "desc_act": args.desc_act,
              "static_groups": args.static_groups, "damp_percent": args.damp_percent, "format": args.format,
              "nsamples": args.nsamples, "model_seqlen": args.seqlen, "quant_type": args.quant_type,
-             "double_quant": args.double_quant, "threshold": args.threshold}
+             "double_quant": args.double_quant, "threshold": args.threshold, "scheme": args.scheme,
+             "in_group_size": args.in_group_size, "beam_size": args.beam_size, "max_iterations": args.max_iterations}
     given = FLAG_FIELDS.get(args.method, _same_names)(given)
     if given.get("bits", 0) is None and any(f.name == "bits" and f.default is MISSING for f in fields(cls)):
         given["bits"] = 4  # GPTQConfig requires bits; the CLI's default is 4
@@ -145,7 +152,18 @@ def _awq_fields(given: dict) -> dict:
     return given if sym is None else {**given, "zero_point": not sym}
 
 
-FLAG_FIELDS = {"bitsandbytes": _bnb_fields, "awq": _awq_fields}
+def _aqlm_fields(given: dict) -> dict:
+    """``--scheme CxB`` is ``num_codebooks=C, nbits_per_codebook=B``."""
+    scheme = given.pop("scheme", None)
+    if scheme is None:
+        return given
+    c, sep, b = scheme.lower().partition("x")
+    if not (sep and c.isdigit() and b.isdigit()):
+        raise ValueError(f"--scheme {scheme!r}: write codebooks x bits, e.g. 2x8 or 1x16")
+    return {**given, "num_codebooks": int(c), "nbits_per_codebook": int(b)}
+
+
+FLAG_FIELDS = {"bitsandbytes": _bnb_fields, "awq": _awq_fields, "aqlm": _aqlm_fields}
 """Methods whose config fields are not named like the CLI flags: flags -> fields."""
 
 
@@ -188,7 +206,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 QUANT_FLAGS = ("bits", "group_size", "sym", "desc_act", "static_groups", "damp_percent", "format", "quant_type",
-               "double_quant", "threshold", "calib", "nsamples", "seqlen")
+               "double_quant", "threshold", "calib", "nsamples", "seqlen", "scheme", "in_group_size", "beam_size",
+               "max_iterations")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -220,7 +239,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     if args.list:
         for m in METHODS.values():
-            print(f"{m.name:12s} {m.kind:13s} {m.label}")
+            print(f"{m.name:12s} {m.kind:13s} {m.label}" + ("" if m.in_default else "  (only when named)"))
         return 0
     if args.device != "cpu":
         raise ValueError("compare runs on cpu for now")

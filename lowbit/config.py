@@ -373,7 +373,15 @@ class BitsAndBytesConfig(QuantConfig):
 @dataclass(frozen=True, kw_only=True)
 class AqlmConfig(QuantConfig):
     """AQLM additive quantization: ``num_codebooks`` codebooks of ``2**nbits_per_codebook`` vectors,
-    each of ``out_group_size x in_group_size`` weights."""
+    each of ``out_group_size x in_group_size`` weights.
+
+    The first five fields are transformers'. The rest are lowbit's own search settings (see
+    :func:`lowbit.methods.aqlm.aqlm_quantize`): calibration windows (``nsamples`` of
+    ``model_seqlen`` tokens, None: 512), ``beam_size``, ``max_iterations`` and
+    ``relative_tolerance`` of the code/codebook alternation, ``kmeans_iterations`` of the
+    initialisation, ``codebook_steps`` of conjugate gradient per codebook update, the Hessian's
+    ``damp_percent``, ``seed``, and ``true_sequential`` (as GPTQ's).
+    """
 
     quant_method: ClassVar[str] = "aqlm"
 
@@ -382,12 +390,33 @@ class AqlmConfig(QuantConfig):
     num_codebooks: int = 1
     nbits_per_codebook: int = 16
     linear_weights_not_to_quantize: tuple[str, ...] | None = None
+    nsamples: int = 128
+    model_seqlen: int | None = None
+    beam_size: int = 4
+    max_iterations: int = 8
+    relative_tolerance: float = 0.02
+    kmeans_iterations: int = 5
+    codebook_steps: int = 10
+    damp_percent: float = 0.01
+    seed: int = 0
+    true_sequential: bool = True
 
     def _validate(self) -> None:
-        for name in ("in_group_size", "out_group_size", "num_codebooks"):
+        for name in ("in_group_size", "out_group_size", "num_codebooks", "nsamples", "beam_size", "max_iterations"):
             check_int(self, name, minimum=1)
         check_int(self, "nbits_per_codebook", minimum=1, maximum=16)
         check_str_tuple(self, "linear_weights_not_to_quantize")
+        check_int(self, "model_seqlen", optional=True, minimum=2)
+        for name in ("kmeans_iterations", "codebook_steps", "seed"):
+            check_int(self, name, minimum=0)
+        check_float(self, "relative_tolerance", lambda x: 0 <= x < 1, "0 <= relative_tolerance < 1")
+        check_float(self, "damp_percent", lambda x: 0 < x < 1, "0 < damp_percent < 1")
+        check_bool(self, "true_sequential")
+
+    def label(self) -> str:
+        """Short description, e.g. ``aqlm 2x8 g8``."""
+        og = f"x{self.out_group_size}" if self.out_group_size != 1 else ""
+        return f"aqlm {self.num_codebooks}x{self.nbits_per_codebook} g{self.in_group_size}{og}"
 
 
 @_registered

@@ -99,11 +99,6 @@ def test_quantized_folder_with_config_raises(quantized_dir):
         lowbit.from_pretrained(out, quantization_config=RtnConfig())
 
 
-def test_unknown_method_has_no_quantizer(tiny_model_dir):
-    with pytest.raises(ValueError, match="unknown quantizer for quant_method 'aqlm'"):
-        lowbit.from_pretrained(tiny_model_dir, quantization_config=lowbit.AqlmConfig())
-
-
 def test_tokenizer_is_optional(tmp_path):
     from conftest import tiny_llama_model
 

@@ -41,8 +41,22 @@ def test_quantize_bitsandbytes_from_the_command_line(tiny_model_dir, tmp_path, c
     assert main(["eval", str(out), "--tokens", "300", "--ppl-seqlen", "64"]) == 0
 
 
+def test_quantize_aqlm_from_the_command_line(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "a"
+    argv = ["quantize", str(tiny_model_dir), "--method", "aqlm", "--scheme", "2x6", "--in-group-size", "16",
+            "--beam-size", "2", "--max-iterations", "2", "--nsamples", "4", "--seqlen", "64", "--out", str(out)]
+    assert main(argv) == 0
+    assert "saved aqlm 2x6 g16 model" in capsys.readouterr().out
+    assert main(["eval", str(out), "--tokens", "300", "--ppl-seqlen", "64"]) == 0
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["quantize", "{model}", "--method", "nope", "--out", "{out}"], "unknown quant_method 'nope'"),
+    (["quantize", "{model}", "--method", "aqlm", "--scheme", "2-8", "--out", "{out}"], "write codebooks x bits"),
+    (["quantize", "{model}", "--method", "aqlm", "--scheme", "1x17", "--out", "{out}"], "nbits_per_codebook=17"),
+    (["quantize", "{model}", "--method", "aqlm", "--in-group-size", "48", "--nsamples", "2", "--out", "{out}"],
+     "in_group_size=48 does not divide in_features=64"),
+    (["quantize", "{model}", "--scheme", "2x8", "--out", "{out}"], "--scheme does not apply to method 'rtn'"),
     (["quantize", "{model}", "--bits", "5", "--out", "{out}"], "bits=5"),
     (["quantize", "{model}", "--group-size", "-2", "--out", "{out}"], "group_size=-2"),
     (["quantize", "{model}", "--group-size", "0", "--out", "{out}"], "group_size=0"),
@@ -62,7 +76,7 @@ def test_quantize_bitsandbytes_from_the_command_line(tiny_model_dir, tmp_path, c
     (["quantize", "{model}", "--method", "bitsandbytes", "--group-size", "64", "--out", "{out}"],
      "--group-size does not apply"),
     (["quantize", "{model}", "--quant-type", "nf4", "--out", "{out}"], "--quant-type does not apply to method 'rtn'"),
-], ids=["unknown-method", "bits", "group-negative", "group-zero", "quantize-missing", "eval-missing",
+], ids=["unknown-method", "aqlm-scheme", "aqlm-nbits", "aqlm-group", "scheme-rtn", "bits", "group-negative", "group-zero", "quantize-missing", "eval-missing",
         "flag-not-for-method", "device-absent", "device-unknown", "desc-act-rtn", "damp", "gptq-format",
         "calib-missing", "bnb-bits", "bnb-quant-type", "bnb-group-size", "quant-type-rtn"])
 def test_bad_input_one_line_error(tiny_model_dir, tmp_path, capsys, argv, msg):

@@ -100,15 +100,26 @@ def test_registration_is_idempotent_and_names_lowbit_methods():
 
     lowbit.register_with_transformers()
     lowbit.register_with_transformers()
-    for method in ("gptq", "awq", "bitsandbytes", "rtn"):
+    for method in ("gptq", "awq", "bitsandbytes", "aqlm", "rtn"):
         assert AUTO_QUANTIZER_MAPPING[f"lowbit_{method}"] is LowbitHfQuantizer
     assert AUTO_QUANTIZATION_CONFIG_MAPPING["rtn"] is LowbitHfConfig
     assert AUTO_QUANTIZATION_CONFIG_MAPPING["gptq"] is not LowbitHfConfig  # transformers' own stays
 
 
-def test_method_without_a_quantizer_is_a_clear_error(tiny_model_dir):
-    with pytest.raises(ValueError, match="aqlm"):
-        hf_quantize(tiny_model_dir, lowbit.AqlmConfig())
+def test_transformers_quantizes_with_aqlm(tiny_model_dir, tmp_path):
+    from lowbit.formats.codebook import AqlmLinear
+
+    cfg = lowbit.AqlmConfig(num_codebooks=2, nbits_per_codebook=6, nsamples=4, max_iterations=2,
+                            kmeans_iterations=2, codebook_steps=4)
+    model = hf_quantize(tiny_model_dir, cfg, calib_ids())
+    assert isinstance(model.model.layers[0].mlp.up_proj, AqlmLinear)
+    recorded = lowbit.quantized_config(model)
+    assert recorded.replace(linear_weights_not_to_quantize=None) == cfg
+    assert recorded.linear_weights_not_to_quantize == ("lm_head.weight", "lm_head")
+    ours = lowbit.from_pretrained(tiny_model_dir, quantization_config=cfg, calib=calib_ids(), progress=False)
+    assert torch.equal(model(IDS).logits, ours(IDS).logits)
+    model.save_pretrained(tmp_path / "hf")
+    assert torch.equal(lowbit.from_pretrained(tmp_path / "hf")(IDS).logits, ours(IDS).logits)
 
 
 def test_multi_device_map_refused(tiny_model_dir):

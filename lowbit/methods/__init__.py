@@ -3,7 +3,7 @@
 Importing this package registers every built-in quantizer in ``QUANTIZERS``.
 """
 
-from lowbit.methods import awq, bnb, gptq, rtn  # noqa: F401  (register "awq", "bitsandbytes", "gptq", "rtn")
+from lowbit.methods import aqlm, awq, bnb, gptq, rtn  # noqa: F401  (register "aqlm", "awq", "bitsandbytes", "gptq", "rtn")
 from lowbit.methods.base import QUANTIZERS, Quantizer
 
 __all__ = ["QUANTIZERS", "Quantizer"]

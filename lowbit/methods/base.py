@@ -75,6 +75,11 @@ class Quantizer(ABC, Generic[C]):
         """Statistics object gathering this linear's calibration inputs (None: none needed)."""
         return None
 
+    def finish_config(self, model: nn.Module, config: C) -> C:
+        """The config to record on the quantized ``model`` (default: ``config`` unchanged); a method
+        whose loaders read their own skip list (AQLM) writes it here."""
+        return config
+
     @abstractmethod
     def quantize_layer(self, name: str, linear: nn.Module, stats: Stats | None) -> QuantLinear:
         """The quantized replacement of ``linear``."""

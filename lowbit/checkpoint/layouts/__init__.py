@@ -43,6 +43,7 @@ class CanonicalLayout:
 LAYOUTS: Registry[Layout] = Registry("checkpoint layout for quant_method")
 LAYOUTS.add("rtn", CanonicalLayout())
 
+from lowbit.checkpoint.layouts.aqlm import AqlmLayout  # noqa: E402
 from lowbit.checkpoint.layouts.awq import AwqLayout  # noqa: E402
 from lowbit.checkpoint.layouts.bnb import BnbLayout  # noqa: E402
 from lowbit.checkpoint.layouts.gptq import GptqLayout  # noqa: E402
@@ -50,3 +51,4 @@ from lowbit.checkpoint.layouts.gptq import GptqLayout  # noqa: E402
 LAYOUTS.add("gptq", GptqLayout())
 LAYOUTS.add("bitsandbytes", BnbLayout())
 LAYOUTS.add("awq", AwqLayout())
+LAYOUTS.add("aqlm", AqlmLayout())
