@@ -4,7 +4,8 @@ For each Llama-7B layer shape (K x N) and M = 1, 16, 128 it times, with CUDA gra
 
 * ``fp16``: ``F.linear`` with an fp16 weight (cuBLAS);
 * ``lowbit w4g128`` and ``lowbit w4g128 act`` (act-order, rows reordered at load), and lowbit's
-  NF4 kernel (blocks of 64, double quant) on the bitsandbytes layout;
+  NF4 kernel (blocks of 64, double quant) on the bitsandbytes layout, and its AQLM kernel
+  (2x8 and 1x16, groups of 8 inputs, about 2 bits per weight);
 * peers importable here: PyTorch's tinygemm int4 (``aten._weight_int4pack_mm``, what torchao's
   int4 weight-only uses), bitsandbytes NF4 (``matmul_4bit``);
 * ``probe``: ``torch.sum`` over a buffer of the same byte count as the 4-bit kernel must read
@@ -156,6 +157,26 @@ def lowbit_nf4_row(m, k, n, sets):
     return calls, k * n // 2 + k * n // 64 + 2 * m * (k + n), err
 
 
+def lowbit_aqlm_row(m, k, n, sets, n_codebooks, nbits):
+    """lowbit's AQLM kernel (groups of 8 inputs) on random codes over the whole index range."""
+    from lowbit.formats.codebook import pack_codes
+    from lowbit.kernels import triton_codebook as A
+
+    calls, err = [], 0.0
+    for i in range(sets):
+        gen = torch.Generator(device="cuda").manual_seed(i)
+        codes = pack_codes(torch.randint(0, 1 << nbits, (n, k // 8, n_codebooks), device="cuda", generator=gen), nbits)
+        books = torch.randn(n_codebooks, 1 << nbits, 1, 8, device="cuda", dtype=torch.float16, generator=gen)
+        scales = torch.rand(n, 1, 1, 1, device="cuda", dtype=torch.float16, generator=gen)
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        if i == 0:
+            err = rel_err(A.matmul_codebook(x, codes, books, scales),
+                          reference.matmul_codebook(x.float(), codes, books, scales))
+        calls.append(lambda x=x, c=codes, b=books, s=scales: A.matmul_codebook(x, c, b, s))
+    code_bytes = n * (k // 8) * n_codebooks * (1 if nbits <= 8 else 2)
+    return calls, code_bytes + books.numel() * 2 + 2 * n + 2 * m * (k + n), err
+
+
 def tinygemm_row(m, k, n, sets, group=128):
     """PyTorch's int4 tinygemm (bf16 activations), as torchao's int4 weight-only uses it."""
     calls, err = [], 0.0
@@ -219,6 +240,9 @@ def bench_shape(k: int, n: int, m: int, l2: int, eager: bool) -> list[dict]:
     low = add("lowbit w4g128", lowbit_row(m, k, n, sets4, act_order=False))
     add("lowbit w4g128 act-order", lowbit_row(m, k, n, sets4, act_order=True))
     add("lowbit nf4 double-quant", lowbit_nf4_row(m, k, n, sets4))
+    sets2 = copies_for(k * n // 4, l2)  # ~2 bits per weight
+    add("lowbit aqlm 2x8", lowbit_aqlm_row(m, k, n, sets2, 2, 8))
+    add("lowbit aqlm 1x16", lowbit_aqlm_row(m, k, n, sets2, 1, 16))
     for name, fn in PEERS.items():
         try:
             add(name, fn(m, k, n, sets4))

@@ -7,6 +7,7 @@ perplexity, its ratio to the fp32 original, and quantization wall time.
     python bench/quality.py --table gptq --nsamples 32 --seqlen 512 --tokens 16384
     python bench/quality.py --table awq --nsamples 32 --seqlen 512 --tokens 16384
     python bench/quality.py --table pruning --nsamples 32 --seqlen 512 --tokens 16384
+    python bench/quality.py --table aqlm --nsamples 32 --seqlen 512 --tokens 16384
 
 The AWQ table uses group size 64: SmolLM2's hidden size, 576, is not a multiple of 128, and the
 AWQ GEMM layout needs whole groups. Peer columns (GPTQModel, AutoAWQ) are not installed here.
@@ -60,7 +61,27 @@ PRUNING_ROWS = [  # pruning at 50 % against 4-bit quantization: what halving the
     ("SparseGPT 2:4", PruneConfig(method="sparsegpt", pattern="2:4")),
 ]
 
-TABLES = {"gptq": GPTQ_ROWS, "awq": AWQ_ROWS, "pruning": PRUNING_ROWS}
+AQLM_ROWS = [  # about 2 bits per weight each way (the bits/weight column counts scales and codebooks)
+    ("RTN 2-bit g64 asym", lowbit.RtnConfig(bits=2, group_size=64, sym=False)),
+    ("GPTQ 2-bit g64 asym", lowbit.GPTQConfig(bits=2, group_size=64, sym=False)),
+    ("AQLM 2x8 g8", lowbit.AqlmConfig(num_codebooks=2, nbits_per_codebook=8)),
+    ("AQLM 1x16 g8, 1 iteration, no Lloyd steps",
+     lowbit.AqlmConfig(num_codebooks=1, nbits_per_codebook=16, max_iterations=1, kmeans_iterations=0)),
+]
+
+TABLES = {"gptq": GPTQ_ROWS, "awq": AWQ_ROWS, "pruning": PRUNING_ROWS, "aqlm": AQLM_ROWS}
+
+
+def bits_per_weight(model) -> float | None:
+    """Stored bits per weight of the quantized linears (codes, scales, zeros, codebooks; no bias)."""
+    from lowbit.formats.base import QuantLinear
+
+    bits = weights = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            bits += sum(b.numel() * b.element_size() * 8 for n, b in m.named_buffers(recurse=False) if n != "bias")
+            weights += m.in_features * m.out_features
+    return bits / weights if weights else None
 
 
 def main() -> None:
@@ -86,9 +107,10 @@ def main() -> None:
     print(f"SmolLM2-135M-Instruct, WikiText-2 test first {args.tokens} tokens ({args.ppl_seqlen}-token windows); "
           f"calibration {args.nsamples} x {args.seqlen} tokens of WikiText-2 valid; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| model | perplexity | vs fp32 | quantize time |")
-    print("|---|---|---|---|")
-    print(f"| fp32 original | {base:.3f} | 1.000 | - |", flush=True)
+    bpw = args.table == "aqlm"
+    print("| model | perplexity | vs fp32 | quantize time |" + (" bits/weight |" if bpw else ""))
+    print("|---|---|---|---|" + ("---|" if bpw else ""))
+    print(f"| fp32 original | {base:.3f} | 1.000 | - |" + (" 32 |" if bpw else ""), flush=True)
     rows = TABLES[args.table]
     chosen = {int(i) for i in args.only.split(",")} if args.only else set(range(1, len(rows) + 1))
     for i, (label, cfg) in enumerate(rows, 1):
@@ -99,7 +121,8 @@ def main() -> None:
         compress(model, cfg, calib, progress=False)
         seconds = time.perf_counter() - start
         value = ppl(model)
-        print(f"| {label} | {value:.3f} | {value / base:.3f} | {seconds:.1f} s |", flush=True)
+        extra = f" {bits_per_weight(model):.2f} |" if bpw else ""
+        print(f"| {label} | {value:.3f} | {value / base:.3f} | {seconds:.1f} s |{extra}", flush=True)
     for peer in ("gptqmodel", "awq"):
         if importlib.util.find_spec(peer) is None:
             print(f"\n({peer} is not installed here: no peer column)")

@@ -77,6 +77,9 @@ def test_cli_compare_list_and_cpu_only(capsys):
     from lowbit.cli import main
 
     assert main(["compare", "--list"]) == 0
-    assert "sparsegpt24" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert "sparsegpt24" in listed and "AQLM 2x8 g8  (only when named)" in listed
+    assert "aqlm2x8" not in [m.name for m in C.resolve_methods(None)]
+    assert [m.name for m in C.resolve_methods(["aqlm2x8"])] == ["fp32", "aqlm2x8"]
     assert main(["--device", "meta", "compare", "--methods", "rtn4"]) == 2
     assert "compare runs on cpu for now" in capsys.readouterr().err

@@ -32,7 +32,7 @@ class Method:
     """One row: the config applied to both models (None: leave them as they are).
 
     ``on_encoder=False`` where the method does not apply to the BERT encoder (AWQ has no block
-    table for it).
+    table for it). ``in_default=False``: run only when named (methods that take much longer).
     """
 
     name: str
@@ -40,6 +40,7 @@ class Method:
     kind: str  # "baseline", "quantization" or "pruning"
     config: object | None
     on_encoder: bool = True
+    in_default: bool = True
 
 
 GPTQ4 = lowbit.GPTQConfig(bits=4, group_size=128, sym=False, desc_act=True, damp_percent=0.01)
@@ -54,6 +55,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("gptq3", "GPTQ 3-bit g128 asym", "quantization", lowbit.GPTQConfig(bits=3, group_size=128, sym=False)),
     Method("int8", "LLM.int8", "quantization", lowbit.BitsAndBytesConfig(load_in_8bit=True)),
     Method("nf4", "NF4 double quant", "quantization", NF4_DQ),
+    Method("aqlm2x8", "AQLM 2x8 g8", "quantization", lowbit.AqlmConfig(num_codebooks=2, nbits_per_codebook=8),
+           in_default=False),
     Method("magnitude", "magnitude 50%", "pruning", PruneConfig(method="magnitude")),
     Method("wanda", "Wanda 50%", "pruning", PruneConfig(method="wanda")),
     Method("sparsegpt", "SparseGPT 50%", "pruning", PruneConfig(method="sparsegpt")),
@@ -80,9 +83,9 @@ class CompareSettings:
 
 
 def resolve_methods(names: Sequence[str] | None) -> list[Method]:
-    """Methods by name (all when None); ``fp32`` always first. Unknown names: ``ValueError``."""
+    """Methods by name (the default set when None); ``fp32`` always first. Unknown names: ``ValueError``."""
     if not names:
-        return list(METHODS.values())
+        return [m for m in METHODS.values() if m.in_default]
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
