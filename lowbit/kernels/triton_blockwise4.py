@@ -15,7 +15,6 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels.triton_common import (
-    INTERPRET,
     _output_tile,
     _product,
     _store_output,
@@ -115,12 +114,10 @@ def matmul_blockwise4(x, weight, absmax, quant_map, blocksize, shape, nested_abs
     w, nested_ptrs, nested = _operands(weight, absmax, nested_absmax, nested_quant_map, nested_offset)
     cfg = launch_config(m, n, k, 64, x.device)
     y = output_buffer(cfg, m, n, x2)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
-    _matmul_kernel[grid](
+    _matmul_kernel[cfg.grid(m, n)](
         x2, w, absmax, quant_map, *nested_ptrs, bias if bias is not None else quant_map, y,
         m, n, k, x2.stride(0),
         BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
-        DOT_FP32=INTERPRET and dtype == torch.bfloat16, **cfg.launch_options(),
+        **cfg.kernel_options(dtype),
     )
     return finish_split_k(y, cfg, bias, dtype).to(x.dtype).reshape(*x.shape[:-1], n)

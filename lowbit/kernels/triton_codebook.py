@@ -19,7 +19,6 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels.triton_common import (
-    INTERPRET,
     _output_tile,
     _product,
     _store_output,
@@ -119,12 +118,10 @@ def matmul_codebook(x, codes, codebooks, scales, bias=None) -> torch.Tensor:
     block_k = min(128, max(16, triton.next_power_of_2(k)))
     cfg = launch_config(m, n, k, block_k, x.device)
     y = output_buffer(cfg, m, n, x2)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
-    _matmul_kernel[grid](
+    _matmul_kernel[cfg.grid(m, n)](
         x2, codes.contiguous(), codebooks.contiguous(), scales.contiguous(),
         bias if bias is not None else scales, y, m, n, k, gi, x2.stride(0),
         C=n_codebooks, SIZE=size, IG=codebooks.shape[3], HAS_BIAS=bias is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
-        DOT_FP32=INTERPRET and x.dtype == torch.bfloat16, **cfg.launch_options(),
+        **cfg.kernel_options(x.dtype),
     )
     return finish_split_k(y, cfg, bias, x.dtype).reshape(*x.shape[:-1], n)

@@ -73,6 +73,16 @@ class MatmulConfig:
     def launch_options(self) -> dict:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages, **dict(self.hip)}
 
+    def grid(self, m: int, n: int) -> tuple[int, int]:
+        """Programs of a launch: output tiles (axis 0, as :func:`_output_tile` walks them) x K splits."""
+        return triton.cdiv(m, self.block_m) * triton.cdiv(n, self.block_n), self.split_k
+
+    def kernel_options(self, dtype: torch.dtype) -> dict:
+        """The tile constexprs every fused matmul kernel takes, ``DOT_FP32`` for ``dtype`` operands
+        (see :func:`_product`), and the launch options."""
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "SPLIT_K": self.split_k,
+                "DOT_FP32": INTERPRET and dtype == torch.bfloat16, **self.launch_options()}
+
 
 def is_hip() -> bool:
     """PyTorch is a ROCm build (AMD GPUs, wave64)."""

@@ -24,7 +24,6 @@ import triton.language as tl
 
 from lowbit.formats.group_order import GroupOrdered, to_group_ordered
 from lowbit.kernels.triton_common import (
-    INTERPRET,
     _output_tile,
     _product,
     _store_output,
@@ -156,15 +155,13 @@ def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | 
     m = x2.shape[0]
     block_k, in_group = block_k_for(w.group_size, k)
     cfg = launch_config(m, n, k, block_k, x.device)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
     y = output_buffer(cfg, m, n, x)
-    _matmul_kernel[grid](
+    _matmul_kernel[cfg.grid(m, n)](
         x2, w.qweight, w.scales, w.qzeros, w.perm if w.perm is not None else w.qweight,
         bias if bias is not None else w.scales, y,
         m, n, k, x2.stride(0), n, w.qweight.shape[0], w.qzeros.shape[1],
         BITS=w.bits, GROUP=w.group_size, HAS_PERM=w.perm is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
-        TILE_IN_GROUP=in_group, DOT_FP32=INTERPRET and x.dtype == torch.bfloat16, **cfg.launch_options(),
+        TILE_IN_GROUP=in_group, **cfg.kernel_options(x.dtype),
     )
     return finish_split_k(y, cfg, bias, x.dtype).reshape(*x.shape[:-1], n)
 
