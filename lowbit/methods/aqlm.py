@@ -372,10 +372,7 @@ class AqlmQuantizer(Quantizer[AqlmConfig]):
 
     def quantize_layer(self, name: str, linear: nn.Module, stats: HessianStats | None) -> AqlmLinear:
         cfg = self.config
-        self.check_layer(name, linear)
-        w = linear_weight(linear)  # [N, K]
-        if not torch.isfinite(w).all():
-            raise ValueError(f"{name}: weight contains NaN or Inf; refusing to quantize it")
+        w = self.checked_weight(name, linear)  # [N, K]
         if stats is None or stats.nsamples == 0:
             raise ValueError(f"{name}: AQLM got no calibration inputs for this layer")
         r = aqlm_quantize(w, stats.H, num_codebooks=cfg.num_codebooks, nbits=cfg.nbits_per_codebook,

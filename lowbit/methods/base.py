@@ -53,6 +53,16 @@ class Quantizer(ABC, Generic[C]):
     def check_layer(self, name: str, linear: nn.Module) -> None:
         """Raise ``ValueError`` naming ``name`` if the config cannot hold this linear (default: it can)."""
 
+    def checked_weight(self, name: str, linear: nn.Module) -> torch.Tensor:
+        """The weight ``[N, K]`` after :meth:`check_layer` and a NaN/Inf check."""
+        from lowbit.methods.walk import linear_weight
+
+        self.check_layer(name, linear)
+        w = linear_weight(linear)
+        if not torch.isfinite(w).all():
+            raise ValueError(f"{name}: weight contains NaN or Inf; refusing to quantize it")
+        return w
+
     def check_model(self, model: nn.Module) -> None:
         """:meth:`check_layer` on every linear to be quantized, before any work starts."""
         from lowbit.methods.walk import find_linears

@@ -14,7 +14,7 @@ from lowbit.formats.base import QuantLinear
 from lowbit.formats.blockwise4 import Blockwise4Linear, check_geometry
 from lowbit.formats.int8_outlier import Int8Linear
 from lowbit.methods.base import QUANTIZERS, Quantizer, Stats
-from lowbit.methods.walk import default_skips, linear_shape, linear_weight
+from lowbit.methods.walk import default_skips, linear_shape
 
 BLOCKSIZE = 64
 """bitsandbytes' 4-bit block size (transformers' config has no field for it; checkpoints say theirs)."""
@@ -55,10 +55,7 @@ class BnbQuantizer(Quantizer[BitsAndBytesConfig]):
         return dtype_named(self.config.bnb_4bit_quant_storage, torch.uint8)
 
     def quantize_layer(self, name: str, linear: nn.Module, stats: Stats | None) -> QuantLinear:
-        self.check_layer(name, linear)
-        w = linear_weight(linear)  # [N, K]
-        if not torch.isfinite(w).all():
-            raise ValueError(f"{name}: weight contains NaN or Inf; refusing to quantize it")
+        w = self.checked_weight(name, linear)  # [N, K]
         bias = None if linear.bias is None else linear.bias.data
         cfg = self.config
         if cfg.load_in_8bit:

@@ -8,7 +8,7 @@ from torch import nn
 from lowbit.formats.int_grouped import IntGroupedLinear, check_grouping
 from lowbit.methods.affine import group_index, quantize_grouped
 from lowbit.methods.base import C, Quantizer
-from lowbit.methods.walk import linear_shape, linear_weight
+from lowbit.methods.walk import linear_shape
 
 
 class IntGroupedQuantizer(Quantizer[C]):
@@ -25,14 +25,6 @@ class IntGroupedQuantizer(Quantizer[C]):
             check_grouping(k, self.config.bits, self.config.group_size)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
-
-    def checked_weight(self, name: str, linear: nn.Module) -> torch.Tensor:
-        """The weight ``[N, K]`` after :meth:`check_layer` and a NaN/Inf check."""
-        self.check_layer(name, linear)
-        w = linear_weight(linear)
-        if not torch.isfinite(w).all():
-            raise ValueError(f"{name}: weight contains NaN or Inf; refusing to quantize it")
-        return w
 
     def round_to_nearest(self, name: str, linear: nn.Module, sym: bool) -> IntGroupedLinear:
         """The linear's (checked) weight rounded group-wise to ``config.bits``, contiguous groups."""
