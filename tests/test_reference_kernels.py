@@ -32,6 +32,23 @@ def test_dequantize_follows_permuted_g_idx():
     assert torch.equal(w, torch.tensor([[10.0, 2.0, 30.0]]))
 
 
+@pytest.mark.parametrize(("k", "group_size", "permuted"), [(64, 16, False), (64, 16, True), (70, 16, False),
+                                                          (48, 48, False)], ids=["in-order", "act-order", "ragged", "one-group"])
+def test_dequantize_equals_the_formula_on_every_path(k, group_size, permuted):
+    # in-order equal groups take a broadcast path, the rest a gather: both are the formula exactly
+    g = torch.Generator().manual_seed(k + group_size + permuted)
+    n, groups = 9, -(-k // group_size)
+    q = torch.randint(0, 16, (k, n), generator=g, dtype=torch.int32)
+    z = torch.randint(0, 16, (groups, n), generator=g, dtype=torch.int32)
+    s = torch.rand(groups, n, generator=g).half() + 0.01
+    g_idx = torch.arange(k, dtype=torch.int32) // group_size
+    if permuted:
+        g_idx = g_idx[torch.randperm(k, generator=g)]
+    w = dequantize_int_grouped(pack_int(q, 4, 0), s, pack_int(z, 4, 1), g_idx, 4)
+    gl = g_idx.long()
+    assert torch.equal(w, ((q.float() - z[gl].float()) * s[gl].float()).t())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_matmul_is_linear_of_dequantized(dtype):
     g = torch.Generator().manual_seed(0)
@@ -85,3 +102,19 @@ def test_non_finite_weights_raise(bad):
     w[1, 2] = bad
     with pytest.raises(ValueError, match="NaN or Inf"):
         choose_qparams(w, 4, sym=True)
+
+
+@pytest.mark.parametrize("shape", [(6, 64), (5, 13), (3, 7)], ids=["whole-blocks", "ragged", "odd-length"])
+def test_blockwise4_dequantize_equals_the_nibble_formula(shape):
+    from lowbit.formats.packing import pack_nibbles, unpack_nibbles
+    from lowbit.kernels.reference import dequantize_blockwise4
+
+    g = torch.Generator().manual_seed(shape[0] * shape[1])
+    n = shape[0] * shape[1]
+    codes = torch.randint(0, 16, (n,), generator=g)
+    quant_map = torch.randn(16, generator=g)
+    absmax = torch.rand(-(-n // 64), generator=g) + 0.1
+    w = dequantize_blockwise4(pack_nibbles(codes).view(-1, 1), absmax, quant_map, 64, shape)
+    packed = pack_nibbles(codes)
+    expect = quant_map[unpack_nibbles(packed, n)] * absmax.repeat_interleave(64)[:n]
+    assert torch.equal(w, expect.view(shape))

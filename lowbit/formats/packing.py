@@ -98,14 +98,15 @@ def unpack_int(packed: torch.Tensor, bits: int, n: int, dim: int = 0) -> torch.T
     _check_bits(bits)
     if packed.dtype != torch.int32:
         raise TypeError(f"packed words must be int32, got {packed.dtype}")
-    p = packed.movedim(dim, 0).to(torch.int64) & 0xFFFFFFFF  # [words, ...]
+    p = packed.movedim(dim, 0)  # [words, ...]
     if p.shape[0] != packed_length(n, bits):
         raise ValueError(
             f"{p.shape[0]} packed words cannot hold exactly {n} values of {bits} bits "
             f"(expected {packed_length(n, bits)})"
         )
     mask = (1 << bits) - 1
-    if bits == 3:
+    if bits == 3:  # values straddle words: shift as unsigned 64-bit so no sign bits leak in
+        p = p.to(torch.int64) & 0xFFFFFFFF
         idx = torch.arange(n, device=p.device) * bits
         w, off = idx // 32, idx % 32
         shape = (n, *([1] * (p.dim() - 1)))
@@ -114,7 +115,7 @@ def unpack_int(packed: torch.Tensor, bits: int, n: int, dim: int = 0) -> torch.T
         hi = torch.where((off + bits > 32).view(shape), nxt << (32 - off).view(shape), 0)
         vals = (lo | hi) & mask
     else:
-        per = 32 // bits
+        per = 32 // bits  # whole values per word: the mask drops the sign bits an int32 shift brings
         shifts = (torch.arange(per, device=p.device) * bits).view(1, per, *([1] * (p.dim() - 1)))
         vals = ((p.unsqueeze(1) >> shifts) & mask).flatten(0, 1)[:n]
     return vals.to(torch.int32).movedim(0, dim).contiguous()

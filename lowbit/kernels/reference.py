@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lowbit.formats.packing import unpack_int, unpack_nibbles
+from lowbit.formats.packing import unpack_int
 
 
 def dequantize_int_grouped(
@@ -34,13 +34,22 @@ def dequantize_int_grouped(
     Returns:
         fp32 ``[N, K]``: ``W[n, k] = (q[k, n] - z[g_idx[k], n]) * s[g_idx[k], n]``.
     """
+    return _dequantize_int_grouped_kn(qweight, scales, qzeros, g_idx, bits).t().contiguous()  # [N, K]
+
+
+def _dequantize_int_grouped_kn(qweight, scales, qzeros, g_idx, bits) -> torch.Tensor:
+    """:func:`dequantize_int_grouped` as fp32 ``[K, N]`` (the packed order; no transpose copy)."""
     k = g_idx.shape[0]
     n = scales.shape[1]
     q = unpack_int(qweight, bits, k, dim=0)  # [K, N]
     z = unpack_int(qzeros, bits, n, dim=1)  # [G, N]
     g = g_idx.long()
-    w = (q.float() - z[g].float()) * scales[g].float()  # [K, N]
-    return w.t().contiguous()  # [N, K]
+    n_groups = z.shape[0]
+    if k % n_groups == 0 and torch.equal(g, torch.arange(k, device=g.device) // (k // n_groups)):
+        # groups in order and equal: broadcast each group's row instead of gathering K rows (same values)
+        w = q.float().view(n_groups, k // n_groups, n)  # [G, K/G, N]
+        return w.sub_(z[:, None]).mul_(scales.float()[:, None]).view(k, n)
+    return q.float().sub_(z[g]).mul_(scales[g].float())  # [K, N]
 
 
 def matmul_int_grouped(
@@ -58,8 +67,9 @@ def matmul_int_grouped(
         x: fp ``[..., K]``; the result has x's dtype, shape ``[..., N]``.
         bias: ``[N]`` or None.
     """
-    w = dequantize_int_grouped(qweight, scales, qzeros, g_idx, bits).to(x.dtype)  # [N, K]
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    w = _dequantize_int_grouped_kn(qweight, scales, qzeros, g_idx, bits).to(x.dtype)  # [K, N]
+    out = x @ w  # [..., N]
+    return out if bias is None else out + bias.to(x.dtype)
 
 
 def dequantize_blockwise8(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -103,9 +113,14 @@ def dequantize_blockwise4(
     if nested_absmax is not None:
         absmax = dequantize_blockwise8(absmax, nested_absmax, nested_quant_map, 256) + nested_offset
     n = shape[0] * shape[1]
-    codes = unpack_nibbles(weight, n)  # [N*K]
-    w = quant_map[codes] * absmax.repeat_interleave(blocksize)[:n]
-    return w.reshape(shape)
+    data = weight.reshape(-1).view(torch.uint8)  # [ceil(N*K/2)]
+    # byte -> (value of its high nibble, value of its low nibble): one lookup per byte, the same
+    # values as quant_map[unpack_nibbles(weight, n)]
+    pair_map = torch.stack([quant_map.repeat_interleave(16), quant_map.repeat(16)], dim=1)  # [256, 2]
+    w = torch.index_select(pair_map.float(), 0, data.int()).view(-1)[:n]  # [N*K]
+    if n % blocksize == 0:
+        return w.view(-1, blocksize).mul_(absmax.float()[:, None]).view(shape)
+    return (w * absmax.float().repeat_interleave(blocksize)[:n]).view(shape)
 
 
 def matmul_blockwise4(
