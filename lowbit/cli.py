@@ -1,4 +1,4 @@
-"""``lowbit`` command line: quantize, prune, eval, convert, compare, demo.
+"""``lowbit`` command line: quantize, prune, distill, eval, convert, compare, demo.
 
 The CLI owns the console: results go to stdout, progress bars to stderr, and a user error
 is one line on stderr with exit status 2 (``--debug`` shows the traceback instead).
@@ -78,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--calib", default=None, help="wanda/sparsegpt: calibration text file (default: embedded WikiText-2 valid)")
     pr.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
     pr.add_argument("--seqlen", type=int, default=None, help="calibration window length in tokens (default: 512)")
+
+    ds = sub.add_parser("distill", help="cut a shallower student from a model and train it to match the model")
+    ds.add_argument("model", help="local model folder, 'default' or 'encoder'")
+    ds.add_argument("--out", required=True, type=Path, help="output folder (replaced atomically)")
+    ds.add_argument("--layers", type=int, default=None, help="student blocks (default: half the teacher's)")
+    ds.add_argument("--steps", type=int, default=100, help="training steps (default: 100)")
+    ds.add_argument("--batch-size", type=int, default=4, help="windows per step (default: 4)")
+    ds.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default: 5e-4)")
+    ds.add_argument("--calib", default=None, help="training text file (default: embedded WikiText-2 valid)")
+    ds.add_argument("--nsamples", type=int, default=256, help="windows drawn from the text (default: 256)")
+    ds.add_argument("--seqlen", type=int, default=128, help="window length in tokens (default: 128)")
 
     c = sub.add_parser("convert", help="rewrite a quantized checkpoint in another layout (exact where possible)")
     c.add_argument("src", type=Path, help="quantized model folder")
@@ -205,6 +216,25 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    import torch
+
+    from lowbit.checkpoint.loading import load_plain
+    from lowbit.compress import DistillConfig, distill, save_distilled
+    from lowbit.models import resolve_model
+
+    config = DistillConfig(student_layers=args.layers, steps=args.steps, batch_size=args.batch_size,
+                           learning_rate=args.lr, nsamples=args.nsamples, model_seqlen=args.seqlen,
+                           warmup_steps=min(10, args.steps - 1))
+    model, tokenizer = load_plain(resolve_model(args.model), torch.float32, args.device)
+    losses: list[float] = []
+    distill(model, config, args.calib, tokenizer=tokenizer, device=args.device, losses=losses)
+    out = save_distilled(model, args.out, config, tokenizer, losses)
+    print(f"saved a {model.config.num_hidden_layers}-layer student to {out} "
+          f"(loss {losses[0]:.4f} at the first step, {losses[-1]:.4f} at the last)")
+    return 0
+
+
 QUANT_FLAGS = ("bits", "group_size", "sym", "desc_act", "static_groups", "damp_percent", "format", "quant_type",
                "double_quant", "threshold", "calib", "nsamples", "seqlen", "scheme", "in_group_size", "beam_size",
                "max_iterations")
@@ -262,7 +292,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "prune": cmd_prune, "eval": cmd_eval, "convert": cmd_convert,
+COMMANDS = {"quantize": cmd_quantize, "prune": cmd_prune, "distill": cmd_distill, "eval": cmd_eval, "convert": cmd_convert,
             "compare": cmd_compare, "demo": cmd_demo}
 
 

@@ -27,13 +27,20 @@ def test_report_tables_plots_and_failures(tmp_path):
         fake_row("rtn4", "RTN 4-bit", "quantization", 32.0, 162, 0.789),
         fake_row("wanda", "Wanda 50%", "pruning", 40.0, 513, 0.742),
         fake_row("awq4", "AWQ 4-bit", "quantization", 0, 0, error="ValueError: boom"),
+        fake_row("distill", "distilled", "distillation", 120.0, 300, 0.75),
     ]}
+    distilled = report["rows"][-1]
+    distilled["config"] = C._config_dict(C.DISTILL)
+    distilled["lm"].update(loss_curve=[9.0, 5.0, 3.0, 2.5], seconds=250.0)
+    distilled["encoder"]["loss_curve"] = [0.5, 0.2, 0.1]
     path = write_report(report, tmp_path)
     text = path.read_text()
+    assert "| distilled | 120.000 | 4.800 | 300.0 | 0% |" in text and "| 1.0 | 250 |" in text
+    assert "trained 40 AdamW steps of 4 windows of 128 tokens" in text
     assert "| RTN 4-bit | 32.000 | 1.280 | 162.0 | 0% |" in text
     assert "| Wanda 50% | 0.742 | [0.712, 0.772] | -0.046 |" in text
     assert "failed: ValueError: boom" in text and "Failed: AWQ 4-bit" in text
-    for png in ("perplexity_vs_size.png", "accuracy_vs_size.png", "speed_memory.png"):
+    for png in ("perplexity_vs_size.png", "accuracy_vs_size.png", "speed_memory.png", "distillation_loss.png"):
         assert (tmp_path / png).stat().st_size > 10_000 and f"]({png})" in text
 
 
@@ -53,9 +60,17 @@ def test_compare_runs_resumes_and_survives_a_crash(tmp_path, monkeypatch):
     broken = C.Method("broken", "broken method", "pruning", C.PruneConfig(method="magnitude", pattern="1:7"),
                       on_encoder=False)
     monkeypatch.setitem(C.METHODS, "broken", broken)
-    report = C.run_compare(tmp_path, ["magnitude", "broken"], TINY, progress=False)
+    tiny_distill = C.DistillConfig(steps=2, batch_size=1, nsamples=2, model_seqlen=32,
+                                   warmup_steps=0)
+    monkeypatch.setitem(C.METHODS, "distill", C.Method("distill", "distilled", "distillation", tiny_distill,
+                                                       own_data=True))
+    report = C.run_compare(tmp_path, ["magnitude", "broken", "distill"], TINY, progress=False)
     rows = {r["name"]: r for r in report["rows"]}
-    assert list(rows) == ["fp32", "magnitude", "broken"]
+    assert list(rows) == ["fp32", "magnitude", "broken", "distill"]
+    assert len(rows["distill"]["lm"]["loss_curve"]) == 2 and len(rows["distill"]["encoder"]["loss_curve"]) == 2
+    assert rows["distill"]["lm"]["weight_bytes"] < rows["fp32"]["lm"]["weight_bytes"]
+    assert rows["distill"]["encoder"]["weight_bytes"] < rows["fp32"]["encoder"]["weight_bytes"]
+    assert all(r[p]["seconds"] > 0 for r in rows.values() for p in ("lm", "encoder") if r[p] and "error" not in r[p])
     assert rows["magnitude"]["lm"]["sparsity"] == pytest.approx(0.5, abs=1e-6)
     assert rows["magnitude"]["lm"]["perplexity"] > rows["fp32"]["lm"]["perplexity"]
     assert 0.6 < rows["fp32"]["encoder"]["accuracy"] < 0.9

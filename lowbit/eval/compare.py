@@ -1,15 +1,17 @@
-"""``lowbit compare``: quantization against pruning on the same models, data and budget.
+"""``lowbit compare``: quantization against pruning and distillation on the same models, data and budget.
 
 Each method in :data:`METHODS` compresses the causal LM (perplexity on WikiText-2 test, weights
 in memory, peak memory, prefill and decode speed) and, where it applies, the encoder (SST-2
 accuracy through the fixed probe). Every row uses the same calibration windows and evaluation
-tokens. A finished row is cached as JSON in ``out/rows/``, so an interrupted run resumes where
+tokens; distillation trains on its own budget of windows from the same text (its config says how
+many). A finished row is cached as JSON in ``out/rows/``, so an interrupted run resumes where
 it stopped; a method that raises is recorded as failed and the run goes on. The run writes
 ``results.json``, ``report.md`` and PNG plots (matplotlib, the ``eval`` extra).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 
 import lowbit
-from lowbit.compress import PruneConfig, compress, sparsity_of
+from lowbit.compress import DistillConfig, PruneConfig, compress, sparsity_of
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +35,22 @@ class Method:
 
     ``on_encoder=False`` where the method does not apply to the BERT encoder (AWQ has no block
     table for it). ``in_default=False``: run only when named (methods that take much longer).
+    ``own_data=True``: the method draws its own windows from the calibration text (its config's
+    ``nsamples`` and ``model_seqlen``) instead of the shared calibration batch (distillation
+    trains on more text than quantizers calibrate on).
     """
 
     name: str
     label: str
-    kind: str  # "baseline", "quantization" or "pruning"
+    kind: str  # "baseline", "quantization", "pruning" or "distillation"
     config: object | None
     on_encoder: bool = True
     in_default: bool = True
+    own_data: bool = False
 
 
 GPTQ4 = lowbit.GPTQConfig(bits=4, group_size=128, sym=False, desc_act=True, damp_percent=0.01)
+DISTILL = DistillConfig(steps=40, batch_size=4, nsamples=160, model_seqlen=128, learning_rate=5e-4)
 NF4_DQ = lowbit.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
 
 METHODS: dict[str, Method] = {m.name: m for m in [
@@ -61,6 +68,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("wanda", "Wanda 50%", "pruning", PruneConfig(method="wanda")),
     Method("sparsegpt", "SparseGPT 50%", "pruning", PruneConfig(method="sparsegpt")),
     Method("sparsegpt24", "SparseGPT 2:4", "pruning", PruneConfig(method="sparsegpt", pattern="2:4")),
+    Method("distill", "distilled, half the layers", "distillation", DISTILL, own_data=True),
 ]}
 """Every method ``compare`` knows, by name."""
 
@@ -82,6 +90,11 @@ class CompareSettings:
         return dict(self.__dict__, batch_sizes=list(self.batch_sizes))
 
 
+def _config_dict(config) -> dict | None:
+    """The method's config as JSON data (part of a cached row's key: a changed config reruns it)."""
+    return None if config is None else json.loads(json.dumps(dataclasses.asdict(config)))
+
+
 def resolve_methods(names: Sequence[str] | None) -> list[Method]:
     """Methods by name (the default set when None); ``fp32`` always first. Unknown names: ``ValueError``."""
     if not names:
@@ -92,6 +105,19 @@ def resolve_methods(names: Sequence[str] | None) -> list[Method]:
     return [METHODS["fp32"], *[METHODS[n] for n in names if n != "fp32"]]
 
 
+def _compress(method: Method, model, tokenizer, calib: torch.Tensor) -> dict:
+    """Apply the method; returns the time it took and, for distillation, the loss curve."""
+    losses: list[float] = []
+    start = time.perf_counter()
+    if method.config is not None:
+        compress(model, method.config, None if method.own_data else calib, tokenizer=tokenizer, progress=False,
+                 losses=losses)
+    out = {"compress_seconds": time.perf_counter() - start}
+    if losses:
+        out["loss_curve"] = losses
+    return out
+
+
 def _lm_row(method: Method, folder: Path, tokenizer, calib: torch.Tensor, s: CompareSettings) -> dict:
     from lowbit.eval.data import wikitext2
     from lowbit.eval.memory import PeakMemory, model_weight_bytes
@@ -99,32 +125,29 @@ def _lm_row(method: Method, folder: Path, tokenizer, calib: torch.Tensor, s: Com
     from lowbit.eval.speed import measure_speed
 
     gc.collect()
+    start = time.perf_counter()
     with PeakMemory(torch.device("cpu")) as peak:
         model = lowbit.from_pretrained(folder)
-        start = time.perf_counter()
-        if method.config is not None:
-            compress(model, method.config, calib, progress=False)
-        seconds = time.perf_counter() - start
+        done = _compress(method, model, tokenizer, calib)
         ppl = text_perplexity(model, tokenizer, wikitext2("test"), seqlen=s.seqlen, max_tokens=s.tokens)
         speed = measure_speed(model, prompt_len=s.prompt_len, new_tokens=s.new_tokens, batch_sizes=s.batch_sizes,
                               repeats=s.repeats, seed=s.seed)
     return {"perplexity": ppl, "weight_bytes": model_weight_bytes(model), "peak_bytes": peak.peak_bytes,
-            "sparsity": sparsity_of(model), "compress_seconds": seconds, "speed": speed.as_dict()}
+            "sparsity": sparsity_of(model), "speed": speed.as_dict(), **done,
+            "seconds": time.perf_counter() - start}
 
 
 def _encoder_row(method: Method, folder: Path, tokenizer, calib: torch.Tensor, probe) -> dict:
     from lowbit.eval.classification import sst2_probe_accuracy
     from lowbit.eval.memory import model_weight_bytes
 
-    model = lowbit.from_pretrained(folder)
     start = time.perf_counter()
-    if method.config is not None:
-        compress(model, method.config, calib, progress=False)
-    seconds = time.perf_counter() - start
+    model = lowbit.from_pretrained(folder)
+    done = _compress(method, model, tokenizer, calib)
     acc = sst2_probe_accuracy(model, tokenizer, probe)
     lo, hi = acc.interval()
     return {"accuracy": acc.value, "correct": acc.correct, "total": acc.total, "ci95": [lo, hi],
-            "weight_bytes": model_weight_bytes(model), "compress_seconds": seconds}
+            "weight_bytes": model_weight_bytes(model), **done, "seconds": time.perf_counter() - start}
 
 
 def run_compare(out: str | Path, methods: Sequence[str] | None = None, settings: CompareSettings = CompareSettings(),
@@ -152,13 +175,13 @@ def run_compare(out: str | Path, methods: Sequence[str] | None = None, settings:
     results = []
     for method in tqdm(chosen, desc="compare", unit="method", disable=not progress):
         cache = rows_dir / f"{method.name}.json"
+        key = {"settings": settings.key(), "model": str(lm_folder), "config": _config_dict(method.config)}
         if cache.is_file():
             row = json.loads(cache.read_text())
-            if row.get("settings") == settings.key() and row.get("model") == str(lm_folder):
+            if all(row.get(k) == v for k, v in key.items()):
                 results.append(row)
                 continue
-        row = {"name": method.name, "label": method.label, "kind": method.kind, "settings": settings.key(),
-               "model": str(lm_folder)}
+        row = {"name": method.name, "label": method.label, "kind": method.kind, **key}
         for part, fn in (("lm", lambda: _lm_row(method, lm_folder, lm_tok, lm_calib, settings)),
                          ("encoder", lambda: _encoder_row(method, enc_folder, enc_tok, enc_calib, probe))):
             if part == "encoder" and not (settings.encoder and method.on_encoder):

@@ -9,11 +9,17 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 STAGGER = ((5, 4), (5, -10), (-28, 6), (-28, -10))  # label offsets in points, cycled along the x axis
-KIND_STYLE = {"baseline": ("black", "*"), "quantization": ("tab:blue", "o"), "pruning": ("tab:orange", "s")}
+KIND_STYLE = {"baseline": ("black", "*"), "quantization": ("tab:blue", "o"), "pruning": ("tab:orange", "s"),
+              "distillation": ("tab:green", "^")}
 
 
 def _mib(n: float) -> str:
     return f"{n / 2**20:.1f}"
+
+
+def _total(part: dict) -> str:
+    """The row's wall time (load, compress, evaluate); rows cached before it was recorded have none."""
+    return f"{part['seconds']:.0f}" if "seconds" in part else "-"
 
 
 def _ok(row: dict, part: str) -> bool:
@@ -29,7 +35,7 @@ def lm_table(rows: list[dict]) -> str:
     base = next((r["lm"] for r in rows if r["name"] == "fp32" and _ok(r, "lm")), None)
     batches = sorted({b for r in rows if _ok(r, "lm") for b in r["lm"]["speed"]["decode_tokens_per_s"]}, key=int)
     head = ["method", "perplexity", "vs fp32", "weights MiB", "zero weights", "peak MiB", "prefill ms",
-            *[f"decode tok/s (batch {b})" for b in batches], "compress s"]
+            *[f"decode tok/s (batch {b})" for b in batches], "compress s", "total s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lm = r.get("lm")
@@ -41,24 +47,25 @@ def lm_table(rows: list[dict]) -> str:
         lines.append("| " + " | ".join([
             r["label"], f"{lm['perplexity']:.3f}", ratio, _mib(lm["weight_bytes"]), f"{lm['sparsity']:.0%}",
             _mib(lm["peak_bytes"]), f"{1e3 * sp['prefill_s']:.0f}",
-            *[f"{sp['decode_tokens_per_s'][b]:.1f}" for b in batches], f"{lm['compress_seconds']:.1f}"]) + " |")
+            *[f"{sp['decode_tokens_per_s'][b]:.1f}" for b in batches], f"{lm['compress_seconds']:.1f}", _total(lm)]) + " |")
     return "\n".join(lines)
 
 
 def encoder_table(rows: list[dict]) -> str:
     base = next((r["encoder"] for r in rows if r["name"] == "fp32" and _ok(r, "encoder")), None)
-    lines = ["| method | SST-2 accuracy | 95% CI | vs fp32 | weights MiB | compress s |", "|---|---|---|---|---|---|"]
+    lines = ["| method | SST-2 accuracy | 95% CI | vs fp32 | weights MiB | compress s | total s |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         enc = r.get("encoder")
         if enc is None:
-            lines.append(f"| {r['label']} | not applicable | | | | |")
+            lines.append(f"| {r['label']} | not applicable | | | | | |")
         elif "error" in enc:
-            lines.append(f"| {r['label']} | failed: {enc['error']} | | | | |")
+            lines.append(f"| {r['label']} | failed: {enc['error']} | | | | | |")
         else:
             lo, hi = enc["ci95"]
             delta = f"{enc['accuracy'] - base['accuracy']:+.3f}" if base else "-"
             lines.append(f"| {r['label']} | {enc['accuracy']:.3f} | [{lo:.3f}, {hi:.3f}] | {delta} | "
-                         f"{_mib(enc['weight_bytes'])} | {enc['compress_seconds']:.1f} |")
+                         f"{_mib(enc['weight_bytes'])} | {enc['compress_seconds']:.1f} | {_total(enc)} |")
     return "\n".join(lines)
 
 
@@ -140,7 +147,37 @@ def plot(report: dict, out: Path) -> list[str]:
         fig.savefig(out / "speed_memory.png", dpi=120)
         plt.close(fig)
         names.append("speed_memory.png")
+    curves = [(r["label"], part, r[part]["loss_curve"]) for r in rows for part in ("lm", "encoder")
+              if _ok(r, part) and r[part].get("loss_curve")]
+    if curves:
+        fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4), squeeze=False)
+        for ax, (label, part, losses) in zip(axes[0], curves):
+            ax.plot(range(1, len(losses) + 1), losses, color=KIND_STYLE["distillation"][0])
+            ax.set_xlabel("training step")
+            ax.set_ylabel("KL divergence to the teacher (nats/token)" if part == "lm"
+                          else "MSE + (1 - cosine) of pooled embeddings")
+            ax.set_title(f"{label}: {'causal LM' if part == 'lm' else 'encoder'}")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "distillation_loss.png", dpi=120)
+        plt.close(fig)
+        names.append("distillation_loss.png")
     return names
+
+
+def _distill_note(rows: list[dict]) -> list[str]:
+    """A sentence on each distilled row's budget (its config, as recorded in the row)."""
+    lines = []
+    for r in rows:
+        cfg = r.get("config")
+        if r["kind"] != "distillation" or not cfg:
+            continue
+        lines.append(f"{r['label']}: the student keeps {cfg['student_layers'] or 'half'} of the teacher's blocks, evenly "
+                     f"spaced, and is trained {cfg['steps']} AdamW steps of {cfg['batch_size']} windows of "
+                     f"{cfg['model_seqlen']} tokens (drawn from {cfg['nsamples']} windows of WikiText-2 valid) to match "
+                     "the teacher: KL on next-token distributions for the causal LM, MSE + (1 - cosine) on mean-pooled "
+                     "embeddings for the encoder. Its size is that of the fp32 student.")
+    return [*lines, ""] if lines else []
 
 
 def write_report(report: dict, out: Path) -> Path:
@@ -150,7 +187,7 @@ def write_report(report: dict, out: Path) -> Path:
     pngs = plot(report, out)
     failed = failed_labels(rows)
     parts = [
-        "# lowbit compare: quantization against pruning",
+        "# lowbit compare: quantization against pruning and distillation",
         "",
         f"Causal LM: {Path(report['model']).name}, WikiText-2 test perplexity over {s['tokens']} tokens "
         f"({s['seqlen']}-token windows). Calibration: {s['nsamples']} windows of {s['calib_seqlen']} tokens of "
@@ -159,6 +196,7 @@ def write_report(report: dict, out: Path) -> Path:
         f"(torch {report['torch']}). Pruned models are stored dense (a 50 % sparse matrix in CSR would be larger), "
         "so their size does not shrink; their zeros could only pay off in sparse kernels.",
         "",
+        *_distill_note(rows),
         lm_table(rows),
         "",
     ]
