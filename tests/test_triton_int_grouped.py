@@ -2,7 +2,7 @@
 
 Without a GPU the kernels run on CPU under ``TRITON_INTERPRET=1`` (set in conftest) at small
 sizes; with one, the ``gpu`` tests also run them compiled at model sizes. Tolerances come from
-the table in conftest. A separate test compiles every kernel for sm_90 and gfx942.
+the table in conftest. A separate test compiles every kernel for sm_90, gfx942 and gfx1100.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def test_configs_cover_both_inner_products_and_split_k():
     """The shapes above reach every code path: FMA and tl.dot, split-K, tiles across groups."""
     seen = set()
     for m, n, k, gs, _ in SHAPES:
-        cfg = C.matmul_config(m, n, k, T.block_k_for(gs, k)[0], C.device_sms(torch.device(DEVICE)), C.is_hip())
+        cfg = C.matmul_config(m, n, k, T.block_k_for(gs, k)[0], C.device_sms(torch.device(DEVICE)), C.device_arch(torch.device(DEVICE)))
         seen.add(("dot" if cfg.block_m >= 16 else "fma", cfg.split_k > 1, T.block_k_for(gs, k)[1]))
     assert {s[0] for s in seen} == {"dot", "fma"}
     assert {s[1] for s in seen} == {True, False}
@@ -134,7 +134,7 @@ def test_block_k_for(group, k, want):
 
 
 def test_split_k_fills_the_gpu_for_a_single_token():
-    cfg = C.matmul_config(1, 4096, 4096, 128, 132, False)
+    cfg = C.matmul_config(1, 4096, 4096, 128, 132, None)
     programs = -(-4096 // cfg.block_n) * cfg.split_k
     assert cfg.split_k > 1 and programs >= 132
 
@@ -151,13 +151,37 @@ def test_model_sizes_on_gpu(m, k, n, act):
     assert rel_err(got, want) <= MATMUL_REL[torch.float16]
 
 
-def test_kernels_compile_for_sm90_and_gfx942():
-    """Every kernel variant lowers to a cubin for sm_90 and an hsaco for gfx942, on any machine."""
+def test_kernels_compile_for_every_target():
+    """Every kernel variant lowers to a cubin for sm_90 and an hsaco for gfx942 and gfx1100, on any machine."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     proc = subprocess.run([sys.executable, "-m", "lowbit.kernels.aot_check"], env=env,
                           capture_output=True, text=True, timeout=600)
     lines = proc.stdout.splitlines()
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert sum(line.startswith("ok ") for line in lines) == 2 * len(__import__("lowbit.kernels.aot_check",
-                                                                              fromlist=["variants"]).variants())
+    from lowbit.kernels import aot_check
+
+    assert sum(line.startswith("ok ") for line in lines) == len(aot_check.TARGETS) * len(aot_check.variants())
+    assert {line.split()[1] for line in lines if line.startswith("ok ")} == {"cuda:90", "hip:gfx942", "hip:gfx1100"}
+
+
+@pytest.mark.parametrize(("arch", "mfma"), [("gfx942", True), ("gfx90a", True), ("gfx1030", False), ("gfx1100", False)])
+def test_matrix_core_options_only_for_cdna(arch, mfma):
+    opts = dict(C.hip_options(arch))
+    assert opts["waves_per_eu"] == 2
+    assert ("matrix_instr_nonkdim" in opts) == mfma and ("kpack" in opts) == mfma
+    assert C.matmul_config(16, 512, 512, 64, 100, arch).hip == C.hip_options(arch)
+    assert C.matmul_config(16, 512, 512, 64, 100, None).hip == ()
+
+
+@pytest.mark.parametrize(("hip", "arch", "usable"), [(None, "", True), ("6.4", "gfx942:sramecc+:xnack-", True),
+                                                     ("6.4", "gfx1100", True), ("6.4", "gfx1030", False)])
+def test_triton_is_not_offered_on_gpus_it_cannot_compile_for(monkeypatch, hip, arch, usable):
+    from types import SimpleNamespace
+
+    from lowbit import kernels
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(gcnArchName=arch))
+    assert kernels.triton_gpu_available() is usable

@@ -54,8 +54,13 @@ def always() -> bool:
 
 
 def triton_gpu_available() -> bool:
-    """Triton is importable and PyTorch sees a CUDA or ROCm GPU."""
-    return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
+    """Triton is importable and PyTorch sees a CUDA or ROCm GPU that Triton compiles for (not an
+    RDNA2 ``gfx10xx`` Radeon, which Triton's AMD backend refuses: those take the reference path)."""
+    if importlib.util.find_spec("triton") is None or not torch.cuda.is_available():
+        return False
+    if torch.version.hip is not None:
+        return not torch.cuda.get_device_properties(0).gcnArchName.startswith("gfx10")
+    return True
 
 
 @functools.cache

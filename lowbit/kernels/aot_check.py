@@ -1,4 +1,8 @@
-"""Ahead-of-time compilation of every Triton kernel for NVIDIA sm_90 and AMD gfx942 (MI300).
+"""Ahead-of-time compilation of every Triton kernel for NVIDIA sm_90 (H100), AMD CDNA gfx942 (MI300)
+and AMD RDNA3 gfx1100 (RX 7900 class).
+
+RDNA2 (gfx1030, RX 6800 XT class) is not a target: Triton's AMD backend (3.9) refuses it
+("unsupported target"), so no Triton kernel runs there; such GPUs take the reference path.
 
 Runs on a machine without a GPU: ``triton.compile`` lowers each kernel variant through the
 target's whole pipeline (PTX and cubin for CUDA, AMDGCN and hsaco for HIP, with the HIP
@@ -15,7 +19,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-TARGETS = (("cuda", 90, 32), ("hip", "gfx942", 64))
+TARGETS = (("cuda", 90, 32), ("hip", "gfx942", 64), ("hip", "gfx1100", 32))
+"""(backend, architecture, warp size) of each target."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,8 @@ def compile_variant(v: Variant, target: tuple) -> str:
 
     import importlib
 
+    from lowbit.kernels.triton_common import hip_options
+
     fn = getattr(importlib.import_module(f"lowbit.kernels.{v.module}"), v.kernel)
     if not isinstance(fn, triton.runtime.JITFunction):
         raise RuntimeError("kernels are interpreted (TRITON_INTERPRET is set); unset it to compile")
@@ -121,7 +128,7 @@ def compile_variant(v: Variant, target: tuple) -> str:
     backend = target[0]
     options = {"num_warps": 4}
     if backend == "hip":
-        options.update(waves_per_eu=2, matrix_instr_nonkdim=16, kpack=1, num_stages=2)
+        options.update(hip_options(target[1]), num_stages=2)  # as the launches on that GPU use
     kernel = triton.compile(src, target=GPUTarget(*target), options=options)
     binary = "cubin" if backend == "cuda" else "hsaco"
     if not kernel.asm.get(binary):

@@ -85,17 +85,41 @@ class MatmulConfig:
 
 
 def is_hip() -> bool:
-    """PyTorch is a ROCm build (AMD GPUs, wave64)."""
+    """PyTorch is a ROCm build (AMD GPUs)."""
     return torch.version.hip is not None
 
 
+def hip_options(arch: str) -> tuple[tuple[str, int], ...]:
+    """Triton compiler options for an AMD target such as ``"gfx942"``.
+
+    CDNA (``gfx9xx``: MI200/MI300, wave64, MFMA matrix cores) gets the matrix-core options
+    (16x16 MFMA instructions, ``kpack``); RDNA (``gfx11xx``/``gfx12xx``: Radeon, wave32, WMMA) has no
+    MFMA, so only the occupancy hint applies.
+    """
+    if arch.startswith("gfx9"):
+        return (("waves_per_eu", 2), ("matrix_instr_nonkdim", 16), ("kpack", 1))
+    return (("waves_per_eu", 2),)
+
+
 @functools.lru_cache(maxsize=None)
-def matmul_config(m: int, n: int, k: int, block_k: int, sms: int, hip: bool) -> MatmulConfig:
+def _arch(index: int) -> str:
+    return torch.cuda.get_device_properties(index).gcnArchName.split(":")[0]
+
+
+def device_arch(device: torch.device) -> str | None:
+    """The AMD architecture (``"gfx942"``, ``"gfx1100"``, ...) of a ROCm device; None on CUDA or CPU."""
+    if device.type != "cuda" or not is_hip():
+        return None
+    return _arch(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_config(m: int, n: int, k: int, block_k: int, sms: int, hip_arch: str | None) -> MatmulConfig:
     """Heuristic tiles for ``[m, k] @ [k, n]`` with K tiles of ``block_k``.
 
     FMA GEMV for ``m < 16``, ``tl.dot`` tiles above. Split-K is chosen so that about two waves
     of programs cover the GPU's ``sms`` multiprocessors, with at least two K tiles per split.
-    HIP gets its own compiler options.
+    An AMD target (``hip_arch``, None on NVIDIA) gets its own compiler options (:func:`hip_options`).
     """
     if m < 16:
         block_m = 1 if m == 1 else triton.next_power_of_2(m)
@@ -110,8 +134,8 @@ def matmul_config(m: int, n: int, k: int, block_k: int, sms: int, hip: bool) -> 
     split_k = 1
     while tiles * split_k * 2 <= 2 * sms and k_tiles // (split_k * 2) >= 2:
         split_k *= 2
-    hip_opts = (("waves_per_eu", 2), ("matrix_instr_nonkdim", 16), ("kpack", 1)) if hip else ()
-    num_stages = 2 if hip else 3
+    hip_opts = hip_options(hip_arch) if hip_arch else ()
+    num_stages = 2 if hip_arch else 3
     return MatmulConfig(block_m, block_n, block_k, split_k, num_warps, num_stages, hip_opts)
 
 
@@ -128,7 +152,7 @@ def device_sms(device: torch.device) -> int:
 
 
 def launch_config(m: int, n: int, k: int, block_k: int, device: torch.device) -> MatmulConfig:
-    return matmul_config(m, n, k, block_k, device_sms(device), is_hip())
+    return matmul_config(m, n, k, block_k, device_sms(device), device_arch(device))
 
 
 def input_rows(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
