@@ -177,12 +177,14 @@ def from_pretrained(
         dtype: dtype of the unquantized parts (default fp32, which every CPU runs).
         kernel: ``"auto"`` or a kernel name forced on every quantized linear.
     """
-    from lowbit.checkpoint.loading import load_plain, load_quantized
+    from lowbit.checkpoint.loading import load_plain, load_quantized, read_config_json
     from lowbit.models import resolve_model
 
     device = resolve_device(device)
     folder = resolve_model(str(name_or_path))
-    qdict = json.loads((folder / "config.json").read_text()).get("quantization_config")
+    qdict = read_config_json(folder).get("quantization_config")
+    if qdict is not None and not isinstance(qdict, dict):
+        raise ValueError(f"{folder / 'config.json'}: quantization_config must be a JSON object, not {type(qdict).__name__}")
     if qdict is not None and qdict.get("quant_method") != "gguf":
         if quantization_config is not None:
             raise ValueError(f"{folder} is already quantized ({qdict.get('quant_method')}); drop quantization_config")

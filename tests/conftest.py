@@ -32,6 +32,16 @@ def calib_ids(nsamples: int = 4, seqlen: int = 32, seed: int = 0) -> torch.Tenso
     return torch.randint(0, 256, (nsamples, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
+def folder_digest(folder) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` by relative path: equal digests, identical bytes."""
+    import hashlib
+    from pathlib import Path
+
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 # --- tiny random models ------------------------------------------------------------------
 
 def byte_tokenizer():
@@ -79,3 +89,16 @@ def tiny_model_dir(tmp_path):
 def tiny_model_dir_module(tmp_path_factory):
     """Same as ``tiny_model_dir``, shared by a module's tests (do not modify it)."""
     return _save_tiny(tmp_path_factory.mktemp("tiny") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> dict:
+    """``src``: a tiny plain model folder; ``good``: a valid RTN 4-bit g32 checkpoint of it made by
+    ``lowbit quantize``. Shared by a module's tests (copy them before changing anything)."""
+    from lowbit.cli import main
+
+    root = tmp_path_factory.mktemp("checkpoint")
+    src = _save_tiny(root / "src")
+    good = root / "good"
+    assert main(["quantize", str(src), "--out", str(good), "--bits", "4", "--group-size", "32"]) == 0
+    return {"src": src, "good": good}

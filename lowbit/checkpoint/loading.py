@@ -7,6 +7,7 @@ modules, and the checkpoint tensors are assigned after strict name/shape/dtype c
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -16,12 +17,24 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from lowbit.checkpoint.layouts import LAYOUTS
-from lowbit.checkpoint.safetensors_io import load_state_dict
+from lowbit.checkpoint.safetensors_io import checkpoint_files, load_state_dict
 from lowbit.config import QuantConfig
 from lowbit.methods import QUANTIZERS
 from lowbit.methods.walk import find_linears, set_module
 
 log = logging.getLogger(__name__)
+
+
+def read_config_json(folder: Path) -> dict:
+    """A model folder's ``config.json`` as a dict; unreadable JSON is a ``ValueError`` naming the file."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(config).__name__}")
+    return config
 
 
 def auto_class(config: PretrainedConfig) -> type:
@@ -51,9 +64,12 @@ def load_tokenizer(folder: Path):
 
 
 def load_plain(folder: Path, dtype: torch.dtype, device: torch.device | str) -> tuple[nn.Module, object]:
-    """A non-quantized model folder -> (model in eval mode, tokenizer or None)."""
+    """A non-quantized model folder -> (model in eval mode, tokenizer or None).
+
+    Only safetensors weights are read (a folder with only pickled ``.bin`` weights is refused)."""
+    checkpoint_files(folder)
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    model = auto_class(config).from_pretrained(folder, dtype=dtype, local_files_only=True)
+    model = auto_class(config).from_pretrained(folder, dtype=dtype, local_files_only=True, use_safetensors=True)
     return model.to(device).eval(), load_tokenizer(folder)
 
 

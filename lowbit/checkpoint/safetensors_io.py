@@ -7,10 +7,13 @@ replaced. Reading never unpickles: a folder holding only ``.bin``/``.pt`` files 
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,7 +36,10 @@ def atomic_folder(dest: str | os.PathLike) -> Iterator[Path]:
 
     On an exception the temporary folder is removed and ``dest`` is left as it was. An
     existing ``dest`` is only replaced if it is a model folder (has ``config.json``) or empty,
-    so a mistyped ``--out`` cannot wipe an unrelated folder.
+    so a mistyped ``--out`` cannot wipe an unrelated folder. The files are flushed to disk before
+    the swap, and on Linux the swap is one ``renameat2(RENAME_EXCHANGE)``: a process killed at any
+    moment leaves ``dest`` either the old folder or the new one, never missing or partial.
+    Temporary folders left beside ``dest`` by a killed process are removed by the next write.
     """
     dest = Path(dest).resolve()
     if dest.exists() and not dest.is_dir():
@@ -41,24 +47,107 @@ def atomic_folder(dest: str | os.PathLike) -> Iterator[Path]:
     if dest.is_dir() and any(dest.iterdir()) and not (dest / "config.json").is_file():
         raise ValueError(f"refusing to replace {dest}: it is not empty and holds no config.json (not a model folder)")
     parent = dest.parent
+    blocking = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise OSError(f"cannot write to {dest}: {blocking} is a file, not a folder")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=parent))
+        _clean_after_killed_writers(dest)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=parent))
     except OSError as e:
         raise OSError(f"cannot write to {parent}: {e.strerror or e}") from None
     try:
         yield tmp
+        _fsync_tree(tmp)
         _swap_into_place(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then move it onto ``path``: a reader
+    (or a rerun after a crash) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _writer_alive(folder: Path) -> bool:
+    """Whether the process that made a ``.<name>.tmp-<pid>-`` / ``.old-<pid>-`` folder still runs."""
+    try:
+        pid = int(folder.name.rsplit("-", 2)[-2])
+    except (ValueError, IndexError):
+        return True  # not ours to judge
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_after_killed_writers(dest: Path) -> None:
+    """Undo what a writer killed mid-save left beside ``dest``: put back a previous folder it had
+    moved aside (fallback swap only), remove its temporary folders."""
+    for old in sorted(dest.parent.glob(f".{dest.name}.old-*")):
+        if _writer_alive(old):
+            continue
+        if not dest.exists() and (old / "prev").is_dir():
+            os.replace(old / "prev", dest)
+            log.warning("restored %s, moved aside by a save that was killed", dest)
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in dest.parent.glob(f".{dest.name}.tmp-*"):
+        if not _writer_alive(tmp):
+            log.warning("removing %s, left by a save that was killed", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file under ``folder`` to disk (so a power cut after the swap finds them whole)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    False where the system or filesystem does not offer it (the caller falls back to two renames).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def _swap_into_place(tmp: Path, dest: Path) -> None:
     if not dest.exists():
         os.replace(tmp, dest)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+    if _exchange(tmp, dest):  # dest is the new folder; tmp now holds the previous one
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-{os.getpid()}-", dir=dest.parent))
     os.replace(dest, old / "prev")
     try:
         os.replace(tmp, dest)
