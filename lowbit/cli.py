@@ -109,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     cm.add_argument("--list", action="store_true", help="list the methods and exit")
 
     d = sub.add_parser("demo", help="quantize the embedded model and compare it with the original")
-    d.add_argument("--out", type=Path, default=None, help="where to keep the quantized model (default: a temp folder)")
+    d.add_argument("--out", type=Path, default=None,
+                   help="where to keep the quantized model, or with --compare the report (default: a temp folder)")
+    d.add_argument("--compare", action="store_true",
+                   help="instead: a short lowbit compare (fp32, RTN, LLM.int8, NF4, GPTQ, Wanda) on both embedded models")
     _add_quant_args(d)
     _add_eval_args(d)
     return parser
@@ -286,9 +289,33 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from lowbit.eval.summary import run_demo
 
+    if args.compare:
+        return _demo_compare(args)
     config = config_from_args(args)
     print(run_demo(config, out=args.out, tokens=args.tokens, seqlen=args.ppl_seqlen, device=args.device,
                    kernel=args.kernel, calib=args.calib))
+    return 0
+
+
+def _demo_compare(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from lowbit.eval.compare import DEMO_METHODS, DEMO_SETTINGS, run_compare
+    from lowbit.eval.report import encoder_table, lm_table
+
+    if args.device != "cpu":
+        raise ValueError("compare runs on cpu for now")
+    with tempfile.TemporaryDirectory(prefix="lowbit-demo-") as tmp:
+        out = args.out or Path(tmp)
+        report = run_compare(out, DEMO_METHODS, DEMO_SETTINGS)
+        s = DEMO_SETTINGS
+        print(f"SmolLM2-135M, WikiText-2 test perplexity over {s.tokens} tokens; calibration {s.nsamples} x "
+              f"{s.calib_seqlen} tokens; decode speed at batch 1 ({s.new_tokens} tokens, 1 run)")
+        print(lm_table(report["rows"]))
+        print("\nall-MiniLM-L6-v2, SST-2 dev accuracy through the fixed fp32 probe")
+        print(encoder_table(report["rows"]))
+        if args.out:
+            print(f"\nreport with plots: {args.out / 'report.md'} (lowbit compare runs every method)")
     return 0
 
 

@@ -36,7 +36,7 @@ def test_report_tables_plots_and_failures(tmp_path):
     path = write_report(report, tmp_path)
     text = path.read_text()
     assert "| distilled | 120.000 | 4.800 | 300.0 | 0% |" in text and "| 1.0 | 250 |" in text
-    assert "trained 40 AdamW steps of 4 windows of 128 tokens" in text
+    assert "trained 32 AdamW steps of 4 windows of 128 tokens" in text
     assert "| RTN 4-bit | 32.000 | 1.280 | 162.0 | 0% |" in text
     assert "| Wanda 50% | 0.742 | [0.712, 0.772] | -0.046 |" in text
     assert "failed: ValueError: boom" in text and "Failed: AWQ 4-bit" in text
@@ -98,3 +98,20 @@ def test_cli_compare_list_and_cpu_only(capsys):
     assert [m.name for m in C.resolve_methods(["aqlm2x8"])] == ["fp32", "aqlm2x8"]
     assert main(["--device", "meta", "compare", "--methods", "rtn4"]) == 2
     assert "compare runs on cpu for now" in capsys.readouterr().err
+
+
+def test_demo_compare_prints_both_tables(monkeypatch, capsys):
+    from lowbit.cli import main
+
+    seen = {}
+
+    def fake_run(out, methods, settings, **kw):
+        seen.update(methods=methods, settings=settings)
+        return {"rows": [fake_row("fp32", "fp32 original", "baseline", 25.0, 513, 0.788),
+                         fake_row("rtn4", "RTN 4-bit", "quantization", 32.0, 162, 0.789)]}
+
+    monkeypatch.setattr(C, "run_compare", fake_run)
+    assert main(["demo", "--compare"]) == 0
+    printed = capsys.readouterr().out
+    assert seen["methods"] == C.DEMO_METHODS and seen["settings"].batch_sizes == (1,)
+    assert "| RTN 4-bit | 32.000 | 1.280 |" in printed and "| RTN 4-bit | 0.789 |" in printed

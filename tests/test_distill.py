@@ -137,6 +137,14 @@ def test_distilled_encoder_matches_pooled_embeddings_better():
     assert loss(student) < 0.7 * loss(cut)
 
 
+def test_a_quantized_model_is_not_a_teacher():
+    import lowbit
+
+    model = lowbit.quantize(tiny_llama_model(layers=4), lowbit.RtnConfig(bits=4, group_size=32), progress=False)
+    with pytest.raises(ValueError, match="model is quantized"):
+        distill(model, DistillConfig(steps=2, warmup_steps=0), calib_ids(4, 16), progress=False)
+
+
 def test_same_seed_same_student():
     cfg = DistillConfig(steps=4, batch_size=2, warmup_steps=1)
     a, b = tiny_llama_model(layers=4), tiny_llama_model(layers=4)

@@ -165,8 +165,10 @@ def distill(model: nn.Module, config: DistillConfig, calib=None, *, tokenizer=No
     """
     from tqdm.auto import tqdm
 
-    from lowbit.api import _calibration_ids, resolve_device
+    from lowbit.api import CONFIG_ATTR, _calibration_ids, resolve_device
 
+    if getattr(model, CONFIG_ATTR, None) is not None:
+        raise ValueError("model is quantized: distill the original model (quantize the student afterwards)")
     _, blocks = find_blocks(model)
     indices = student_layer_indices(len(blocks), config.student_layers or math.ceil(len(blocks) / 2))
     pool = _calibration_ids(calib, tokenizer, config)  # [P, T]

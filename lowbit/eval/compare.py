@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import lowbit
+from lowbit.checkpoint.safetensors_io import atomic_write
 from lowbit.compress import DistillConfig, PruneConfig, compress, sparsity_of
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class Method:
 
 
 GPTQ4 = lowbit.GPTQConfig(bits=4, group_size=128, sym=False, desc_act=True, damp_percent=0.01)
-DISTILL = DistillConfig(steps=40, batch_size=4, nsamples=160, model_seqlen=128, learning_rate=5e-4)
+DISTILL = DistillConfig(steps=32, batch_size=4, nsamples=160, model_seqlen=128, learning_rate=5e-4)
 NF4_DQ = lowbit.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
 
 METHODS: dict[str, Method] = {m.name: m for m in [
@@ -80,14 +81,19 @@ class CompareSettings:
     nsamples: int = 16  # calibration windows ...
     calib_seqlen: int = 256  # ... of this many tokens
     prompt_len: int = 64  # speed: prompt
-    new_tokens: int = 16  # speed: generated tokens per sequence
+    new_tokens: int = 8  # speed: generated tokens per sequence
     batch_sizes: tuple[int, ...] = (1, 4)
-    repeats: int = 2
+    repeats: int = 1  # timed runs after a warm-up (a short generate) per batch size
     encoder: bool = True
     seed: int = 0
 
     def key(self) -> dict:
         return dict(self.__dict__, batch_sizes=list(self.batch_sizes))
+
+
+DEMO_METHODS = ("rtn4", "int8", "nf4", "gptq4", "wanda")
+"""``lowbit demo --compare``: a few fast methods of each kind."""
+DEMO_SETTINGS = CompareSettings(tokens=2048, nsamples=8, batch_sizes=(1,), repeats=1)
 
 
 def _config_dict(config) -> dict | None:
@@ -192,12 +198,10 @@ def run_compare(out: str | Path, methods: Sequence[str] | None = None, settings:
             except Exception as e:  # a crashed method is a failed row; the run goes on
                 log.warning("%s (%s) failed: %s", method.label, part, e)
                 row[part] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=3)}
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps(row, indent=1))
-        tmp.replace(cache)
+        atomic_write(cache, lambda tmp: tmp.write_text(json.dumps(row, indent=1)))
         results.append(row)
     report = {"settings": settings.key(), "model": str(lm_folder), "torch": torch.__version__, "rows": results}
-    (out / "results.json").write_text(json.dumps(report, indent=1))
+    atomic_write(out / "results.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
     from lowbit.eval.report import write_report
 
     write_report(report, out)

@@ -6,6 +6,8 @@ import importlib.util
 import logging
 from pathlib import Path
 
+from lowbit.checkpoint.safetensors_io import atomic_write
+
 log = logging.getLogger(__name__)
 
 STAGGER = ((5, 4), (5, -10), (-28, 6), (-28, -10))  # label offsets in points, cycled along the x axis
@@ -109,7 +111,7 @@ def plot(report: dict, out: Path) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / fname, dpi=120)
+        atomic_write(out / fname, lambda tmp: fig.savefig(tmp, dpi=120))
         plt.close(fig)
         names.append(fname)
 
@@ -144,7 +146,7 @@ def plot(report: dict, out: Path) -> list[str]:
             ax.set_xticklabels([r["label"] for r in lm_rows], rotation=45, ha="right", fontsize=7)
             ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out / "speed_memory.png", dpi=120)
+        atomic_write(out / "speed_memory.png", lambda tmp: fig.savefig(tmp, dpi=120))
         plt.close(fig)
         names.append("speed_memory.png")
     curves = [(r["label"], part, r[part]["loss_curve"]) for r in rows for part in ("lm", "encoder")
@@ -159,7 +161,7 @@ def plot(report: dict, out: Path) -> list[str]:
             ax.set_title(f"{label}: {'causal LM' if part == 'lm' else 'encoder'}")
             ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out / "distillation_loss.png", dpi=120)
+        atomic_write(out / "distillation_loss.png", lambda tmp: fig.savefig(tmp, dpi=120))
         plt.close(fig)
         names.append("distillation_loss.png")
     return names
@@ -186,13 +188,15 @@ def write_report(report: dict, out: Path) -> Path:
     rows = report["rows"]
     pngs = plot(report, out)
     failed = failed_labels(rows)
+    runs = "one timed run" if s["repeats"] == 1 else f"median of {s['repeats']} timed runs"
     parts = [
         "# lowbit compare: quantization against pruning and distillation",
         "",
         f"Causal LM: {Path(report['model']).name}, WikiText-2 test perplexity over {s['tokens']} tokens "
         f"({s['seqlen']}-token windows). Calibration: {s['nsamples']} windows of {s['calib_seqlen']} tokens of "
         f"WikiText-2 valid (seed {s['seed']}), the same for every method. Speed: prompt of {s['prompt_len']} "
-        f"random tokens, {s['new_tokens']} greedy tokens per sequence, median of {s['repeats']} runs "
+        f"random tokens, {s['new_tokens']} greedy tokens per sequence, "
+        f"{runs} after a warm-up "
         f"(torch {report['torch']}). Pruned models are stored dense (a 50 % sparse matrix in CSR would be larger), "
         "so their size does not shrink; their zeros could only pay off in sparse kernels.",
         "",
@@ -207,5 +211,5 @@ def write_report(report: dict, out: Path) -> Path:
         parts += [f"Failed: {', '.join(failed)} (see results.json for the errors).", ""]
     parts += [f"![{p}]({p})" for p in pngs] or ["(no plots: matplotlib is not installed)"]
     path = out / "report.md"
-    path.write_text("\n".join(parts) + "\n")
+    atomic_write(path, lambda tmp: tmp.write_text("\n".join(parts) + "\n"))
     return path

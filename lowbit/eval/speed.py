@@ -91,15 +91,17 @@ def measure_speed(model: nn.Module, *, prompt_len: int = 128, new_tokens: int = 
     prompts = {b: torch.randint(0, vocab, (b, prompt_len), generator=gen).to(device) for b in (1, *batch_sizes)}
     prefill = time_call(lambda: model(input_ids=prompts[1], use_cache=False), device, repeats, warmup)
 
-    def generate(b: int):
+    def generate(b: int, tokens: int):
         ids = prompts[b]
-        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                              min_new_tokens=tokens, do_sample=False, pad_token_id=0)
 
     decode = {}
     for b in batch_sizes:
-        full = time_call(lambda b=b: generate(b), device, repeats, warmup)
-        pre = time_call(lambda b=b: model(input_ids=prompts[b], use_cache=True), device, repeats, warmup)
+        for _ in range(warmup):  # a prefill and a decode step at this batch size warm the same code paths
+            generate(b, min(2, new_tokens))
+        full = time_call(lambda b=b: generate(b, new_tokens), device, repeats, warmup=0)
+        pre = time_call(lambda b=b: model(input_ids=prompts[b], use_cache=True), device, repeats, warmup=0)
         # generation time minus its prompt prefill: the decode steps alone
         decode[b] = Timing(tuple(max(f - pre.median, 1e-9) for f in full.samples))
     return SpeedReport(prompt_len, new_tokens, prefill, decode)

@@ -71,16 +71,24 @@ def pack_int(q: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
 
 
 def _pack_stream(q: torch.Tensor, bits: int, words: int) -> torch.Tensor:
-    """General bit-stream packing (used for 3 bits): q int64 [n, ...] -> int64 [words, ...]."""
-    n = q.shape[0]
-    out = torch.zeros((words, *q.shape[1:]), dtype=torch.int64, device=q.device)
-    for i in range(n):
-        bit = bits * i
-        w, off = divmod(bit, 32)
-        out[w] |= (q[i] << off) & 0xFFFFFFFF
+    """General bit-stream packing (used for 3 bits): q int64 [n, ...] -> int64 [words, ...].
+
+    The stream repeats every 32 values (``bits`` whole words): each of the 32 positions of a
+    period lands at the same word and bit offset in every period, so one loop over the 32
+    positions fills all periods at once.
+    """
+    n, rest = q.shape[0], q.shape[1:]
+    periods = -(-n // 32)
+    padded = torch.zeros((periods * 32, *rest), dtype=torch.int64, device=q.device)
+    padded[:n] = q
+    padded = padded.view(periods, 32, *rest)  # [periods, 32, ...]
+    out = torch.zeros((periods, bits, *rest), dtype=torch.int64, device=q.device)  # [periods, bits words, ...]
+    for i in range(32):
+        w, off = divmod(bits * i, 32)
+        out[:, w] |= (padded[:, i] << off) & 0xFFFFFFFF
         if off + bits > 32:  # spills into the next word
-            out[w + 1] |= q[i] >> (32 - off)
-    return out
+            out[:, w + 1] |= padded[:, i] >> (32 - off)
+    return out.view(periods * bits, *rest)[:words]
 
 
 def unpack_int(packed: torch.Tensor, bits: int, n: int, dim: int = 0) -> torch.Tensor:
