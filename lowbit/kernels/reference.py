@@ -45,7 +45,9 @@ def _dequantize_int_grouped_kn(qweight, scales, qzeros, g_idx, bits) -> torch.Te
     z = unpack_int(qzeros, bits, n, dim=1)  # [G, N]
     g = g_idx.long()
     n_groups = z.shape[0]
-    if k % n_groups == 0 and torch.equal(g, torch.arange(k, device=g.device) // (k // n_groups)):
+    in_order = (not torch.compiler.is_compiling() and k % n_groups == 0  # (a data-dependent test: eager only)
+                and torch.equal(g, torch.arange(k, device=g.device) // (k // n_groups)))
+    if in_order:
         # groups in order and equal: broadcast each group's row instead of gathering K rows (same values)
         w = q.float().view(n_groups, k // n_groups, n)  # [G, K/G, N]
         return w.sub_(z[:, None]).mul_(scales.float()[:, None]).view(k, n)
