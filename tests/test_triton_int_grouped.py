@@ -184,4 +184,8 @@ def test_triton_is_not_offered_on_gpus_it_cannot_compile_for(monkeypatch, hip, a
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.version, "hip", hip)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(gcnArchName=arch))
-    assert kernels.triton_gpu_available() is usable
+    kernels._gcn_arch.cache_clear()  # the architecture is read once per device
+    try:
+        assert kernels.triton_gpu_available() is usable
+    finally:
+        kernels._gcn_arch.cache_clear()

@@ -73,6 +73,18 @@ def load_plain(folder: Path, dtype: torch.dtype, device: torch.device | str) -> 
     return model.to(device).eval(), load_tokenizer(folder)
 
 
+def save_plain(model: nn.Module, path, tokenizer=None) -> Path:
+    """Save a non-quantized model (``save_pretrained``: safetensors and ``config.json``) and its
+    tokenizer into ``path`` atomically; the inverse of :func:`load_plain`."""
+    from lowbit.checkpoint.safetensors_io import atomic_folder
+
+    with atomic_folder(path) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(path)
+
+
 def load_quantized(folder: Path, qconfig: QuantConfig, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
     """A lowbit checkpoint folder -> model whose quantized linears are ``QuantLinear``s."""
     config = AutoConfig.from_pretrained(folder, local_files_only=True)

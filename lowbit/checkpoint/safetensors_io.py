@@ -84,11 +84,11 @@ def _writer_alive(folder: Path) -> bool:
     except (ValueError, IndexError):
         return True  # not ours to judge
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # PermissionError: alive, another user's
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 

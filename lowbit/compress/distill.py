@@ -208,16 +208,11 @@ def save_distilled(model: nn.Module, path, config: DistillConfig, tokenizer=None
     """Save a student as a plain checkpoint (atomically), noting the distillation (and its loss
     curve) in ``config.json`` under ``lowbit_distillation``."""
     import dataclasses
-    from pathlib import Path
 
-    from lowbit.checkpoint.safetensors_io import atomic_folder
+    from lowbit.checkpoint.loading import save_plain
 
     note = dataclasses.asdict(config)
     if losses:
         note["loss"] = [round(v, 5) for v in losses]
     model.config.lowbit_distillation = note
-    with atomic_folder(path) as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return Path(path)
+    return save_plain(model, path, tokenizer)

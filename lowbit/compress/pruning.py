@@ -269,13 +269,8 @@ def save_pruned(model: nn.Module, path, config: PruneConfig, tokenizer=None):
     """Save a pruned model as a plain dense checkpoint (atomically), noting the pruning in
     ``config.json`` under ``lowbit_pruning``."""
     import dataclasses
-    from pathlib import Path
 
-    from lowbit.checkpoint.safetensors_io import atomic_folder
+    from lowbit.checkpoint.loading import save_plain
 
     model.config.lowbit_pruning = {**dataclasses.asdict(config), "measured_sparsity": sparsity_of(model)}
-    with atomic_folder(path) as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return Path(path)
+    return save_plain(model, path, tokenizer)

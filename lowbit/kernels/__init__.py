@@ -53,14 +53,25 @@ def always() -> bool:
     return True
 
 
+@functools.cache
+def _gcn_arch(index: int) -> str:
+    return torch.cuda.get_device_properties(index).gcnArchName.split(":")[0]
+
+
+def device_arch(device: torch.device) -> str | None:
+    """The AMD architecture (``"gfx942"``, ``"gfx1100"``, ...) of a ROCm device; None on CUDA or CPU."""
+    if device.type != "cuda" or torch.version.hip is None:
+        return None
+    return _gcn_arch(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def triton_gpu_available() -> bool:
     """Triton is importable and PyTorch sees a CUDA or ROCm GPU that Triton compiles for (not an
     RDNA2 ``gfx10xx`` Radeon, which Triton's AMD backend refuses: those take the reference path)."""
     if importlib.util.find_spec("triton") is None or not torch.cuda.is_available():
         return False
-    if torch.version.hip is not None:
-        return not torch.cuda.get_device_properties(0).gcnArchName.startswith("gfx10")
-    return True
+    arch = device_arch(torch.device("cuda", 0))
+    return arch is None or not arch.startswith("gfx10")
 
 
 @functools.cache

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lowbit.kernels import device_arch
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 """Kernels run under the Triton interpreter (CPU tensors; the tests use it)."""
 
@@ -99,18 +101,6 @@ def hip_options(arch: str) -> tuple[tuple[str, int], ...]:
     if arch.startswith("gfx9"):
         return (("waves_per_eu", 2), ("matrix_instr_nonkdim", 16), ("kpack", 1))
     return (("waves_per_eu", 2),)
-
-
-@functools.lru_cache(maxsize=None)
-def _arch(index: int) -> str:
-    return torch.cuda.get_device_properties(index).gcnArchName.split(":")[0]
-
-
-def device_arch(device: torch.device) -> str | None:
-    """The AMD architecture (``"gfx942"``, ``"gfx1100"``, ...) of a ROCm device; None on CUDA or CPU."""
-    if device.type != "cuda" or not is_hip():
-        return None
-    return _arch(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)
