@@ -15,8 +15,10 @@ T = pytest.importorskip("lowbit.kernels.triton_blockwise4")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (M, N, K, blocksize): odd N*K (a padded last byte), K not a multiple of the block (blocks
-# straddle rows), blocks larger than a row, M on both sides of the tl.dot threshold
-SHAPES = [(1, 33, 71, 64), (3, 40, 96, 64), (16, 24, 100, 128), (127, 20, 64, 64), (2, 48, 80, 256)]
+# straddle rows), blocks larger than a row, M on both sides of the tl.dot threshold; rows of whole
+# blocks (K a multiple of the block: codes read a byte at a time, scale after the product)
+SHAPES = [(1, 33, 71, 64), (3, 40, 96, 64), (16, 24, 100, 128), (127, 20, 64, 64), (2, 48, 80, 256),
+          (1, 40, 192, 64), (4, 17, 256, 128), (16, 24, 256, 32), (1, 9, 512, 256)]
 SHAPE_IDS = [f"M{m}-N{n}-K{k}-b{b}" for m, n, k, b in SHAPES]
 
 
@@ -47,6 +49,17 @@ def test_matmul_matches_reference(m, n, k, bs, quant_type, double_quant, dtype):
     want = reference.matmul_blockwise4(x.float(), *args(mod), bias=mod.bias)  # fp32: the kernel's error alone
     got = T.matmul_blockwise4(x, *args(mod), bias=mod.bias)
     assert got.dtype == dtype and got.shape == (m, n) and torch.isfinite(got).all()
+    assert rel_err(got, want) <= MATMUL_REL[dtype]
+
+
+@pytest.mark.parametrize("path", ["tiled", "dequantize"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_both_batch_paths_match_reference(path, dtype):
+    mod = random_module(40, 128, 64, "nf4", True, seed=3)
+    x = torch.randn(2, 9, 128, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
+    want = reference.matmul_blockwise4(x.float(), *args(mod), bias=mod.bias)
+    got = T.matmul_blockwise4(x, *args(mod), bias=mod.bias, batch_path=path)
+    assert got.dtype == dtype and got.shape == (2, 9, 40)
     assert rel_err(got, want) <= MATMUL_REL[dtype]
 
 

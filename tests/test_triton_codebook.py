@@ -14,8 +14,10 @@ T = pytest.importorskip("lowbit.kernels.triton_codebook")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# (M, N, K, in_group): odd N, K not a multiple of the K tile, M on both sides of the tl.dot threshold
-SHAPES = [(1, 33, 72, 8), (3, 40, 96, 8), (16, 24, 80, 16), (37, 20, 64, 4), (2, 48, 200, 8)]
+# (M, N, K, in_group): odd N, K not a multiple of the K tile, M on both sides of the tl.dot threshold,
+# groups that are not a power of two (decoded a value at a time)
+SHAPES = [(1, 33, 72, 8), (3, 40, 96, 8), (16, 24, 80, 16), (37, 20, 64, 4), (2, 48, 200, 8), (1, 16, 72, 12),
+          (17, 8, 36, 12)]
 SHAPE_IDS = [f"M{m}-N{n}-K{k}-g{g}" for m, n, k, g in SHAPES]
 SCHEMES = [(2, 8), (1, 16), (3, 5)]  # the two published schemes and an odd one (int8 codes, 32 entries)
 
@@ -47,6 +49,17 @@ def test_matmul_matches_reference(m, n, k, ig, scheme, dtype):
     want = reference.matmul_codebook(x.float(), *args(mod), bias=mod.bias)  # fp32: the kernel's error alone
     got = T.matmul_codebook(x, *args(mod), bias=mod.bias)
     assert got.dtype == dtype and got.shape == (m, n) and torch.isfinite(got).all()
+    assert rel_err(got, want) <= MATMUL_REL[dtype]
+
+
+@pytest.mark.parametrize("path", ["tiled", "dequantize"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_both_batch_paths_match_reference(path, dtype):
+    mod = random_module(24, 80, 8, *SCHEMES[0], seed=4)
+    x = torch.randn(2, 17, 80, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    want = reference.matmul_codebook(x.float(), *args(mod), bias=mod.bias)
+    got = T.matmul_codebook(x, *args(mod), bias=mod.bias, batch_path=path)
+    assert got.dtype == dtype and got.shape == (2, 17, 24)
     assert rel_err(got, want) <= MATMUL_REL[dtype]
 
 

@@ -25,8 +25,11 @@ C = pytest.importorskip("lowbit.kernels.triton_common")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (M, N, K, group_size, act_order): odd M, N and K not multiples of any block, one group per row,
-# groups whose power-of-two divisor is under 16 (tiles span groups), act-order
+# groups whose power-of-two divisor is under 16 (tiles span groups), act-order; single tokens (the
+# GEMV kernel) with act-order and with one group per row
 SHAPES = [
+    (1, 96, 256, 64, True),
+    (1, 33, 80, 80, False),
     (1, 40, 100, 32, False),
     (3, 70, 130, 64, True),
     (16, 33, 96, 96, False),

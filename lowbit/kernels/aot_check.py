@@ -76,13 +76,19 @@ def _blockwise4_variants() -> list[Variant]:
                "nabs_ptr": "*fp32", "nmap_ptr": "*fp32", "noff_ptr": "*fp32", "b_ptr": f"*{dt}",
                "y_ptr": f"*{dt}" if split == 1 else "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32"}
         consts = dict(BLOCKSIZE=64, NESTED=nested, HAS_BIAS=split == 1, BLOCK_M=bm, BLOCK_N=64 if bm < 64 else 128,
-                      BLOCK_K=64, SPLIT_K=split, DOT_FP32=False)
+                      BLOCK_K=64, SPLIT_K=split, DOT_FP32=False, ROW_BLOCKS=nested)
         out.append(Variant("triton_blockwise4", "_matmul_kernel", sig, consts))
-    for nested in (False, True):
+    for nested, split, dt in ((True, 16, "fp16"), (False, 1, "bf16")):
+        sig = {"x_ptr": f"*{dt}", "w_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "qmap_ptr": "*fp32",
+               "nabs_ptr": "*fp32", "nmap_ptr": "*fp32", "noff_ptr": "*fp32", "b_ptr": f"*{dt}",
+               "y_ptr": f"*{dt}" if split == 1 else "*fp32", "N": "i32", "K": "i32"}
+        out.append(Variant("triton_blockwise4", "_gemv_kernel", sig,
+                           dict(BLOCKSIZE=64, NESTED=nested, HAS_BIAS=split == 1, BLOCK_N=64, SPLIT_K=split)))
+    for nested, blocksize in ((False, 64), (True, 64), (False, 4096)):
         sig = {"w_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "qmap_ptr": "*fp32", "nabs_ptr": "*fp32",
                "nmap_ptr": "*fp32", "noff_ptr": "*fp32", "out_ptr": "*fp16", "numel": "i32"}
         out.append(Variant("triton_blockwise4", "_dequantize_kernel", sig,
-                           dict(BLOCKSIZE=64, NESTED=nested, BLOCK=1024)))
+                           dict(BLOCKSIZE=blocksize, NESTED=nested, BLOCKS=max(1, 2048 // blocksize))))
     return out
 
 
@@ -95,7 +101,7 @@ def _codebook_variants() -> list[Variant]:
                "scales_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}" if split == 1 else "*fp32",
                "M": "i32", "N": "i32", "K": "i32", "GI": "i32", "stride_xm": "i32"}
         consts = dict(C=c, SIZE=size, IG=ig, HAS_BIAS=split == 1, BLOCK_M=bm, BLOCK_N=64 if bm < 64 else 128,
-                      BLOCK_K=128, SPLIT_K=split, DOT_FP32=False)
+                      BLOCK_K=128, SPLIT_K=split, DOT_FP32=False, WHOLE_WORDS=True)
         out.append(Variant("triton_codebook", "_matmul_kernel", sig, consts))
     for c, size in ((2, 256), (1, 65536)):
         sig = {"codes_ptr": "*i8" if size <= 256 else "*i16", "books_ptr": "*fp16", "scales_ptr": "*fp16",

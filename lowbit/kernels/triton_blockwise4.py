@@ -20,6 +20,7 @@ from lowbit.kernels.triton_common import (
     _store_output,
     finish_split_k,
     input_rows,
+    device_sms,
     launch_config,
     output_buffer,
 )
@@ -32,14 +33,31 @@ def _values(w_ptr, absmax_ptr, qmap_ptr, nabs_ptr, nmap_ptr, noff_ptr, i, mask,
     byte = tl.load(w_ptr + (i >> 1), mask=mask, other=0).to(tl.int32)
     code = (byte >> ((1 - (i & 1)) * 4).to(tl.int32)) & 15
     value = tl.load(qmap_ptr + code, mask=mask, other=0.0)
-    block = i // BLOCKSIZE
+    return value * _block_scale(absmax_ptr, nabs_ptr, nmap_ptr, noff_ptr, i // BLOCKSIZE, mask, NESTED)
+
+
+@triton.jit
+def _block_scale(absmax_ptr, nabs_ptr, nmap_ptr, noff_ptr, block, mask, NESTED: tl.constexpr):
+    """fp32 absmax of blocks ``block`` (decoded from its 8-bit code with double quant)."""
     if NESTED:
         acode = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         scale = (tl.load(nmap_ptr + acode, mask=mask, other=0.0)
                  * tl.load(nabs_ptr + block // 256, mask=mask, other=0.0) + tl.load(noff_ptr))
     else:
         scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
-    return value * scale
+    return scale
+
+
+@triton.jit
+def _row_codes(w_ptr, row, k0, K, mask_n, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Codes of weights ``k0 .. k0 + BLOCK_K`` of the rows starting at flat ``row`` [BN], as int32
+    ``[BLOCK_K, BLOCK_N]``; ``K`` and ``k0`` even, so each byte (two codes) is loaded once."""
+    pairs = tl.arange(0, BLOCK_K // 2)
+    mask = (k0 + 2 * pairs < K)[:, None] & mask_n[None, :]
+    byte = tl.load(w_ptr + (row[None, :] + k0) // 2 + pairs[:, None], mask=mask, other=0).to(tl.int32)
+    shifts = 4 - 4 * tl.arange(0, 2)  # even element in the high nibble
+    codes = (byte[:, None, :] >> shifts[None, :, None]) & 15  # [BK/2, 2, BN]
+    return tl.reshape(codes, (BLOCK_K, BLOCK_N))
 
 
 @triton.jit
@@ -48,9 +66,14 @@ def _matmul_kernel(
     M, N, K, stride_xm,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, ROW_BLOCKS: tl.constexpr,
 ):
-    """``y[M, N] = x[M, K] @ W.T (+ bias)``; with ``SPLIT_K > 1``, fp32 partials ``y[SPLIT_K, M, N]``."""
+    """``y[M, N] = x[M, K] @ W.T (+ bias)``; with ``SPLIT_K > 1``, fp32 partials ``y[SPLIT_K, M, N]``.
+
+    ``ROW_BLOCKS``: ``K`` is a multiple of ``BLOCKSIZE == BLOCK_K``, so each tile column is one
+    block: codes are read a byte at a time and the block's scale multiplies after the product.
+    Otherwise blocks may straddle rows and every value is decoded with its own scale.
+    """
     offs_m, offs_n = _output_tile(M, N, BLOCK_M, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -61,21 +84,70 @@ def _matmul_kernel(
         mask_k = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
-        i = row[None, :] + offs_k[:, None]  # [BK, BN]
-        w = _values(w_ptr, absmax_ptr, qmap_ptr, nabs_ptr, nmap_ptr, noff_ptr, i,
-                    mask_k[:, None] & mask_n[None, :], BLOCKSIZE, NESTED)
-        acc += _product(x, w, BLOCK_M, DOT_FP32)
+        if ROW_BLOCKS:
+            codes = _row_codes(w_ptr, row, k0, K, mask_n, BLOCK_K, BLOCK_N)
+            v = tl.load(qmap_ptr + codes)  # [BK, BN]; codes < 16, always in the table
+            scale = _block_scale(absmax_ptr, nabs_ptr, nmap_ptr, noff_ptr, (row + k0) // BLOCKSIZE, mask_n, NESTED)
+            acc += _product(x, v, BLOCK_M, DOT_FP32) * scale[None, :]
+        else:
+            i = row[None, :] + offs_k[:, None]  # [BK, BN]
+            w = _values(w_ptr, absmax_ptr, qmap_ptr, nabs_ptr, nmap_ptr, noff_ptr, i,
+                        mask_k[:, None] & mask_n[None, :], BLOCKSIZE, NESTED)
+            acc += _product(x, w, BLOCK_M, DOT_FP32)
     _store_output(y_ptr, b_ptr, acc, offs_m, offs_n, M, N, N, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, absmax_ptr, qmap_ptr, nabs_ptr, nmap_ptr, noff_ptr, b_ptr, y_ptr, N, K,
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """``y[N] = W @ x[K] (+ bias)`` for one token, ``K`` a multiple of ``BLOCKSIZE`` (each row a
+    whole number of blocks); with ``SPLIT_K > 1``, fp32 partials ``y[SPLIT_K, N]``.
+
+    A program walks ``BLOCK_N`` rows one block at a time: the block's bytes ``[BLOCK_N,
+    BLOCKSIZE / 2]`` are loaded once, the high nibbles (even inputs) and low nibbles (odd inputs)
+    each multiply a strided read of x, and the block's scale is decoded once per row. Products
+    accumulate in a ``[BLOCK_N, BLOCKSIZE / 2]`` fp32 tile, summed once after the loop.
+    """
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    h = tl.arange(0, HALF)
+    blocks_per_row = K // BLOCKSIZE
+    first = offs_n.to(tl.int64) * blocks_per_row  # [BN] each row's first block
+    acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
+    for b in range(tl.program_id(1), blocks_per_row, SPLIT_K):
+        byte = tl.load(w_ptr + (first[:, None] + b) * HALF + h[None, :], mask=mask_n[:, None], other=0).to(tl.int32)
+        x_even = tl.load(x_ptr + b * BLOCKSIZE + 2 * h).to(tl.float32)
+        x_odd = tl.load(x_ptr + b * BLOCKSIZE + 2 * h + 1).to(tl.float32)
+        v = tl.load(qmap_ptr + (byte >> 4)) * x_even[None, :] + tl.load(qmap_ptr + (byte & 15)) * x_odd[None, :]
+        scale = _block_scale(absmax_ptr, nabs_ptr, nmap_ptr, noff_ptr, first + b, mask_n, NESTED)  # [BN]
+        acc += v * scale[:, None]
+    out = tl.sum(acc, axis=1)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.store(y_ptr + tl.program_id(1) * N + offs_n, out, mask=mask_n)
+
+
+@triton.jit
 def _dequantize_kernel(w_ptr, absmax_ptr, qmap_ptr, nabs_ptr, nmap_ptr, noff_ptr, out_ptr, numel,
-                       BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCK: tl.constexpr):
-    """``out[i]`` for ``BLOCK`` consecutive flat elements."""
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < numel
-    v = _values(w_ptr, absmax_ptr, qmap_ptr, nabs_ptr, nmap_ptr, noff_ptr, i, mask, BLOCKSIZE, NESTED)
-    tl.store(out_ptr + i, v.to(out_ptr.dtype.element_ty), mask=mask)
+                       BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCKS: tl.constexpr):
+    """``out`` for ``BLOCKS`` whole blocks (``BLOCKSIZE`` even; the last block may be short): each
+    byte is loaded once, each block's scale decoded once, high nibbles to even elements."""
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    blocks = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)  # [NB]
+    even = blocks[:, None] * BLOCKSIZE + 2 * tl.arange(0, HALF)[None, :]  # [NB, HALF] flat index of even elements
+    byte = tl.load(w_ptr + even // 2, mask=even < numel, other=0).to(tl.int32)
+    scale = _block_scale(absmax_ptr, nabs_ptr, nmap_ptr, noff_ptr, blocks, blocks * BLOCKSIZE < numel, NESTED)
+    hi = tl.load(qmap_ptr + (byte >> 4)) * scale[:, None]
+    lo = tl.load(qmap_ptr + (byte & 15)) * scale[:, None]
+    tl.store(out_ptr + even, hi.to(out_ptr.dtype.element_ty), mask=even < numel)
+    tl.store(out_ptr + even + 1, lo.to(out_ptr.dtype.element_ty), mask=even + 1 < numel)
 
 
 def _operands(weight, absmax, nested_absmax, nested_quant_map, nested_offset):
@@ -93,15 +165,35 @@ def dequantize_blockwise4(weight, absmax, quant_map, blocksize, shape, nested_ab
     w, nested_ptrs, nested = _operands(weight, absmax, nested_absmax, nested_quant_map, nested_offset)
     numel = shape[0] * shape[1]
     out = torch.empty(shape, device=w.device, dtype=dtype)
-    block = 1024
-    _dequantize_kernel[(triton.cdiv(numel, block),)](
-        w, absmax, quant_map, *nested_ptrs, out, numel, BLOCKSIZE=blocksize, NESTED=nested, BLOCK=block, num_warps=4)
+    blocks = max(1, 2048 // blocksize)  # blocksize: a power of two (BLOCKSIZES)
+    _dequantize_kernel[(triton.cdiv(numel, blocks * blocksize),)](
+        w, absmax, quant_map, *nested_ptrs, out, numel, BLOCKSIZE=blocksize, NESTED=nested, BLOCKS=blocks,
+        num_warps=4)
     return out
 
 
+def _gemv_config(n: int, k: int, blocksize: int, device: torch.device) -> tuple[int, int]:
+    """(rows per program, K splits) of :func:`_gemv_kernel`: 64 rows, K split until about 8
+    programs per multiprocessor or two blocks per split."""
+    tiles, k_blocks, split = triton.cdiv(n, 64), k // blocksize, 1
+    while split < 16 and tiles * split * 2 <= 8 * device_sms(device) and k_blocks // (split * 2) >= 2:
+        split *= 2
+    return 64, split
+
+
+def batch_path_for(m: int) -> str:
+    """How ``m >= 16`` rows are multiplied: ``"tiled"`` (the fused kernel) up to 64 rows,
+    ``"dequantize"`` (the weight dequantized to the compute dtype, then ``F.linear``) above, as
+    measured on an H200 (``docs/performance.md``: both are far slower than they should be)."""
+    return "tiled" if m <= 64 else "dequantize"
+
+
 def matmul_blockwise4(x, weight, absmax, quant_map, blocksize, shape, nested_absmax=None, nested_quant_map=None,
-                      nested_offset=None, bias=None, compute_dtype=None) -> torch.Tensor:
+                      nested_offset=None, bias=None, compute_dtype=None, batch_path: str | None = None) -> torch.Tensor:
     """Twin of :func:`lowbit.kernels.reference.matmul_blockwise4` (fp16/bf16 compute).
+
+    One token with rows of whole blocks takes the GEMV kernel; 16 rows or more take
+    ``batch_path`` (None: :func:`batch_path_for`); other shapes the tiled kernel.
 
     Args:
         x: ``[..., K]``; cast to ``compute_dtype`` (None: x's dtype) for the product, which
@@ -111,13 +203,32 @@ def matmul_blockwise4(x, weight, absmax, quant_map, blocksize, shape, nested_abs
     dtype = compute_dtype or x.dtype
     x2 = input_rows(x, dtype)
     m = x2.shape[0]
+    if m >= 16 and (batch_path or batch_path_for(m)) == "dequantize":
+        w = dequantize_blockwise4(weight, absmax, quant_map, blocksize, shape, nested_absmax, nested_quant_map,
+                                  nested_offset, dtype=dtype)
+        y = torch.nn.functional.linear(x2, w, bias.to(dtype) if bias is not None else None)
+        return y.to(x.dtype).reshape(*x.shape[:-1], n)
     w, nested_ptrs, nested = _operands(weight, absmax, nested_absmax, nested_quant_map, nested_offset)
-    cfg = launch_config(m, n, k, 64, x.device)
+    row_blocks = k % blocksize == 0 and blocksize <= 256
+    if m == 1 and row_blocks:
+        block_n, split = _gemv_config(n, k, blocksize, x.device)
+        y = torch.empty(n, device=x.device, dtype=dtype) if split == 1 else \
+            torch.empty(split, n, device=x.device, dtype=torch.float32)
+        _gemv_kernel[(triton.cdiv(n, block_n), split)](
+            x2, w, absmax, quant_map, *nested_ptrs, bias if bias is not None else quant_map, y, n, k,
+            BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, BLOCK_N=block_n, SPLIT_K=split,
+            num_warps=4)
+        if split > 1:
+            y = y.sum(0)
+            if bias is not None:
+                y += bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    cfg = launch_config(m, n, k, blocksize if row_blocks else 64, x.device)
     y = output_buffer(cfg, m, n, x2)
     _matmul_kernel[cfg.grid(m, n)](
         x2, w, absmax, quant_map, *nested_ptrs, bias if bias is not None else quant_map, y,
         m, n, k, x2.stride(0),
-        BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None,
+        BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, ROW_BLOCKS=row_blocks,
         **cfg.kernel_options(dtype),
     )
     return finish_split_k(y, cfg, bias, dtype).to(x.dtype).reshape(*x.shape[:-1], n)

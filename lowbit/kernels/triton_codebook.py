@@ -44,14 +44,34 @@ def _codewords(codes_ptr, books_ptr, rows, cols, mask, GI,
 
 
 @triton.jit
+def _codeword_tile(codes_ptr, books_ptr, offs_n, k0, mask_n, GI,
+                   C: tl.constexpr, SIZE: tl.constexpr, IG: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """Unscaled fp32 weights ``[BLOCK_K, BLOCK_N]`` at inputs ``k0 ..`` (``k0`` and ``BLOCK_K``
+    multiples of ``IG``, a power of two): each code is loaded once and gathers a whole codeword."""
+    groups = k0 // IG + tl.arange(0, BLOCK_K // IG)  # [BG]
+    within = tl.arange(0, IG)
+    mask = (groups < GI)[:, None] & mask_n[None, :]  # [BG, BN]
+    code_at = codes_ptr + (offs_n[None, :] * GI + groups[:, None]) * C
+    w = tl.zeros((BLOCK_K // IG, IG, BLOCK_N), dtype=tl.float32)
+    for c in tl.static_range(C):
+        code = tl.load(code_at + c, mask=mask, other=0).to(tl.int32) & (SIZE - 1)  # [BG, BN]
+        w += tl.load(books_ptr + (c * SIZE + code[:, None, :]) * IG + within[None, :, None]).to(tl.float32)
+    return tl.reshape(w, (BLOCK_K, BLOCK_N))
+
+
+@triton.jit
 def _matmul_kernel(
     x_ptr, codes_ptr, books_ptr, scales_ptr, b_ptr, y_ptr,
     M, N, K, GI, stride_xm,
     C: tl.constexpr, SIZE: tl.constexpr, IG: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, WHOLE_WORDS: tl.constexpr,
 ):
-    """``y[M, N] = x[M, K] @ W.T (+ bias)``; with ``SPLIT_K > 1``, fp32 partials ``y[SPLIT_K, M, N]``."""
+    """``y[M, N] = x[M, K] @ W.T (+ bias)``; with ``SPLIT_K > 1``, fp32 partials ``y[SPLIT_K, M, N]``.
+
+    ``WHOLE_WORDS``: ``IG`` is a power of two dividing ``BLOCK_K`` (see :func:`_codeword_tile`).
+    """
     offs_m, offs_n = _output_tile(M, N, BLOCK_M, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -59,10 +79,13 @@ def _matmul_kernel(
     for k0 in range(tl.program_id(1) * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
+        if WHOLE_WORDS:
+            w = _codeword_tile(codes_ptr, books_ptr, offs_n, k0, mask_n, GI, C, SIZE, IG, BLOCK_K, BLOCK_N)
+        else:
+            w = _codewords(codes_ptr, books_ptr, offs_n[None, :], offs_k[:, None],
+                           mask_k[:, None] & mask_n[None, :], GI, C, SIZE, IG)  # [BK, BN]
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
-        w = _codewords(codes_ptr, books_ptr, offs_n[None, :], offs_k[:, None],
-                       mask_k[:, None] & mask_n[None, :], GI, C, SIZE, IG)  # [BK, BN]
         acc += _product(x, w, BLOCK_M, DOT_FP32)
     s = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     _store_output(y_ptr, b_ptr, acc * s[None, :], offs_m, offs_n, M, N, N, HAS_BIAS, SPLIT_K)
@@ -106,22 +129,36 @@ def dequantize_codebook(codes, codebooks, scales, dtype: torch.dtype = torch.flo
     return out
 
 
-def matmul_codebook(x, codes, codebooks, scales, bias=None) -> torch.Tensor:
+def batch_path_for(n_codebooks: int) -> str:
+    """How ``m >= 16`` rows are multiplied: ``"dequantize"`` (the weight dequantized to x's dtype,
+    then ``F.linear``) for several codebooks (2x8), ``"tiled"`` (the fused kernel) for one (1x16),
+    as measured on an H200 (``docs/performance.md``)."""
+    return "dequantize" if n_codebooks > 1 else "tiled"
+
+
+def matmul_codebook(x, codes, codebooks, scales, bias=None, batch_path: str | None = None) -> torch.Tensor:
     """Twin of :func:`lowbit.kernels.reference.matmul_codebook` (fp16/bf16; fp32 runs in tf32 dots).
 
     Args:
         x: ``[..., K]``; the product accumulates in fp32; the result has x's dtype, ``[..., N]``.
+        batch_path: for 16 rows or more (None: :func:`batch_path_for`).
     """
     n, k, gi, n_codebooks, size = _geometry(codes, codebooks)
     x2 = input_rows(x)
     m = x2.shape[0]
+    if m >= 16 and (batch_path or batch_path_for(n_codebooks)) == "dequantize":
+        w = dequantize_codebook(codes, codebooks, scales, dtype=x2.dtype)
+        b = bias.to(x2.dtype) if bias is not None else None
+        return torch.nn.functional.linear(x2, w, b).reshape(*x.shape[:-1], n)
     block_k = min(128, max(16, triton.next_power_of_2(k)))
+    ig = codebooks.shape[3]
     cfg = launch_config(m, n, k, block_k, x.device)
     y = output_buffer(cfg, m, n, x2)
     _matmul_kernel[cfg.grid(m, n)](
         x2, codes.contiguous(), codebooks.contiguous(), scales.contiguous(),
         bias if bias is not None else scales, y, m, n, k, gi, x2.stride(0),
-        C=n_codebooks, SIZE=size, IG=codebooks.shape[3], HAS_BIAS=bias is not None,
+        C=n_codebooks, SIZE=size, IG=ig, HAS_BIAS=bias is not None,
+        WHOLE_WORDS=ig & (ig - 1) == 0 and ig <= block_k,
         **cfg.kernel_options(x.dtype),
     )
     return finish_split_k(y, cfg, bias, x.dtype).reshape(*x.shape[:-1], n)

@@ -107,22 +107,26 @@ def hip_options(arch: str) -> tuple[tuple[str, int], ...]:
 def matmul_config(m: int, n: int, k: int, block_k: int, sms: int, hip_arch: str | None) -> MatmulConfig:
     """Heuristic tiles for ``[m, k] @ [k, n]`` with K tiles of ``block_k``.
 
-    FMA GEMV for ``m < 16``, ``tl.dot`` tiles above. Split-K is chosen so that about two waves
-    of programs cover the GPU's ``sms`` multiprocessors, with at least two K tiles per split.
-    An AMD target (``hip_arch``, None on NVIDIA) gets its own compiler options (:func:`hip_options`).
+    FMA GEMV for ``m < 16``, ``tl.dot`` tiles above. Split-K doubles while the programs stay
+    under ``waves`` times the GPU's ``sms`` multiprocessors and each split keeps two K tiles.
+    From the H200 sweep of ``bench/sweep.py`` (w4 g128, Llama-7B shapes): one token is fastest
+    with many small programs (64 columns, 2 warps, K split 16 ways); up to 64 rows, 16x64 tiles
+    and about 8 waves; above, 64x64 tiles and 2 waves. An AMD target (``hip_arch``, None on
+    NVIDIA) gets its own compiler options (:func:`hip_options`).
     """
-    if m < 16:
-        block_m = 1 if m == 1 else triton.next_power_of_2(m)
-        block_n = 64 if block_m <= 2 else 32
-        num_warps = 4
+    if m == 1:
+        block_m, block_n, num_warps, waves = 1, 64, 2, 64
+    elif m < 16:
+        block_m = triton.next_power_of_2(m)
+        block_n, num_warps, waves = (64 if block_m <= 2 else 32), 4, 8
     elif m <= 64:
-        block_m, block_n, num_warps = 16, 64, 4
+        block_m, block_n, num_warps, waves = 16, 64, 4, 8
     else:
-        block_m, block_n, num_warps = 64, 128, 8
+        block_m, block_n, num_warps, waves = 64, 64, 4, 2
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     k_tiles = triton.cdiv(k, block_k)
     split_k = 1
-    while tiles * split_k * 2 <= 2 * sms and k_tiles // (split_k * 2) >= 2:
+    while split_k < 16 and tiles * split_k * 2 <= waves * sms and k_tiles // (split_k * 2) >= 2:
         split_k *= 2
     hip_opts = hip_options(hip_arch) if hip_arch else ()
     num_stages = 2 if hip_arch else 3

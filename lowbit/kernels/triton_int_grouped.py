@@ -24,6 +24,7 @@ import triton.language as tl
 
 from lowbit.formats.group_order import GroupOrdered, to_group_ordered
 from lowbit.kernels.triton_common import (
+    MatmulConfig,
     _output_tile,
     _product,
     _store_output,
@@ -55,6 +56,24 @@ def _unpack(base, idx, other, stride_word, stride_other, n_words, mask, BITS: tl
 
 
 @triton.jit
+def _unpack_rows(base, k0, offs_n, stride_word, n_words, mask_n, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """Rows ``k0 .. k0 + BLOCK_K`` of columns ``offs_n`` of a matrix packed along its rows, as int32
+    ``[BLOCK_K, BLOCK_N]``; ``k0`` is a multiple of the values per word and ``32 % BITS == 0``.
+
+    Each 32-bit word is loaded once and split with shifts (``word >> BITS * j`` is row
+    ``word_index * 32 // BITS + j``), instead of one load per value. Rows past the last word read 0.
+    """
+    PER: tl.constexpr = 32 // BITS
+    rows = k0 // PER + tl.arange(0, BLOCK_K // PER)
+    mask = (rows < n_words)[:, None] & mask_n[None, :]
+    words = tl.load(base + rows[:, None] * stride_word + offs_n[None, :], mask=mask, other=0)  # [BK/PER, BN]
+    shifts = (tl.arange(0, PER) * BITS).to(tl.uint32)
+    v = (words.to(tl.uint32, bitcast=True)[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+    return tl.reshape(v, (BLOCK_K, BLOCK_N)).to(tl.int32)
+
+
+@triton.jit
 def _matmul_kernel(
     x_ptr, qw_ptr, s_ptr, qz_ptr, perm_ptr, b_ptr, y_ptr,
     M, N, K, stride_xm, stride_ym, qw_words, qz_words,
@@ -77,9 +96,12 @@ def _matmul_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + src_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
         mask_kn = mask_k[:, None] & mask_n[None, :]
-        q = _unpack(qw_ptr, offs_k[:, None], offs_n[None, :], N, 1, qw_words, mask_kn, BITS)  # [BK, BN]
+        if BITS == 3:
+            q = _unpack(qw_ptr, offs_k[:, None], offs_n[None, :], N, 1, qw_words, mask_kn, BITS)  # [BK, BN]
+        else:
+            q = _unpack_rows(qw_ptr, k0, offs_n, N, qw_words, mask_n, BITS, BLOCK_K, BLOCK_N)  # [BK, BN]
         if TILE_IN_GROUP:
-            # one group per tile: scale after the product, on [BM, BN] instead of [BK, BN]
+            # one group per tile: one scale and zero per column, applied after the product
             g = k0 // GROUP
             s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # [BN]
             z = _unpack(qz_ptr + g * qz_words, offs_n, 0, 1, 0, qz_words, mask_n, BITS)  # [BN]
@@ -107,7 +129,10 @@ def _dequantize_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_k = offs_k < K
     mask_kn = mask_k[:, None] & (offs_n < N)[None, :]
-    q = _unpack(qw_ptr, offs_k[:, None], offs_n[None, :], N, 1, qw_words, mask_kn, BITS)  # [BK, BN]
+    if BITS == 3:
+        q = _unpack(qw_ptr, offs_k[:, None], offs_n[None, :], N, 1, qw_words, mask_kn, BITS)  # [BK, BN]
+    else:
+        q = _unpack_rows(qw_ptr, pid_k * BLOCK_K, offs_n, N, qw_words, offs_n < N, BITS, BLOCK_K, BLOCK_N)
     g = offs_k // GROUP
     s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask_kn, other=0.0)
     z = _unpack(qz_ptr, offs_n[None, :], g[:, None], 1, qz_words, qz_words, mask_kn, BITS)
@@ -139,13 +164,19 @@ def block_k_for(group: int, k: int, cap: int = 128) -> tuple[int, bool]:
 
 # --- wrappers ----------------------------------------------------------------------------
 
-def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | None = None) -> torch.Tensor:
+def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | None = None,
+                         cfg: MatmulConfig | None = None) -> torch.Tensor:
     """``x @ W.T + bias`` from the group-ordered layout.
+
+    An act-order weight's permutation is applied to the activations: gathered in the kernel for
+    one token, and by one ``index_select`` before it for more (coalesced tile loads instead of a
+    scattered gather in every program).
 
     Args:
         x: fp16/bf16 ``[..., K]`` (fp32 works too; its dot runs in tf32 on GPUs).
         w: the weight in group order.
         bias: ``[N]`` or None.
+        cfg: launch configuration (None: the heuristic's; benches pass others to compare).
     Returns:
         ``[..., N]`` in x's dtype, accumulated in fp32.
     """
@@ -153,14 +184,20 @@ def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | 
     n = w.scales.shape[1]
     x2 = input_rows(x)
     m = x2.shape[0]
-    block_k, in_group = block_k_for(w.group_size, k)
-    cfg = launch_config(m, n, k, block_k, x.device)
+    block_k, in_group = block_k_for(w.group_size, k, cfg.block_k if cfg is not None else 128)
+    if cfg is None:
+        cfg = launch_config(m, n, k, block_k, x.device)
+    elif cfg.block_k != block_k:
+        raise ValueError(f"block_k {cfg.block_k} does not fit group size {w.group_size} (use {block_k})")
     y = output_buffer(cfg, m, n, x)
+    perm = w.perm
+    if perm is not None and m > 1:
+        x2, perm = x2.index_select(1, perm), None
     _matmul_kernel[cfg.grid(m, n)](
-        x2, w.qweight, w.scales, w.qzeros, w.perm if w.perm is not None else w.qweight,
+        x2, w.qweight, w.scales, w.qzeros, perm if perm is not None else w.qweight,
         bias if bias is not None else w.scales, y,
         m, n, k, x2.stride(0), n, w.qweight.shape[0], w.qzeros.shape[1],
-        BITS=w.bits, GROUP=w.group_size, HAS_PERM=w.perm is not None, HAS_BIAS=bias is not None,
+        BITS=w.bits, GROUP=w.group_size, HAS_PERM=perm is not None, HAS_BIAS=bias is not None,
         TILE_IN_GROUP=in_group, **cfg.kernel_options(x.dtype),
     )
     return finish_split_k(y, cfg, bias, x.dtype).reshape(*x.shape[:-1], n)
