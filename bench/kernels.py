@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from lowbit.formats.group_order import to_group_ordered
 from lowbit.formats.packing import pack_int
@@ -139,40 +140,53 @@ def lowbit_row(m, k, n, sets, act_order, group=128):
     return calls, nbytes, err
 
 
-def lowbit_nf4_row(m, k, n, sets):
-    """lowbit's NF4 kernel on the bitsandbytes layout (blocks of 64, double quant)."""
+def random_nf4(n: int, k: int) -> tuple:
+    """The NF4 kernels' arguments for a random ``[n, k]`` weight (blocks of 64, double quant)."""
     from lowbit.formats.blockwise4 import Blockwise4Linear
+
+    w = torch.randn(n, k, device="cuda", dtype=torch.float16)
+    mod = Blockwise4Linear.from_linear(w, None, quant_type="nf4", blocksize=64, double_quant=True)
+    return (mod.weight, mod.absmax, mod.quant_map, 64, (n, k), mod.nested_absmax, mod.nested_quant_map,
+            mod.nested_offset)
+
+
+def random_codebook(n: int, k: int, n_codebooks: int, nbits: int, seed: int) -> tuple:
+    """AQLM (codes, codebooks, scales) over the whole index range, groups of 8 inputs."""
+    from lowbit.formats.codebook import pack_codes
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    codes = pack_codes(torch.randint(0, 1 << nbits, (n, k // 8, n_codebooks), device="cuda", generator=gen), nbits)
+    books = torch.randn(n_codebooks, 1 << nbits, 1, 8, device="cuda", dtype=torch.float16, generator=gen)
+    scales = torch.rand(n, 1, 1, 1, device="cuda", dtype=torch.float16, generator=gen)
+    return codes, books, scales
+
+
+def lowbit_nf4_row(m, k, n, sets, batch_path=None):
+    """lowbit's NF4 kernel on the bitsandbytes layout (blocks of 64, double quant)."""
     from lowbit.kernels import triton_blockwise4 as B
 
     calls, err = [], 0.0
     for i in range(sets):
-        w = torch.randn(n, k, device="cuda", dtype=torch.float16)
-        mod = Blockwise4Linear.from_linear(w, None, quant_type="nf4", blocksize=64, double_quant=True)
-        a = (mod.weight, mod.absmax, mod.quant_map, 64, (n, k), mod.nested_absmax, mod.nested_quant_map,
-             mod.nested_offset)
+        a = random_nf4(n, k)
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         if i == 0:
-            err = rel_err(B.matmul_blockwise4(x, *a), reference.matmul_blockwise4(x.float(), *a))
-        calls.append(lambda x=x, a=a: B.matmul_blockwise4(x, *a))
+            err = rel_err(B.matmul_blockwise4(x, *a, batch_path=batch_path), reference.matmul_blockwise4(x.float(), *a))
+        calls.append(lambda x=x, a=a: B.matmul_blockwise4(x, *a, batch_path=batch_path))
     return calls, k * n // 2 + k * n // 64 + 2 * m * (k + n), err
 
 
-def lowbit_aqlm_row(m, k, n, sets, n_codebooks, nbits):
+def lowbit_aqlm_row(m, k, n, sets, n_codebooks, nbits, batch_path=None):
     """lowbit's AQLM kernel (groups of 8 inputs) on random codes over the whole index range."""
-    from lowbit.formats.codebook import pack_codes
     from lowbit.kernels import triton_codebook as A
 
     calls, err = [], 0.0
     for i in range(sets):
-        gen = torch.Generator(device="cuda").manual_seed(i)
-        codes = pack_codes(torch.randint(0, 1 << nbits, (n, k // 8, n_codebooks), device="cuda", generator=gen), nbits)
-        books = torch.randn(n_codebooks, 1 << nbits, 1, 8, device="cuda", dtype=torch.float16, generator=gen)
-        scales = torch.rand(n, 1, 1, 1, device="cuda", dtype=torch.float16, generator=gen)
+        codes, books, scales = random_codebook(n, k, n_codebooks, nbits, seed=i)
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         if i == 0:
-            err = rel_err(A.matmul_codebook(x, codes, books, scales),
+            err = rel_err(A.matmul_codebook(x, codes, books, scales, batch_path=batch_path),
                           reference.matmul_codebook(x.float(), codes, books, scales))
-        calls.append(lambda x=x, c=codes, b=books, s=scales: A.matmul_codebook(x, c, b, s))
+        calls.append(lambda x=x, c=codes, b=books, s=scales: A.matmul_codebook(x, c, b, s, batch_path=batch_path))
     code_bytes = n * (k // 8) * n_codebooks * (1 if nbits <= 8 else 2)
     return calls, code_bytes + books.numel() * 2 + 2 * n + 2 * m * (k + n), err
 
@@ -213,65 +227,133 @@ def bnb_row(m, k, n, sets):
     return calls, k * n // 2 + (k * n // 64) * 4 + 2 * m * (k + n), err
 
 
+def gemlite_row(m, k, n, sets, group=128):
+    """gemlite's 4-bit Triton kernels (HQQ layout: ``(W_q - zeros) * scales``, asymmetric, fp16)."""
+    import importlib.resources
+
+    import gemlite
+    from gemlite import DType, GemLiteLinear
+
+    if "h200" in torch.cuda.get_device_name().lower():
+        # the same chip as an H100 with faster memory: take gemlite's H100 tuning instead of autotuning
+        GemLiteLinear.load_config(str(importlib.resources.files(gemlite) / "configs" / "h100.json"))
+    calls, err = [], 0.0
+    for i in range(sets):
+        gen = torch.Generator(device="cuda").manual_seed(i)
+        q = torch.randint(0, 16, (n, k), device="cuda", generator=gen, dtype=torch.uint8)
+        scales = torch.rand(n, k // group, device="cuda", generator=gen).mul_(0.02).add_(1e-3).half()
+        zeros = torch.randint(0, 16, (n, k // group), device="cuda", generator=gen).half()
+        lin = GemLiteLinear(4, group_size=group, in_features=k, out_features=n, input_dtype=DType.FP16,
+                            output_dtype=DType.FP16)
+        lin.pack(q, scales, zeros, None)
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        if i == 0:
+            deq = ((q.float().view(n, -1, group) - zeros.float()[..., None]) * scales.float()[..., None]).view(n, k)
+            err = rel_err(lin(x), x.float() @ deq.t())
+        calls.append(lambda x=x, lin=lin: lin(x))
+    return calls, k * n // 2 + (k // group) * n * 4 + 2 * m * (k + n), err
+
+
 def probe_row(nbytes, sets):
     bufs = [torch.randn(int(nbytes) // 2, device="cuda", dtype=torch.float16) for _ in range(sets)]
     return [lambda b=b: b.sum() for b in bufs], nbytes, 0.0
 
 
-PEERS = {"tinygemm int4 (bf16)": tinygemm_row, "bitsandbytes nf4": bnb_row}
+PEERS = {"tinygemm int4 (bf16)": tinygemm_row, "gemlite w4g128": gemlite_row, "bitsandbytes nf4": bnb_row}
 
 
-def bench_shape(k: int, n: int, m: int, l2: int, eager: bool) -> list[dict]:
+ROWS = ["fp16", "lowbit", "tinygemm", "gemlite", "bitsandbytes", "probe"]
+
+
+def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str]) -> list[dict]:
+    """Every row of one shape whose first word is in ``only``; a peer that fails is reported, not fatal."""
     rows = []
-
-    def add(name, built):
-        calls, nbytes, err = built
-        us = time_graph(calls)
-        row = {"K": k, "N": n, "M": m, "kernel": name, "us": us, "bytes": nbytes, "GBps": nbytes / us / 1e3,
-               "rel_err": err}
-        if eager:
-            row["eager_us"] = time_eager(calls)
-        rows.append(row)
-        return row
-
     w4_bytes = k * n // 2
     sets4 = copies_for(w4_bytes, l2)
-    add("fp16 F.linear", fp16_row(m, k, n, copies_for(2 * n * k, l2)))
-    low = add("lowbit w4g128", lowbit_row(m, k, n, sets4, act_order=False))
-    add("lowbit w4g128 act-order", lowbit_row(m, k, n, sets4, act_order=True))
-    add("lowbit nf4 double-quant", lowbit_nf4_row(m, k, n, sets4))
     sets2 = copies_for(k * n // 4, l2)  # ~2 bits per weight
-    add("lowbit aqlm 2x8", lowbit_aqlm_row(m, k, n, sets2, 2, 8))
-    add("lowbit aqlm 1x16", lowbit_aqlm_row(m, k, n, sets2, 1, 16))
-    for name, fn in PEERS.items():
+    builders = {
+        "fp16 F.linear": lambda: fp16_row(m, k, n, copies_for(2 * n * k, l2)),
+        "lowbit w4g128": lambda: lowbit_row(m, k, n, sets4, act_order=False),
+        "lowbit w4g128 act-order": lambda: lowbit_row(m, k, n, sets4, act_order=True),
+        "lowbit nf4 double-quant": lambda: lowbit_nf4_row(m, k, n, sets4),
+        "lowbit aqlm 2x8": lambda: lowbit_aqlm_row(m, k, n, sets2, 2, 8),
+        "lowbit aqlm 1x16": lambda: lowbit_aqlm_row(m, k, n, sets2, 1, 16),
+        # both paths for batches (16 rows or more); the rows above take the default's
+        **({"lowbit nf4 double-quant (tiled)": lambda: lowbit_nf4_row(m, k, n, sets4, "tiled"),
+            "lowbit nf4 double-quant (dequantize)": lambda: lowbit_nf4_row(m, k, n, sets4, "dequantize"),
+            "lowbit aqlm 2x8 (tiled)": lambda: lowbit_aqlm_row(m, k, n, sets2, 2, 8, "tiled"),
+            "lowbit aqlm 2x8 (dequantize)": lambda: lowbit_aqlm_row(m, k, n, sets2, 2, 8, "dequantize"),
+            "lowbit aqlm 1x16 (tiled)": lambda: lowbit_aqlm_row(m, k, n, sets2, 1, 16, "tiled"),
+            "lowbit aqlm 1x16 (dequantize)": lambda: lowbit_aqlm_row(m, k, n, sets2, 1, 16, "dequantize")}
+           if m >= 16 else {}),
+        **{name: (lambda fn=fn: fn(m, k, n, sets4)) for name, fn in PEERS.items()},
+        # the bytes the w4 g128 kernel must read: packed weight, fp16 scales, packed zeros, x and y
+        "probe torch.sum (same bytes)": lambda: probe_row(w4_bytes + (k // 128) * n * 2.5 + 2 * m * (k + n), sets4),
+    }
+    for name, build in builders.items():
+        if name.split()[0] not in only:
+            continue
         try:
-            add(name, fn(m, k, n, sets4))
-        except Exception as e:  # a peer missing or failing here is reported, not fatal
-            rows.append({"K": k, "N": n, "M": m, "kernel": name, "error": f"{type(e).__name__}: {e}"[:200]})
-    add("probe torch.sum (same bytes)", probe_row(low["bytes"], sets4))
+            calls, nbytes, err = build()
+            us = time_graph(calls)
+            row = {"K": k, "N": n, "M": m, "kernel": name, "us": us, "bytes": nbytes, "GBps": nbytes / us / 1e3,
+                   "rel_err": err}
+            if eager:
+                row["eager_us"] = time_eager(calls)
+        except Exception as e:
+            if name.startswith("lowbit"):
+                raise
+            row = {"K": k, "N": n, "M": m, "kernel": name, "error": f"{type(e).__name__}: {e}"[:200]}
+        rows.append(row)
+        del build
+        torch.cuda.empty_cache()
     return rows
 
 
 def bench_dequantize(k: int, n: int, l2: int) -> list[dict]:
+    """Standalone dequantize kernels (w4 g128, NF4 double quant, AQLM 2x8) against a copy of the same bytes."""
+    from lowbit.kernels import triton_blockwise4 as B
+    from lowbit.kernels import triton_codebook as A
     from lowbit.kernels import triton_int_grouped as T
 
     sets = copies_for(k * n * 2, l2)
-    calls = []
+    rows = []
+
+    def add(name, calls, nbytes, err):
+        us = time_graph(calls)
+        rows.append({"K": k, "N": n, "M": 0, "kernel": name, "us": us, "bytes": nbytes, "GBps": nbytes / us / 1e3,
+                     "rel_err": err})
+
+    calls, err = [], 0.0
     for i in range(sets):
         qw, s, qz, g = random_w4(k, n, 128, False, seed=i)
         layout = to_group_ordered(qw, s, qz, g, 4)
         if i == 0:
             err = rel_err(T.dequantize_group_ordered(layout, k), reference.dequantize_int_grouped(qw, s, qz, g, 4))
         calls.append(lambda layout=layout: T.dequantize_group_ordered(layout, k))
-    nbytes = k * n // 2 + (k // 128) * n * 2.5 + 2 * k * n
-    us = time_graph(calls)
-    srcs = [torch.randn(int(nbytes) // 4, device="cuda", dtype=torch.float16) for _ in range(sets)]
+    w4_bytes = k * n // 2 + (k // 128) * n * 2.5 + 2 * k * n
+    add("lowbit dequantize w4g128", calls, w4_bytes, err)
+
+    calls, err = [], 0.0
+    for i in range(sets):
+        a = random_nf4(n, k)
+        if i == 0:
+            err = rel_err(B.dequantize_blockwise4(*a), reference.dequantize_blockwise4(*a))
+        calls.append(lambda a=a: B.dequantize_blockwise4(*a))
+    add("lowbit dequantize nf4 double-quant", calls, k * n // 2 + k * n // 64 + 2 * k * n, err)
+
+    calls, err = [], 0.0
+    for i in range(sets):
+        codes, books, scales = random_codebook(n, k, 2, 8, seed=i)
+        if i == 0:
+            err = rel_err(A.dequantize_codebook(codes, books, scales), reference.dequantize_codebook(codes, books, scales))
+        calls.append(lambda c=codes, b=books, s=scales: A.dequantize_codebook(c, b, s))
+    add("lowbit dequantize aqlm 2x8", calls, n * (k // 8) * 2 + 2 * k * n, err)
+
+    srcs = [torch.randn(int(w4_bytes) // 4, device="cuda", dtype=torch.float16) for _ in range(sets)]
     dsts = [torch.empty_like(b) for b in srcs]
-    cus = time_graph([lambda a=a, b=b: b.copy_(a) for a, b in zip(srcs, dsts)])
-    return [{"K": k, "N": n, "M": 0, "kernel": "lowbit dequantize w4g128", "us": us, "bytes": nbytes,
-             "GBps": nbytes / us / 1e3, "rel_err": err},
-            {"K": k, "N": n, "M": 0, "kernel": "probe copy (same bytes)", "us": cus, "bytes": nbytes,
-             "GBps": nbytes / cus / 1e3, "rel_err": 0.0}]
+    add("probe copy (same bytes as w4g128)", [lambda a=a, b=b: b.copy_(a) for a, b in zip(srcs, dsts)], w4_bytes, 0.0)
+    return rows
 
 
 def print_table(rows: list[dict]) -> None:
@@ -298,6 +380,7 @@ def main() -> None:
     p.add_argument("--m", default="1,16,128", help="comma-separated batch rows")
     p.add_argument("--no-eager", action="store_true", help="skip the eager (launch overhead) timing")
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows to time, of {','.join(ROWS)}")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernels.py needs a CUDA or ROCm GPU")
@@ -305,17 +388,19 @@ def main() -> None:
     l2 = l2_bytes()
     props = torch.cuda.get_device_properties(0)
     print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2 / 2**20:.0f} MiB; "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}, triton {triton.__version__}")
     rows = []
     for shape in args.shapes.split(","):
         k, n = (int(v) for v in shape.split("x"))
         for m in (int(v) for v in args.m.split(",")):
-            rows += bench_shape(k, n, m, l2, not args.no_eager)
-        rows += bench_dequantize(k, n, l2)
+            rows += bench_shape(k, n, m, l2, not args.no_eager, args.rows.split(","))
+        if "lowbit" in args.rows.split(","):
+            rows += bench_dequantize(k, n, l2)
+        if args.json:  # after every shape, so a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump({"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
+                           "rows": rows}, f, indent=1)
     print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": props.name, "torch": torch.__version__, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

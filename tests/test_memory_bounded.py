@@ -43,8 +43,14 @@ def measure(layers: int, device: str = "cpu") -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def least_working(layers: int, runs: int = 2) -> dict:
+    """The run with the least working memory: the resident set of the same work varies by ~10 MB
+    from run to run (what the allocator keeps), and once in a while by more."""
+    return min((measure(layers) for _ in range(runs)), key=lambda r: r["working_bytes"])
+
+
 def test_working_memory_does_not_grow_with_depth():
-    shallow, deep = measure(2), measure(16)
+    shallow, deep = least_working(2), least_working(16)
     grown_model = deep["model_bytes"] - shallow["model_bytes"]
     grown_work = deep["working_bytes"] - shallow["working_bytes"]
     assert grown_model > 50 * 2**20
@@ -53,7 +59,12 @@ def test_working_memory_does_not_grow_with_depth():
 
 
 @pytest.mark.gpu
-def test_gpu_holds_one_block_while_the_model_stays_on_the_cpu():
-    """The model (on the CPU) is several times the GPU memory the quantization may use."""
-    deep = measure(16, "cuda")
-    assert deep["working_bytes"] < deep["model_bytes"] / 4, deep
+def test_gpu_working_memory_does_not_grow_with_depth():
+    """The model stays on the CPU; the GPU holds one block at a time. Peak GPU memory has a fixed
+    part (cuBLAS workspaces, tens of MiB on Hopper) that does not depend on the model, so the test
+    compares depths, as on the CPU: 8x the blocks must not grow the GPU's working memory by more
+    than a small fraction of what the model grows."""
+    shallow, deep = measure(2, "cuda"), measure(16, "cuda")
+    grown_model = deep["model_bytes"] - shallow["model_bytes"]
+    grown_work = deep["working_bytes"] - shallow["working_bytes"]
+    assert grown_work < 0.25 * grown_model, (shallow, deep)

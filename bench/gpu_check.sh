@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Every GPU check in one call, for a lent GPU machine where nothing can be installed: the
+# environment, the kernel and model tests compiled on the GPU, the kernel bench against fp16 and
+# peers, the launch-configuration sweep and the end-to-end decode bench. Logs and JSON go to $OUT.
+#
+#   STEPS=env,tests,kernels,sweep,e2e,peers bash bench/gpu_check.sh
+#   (KERNEL_ROWS / KERNEL_ARGS / SWEEP_ARGS pass --rows, other options, --quick to the benches;
+#   TEST_ARGS, e.g. "-m gpu", selects tests, TEST_TIMEOUT bounds them)
+#
+# Peers (bitsandbytes, gemlite) are read from .whl/site when present (unpacked wheels; see
+# docs/performance.md). Each step has its own time limit, so one that hangs leaves the rest.
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}"
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
+OUT=${OUT:-/tmp/lowbit-gpu}
+mkdir -p "$OUT"
+STEPS=${STEPS:-env,tests,kernels,sweep,e2e,peers}
+step() { [[ ",$STEPS," == *",$1,"* ]] && echo "=== $1 $(date +%T)"; }
+
+if step env; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem --format=csv
+    python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
+'transformers', transformers.__version__, torch.cuda.get_device_name(),
+torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')"
+fi
+
+if step tests; then
+    timeout ${TEST_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider -n 8 ${TEST_ARGS:-} \
+        tests/test_triton_int_grouped.py tests/test_triton_blockwise4.py tests/test_triton_codebook.py \
+        tests/test_gpu_paths.py tests/test_gptq.py::test_gptq_on_gpu_matches_cpu \
+        tests/test_memory_bounded.py::test_gpu_working_memory_does_not_grow_with_depth \
+        --deselect tests/test_triton_int_grouped.py::test_kernels_compile_for_every_target \
+        >"$OUT/tests.log" 2>&1
+    echo "pytest exit $?"
+    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -15
+fi
+
+if step kernels; then
+    timeout 150 python3 bench/kernels.py --rows ${KERNEL_ROWS:-fp16,lowbit,tinygemm,bitsandbytes,probe} \
+        ${KERNEL_ARGS:-} --json "$OUT/kernels.json" >"$OUT/kernels.log" 2>&1
+    echo "kernels exit $?"
+    tail -80 "$OUT/kernels.log"
+fi
+
+if step sweep; then
+    for i in $(seq 0 13); do
+        timeout 100 python3 bench/sweep.py ${SWEEP_ARGS:-} --warm "$i/14" >"/tmp/warm$i.log" 2>&1 &
+    done
+    wait
+    grep -l -i "error\|Traceback" /tmp/warm*.log | head -3 | xargs -r tail -5
+    timeout 120 python3 bench/sweep.py ${SWEEP_ARGS:-} --json "$OUT/sweep.json" 2>&1 | tail -20
+fi
+
+if step e2e; then
+    timeout 100 python3 bench/e2e.py --model llama7b --layers 8 --graphs 2>&1 | tail -12
+fi
+
+if step peers; then  # gemlite may autotune shapes its shipped tuning lacks: last, on its own limit
+    timeout 60 python3 bench/kernels.py --rows fp16,gemlite --no-eager --json "$OUT/gemlite.json" \
+        >"$OUT/gemlite.log" 2>&1
+    echo "gemlite exit $?"
+    tail -30 "$OUT/gemlite.log"
+fi

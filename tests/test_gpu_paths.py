@@ -1,0 +1,61 @@
+"""Whole models on a GPU: what ``kernel="auto"`` picks there gives the CPU reference's logits.
+
+A tiny Llama is quantized on the CPU with each method, then run on the CPU (reference kernels,
+fp32) and on the GPU in fp16 (Triton kernels; ``torch._int_mm`` for LLM.int8 at more than 16
+rows). The logits agree to fp16 rounding of activations through the model. Skipped without a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import calib_ids, tiny_llama_model
+
+import lowbit
+from lowbit.config import AqlmConfig, BitsAndBytesConfig, GPTQConfig, RtnConfig
+from lowbit.formats.base import QuantLinear
+from lowbit.kernels import select_kernel
+
+pytestmark = pytest.mark.gpu
+
+CONFIGS = {
+    "rtn4-g32": RtnConfig(bits=4, group_size=32),
+    "gptq4-act": GPTQConfig(bits=4, group_size=32, desc_act=True),
+    "gptq3": GPTQConfig(bits=3, group_size=32),
+    "nf4-dq": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
+    "int8": BitsAndBytesConfig(load_in_8bit=True),
+    "aqlm-2x6": AqlmConfig(num_codebooks=2, nbits_per_codebook=6, nsamples=4, max_iterations=2,
+                           kmeans_iterations=2, codebook_steps=4),
+}
+WANT_KERNEL = {"rtn4-g32": "triton", "gptq4-act": "triton", "gptq3": "triton", "nf4-dq": "triton",
+               "int8": "int_mm", "aqlm-2x6": "triton"}
+
+
+def _fp16_activations(model: torch.nn.Module) -> torch.nn.Module:
+    """Cast the float parameters outside the quantized layers to fp16 (the quantized layers keep
+    their stored scales), so activations flow in fp16 as in a model loaded with ``dtype=float16``."""
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            continue
+        for p in mod.parameters(recurse=False):
+            p.data = p.data.half()
+    return model
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_quantized_model_on_gpu_matches_cpu_reference(name):
+    model = lowbit.quantize(tiny_llama_model(), CONFIGS[name], calib_ids(), progress=False)
+    ids = calib_ids(2, 24, seed=3)  # 48 rows: int8 takes torch._int_mm
+    with torch.no_grad():
+        want = model(ids).logits
+        gpu = _fp16_activations(copy.deepcopy(model).cuda())
+        got = gpu(ids.cuda()).logits.float().cpu()
+    layer = next(m for m in gpu.modules() if isinstance(m, QuantLinear))
+    x = torch.randn(2, 24, layer.in_features, device="cuda", dtype=torch.float16)
+    assert select_kernel(layer, x).name == WANT_KERNEL[name]
+    rel = ((got - want).norm() / want.norm()).item()
+    # fp16 activations through two blocks; LLM.int8 also rounds activations to int8 per row, so a
+    # small input difference can move a code by one step (~1% of the row's largest value)
+    assert rel < (3e-2 if name == "int8" else 1e-2), rel
