@@ -108,6 +108,23 @@ def build_parser() -> argparse.ArgumentParser:
     cm.add_argument("--no-encoder", action="store_true", help="skip the encoder's SST-2 rows")
     cm.add_argument("--list", action="store_true", help="list the methods and exit")
 
+    b = sub.add_parser("bench", help="speed of a quantized model against its original (e2e: prefill, decode, memory)")
+    b.add_argument("what", choices=["e2e"], help="e2e: prefill and decode tokens/s and peak memory, end to end")
+    b.add_argument("model", nargs="?", default="default",
+                   help="a plain model folder (quantized here with --method ...) or a quantized one; "
+                        "'default': the embedded SmolLM2-135M")
+    b.add_argument("--base", default=None,
+                   help="the original of a quantized MODEL, measured first (a plain MODEL is its own original)")
+    b.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the unquantized parts (default: float16 on a GPU, float32 on the CPU)")
+    b.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default: 128)")
+    b.add_argument("--new-tokens", type=int, default=32, help="tokens generated per sequence (default: 32)")
+    b.add_argument("--batch-sizes", default="1", help="comma-separated decode batch sizes (default: 1)")
+    b.add_argument("--repeats", type=int, default=3, help="timed runs per number, median reported (default: 3)")
+    b.add_argument("--compile", action="store_true", help="also time the quantized model under torch.compile")
+    b.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    _add_quant_args(b)
+
     d = sub.add_parser("demo", help="quantize the embedded model and compare it with the original")
     d.add_argument("--out", type=Path, default=None,
                    help="where to keep the quantized model, or with --compare the report (default: a temp folder)")
@@ -319,7 +336,52 @@ def _demo_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "prune": cmd_prune, "distill": cmd_distill, "eval": cmd_eval, "convert": cmd_convert,
+def cmd_bench(args: argparse.Namespace) -> int:
+    import gc
+    import json
+
+    import torch
+
+    from lowbit.api import from_pretrained
+    from lowbit.checkpoint.safetensors_io import atomic_write
+    from lowbit.checkpoint.loading import read_config_json
+    from lowbit.eval.e2e import bench_model, format_e2e
+    from lowbit.eval.summary import describe
+    from lowbit.models import resolve_model
+
+    try:
+        batch_sizes = tuple(int(v) for v in args.batch_sizes.split(","))
+    except ValueError:
+        raise ValueError(f"--batch-sizes must be comma-separated integers, not {args.batch_sizes!r}") from None
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if args.device.startswith("cuda")
+                                                           else torch.float32)
+    quantized = read_config_json(resolve_model(args.model)).get("quantization_config") is not None
+    kw = dict(prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch_sizes=batch_sizes, repeats=args.repeats)
+    rows = []
+    base = args.base if quantized else args.model
+    if base is not None:
+        model = from_pretrained(base, dtype=dtype, device=args.device, progress=False)
+        rows.append(bench_model(f"original ({str(dtype).removeprefix('torch.')})", model, **kw))
+        del model
+        gc.collect()
+    config = None if quantized else config_from_args(args)
+    label = "quantized" if quantized else describe(config)
+    for compiled in (False, True) if args.compile else (False,):
+        model = from_pretrained(args.model, quantization_config=config, calib=args.calib, dtype=dtype,
+                                device=args.device)
+        rows.append(bench_model(label + (" + torch.compile" if compiled else ""), model, compile=compiled, **kw))
+        del model
+        gc.collect()
+    print(f"{args.model} on {args.device}: prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
+          f"median of {args.repeats}")
+    print(format_e2e(rows))
+    if args.json is not None:
+        text = json.dumps({"device": args.device, "rows": [r.as_dict() for r in rows]}, indent=1)
+        atomic_write(args.json, lambda tmp: tmp.write_text(text))
+    return 0
+
+
+COMMANDS = {"bench": cmd_bench, "quantize": cmd_quantize, "prune": cmd_prune, "distill": cmd_distill, "eval": cmd_eval, "convert": cmd_convert,
             "compare": cmd_compare, "demo": cmd_demo}
 
 
