@@ -184,7 +184,8 @@ def matmul_int8_outlier(
     """LLM.int8 ``x @ W.T + bias`` with mixed-precision outlier decomposition.
 
     Input columns where any row has ``|x| >= threshold`` (none when ``threshold == 0``) are
-    multiplied in fp32 with the dequantized weight columns. The rest of ``x`` is quantized per
+    multiplied in fp32 with the dequantized weight columns (under ``torch.compile``, as a masked
+    product over all columns, so the graph has no data-dependent shapes). The rest of ``x`` is quantized per
     row, ``CA = round(127 * x / absmax_row)``, multiplied with ``CB`` in int32 and scaled by
     ``absmax_row * SCB / 127**2``.
 
@@ -204,7 +205,11 @@ def matmul_int8_outlier(
     ca = torch.round(xi * (127.0 / row.clamp(min=1e-30)).unsqueeze(1)).to(torch.int8)  # [M, K]
     acc = int_matmul(ca, weight).float()  # [M, N]
     out = acc * (row.unsqueeze(1) * scb.unsqueeze(0)) / (127.0 * 127.0)
-    if outliers.any():
+    if torch.compiler.is_compiling():
+        # no shape that depends on the data under torch.compile: the outlier columns as a mask over
+        # a full fp32 product (the same nonzero terms; the sums may round differently)
+        out = out + xf.masked_fill(~outliers, 0.0) @ dequantize_int8_rows(weight, scb).t()
+    elif outliers.any():
         w_out = dequantize_int8_rows(weight[:, outliers], scb)  # [N, K_outlier]
         out = out + xf[:, outliers] @ w_out.t()
     if bias is not None:
