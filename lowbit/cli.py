@@ -337,15 +337,15 @@ def _demo_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import gc
     import json
+    import tempfile
 
     import torch
 
-    from lowbit.api import from_pretrained
-    from lowbit.checkpoint.safetensors_io import atomic_write
+    from lowbit.api import from_pretrained, save_quantized
     from lowbit.checkpoint.loading import read_config_json
-    from lowbit.eval.e2e import bench_model, format_e2e
+    from lowbit.checkpoint.safetensors_io import atomic_write
+    from lowbit.eval.e2e import E2ESpec, format_e2e, run_isolated
     from lowbit.eval.summary import describe
     from lowbit.models import resolve_model
 
@@ -353,31 +353,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
         batch_sizes = tuple(int(v) for v in args.batch_sizes.split(","))
     except ValueError:
         raise ValueError(f"--batch-sizes must be comma-separated integers, not {args.batch_sizes!r}") from None
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if args.device.startswith("cuda")
-                                                           else torch.float32)
+    dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     quantized = read_config_json(resolve_model(args.model)).get("quantization_config") is not None
-    kw = dict(prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch_sizes=batch_sizes, repeats=args.repeats)
-    rows = []
-    base = args.base if quantized else args.model
-    if base is not None:
-        model = from_pretrained(base, dtype=dtype, device=args.device, progress=False)
-        rows.append(bench_model(f"original ({str(dtype).removeprefix('torch.')})", model, **kw))
-        del model
-        gc.collect()
-    config = None if quantized else config_from_args(args)
-    label = "quantized" if quantized else describe(config)
-    for compiled in (False, True) if args.compile else (False,):
-        model = from_pretrained(args.model, quantization_config=config, calib=args.calib, dtype=dtype,
-                                device=args.device)
-        rows.append(bench_model(label + (" + torch.compile" if compiled else ""), model, compile=compiled, **kw))
-        del model
-        gc.collect()
+    common = dict(dtype=dtype, device=args.device, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                  batch_sizes=batch_sizes, repeats=args.repeats)
+    with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as tmp:
+        specs = []
+        base = args.base if quantized else args.model
+        if base is not None:
+            specs.append(E2ESpec(f"original ({dtype})", str(base), **common))
+        target, label = str(args.model), "quantized"
+        if not quantized:  # quantize once and save, so that each measuring process loads the checkpoint
+            config = config_from_args(args)
+            model = from_pretrained(args.model, quantization_config=config, calib=args.calib,
+                                    dtype=getattr(torch, dtype), device=args.device)
+            target, label = str(save_quantized(model, Path(tmp) / "quantized")), describe(config)
+            del model
+        for compiled in (False, True) if args.compile else (False,):
+            specs.append(E2ESpec(label + (" + torch.compile" if compiled else ""), target, compile=compiled, **common))
+        rows = [run_isolated(spec) for spec in specs]  # each in a fresh process: its own peak memory
     print(f"{args.model} on {args.device}: prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
-          f"median of {args.repeats}")
+          f"median of {args.repeats}; each model loaded and measured in its own process")
     print(format_e2e(rows))
     if args.json is not None:
         text = json.dumps({"device": args.device, "rows": [r.as_dict() for r in rows]}, indent=1)
-        atomic_write(args.json, lambda tmp: tmp.write_text(text))
+        atomic_write(args.json, lambda tmp_file: tmp_file.write_text(text))
     return 0
 
 

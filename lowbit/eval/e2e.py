@@ -4,21 +4,23 @@ Each model is measured in turn on the same device with the same random prompts: 
 tokens/s (one forward over the prompt at batch 1), decode tokens/s per batch size (greedy
 ``generate`` through the KV cache; see :mod:`lowbit.eval.speed`), bytes of weights, and peak
 memory while it ran (CUDA peak allocation on a GPU, the process's resident-set high-water mark
-on the CPU; see :mod:`lowbit.eval.memory`). Optionally the quantized model runs again under
-``torch.compile``. ``lowbit bench e2e`` prints the table; ``bench/e2e.py`` times a
-Llama-7B-shaped model with CUDA-graph decode on a GPU.
+on the CPU; see :mod:`lowbit.eval.memory`). :func:`run_isolated` loads and measures each model
+in a fresh process, so that its peak is its own and not what an earlier model (or the
+quantization of this one) left behind.
+Optionally the quantized model runs again under ``torch.compile``. ``lowbit bench e2e`` prints
+the table; ``bench/e2e.py`` times a Llama-7B-shaped model with CUDA-graph decode on a GPU.
 """
 
 from __future__ import annotations
 
-import gc
+import multiprocessing
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from lowbit.eval.memory import PeakMemory, model_weight_bytes
+from lowbit.eval.memory import PeakMemory, model_weight_bytes, release_freed_memory
 from lowbit.eval.speed import SpeedReport, measure_speed
 
 
@@ -51,11 +53,47 @@ def bench_model(label: str, model: nn.Module, *, prompt_len: int = 128, new_toke
     if compile:
         model.forward = torch.compile(model.forward, dynamic=True)
     device = next(model.parameters()).device
-    gc.collect()
+    release_freed_memory()
     with PeakMemory(device) as peak:
         speed = measure_speed(model, prompt_len=prompt_len, new_tokens=new_tokens, batch_sizes=batch_sizes,
                               repeats=repeats, warmup=1)
     return E2ERow(label, model_weight_bytes(model), peak.peak_bytes, peak.method, speed)
+
+
+@dataclass(frozen=True)
+class E2ESpec:
+    """What one row measures: ``model`` (a plain or quantized folder, or ``"default"``), loaded
+    with the unquantized parts in ``dtype`` on ``device``."""
+
+    label: str
+    model: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    compile: bool = False
+    prompt_len: int = 128
+    new_tokens: int = 32
+    batch_sizes: tuple[int, ...] = field(default=(1,))
+    repeats: int = 3
+
+
+def run_spec(spec: E2ESpec) -> E2ERow:
+    """Load ``spec.model`` here and measure it."""
+    from lowbit.api import from_pretrained
+
+    model = from_pretrained(spec.model, dtype=getattr(torch, spec.dtype), device=spec.device, progress=False)
+    return bench_model(spec.label, model, prompt_len=spec.prompt_len, new_tokens=spec.new_tokens,
+                       batch_sizes=spec.batch_sizes, repeats=spec.repeats, compile=spec.compile)
+
+
+def run_isolated(spec: E2ESpec) -> E2ERow:
+    """:func:`run_spec` in a fresh (spawned) process: the peak memory is this model's alone.
+    An error there is raised here."""
+    pool = multiprocessing.get_context("spawn").Pool(1)
+    try:
+        return pool.apply(run_spec, (spec,))
+    finally:
+        pool.close()  # a clean exit (terminate would leak the pool's semaphores)
+        pool.join()
 
 
 def format_e2e(rows: Sequence[E2ERow]) -> str:

@@ -42,6 +42,20 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
+def release_freed_memory() -> None:
+    """Hand memory that Python and torch have freed back to the OS where the C library allows
+    (glibc's ``malloc_trim``), so that a resident-set peak measured next starts from what is
+    still in use, not from what an earlier step (loading, quantizing) left in the heap."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def current_rss_bytes() -> int | None:
     """Resident set size of this process now, or None where /proc is missing."""
     kib = _status_kib("VmRSS")
