@@ -63,6 +63,12 @@ def test_both_batch_paths_match_reference(path, dtype):
     assert rel_err(got, want) <= MATMUL_REL[dtype]
 
 
+def test_unknown_batch_path_is_an_error():
+    mod = random_module(8, 64, 64, "nf4", False, seed=1)
+    with pytest.raises(ValueError, match="batch_path must be 'tiled' or 'dequantize', not 'dense'"):
+        T.matmul_blockwise4(torch.randn(16, 64).to(DEVICE, torch.float16), *args(mod), batch_path="dense")
+
+
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", False), ("fp4", False), ("nf4", True)],
                          ids=["nf4", "fp4", "nf4-dq"])
 @pytest.mark.parametrize("n,k,bs", [(33, 71, 64), (24, 100, 128), (300, 40, 4096)], ids=["odd", "b128", "b4096"])

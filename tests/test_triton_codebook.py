@@ -63,6 +63,12 @@ def test_both_batch_paths_match_reference(path, dtype):
     assert rel_err(got, want) <= MATMUL_REL[dtype]
 
 
+def test_unknown_batch_path_is_an_error():
+    mod = random_module(8, 64, 8, *SCHEMES[0], seed=1)
+    with pytest.raises(ValueError, match="batch_path must be 'tiled' or 'dequantize', not 'dense'"):
+        T.matmul_codebook(torch.randn(16, 64).to(DEVICE, torch.float16), *args(mod), batch_path="dense")
+
+
 @pytest.mark.parametrize("scheme", SCHEMES, ids=[f"{c}x{b}" for c, b in SCHEMES])
 @pytest.mark.parametrize("n,k,ig", [(33, 72, 8), (24, 80, 16), (70, 40, 4)], ids=["odd", "g16", "g4"])
 def test_dequantize_matches_reference(n, k, ig, scheme):

@@ -136,6 +136,14 @@ def test_block_k_for(group, k, want):
     assert T.block_k_for(group, k) == want
 
 
+def test_launch_config_whose_k_tile_spans_groups_is_an_error():
+    mod = random_module(16, 128, 4, 32, False, seed=1).to(DEVICE)
+    layout = mod.group_ordered()
+    cfg = C.MatmulConfig(1, 64, 64, 1, 2, 3)  # 64-wide K tiles over groups of 32
+    with pytest.raises(ValueError, match="block_k 64 does not fit group size 32 \\(use 32\\)"):
+        T.matmul_group_ordered(torch.randn(1, 128).to(DEVICE, torch.float16), layout, cfg=cfg)
+
+
 def test_split_k_fills_the_gpu_for_a_single_token():
     cfg = C.matmul_config(1, 4096, 4096, 128, 132, None)
     programs = -(-4096 // cfg.block_n) * cfg.split_k

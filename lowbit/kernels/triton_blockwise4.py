@@ -15,12 +15,13 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels.triton_common import (
+    MatmulConfig,
     _output_tile,
     _product,
     _store_output,
+    device_sms,
     finish_split_k,
     input_rows,
-    device_sms,
     launch_config,
     output_buffer,
 )
@@ -125,13 +126,7 @@ def _gemv_kernel(
         v = tl.load(qmap_ptr + (byte >> 4)) * x_even[None, :] + tl.load(qmap_ptr + (byte & 15)) * x_odd[None, :]
         scale = _block_scale(absmax_ptr, nabs_ptr, nmap_ptr, noff_ptr, first + b, mask_n, NESTED)  # [BN]
         acc += v * scale[:, None]
-    out = tl.sum(acc, axis=1)
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
-    else:
-        tl.store(y_ptr + tl.program_id(1) * N + offs_n, out, mask=mask_n)
+    _store_output(y_ptr, b_ptr, tl.sum(acc, axis=1)[None, :], tl.arange(0, 1), offs_n, 1, N, N, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -172,13 +167,13 @@ def dequantize_blockwise4(weight, absmax, quant_map, blocksize, shape, nested_ab
     return out
 
 
-def _gemv_config(n: int, k: int, blocksize: int, device: torch.device) -> tuple[int, int]:
-    """(rows per program, K splits) of :func:`_gemv_kernel`: 64 rows, K split until about 8
-    programs per multiprocessor or two blocks per split."""
+def _gemv_config(n: int, k: int, blocksize: int, device: torch.device) -> MatmulConfig:
+    """Launch of :func:`_gemv_kernel`: 64 rows a program, 4 warps, K split until about 8 programs
+    per multiprocessor or two blocks per split."""
     tiles, k_blocks, split = triton.cdiv(n, 64), k // blocksize, 1
     while split < 16 and tiles * split * 2 <= 8 * device_sms(device) and k_blocks // (split * 2) >= 2:
         split *= 2
-    return 64, split
+    return MatmulConfig(1, 64, blocksize, split, 4, 3)
 
 
 def batch_path_for(m: int) -> str:
@@ -203,6 +198,8 @@ def matmul_blockwise4(x, weight, absmax, quant_map, blocksize, shape, nested_abs
     dtype = compute_dtype or x.dtype
     x2 = input_rows(x, dtype)
     m = x2.shape[0]
+    if batch_path not in (None, "tiled", "dequantize"):
+        raise ValueError(f"batch_path must be 'tiled' or 'dequantize', not {batch_path!r}")
     if m >= 16 and (batch_path or batch_path_for(m)) == "dequantize":
         w = dequantize_blockwise4(weight, absmax, quant_map, blocksize, shape, nested_absmax, nested_quant_map,
                                   nested_offset, dtype=dtype)
@@ -211,24 +208,19 @@ def matmul_blockwise4(x, weight, absmax, quant_map, blocksize, shape, nested_abs
     w, nested_ptrs, nested = _operands(weight, absmax, nested_absmax, nested_quant_map, nested_offset)
     row_blocks = k % blocksize == 0 and blocksize <= 256
     if m == 1 and row_blocks:
-        block_n, split = _gemv_config(n, k, blocksize, x.device)
-        y = torch.empty(n, device=x.device, dtype=dtype) if split == 1 else \
-            torch.empty(split, n, device=x.device, dtype=torch.float32)
-        _gemv_kernel[(triton.cdiv(n, block_n), split)](
+        cfg = _gemv_config(n, k, blocksize, x.device)
+        y = output_buffer(cfg, m, n, x2)
+        _gemv_kernel[cfg.grid(m, n)](
             x2, w, absmax, quant_map, *nested_ptrs, bias if bias is not None else quant_map, y, n, k,
-            BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, BLOCK_N=block_n, SPLIT_K=split,
-            num_warps=4)
-        if split > 1:
-            y = y.sum(0)
-            if bias is not None:
-                y += bias
-        return y.to(x.dtype).reshape(*x.shape[:-1], n)
-    cfg = launch_config(m, n, k, blocksize if row_blocks else 64, x.device)
-    y = output_buffer(cfg, m, n, x2)
-    _matmul_kernel[cfg.grid(m, n)](
-        x2, w, absmax, quant_map, *nested_ptrs, bias if bias is not None else quant_map, y,
-        m, n, k, x2.stride(0),
-        BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, ROW_BLOCKS=row_blocks,
-        **cfg.kernel_options(dtype),
-    )
+            BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
+            num_warps=cfg.num_warps)
+    else:
+        cfg = launch_config(m, n, k, blocksize if row_blocks else 64, x.device)
+        y = output_buffer(cfg, m, n, x2)
+        _matmul_kernel[cfg.grid(m, n)](
+            x2, w, absmax, quant_map, *nested_ptrs, bias if bias is not None else quant_map, y,
+            m, n, k, x2.stride(0),
+            BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, ROW_BLOCKS=row_blocks,
+            **cfg.kernel_options(dtype),
+        )
     return finish_split_k(y, cfg, bias, dtype).to(x.dtype).reshape(*x.shape[:-1], n)

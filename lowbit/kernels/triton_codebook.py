@@ -146,6 +146,8 @@ def matmul_codebook(x, codes, codebooks, scales, bias=None, batch_path: str | No
     n, k, gi, n_codebooks, size = _geometry(codes, codebooks)
     x2 = input_rows(x)
     m = x2.shape[0]
+    if batch_path not in (None, "tiled", "dequantize"):
+        raise ValueError(f"batch_path must be 'tiled' or 'dequantize', not {batch_path!r}")
     if m >= 16 and (batch_path or batch_path_for(n_codebooks)) == "dequantize":
         w = dequantize_codebook(codes, codebooks, scales, dtype=x2.dtype)
         b = bias.to(x2.dtype) if bias is not None else None

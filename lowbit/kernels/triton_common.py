@@ -86,11 +86,6 @@ class MatmulConfig:
                 "DOT_FP32": INTERPRET and dtype == torch.bfloat16, **self.launch_options()}
 
 
-def is_hip() -> bool:
-    """PyTorch is a ROCm build (AMD GPUs)."""
-    return torch.version.hip is not None
-
-
 def hip_options(arch: str) -> tuple[tuple[str, int], ...]:
     """Triton compiler options for an AMD target such as ``"gfx942"``.
 
