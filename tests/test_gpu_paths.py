@@ -59,3 +59,31 @@ def test_quantized_model_on_gpu_matches_cpu_reference(name):
     # fp16 activations through two blocks; LLM.int8 also rounds activations to int8 per row, so a
     # small input difference can move a code by one step (~1% of the row's largest value)
     assert rel < (3e-2 if name == "int8" else 1e-2), rel
+
+
+def _input_grad(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    model(inputs_embeds=emb).logits.float().square().mean().backward()
+    return emb.grad.float().cpu()
+
+
+@pytest.mark.parametrize("name", ["gptq4-act", "nf4-dq", "aqlm-2x6", "int8"])
+def test_compiled_graphs_on_gpu_match_eager(name):
+    """Moved to the GPU and compiled before any eager call (the layouts are built by the move),
+    ``torch.compile(fullgraph=True, mode="reduce-overhead")`` (inductor, CUDA graphs) replays the
+    eager model's logits; the gradient through the frozen quantized layers (the ops' backward) is
+    the CPU reference's."""
+    model = lowbit.quantize(tiny_llama_model(), CONFIGS[name], calib_ids(), progress=False)
+    ids = calib_ids(1, 24, seed=3)
+    want_grad = _input_grad(model, ids)
+    gpu = _fp16_activations(copy.deepcopy(model).cuda())
+    ids = ids.cuda()
+    torch._dynamo.reset()
+    compiled = torch.compile(gpu, fullgraph=True, mode="reduce-overhead")
+    with torch.no_grad():
+        got = [compiled(ids).logits.float().clone() for _ in range(3)]  # recorded, then replayed
+        want = gpu(ids).logits.float()
+    for g in got:
+        assert ((g - want).norm() / want.norm()).item() < 1e-2
+    grad = _input_grad(gpu, ids)
+    assert ((grad - want_grad).norm() / want_grad.norm()).item() < 5e-2

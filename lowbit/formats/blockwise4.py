@@ -36,7 +36,7 @@ import torch
 from lowbit.formats.base import QuantLinear
 from lowbit.formats.packing import pack_nibbles
 from lowbit.kernels import KernelImpl, always, register_kernel, triton_gpu_available
-from lowbit.kernels import reference
+from lowbit.kernels import ops, reference
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -236,11 +236,9 @@ def _triton_supports(m: Blockwise4Linear, x: torch.Tensor) -> bool:
 
 
 def _triton_forward(x: torch.Tensor, m: Blockwise4Linear) -> torch.Tensor:
-    from lowbit.kernels import triton_blockwise4
-
-    return triton_blockwise4.matmul_blockwise4(
-        x, m.weight, m.absmax, m.quant_map, m.blocksize, (m.out_features, m.in_features),
-        m.nested_absmax, m.nested_quant_map, m.nested_offset, m.bias, m.compute_dtype)
+    return ops.blockwise4_matmul(x, m.weight, m.absmax, m.quant_map, m.nested_absmax, m.nested_quant_map,
+                                 m.nested_offset, m.bias, m.blocksize, m.out_features, m.in_features,
+                                 m.compute_dtype)
 
 
 register_kernel(

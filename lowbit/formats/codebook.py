@@ -29,7 +29,7 @@ import torch
 
 from lowbit.formats.base import QuantLinear
 from lowbit.kernels import KernelImpl, always, register_kernel, triton_gpu_available
-from lowbit.kernels import reference
+from lowbit.kernels import ops, reference
 
 MAX_NBITS = 16
 
@@ -146,9 +146,7 @@ def _triton_supports(m: AqlmLinear, x: torch.Tensor) -> bool:
 
 
 def _triton_forward(x: torch.Tensor, m: AqlmLinear) -> torch.Tensor:
-    from lowbit.kernels import triton_codebook
-
-    return triton_codebook.matmul_codebook(x, m.codes, m.codebooks, m.scales, m.bias)
+    return ops.codebook_matmul(x, m.codes, m.codebooks, m.scales, m.bias)
 
 
 register_kernel(

@@ -78,8 +78,25 @@ class Int8Linear(QuantLinear):
         return f"{super().extra_repr()}, threshold={self.threshold}"
 
 
+class _Int8Matmul(torch.autograd.Function):
+    """The LLM.int8 product, differentiated as the product with the dequantized weight (as
+    bitsandbytes' ``MatMul8bitLt`` is): rounding the activations to int8 has no useful gradient,
+    and without this a frozen int8 layer would stop the gradient to every layer before it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scb, bias, threshold, int_matmul):
+        ctx.save_for_backward(weight, scb)
+        return reference.matmul_int8_outlier(x, weight, scb, threshold, bias, int_matmul=int_matmul)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, scb = ctx.saved_tensors
+        w = reference.dequantize_int8_rows(weight, scb).to(grad.dtype)  # [N, K]
+        return grad @ w, None, None, None, None, None
+
+
 def _reference_forward(x: torch.Tensor, m: Int8Linear) -> torch.Tensor:
-    return reference.matmul_int8_outlier(x, m.weight, m.SCB, m.threshold, m.bias)
+    return _Int8Matmul.apply(x, m.weight, m.SCB, m.bias, m.threshold, reference.int_matmul_exact)
 
 
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -88,7 +105,7 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _int_mm_forward(x: torch.Tensor, m: Int8Linear) -> torch.Tensor:
-    return reference.matmul_int8_outlier(x, m.weight, m.SCB, m.threshold, m.bias, int_matmul=int_mm)
+    return _Int8Matmul.apply(x, m.weight, m.SCB, m.bias, m.threshold, int_mm)
 
 
 def _int_mm_supported(m: Int8Linear, x: torch.Tensor) -> bool:

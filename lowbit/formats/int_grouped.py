@@ -27,7 +27,7 @@ from lowbit.formats.base import QuantLinear
 from lowbit.formats.group_order import GroupOrdered, to_group_ordered
 from lowbit.formats.packing import SUPPORTED_BITS, pack_int, packed_length
 from lowbit.kernels import KernelImpl, always, register_kernel, triton_gpu_available
-from lowbit.kernels import reference
+from lowbit.kernels import ops, reference
 
 
 class IntGroupedLinear(QuantLinear):
@@ -58,7 +58,8 @@ class IntGroupedLinear(QuantLinear):
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=scales_dtype, **kw))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, **kw))
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, **kw) if bias else None)
-        self._ordered: tuple[tuple, GroupOrdered | None] | None = None
+        # (source buffers, their (pointer, version) pairs, layout built from them): see group_ordered()
+        self._ordered: tuple[tuple, tuple, GroupOrdered | None] | None = None
 
     @classmethod
     def from_quantized(
@@ -106,12 +107,34 @@ class IntGroupedLinear(QuantLinear):
         Built once and cached (an act-order weight costs one reordered copy of ``qweight``);
         rebuilt when a buffer is replaced, moved or written in place. The buffers, and so the
         checkpoint, keep the canonical layout.
+
+        Under ``torch.compile`` nothing is built (tracing cannot follow the data-dependent
+        reordering): the cached layout is used if it was built from this module's current buffers,
+        else None (the reference path). The layout is built eagerly whenever the module moves to
+        a GPU or loads a state dict, so a model compiled before its first eager call finds it.
         """
         bufs = (self.qweight, self.scales, self.qzeros, self.g_idx)
-        key = tuple((b.data_ptr(), b._version, b.device) for b in bufs)
-        if self._ordered is None or self._ordered[0] != key:
-            self._ordered = (key, to_group_ordered(self.qweight, self.scales, self.qzeros, self.g_idx, self.bits))
-        return self._ordered[1]
+        cached = self._ordered
+        if torch.compiler.is_compiling():
+            return cached[2] if cached is not None and _same_tensors(cached[0], bufs) else None
+        versions = tuple((b.data_ptr(), _version(b)) for b in bufs)
+        if cached is None or not _same_tensors(cached[0], bufs) or cached[1] != versions:
+            self._ordered = cached = (bufs, versions, to_group_ordered(*bufs, self.bits))
+        return cached[2]
+
+    def _reset_layout(self) -> None:
+        self._ordered = None
+        if self.qweight.is_cuda:
+            self.group_ordered()
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        self._reset_layout()
+        return module
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._reset_layout()
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}"
@@ -127,6 +150,19 @@ def check_grouping(in_features: int, bits: int, group_size: int) -> None:
         raise ValueError(f"in_features={in_features} must be positive")
 
 
+def _version(t: torch.Tensor) -> int:
+    """In-place write counter; tensors made under ``torch.inference_mode`` (a quantized model's
+    buffers) keep none and can only be written inside it: -1."""
+    return -1 if t.is_inference() else t._version
+
+
+def _same_tensors(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
+    for u, v in zip(a, b, strict=True):
+        if u is not v:
+            return False
+    return True
+
+
 def _reference_forward(x: torch.Tensor, m: IntGroupedLinear) -> torch.Tensor:
     return reference.matmul_int_grouped(x, m.qweight, m.scales, m.qzeros, m.g_idx, m.bits, m.bias)
 
@@ -136,9 +172,8 @@ def _triton_supports(m: IntGroupedLinear, x: torch.Tensor) -> bool:
 
 
 def _triton_forward(x: torch.Tensor, m: IntGroupedLinear) -> torch.Tensor:
-    from lowbit.kernels import triton_int_grouped
-
-    return triton_int_grouped.matmul_group_ordered(x, m.group_ordered(), m.bias)
+    w = m.group_ordered()
+    return ops.int_grouped_matmul(x, w.qweight, w.scales, w.qzeros, w.perm, m.bias, w.bits, w.group_size)
 
 
 register_kernel(

@@ -74,9 +74,18 @@ def triton_gpu_available() -> bool:
     return arch is None or not arch.startswith("gfx10")
 
 
-@functools.cache
-def _available(impl: KernelImpl) -> bool:
-    return bool(impl.available())
+_AVAILABLE: dict[tuple[str, str], bool] = {}
+
+
+@torch.compiler.assume_constant_result
+def _available(fmt: str, name: str) -> bool:
+    """Whether kernel ``name`` of format ``fmt`` can run on this machine: asked once, and a
+    constant to ``torch.compile`` (which would otherwise trace the package and device probes)."""
+    key = (fmt, name)
+    if key not in _AVAILABLE:
+        impl = next(i for i in _KERNELS[fmt] if i.name == name)
+        _AVAILABLE[key] = bool(impl.available())
+    return _AVAILABLE[key]
 
 
 def select_kernel(module: torch.nn.Module, x: torch.Tensor, kernel: str = "auto") -> KernelImpl:
@@ -94,12 +103,12 @@ def select_kernel(module: torch.nn.Module, x: torch.Tensor, kernel: str = "auto"
     name = forced if forced and kernel == "auto" else kernel
     if name == "auto":
         for impl in impls:
-            if _available(impl) and impl.supports(module, x):
+            if _available(fmt, impl.name) and impl.supports(module, x):
                 return impl
         raise ValueError(f"no registered kernel of format {fmt!r} supports this input")
     for impl in impls:
         if impl.name == name:
-            if not _available(impl):
+            if not _available(fmt, impl.name):
                 raise ValueError(f"kernel {name!r} for format {fmt!r} is not available on this machine")
             if not impl.supports(module, x):
                 raise ValueError(

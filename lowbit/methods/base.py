@@ -32,7 +32,9 @@ class Quantizer(ABC, Generic[C]):
 
     requires_calibration: ClassVar[bool]
     is_serializable: ClassVar[bool] = True
-    is_trainable: ClassVar[bool] = False
+    is_trainable: ClassVar[bool] = True
+    """Adapters on a quantized model train: every quantized layer passes the gradient to its input
+    (the product with its dequantized weight); the quantized weights themselves stay frozen."""
 
     def __init__(self, config: C) -> None:
         self.config = config

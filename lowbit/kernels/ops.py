@@ -1,0 +1,176 @@
+"""The Triton entry points as ``torch.library`` custom ops: ``torch.ops.lowbit.*``.
+
+A quantized module's Triton forward calls these ops instead of the launch wrappers, so that
+``torch.compile(fullgraph=True)`` sees one opaque node per quantized matmul (the wrappers read
+device properties and choose launch configurations in Python, which tracing cannot follow), and
+CUDA-graph capture replays the launches. Each op has
+
+- an implementation: the Triton wrapper (imported on the first call, so the package imports
+  without Triton);
+- a fake implementation: output shape and dtype only, for tracing;
+- for the matmuls, a backward: ``grad_x = grad_y @ W`` through the op's dequantize twin, so a
+  frozen quantized layer passes gradients to the layers before it (adapters trained on top of it,
+  QLoRA style). The quantized buffers get no gradient.
+
+Every op computes what the format's reference in :mod:`lowbit.kernels.reference` does; the tests
+compare them (under ``TRITON_INTERPRET=1`` on CPU) and run ``torch.library.opcheck`` on each.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lowbit.formats.group_order import GroupOrdered
+
+# --- grouped int ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("lowbit::int_grouped_matmul", mutates_args=())
+def int_grouped_matmul(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, perm: Tensor | None,
+                       bias: Tensor | None, bits: int, group_size: int) -> Tensor:
+    """``x @ W.T + bias`` for a weight in the group-ordered layout.
+
+    Args:
+        x: fp16/bf16/fp32 ``[..., K]``.
+        qweight, scales, qzeros, perm, bits, group_size: the fields of a
+            :class:`~lowbit.formats.group_order.GroupOrdered` weight (``qweight`` int32
+            ``[ceil(K*bits/32), N]``, ``scales`` ``[G, N]``, ``qzeros`` int32 ``[G, ceil(N*bits/32)]``,
+            ``perm`` int32 ``[K]`` or None).
+        bias: ``[N]`` or None.
+    Returns:
+        ``[..., N]`` in x's dtype.
+    """
+    from lowbit.kernels import triton_int_grouped
+
+    w = GroupOrdered(qweight, scales, qzeros, perm, bits, group_size)
+    return triton_int_grouped.matmul_group_ordered(x, w, bias)
+
+
+@int_grouped_matmul.register_fake
+def _(x, qweight, scales, qzeros, perm, bias, bits, group_size):
+    return x.new_empty(*x.shape[:-1], scales.shape[1])
+
+
+@torch.library.custom_op("lowbit::int_grouped_dequantize", mutates_args=())
+def int_grouped_dequantize(qweight: Tensor, scales: Tensor, qzeros: Tensor, perm: Tensor | None, bits: int,
+                           group_size: int, k: int, dtype: torch.dtype) -> Tensor:
+    """The group-ordered weight as ``[N, K]`` in ``dtype``, columns in the input order."""
+    from lowbit.kernels import triton_int_grouped
+
+    w = GroupOrdered(qweight, scales, qzeros, perm, bits, group_size)
+    return triton_int_grouped.dequantize_group_ordered(w, k, dtype)
+
+
+@int_grouped_dequantize.register_fake
+def _(qweight, scales, qzeros, perm, bits, group_size, k, dtype):
+    return scales.new_empty(scales.shape[1], k, dtype=dtype)
+
+
+def _int_grouped_setup(ctx, inputs, output):
+    x, qweight, scales, qzeros, perm, _bias, bits, group_size = inputs
+    ctx.save_for_backward(qweight, scales, qzeros, perm)
+    ctx.meta = (bits, group_size, x.shape[-1])
+
+
+def _int_grouped_backward(ctx, grad):
+    qweight, scales, qzeros, perm = ctx.saved_tensors
+    bits, group_size, k = ctx.meta
+    w = int_grouped_dequantize(qweight, scales, qzeros, perm, bits, group_size, k, grad.dtype)  # [N, K]
+    return grad @ w, None, None, None, None, None, None, None
+
+
+int_grouped_matmul.register_autograd(_int_grouped_backward, setup_context=_int_grouped_setup)
+
+# --- NF4 / FP4 -----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("lowbit::blockwise4_matmul", mutates_args=())
+def blockwise4_matmul(x: Tensor, weight: Tensor, absmax: Tensor, quant_map: Tensor, nested_absmax: Tensor | None,
+                      nested_quant_map: Tensor | None, nested_offset: Tensor | None, bias: Tensor | None,
+                      blocksize: int, n: int, k: int, compute_dtype: torch.dtype | None) -> Tensor:
+    """``x @ W.T + bias`` for an NF4/FP4 weight of shape ``[n, k]`` (the buffers of
+    :class:`~lowbit.formats.blockwise4.Blockwise4Linear`); ``[..., N]`` in x's dtype."""
+    from lowbit.kernels import triton_blockwise4
+
+    return triton_blockwise4.matmul_blockwise4(x, weight, absmax, quant_map, blocksize, (n, k), nested_absmax,
+                                               nested_quant_map, nested_offset, bias, compute_dtype)
+
+
+@blockwise4_matmul.register_fake
+def _(x, weight, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, bias, blocksize, n, k,
+      compute_dtype):
+    return x.new_empty(*x.shape[:-1], n)
+
+
+@torch.library.custom_op("lowbit::blockwise4_dequantize", mutates_args=())
+def blockwise4_dequantize(weight: Tensor, absmax: Tensor, quant_map: Tensor, nested_absmax: Tensor | None,
+                          nested_quant_map: Tensor | None, nested_offset: Tensor | None, blocksize: int, n: int,
+                          k: int, dtype: torch.dtype) -> Tensor:
+    """The NF4/FP4 weight as ``[n, k]`` in ``dtype``."""
+    from lowbit.kernels import triton_blockwise4
+
+    return triton_blockwise4.dequantize_blockwise4(weight, absmax, quant_map, blocksize, (n, k), nested_absmax,
+                                                   nested_quant_map, nested_offset, dtype)
+
+
+@blockwise4_dequantize.register_fake
+def _(weight, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, n, k, dtype):
+    return quant_map.new_empty(n, k, dtype=dtype)
+
+
+def _blockwise4_setup(ctx, inputs, output):
+    x, weight, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, _bias, blocksize, n, k, _ = inputs
+    ctx.save_for_backward(weight, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset)
+    ctx.meta = (blocksize, n, k)
+
+
+def _blockwise4_backward(ctx, grad):
+    blocksize, n, k = ctx.meta
+    w = blockwise4_dequantize(*ctx.saved_tensors, blocksize, n, k, grad.dtype)  # [N, K]
+    return (grad @ w,) + (None,) * 11
+
+
+blockwise4_matmul.register_autograd(_blockwise4_backward, setup_context=_blockwise4_setup)
+
+# --- AQLM codebooks ------------------------------------------------------------------------
+
+
+@torch.library.custom_op("lowbit::codebook_matmul", mutates_args=())
+def codebook_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ W.T + bias`` for an AQLM weight (the buffers of
+    :class:`~lowbit.formats.codebook.AqlmLinear`, ``out_group_size`` 1); ``[..., N]`` in x's dtype."""
+    from lowbit.kernels import triton_codebook
+
+    return triton_codebook.matmul_codebook(x, codes, codebooks, scales, bias)
+
+
+@codebook_matmul.register_fake
+def _(x, codes, codebooks, scales, bias):
+    return x.new_empty(*x.shape[:-1], codes.shape[0])
+
+
+@torch.library.custom_op("lowbit::codebook_dequantize", mutates_args=())
+def codebook_dequantize(codes: Tensor, codebooks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    """The AQLM weight as ``[N, K]`` in ``dtype``."""
+    from lowbit.kernels import triton_codebook
+
+    return triton_codebook.dequantize_codebook(codes, codebooks, scales, dtype)
+
+
+@codebook_dequantize.register_fake
+def _(codes, codebooks, scales, dtype):
+    return scales.new_empty(codes.shape[0], codes.shape[1] * codebooks.shape[3], dtype=dtype)
+
+
+def _codebook_setup(ctx, inputs, output):
+    _x, codes, codebooks, scales, _bias = inputs
+    ctx.save_for_backward(codes, codebooks, scales)
+
+
+def _codebook_backward(ctx, grad):
+    w = codebook_dequantize(*ctx.saved_tensors, grad.dtype)  # [N, K]
+    return grad @ w, None, None, None, None
+
+
+codebook_matmul.register_autograd(_codebook_backward, setup_context=_codebook_setup)

@@ -1,0 +1,179 @@
+"""The ``torch.ops.lowbit`` custom ops: schema and fake implementations (``opcheck``), forward and
+backward against the reference, and a whole model traced by ``torch.compile(fullgraph=True)``
+through the Triton path (the interpreter on CPU, fp32 activations; compiled on a GPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import lowbit
+import lowbit.kernels as K
+from conftest import MATMUL_REL, calib_ids, tiny_llama_model
+from lowbit.formats.base import QuantLinear
+from lowbit.kernels import reference
+from test_group_order import random_module as random_int_grouped
+from test_triton_blockwise4 import random_module as random_nf4
+from test_triton_codebook import random_module as random_aqlm
+
+pytest.importorskip("triton")
+ops = pytest.importorskip("lowbit.kernels.ops")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32  # fp32 keeps the interpreter's products exact
+
+
+def rel_err(got, want) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def int_grouped_case(m_rows, act_order):
+    mod = random_int_grouped(40, 96, 4, 32, act_order, seed=m_rows).to(DEVICE)
+    mod.bias = torch.randn(40).to(DEVICE, torch.float16)
+    w = mod.group_ordered()
+    args = (w.qweight, w.scales, w.qzeros, w.perm, mod.bias, w.bits, w.group_size)
+
+    def want(x):
+        return reference.matmul_int_grouped(x, mod.qweight, mod.scales, mod.qzeros, mod.g_idx, 4, mod.bias)
+
+    return ops.int_grouped_matmul, args, want, 96
+
+
+def nf4_case(m_rows, double_quant):
+    mod = random_nf4(24, 128, 64, "nf4", double_quant, seed=m_rows)
+    args = (mod.weight, mod.absmax, mod.quant_map, mod.nested_absmax, mod.nested_quant_map, mod.nested_offset,
+            mod.bias, 64, 24, 128, None)
+
+    def want(x):
+        return reference.matmul_blockwise4(x, mod.weight, mod.absmax, mod.quant_map, 64, (24, 128),
+                                           mod.nested_absmax, mod.nested_quant_map, mod.nested_offset, mod.bias)
+
+    return ops.blockwise4_matmul, args, want, 128
+
+
+def aqlm_case(m_rows, n_codebooks):
+    mod = random_aqlm(24, 64, 8, n_codebooks, 16 // (2 * n_codebooks), seed=m_rows, dtype=DTYPE)
+    args = (mod.codes, mod.codebooks, mod.scales, mod.bias)
+
+    def want(x):
+        return reference.matmul_codebook(x, mod.codes, mod.codebooks, mod.scales, mod.bias)
+
+    return ops.codebook_matmul, args, want, 64
+
+
+CASES = {
+    "int4-g32": (int_grouped_case, False), "int4-g32-act-order": (int_grouped_case, True),
+    "nf4": (nf4_case, False), "nf4-double-quant": (nf4_case, True),
+    "aqlm-1x8": (aqlm_case, 1), "aqlm-2x4": (aqlm_case, 2),
+}
+
+
+@pytest.mark.parametrize("m_rows", [1, 5], ids=["M1", "M5"])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_matmul_op_forward_backward_and_opcheck(case, m_rows):
+    make, variant = CASES[case]
+    op, args, want, k = make(m_rows, variant)
+    x = torch.randn(m_rows, k, generator=torch.Generator().manual_seed(7)).to(DEVICE, DTYPE)
+    x.requires_grad_(True)
+    got = op(x, *args)
+    grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(8)).to(DEVICE, DTYPE)
+    (got * grad).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = want(x_ref)
+    (ref * grad).sum().backward()
+    assert got.shape == ref.shape and got.dtype == x.dtype
+    tol = MATMUL_REL[DTYPE] if DTYPE != torch.float32 else 1e-5
+    assert rel_err(got.detach(), ref.detach()) <= tol
+    assert rel_err(x.grad, x_ref.grad) <= tol  # the gradient flows through the frozen quantized layer
+    torch.library.opcheck(op, (x.detach(), *args))
+
+
+@pytest.mark.parametrize("case", ["int4-g32-act-order", "nf4-double-quant", "aqlm-2x4"])
+def test_dequantize_ops_opcheck(case):
+    make, variant = CASES[case]
+    op, args, _want, _k = make(3, variant)
+    if op is ops.int_grouped_matmul:
+        qweight, scales, qzeros, perm, _bias, bits, group_size = args
+        dq, dq_args = ops.int_grouped_dequantize, (qweight, scales, qzeros, perm, bits, group_size, 96, DTYPE)
+    elif op is ops.blockwise4_matmul:
+        dq, dq_args = ops.blockwise4_dequantize, args[:6] + (64, 24, 128, DTYPE)
+    else:
+        dq, dq_args = ops.codebook_dequantize, args[:3] + (DTYPE,)
+    assert dq(*dq_args).dtype == DTYPE
+    torch.library.opcheck(dq, dq_args)
+
+
+# what each format's Triton path needs, less the GPU and the half-precision input
+KERNEL_NEEDS = {
+    "int_grouped": lambda m: m.group_ordered() is not None,
+    "blockwise4": lambda m: True,
+    "codebook": lambda m: m.codebooks.shape[2] == 1,
+}
+
+
+def _triton_everywhere(monkeypatch):
+    """Route every Triton-capable format through its Triton kernel on this device and dtype (the
+    interpreter on CPU), recording which formats took it."""
+    calls = []
+    monkeypatch.setattr(K, "_AVAILABLE", {})  # availability is cached by kernel name
+    for fmt, impls in K._KERNELS.items():
+        patched = []
+        for impl in impls:
+            if impl.name == "triton":
+                def fn(x, m, inner=impl.fn, fmt=fmt):
+                    calls.append(fmt)
+                    return inner(x, m)
+
+                needs = KERNEL_NEEDS[fmt]
+                impl = dataclasses.replace(impl, available=K.always, supports=lambda m, x, needs=needs: needs(m), fn=fn)
+            patched.append(impl)
+        monkeypatch.setitem(K._KERNELS, fmt, patched)
+    return calls
+
+
+CONFIGS = {
+    "gptq-act-order": lowbit.GPTQConfig(bits=4, group_size=32, desc_act=True),
+    "nf4-double-quant": lowbit.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                  bnb_4bit_use_double_quant=True),
+    "aqlm": lowbit.AqlmConfig(num_codebooks=2, nbits_per_codebook=4, in_group_size=8, max_iterations=1),
+}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
+def test_fullgraph_compile_through_the_triton_ops(config, monkeypatch):
+    model = lowbit.quantize(tiny_llama_model(), config, calib_ids(4, 32), progress=False).to(DEVICE, DTYPE)
+    ids = calib_ids(1, 8, seed=5).to(DEVICE)
+    with torch.no_grad():
+        want = model(ids).logits  # the reference kernels
+        calls = _triton_everywhere(monkeypatch)
+        eager = model(ids).logits
+        eager_calls = len(calls)
+        torch._dynamo.reset()
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(ids).logits
+    linears = sum(isinstance(m, QuantLinear) for m in model.modules())
+    assert eager_calls == linears  # every quantized linear took the Triton path
+    assert len(calls) == 2 * linears  # and does so in the compiled graph
+    assert torch.equal(got, eager)
+    tol = MATMUL_REL[DTYPE] if DTYPE != torch.float32 else 1e-5
+    assert rel_err(eager, want) <= tol
+
+
+def test_compiled_model_never_uses_a_layout_of_replaced_buffers(monkeypatch):
+    """The group-ordered layout is cached by the buffers it was built from; a buffer replaced after
+    the last eager call sends that layer to the reference path in the traced graph (which cannot
+    rebuild the layout), and the logits stay right."""
+    config = lowbit.GPTQConfig(bits=4, group_size=32, desc_act=True)
+    model = lowbit.quantize(tiny_llama_model(), config, calib_ids(4, 32), progress=False).to(DEVICE, DTYPE)
+    ids = calib_ids(1, 8, seed=5).to(DEVICE)
+    layer = model.model.layers[0].mlp.down_proj
+    with torch.no_grad():
+        calls = _triton_everywhere(monkeypatch)
+        eager = model(ids).logits  # builds every layout
+        eager_calls = len(calls)
+        layer.qweight = layer.qweight.clone()
+        torch._dynamo.reset()
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(ids).logits
+    assert len(calls) - eager_calls == eager_calls - 1
+    assert rel_err(got, eager) <= 1e-5
