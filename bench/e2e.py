@@ -6,7 +6,9 @@ shapes and random weights (``--layers`` of them), which is what decode speed dep
 through a static KV cache; ``--graphs`` captures each decode step in a CUDA graph (as gpt-fast
 does), so launch overhead does not hide the kernels.
 
-    python bench/e2e.py --model llama7b --layers 8 --graphs
+    python bench/e2e.py --model llama7b --layers 8 --graphs --fuse
+
+``--fuse`` adds a row with q/k/v and gate/up joined into one quantized matmul each (:mod:`lowbit.fusion`).
 """
 
 from __future__ import annotations
@@ -111,14 +113,16 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--graphs", action="store_true", help="replay each decode step from a CUDA graph")
+    p.add_argument("--fuse", action="store_true", help="also time the 4-bit model with fused q/k/v and gate/up")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/e2e.py needs a CUDA or ROCm GPU")
     results = {}
-    for label in ("fp16", "lowbit w4g128"):
+    for label in ("fp16", "lowbit w4g128", *(("lowbit w4g128 fused",) if args.fuse else ())):
         model = build(args.model, args.layers).cuda().eval()
         if label != "fp16":
-            lowbit.quantize(model, RtnConfig(bits=4, group_size=128), device="cuda", progress=False)
+            lowbit.quantize(model, RtnConfig(bits=4, group_size=128), device="cuda", progress=False,
+                            fuse=label.endswith("fused"))
         graphs = args.graphs
         try:
             decode = decode_tokens_per_s(model, args.new_tokens, graphs)

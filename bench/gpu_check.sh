@@ -53,7 +53,7 @@ if step sweep; then
 fi
 
 if step e2e; then
-    timeout 100 python3 bench/e2e.py --model llama7b --layers 8 --graphs 2>&1 | tail -12
+    timeout 150 python3 bench/e2e.py --model llama7b --layers 8 --graphs --fuse 2>&1 | tail -12
 fi
 
 if step peers; then  # gemlite may autotune shapes its shipped tuning lacks: last, on its own limit

@@ -18,6 +18,7 @@ from lowbit.config import (
     config_from_dict,
 )
 from lowbit.formats import Blockwise4Linear, Int8Linear, IntGroupedLinear, QuantLinear
+from lowbit.fusion import fuse, unfuse
 
 __version__ = "0.1.0"
 
@@ -34,9 +35,11 @@ __all__ = [
     "RtnConfig",
     "config_from_dict",
     "from_pretrained",
+    "fuse",
     "hf_config",
     "quantize",
     "quantized_config",
     "register_with_transformers",
     "save_quantized",
+    "unfuse",
 ]

@@ -13,7 +13,8 @@ from torch import nn
 
 from lowbit.checkpoint.safetensors_io import atomic_folder, save_state_dict, untied_state_dict
 from lowbit.config import QuantConfig, config_from_dict
-from lowbit.formats.base import QuantLinear
+from lowbit.formats.base import QuantLinear, prepare_model
+from lowbit.fusion import unfused
 from lowbit.methods import QUANTIZERS, Quantizer
 from lowbit.methods.calibration import quantize_blockwise
 from lowbit.methods.walk import find_linears, set_module
@@ -36,6 +37,7 @@ def quantize(
     tokenizer=None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    fuse: bool = False,
 ) -> nn.Module:
     """Quantize ``model`` in place with ``config`` and return it.
 
@@ -46,6 +48,8 @@ def quantize(
             ``[nsamples, seqlen]``, a text file path, a list of strings, or None for the
             embedded WikiText-2 validation text (needs ``tokenizer``).
         device: where blocks are quantized (default: where the model is).
+        fuse: join q/k/v and gate/up into one quantized linear each (:mod:`lowbit.fusion`);
+            ``AwqConfig(do_fuse=True)`` does too, for its ``modules_to_fuse`` groups.
     """
     if getattr(model, CONFIG_ATTR, None) is not None:
         raise ValueError("model is already quantized")
@@ -60,7 +64,22 @@ def quantize(
     else:
         _quantize_weights_only(model, quantizer, progress)
     setattr(model, CONFIG_ATTR, quantizer.finish_config(model, config))
-    return model
+    fuse_requested(model, config, fuse)
+    return prepare_model(model)
+
+
+def fuse_requested(model: nn.Module, config: QuantConfig, fuse: bool) -> list[str]:
+    """Fuse ``model``'s projections if ``fuse`` or the config (``AwqConfig.do_fuse``) asks for it;
+    return the fused modules' names. ``AwqConfig.fuse_max_seq_len`` sizes AutoAWQ's own attention
+    cache; lowbit keeps the model's attention and cache, so only the projections are fused."""
+    from lowbit.config import AwqConfig
+    from lowbit.fusion import awq_groups
+    from lowbit.fusion import fuse as fuse_groups
+
+    if isinstance(config, AwqConfig) and config.do_fuse:
+        named = config.modules_to_fuse
+        return fuse_groups(model, awq_groups(named) if named else None, strict=bool(named))
+    return fuse_groups(model) if fuse else []
 
 
 def _record_left_out(model: nn.Module, quantizer: Quantizer, config: QuantConfig) -> QuantConfig:
@@ -134,7 +153,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None, ma
     if tokenizer is None:
         tokenizer = _source_tokenizer(model)
     layout = LAYOUTS.get(qcfg.quant_method)
-    tensors = layout.to_checkpoint(model, untied_state_dict(model), qcfg)
+    with unfused(model):  # the checkpoint layout never changes
+        tensors = layout.to_checkpoint(model, untied_state_dict(model), qcfg)
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]  # how loading picks the model class
     config["quantization_config"] = qcfg.to_dict()
@@ -167,6 +187,7 @@ def from_pretrained(
     device: torch.device | str = "cpu",
     kernel: str = "auto",
     progress: bool = True,
+    fuse: bool = False,
 ) -> nn.Module:
     """Load a lowbit checkpoint, or load a plain model and quantize it.
 
@@ -176,6 +197,8 @@ def from_pretrained(
             folder that is already quantized).
         dtype: dtype of the unquantized parts (default fp32, which every CPU runs).
         kernel: ``"auto"`` or a kernel name forced on every quantized linear.
+        fuse: join q/k/v and gate/up (see :func:`quantize`); a checkpoint whose AWQ config has
+            ``do_fuse`` is fused too.
     """
     from lowbit.checkpoint.loading import load_plain, load_quantized, read_config_json
     from lowbit.models import resolve_model
@@ -190,14 +213,16 @@ def from_pretrained(
             raise ValueError(f"{folder} is already quantized ({qdict.get('quant_method')}); drop quantization_config")
         model = load_quantized(folder, config_from_dict(qdict), dtype=dtype or torch.float32, device=device)
         setattr(model, CONFIG_ATTR, config_from_dict(qdict))
+        fuse_requested(model, config_from_dict(qdict), fuse)
     else:
         model, tokenizer = load_plain(folder, dtype=dtype or torch.float32, device=device)
         if quantization_config is not None:
-            quantize(model, quantization_config, calib, tokenizer=tokenizer, device=device, progress=progress)
+            quantize(model, quantization_config, calib, tokenizer=tokenizer, device=device, progress=progress,
+                     fuse=fuse)
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.kernel = kernel
-    return model
+    return prepare_model(model)
 
 
 def hf_config(config: QuantConfig, calib: Calibration = None):

@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-sizes", default="1", help="comma-separated decode batch sizes (default: 1)")
     b.add_argument("--repeats", type=int, default=3, help="timed runs per number, median reported (default: 3)")
     b.add_argument("--compile", action="store_true", help="also time the quantized model under torch.compile")
+    b.add_argument("--fuse", action="store_true",
+                   help="also time the quantized model with q/k/v and gate/up fused (with --compile: both ways)")
     b.add_argument("--json", type=Path, default=None, help="also write the rows here")
     _add_quant_args(b)
 
@@ -369,8 +371,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                     dtype=getattr(torch, dtype), device=args.device)
             target, label = str(save_quantized(model, Path(tmp) / "quantized")), describe(config)
             del model
-        for compiled in (False, True) if args.compile else (False,):
-            specs.append(E2ESpec(label + (" + torch.compile" if compiled else ""), target, compile=compiled, **common))
+        for fused in (False, True) if args.fuse else (False,):
+            for compiled in (False, True) if args.compile else (False,):
+                suffix = (" + fused" if fused else "") + (" + torch.compile" if compiled else "")
+                specs.append(E2ESpec(label + suffix, target, compile=compiled, fuse=fused, **common))
         rows = [run_isolated(spec) for spec in specs]  # each in a fresh process: its own peak memory
     print(f"{args.model} on {args.device}: prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
           f"median of {args.repeats}; each model loaded and measured in its own process")

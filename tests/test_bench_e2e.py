@@ -40,6 +40,15 @@ def test_quantized_folder_with_and_without_its_base(tiny_model_dir, tmp_path, ca
     assert "| original (float32) |" in table and "| quantized |" in table
 
 
+def test_fused_row(tiny_model_dir, tmp_path):
+    out = tmp_path / "e2e.json"
+    assert main(["bench", "e2e", str(tiny_model_dir), "--group-size", "32", "--fuse", *FAST, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["label"] for r in rows] == ["original (float32)", "rtn 4-bit g32 sym", "rtn 4-bit g32 sym + fused"]
+    assert rows[2]["weight_bytes"] <= rows[1]["weight_bytes"]  # the same numbers joined (one g_idx per group)
+    assert rows[2]["decode_tokens_per_s"]["1"] > 0
+
+
 def test_bad_batch_sizes_are_one_line_errors(tiny_model_dir, capsys):
     assert main(["bench", "e2e", str(tiny_model_dir), "--batch-sizes", "1,x"]) == 2
     assert "--batch-sizes must be comma-separated integers" in capsys.readouterr().err

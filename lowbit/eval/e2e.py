@@ -7,7 +7,8 @@ memory while it ran (CUDA peak allocation on a GPU, the process's resident-set h
 on the CPU; see :mod:`lowbit.eval.memory`). :func:`run_isolated` loads and measures each model
 in a fresh process, so that its peak is its own and not what an earlier model (or the
 quantization of this one) left behind.
-Optionally the quantized model runs again under ``torch.compile``. ``lowbit bench e2e`` prints
+Optionally the quantized model runs again with fused projections (:mod:`lowbit.fusion`) and under
+``torch.compile``. ``lowbit bench e2e`` prints
 the table; ``bench/e2e.py`` times a Llama-7B-shaped model with CUDA-graph decode on a GPU.
 """
 
@@ -70,6 +71,7 @@ class E2ESpec:
     dtype: str = "float32"
     device: str = "cpu"
     compile: bool = False
+    fuse: bool = False
     prompt_len: int = 128
     new_tokens: int = 32
     batch_sizes: tuple[int, ...] = field(default=(1,))
@@ -80,7 +82,8 @@ def run_spec(spec: E2ESpec) -> E2ERow:
     """Load ``spec.model`` here and measure it."""
     from lowbit.api import from_pretrained
 
-    model = from_pretrained(spec.model, dtype=getattr(torch, spec.dtype), device=spec.device, progress=False)
+    model = from_pretrained(spec.model, dtype=getattr(torch, spec.dtype), device=spec.device, progress=False,
+                            fuse=spec.fuse)
     return bench_model(spec.label, model, prompt_len=spec.prompt_len, new_tokens=spec.new_tokens,
                        batch_sizes=spec.batch_sizes, repeats=spec.repeats, compile=spec.compile)
 

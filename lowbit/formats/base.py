@@ -45,5 +45,17 @@ class QuantLinear(nn.Module):
         """The weight as fp32 ``[N, K]``."""
         raise NotImplementedError
 
+    def prepare(self) -> None:
+        """Build whatever the kernels cache from the buffers, now rather than in the first forward
+        (which ``torch.compile`` may trace instead of running); default: nothing."""
+
+
+def prepare_model(model: nn.Module) -> nn.Module:
+    """Call :meth:`QuantLinear.prepare` on every quantized linear of ``model`` (after loading)."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.prepare()
+    return model
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"

@@ -110,8 +110,9 @@ class IntGroupedLinear(QuantLinear):
 
         Under ``torch.compile`` nothing is built (tracing cannot follow the data-dependent
         reordering): the cached layout is used if it was built from this module's current buffers,
-        else None (the reference path). The layout is built eagerly whenever the module moves to
-        a GPU or loads a state dict, so a model compiled before its first eager call finds it.
+        else None (the reference path). :meth:`prepare` builds the layout eagerly when the module
+        moves to a GPU or loads a state dict, and lowbit calls it after quantizing or loading a
+        model, so a model compiled before its first eager call finds it.
         """
         bufs = (self.qweight, self.scales, self.qzeros, self.g_idx)
         cached = self._ordered
@@ -122,19 +123,21 @@ class IntGroupedLinear(QuantLinear):
             self._ordered = cached = (bufs, versions, to_group_ordered(*bufs, self.bits))
         return cached[2]
 
-    def _reset_layout(self) -> None:
+    def prepare(self) -> None:
+        """Rebuild the cached group-ordered layout now if the weight is on a GPU (see
+        :meth:`group_ordered`); called after a move, a state-dict load and a model load."""
         self._ordered = None
         if self.qweight.is_cuda:
             self.group_ordered()
 
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
-        self._reset_layout()
+        self.prepare()
         return module
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._reset_layout()
+        self.prepare()
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}"

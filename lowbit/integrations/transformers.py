@@ -120,11 +120,13 @@ class LowbitHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs) -> nn.Module:
-        from lowbit.api import CONFIG_ATTR, quantize
+        from lowbit.api import CONFIG_ATTR, fuse_requested, quantize
+        from lowbit.formats.base import prepare_model
 
         if self.pre_quantized:
             setattr(model, CONFIG_ATTR, self.lowbit_config)
-            return model
+            fuse_requested(model, self.lowbit_config, False)
+            return prepare_model(model)
         tokenizer = None
         if self.quantizer.requires_calibration and self.quantization_config.calib is None:
             from lowbit.checkpoint.loading import load_tokenizer
@@ -142,9 +144,11 @@ class LowbitHfQuantizer(HfQuantizer):
         from lowbit.api import quantized_config
         from lowbit.checkpoint.layouts import LAYOUTS
         from lowbit.checkpoint.safetensors_io import untied_state_dict
+        from lowbit.fusion import unfused
 
         cfg = quantized_config(model)
-        return LAYOUTS.get(cfg.quant_method).to_checkpoint(model, untied_state_dict(model), cfg), {}
+        with unfused(model):
+            return LAYOUTS.get(cfg.quant_method).to_checkpoint(model, untied_state_dict(model), cfg), {}
 
     def is_serializable(self, safe_serialization=None) -> bool:
         return self.quantizer.is_serializable
