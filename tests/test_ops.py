@@ -177,3 +177,22 @@ def test_compiled_model_never_uses_a_layout_of_replaced_buffers(monkeypatch):
         got = torch.compile(model, fullgraph=True, backend="aot_eager")(ids).logits
     assert len(calls) - eager_calls == eager_calls - 1
     assert rel_err(got, eager) <= 1e-5
+
+
+def test_backward_with_buffers_made_under_inference_mode():
+    """A model quantized under torch.inference_mode holds inference tensors; the ops' backward
+    (and LLM.int8's) still pass the gradient to the input."""
+    from lowbit.formats.int8_outlier import Int8Linear
+
+    with torch.inference_mode():
+        mod = random_int_grouped(40, 96, 4, 32, True, seed=2).to(DEVICE)
+        int8 = Int8Linear.from_linear(torch.randn(24, 96), None, threshold=2.0)
+    assert mod.qweight.is_inference() and int8.weight.is_inference()
+    w = mod.group_ordered()
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(1)).to(DEVICE, DTYPE).requires_grad_(True)
+    ops.int_grouped_matmul(x, w.qweight, w.scales, w.qzeros, w.perm, None, 4, 32).sum().backward()
+    want = mod.dequantize().to(DEVICE).sum(0)  # d(sum y)/dx = column sums of W
+    assert rel_err(x.grad[0], want) <= (MATMUL_REL[DTYPE] if DTYPE != torch.float32 else 1e-5)
+    x8 = torch.randn(3, 96).requires_grad_(True)
+    int8(x8).sum().backward()
+    torch.testing.assert_close(x8.grad[0], int8.dequantize().sum(0))

@@ -85,12 +85,12 @@ class _Int8Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, scb, bias, threshold, int_matmul):
-        ctx.save_for_backward(weight, scb)
+        ctx.weight = (weight, scb)  # frozen buffers, possibly inference tensors: not save_for_backward
         return reference.matmul_int8_outlier(x, weight, scb, threshold, bias, int_matmul=int_matmul)
 
     @staticmethod
     def backward(ctx, grad):
-        weight, scb = ctx.saved_tensors
+        weight, scb = ctx.weight
         w = reference.dequantize_int8_rows(weight, scb).to(grad.dtype)  # [N, K]
         return grad @ w, None, None, None, None, None
 

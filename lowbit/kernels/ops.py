@@ -12,6 +12,11 @@ CUDA-graph capture replays the launches. Each op has
   frozen quantized layer passes gradients to the layers before it (adapters trained on top of it,
   QLoRA style). The quantized buffers get no gradient.
 
+The backward keeps the quantized buffers as plain attributes of the autograd context, not through
+``save_for_backward``: they are frozen (no gradient, never written during a step), and a model
+quantized under ``torch.inference_mode`` holds inference tensors, which ``save_for_backward``
+refuses.
+
 Every op computes what the format's reference in :mod:`lowbit.kernels.reference` does; the tests
 compare them (under ``TRITON_INTERPRET=1`` on CPU) and run ``torch.library.opcheck`` on each.
 """
@@ -69,12 +74,12 @@ def _(qweight, scales, qzeros, perm, bits, group_size, k, dtype):
 
 def _int_grouped_setup(ctx, inputs, output):
     x, qweight, scales, qzeros, perm, _bias, bits, group_size = inputs
-    ctx.save_for_backward(qweight, scales, qzeros, perm)
+    ctx.weight = (qweight, scales, qzeros, perm)  # frozen buffers: see the module docstring
     ctx.meta = (bits, group_size, x.shape[-1])
 
 
 def _int_grouped_backward(ctx, grad):
-    qweight, scales, qzeros, perm = ctx.saved_tensors
+    qweight, scales, qzeros, perm = ctx.weight
     bits, group_size, k = ctx.meta
     w = int_grouped_dequantize(qweight, scales, qzeros, perm, bits, group_size, k, grad.dtype)  # [N, K]
     return grad @ w, None, None, None, None, None, None, None
@@ -121,13 +126,13 @@ def _(weight, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset,
 
 def _blockwise4_setup(ctx, inputs, output):
     x, weight, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, _bias, blocksize, n, k, _ = inputs
-    ctx.save_for_backward(weight, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset)
+    ctx.weight = (weight, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset)
     ctx.meta = (blocksize, n, k)
 
 
 def _blockwise4_backward(ctx, grad):
     blocksize, n, k = ctx.meta
-    w = blockwise4_dequantize(*ctx.saved_tensors, blocksize, n, k, grad.dtype)  # [N, K]
+    w = blockwise4_dequantize(*ctx.weight, blocksize, n, k, grad.dtype)  # [N, K]
     return (grad @ w,) + (None,) * 11
 
 
@@ -165,11 +170,11 @@ def _(codes, codebooks, scales, dtype):
 
 def _codebook_setup(ctx, inputs, output):
     _x, codes, codebooks, scales, _bias = inputs
-    ctx.save_for_backward(codes, codebooks, scales)
+    ctx.weight = (codes, codebooks, scales)
 
 
 def _codebook_backward(ctx, grad):
-    w = codebook_dequantize(*ctx.saved_tensors, grad.dtype)  # [N, K]
+    w = codebook_dequantize(*ctx.weight, grad.dtype)  # [N, K]
     return grad @ w, None, None, None, None
 
 
