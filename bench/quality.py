@@ -8,15 +8,19 @@ perplexity, its ratio to the fp32 original, and quantization wall time.
     python bench/quality.py --table awq --nsamples 32 --seqlen 512 --tokens 16384
     python bench/quality.py --table pruning --nsamples 32 --seqlen 512 --tokens 16384
     python bench/quality.py --table aqlm --nsamples 32 --seqlen 512 --tokens 16384
+    python bench/quality.py --table gptq-peer --nsamples 32 --seqlen 512 --tokens 16384   # GPTQModel installed
 
 The AWQ table uses group size 64: SmolLM2's hidden size, 576, is not a multiple of 128, and the
-AWQ GEMM layout needs whole groups. Peer columns (GPTQModel, AutoAWQ) are not installed here.
+AWQ GEMM layout needs whole groups. ``gptq-peer`` quantizes with GPTQModel (same calibration
+windows) and scores its checkpoint with lowbit's evaluator (lowbit reads it with GPTQModel's
+weights, ``tests/test_gptqmodel_interop.py``); AutoAWQ is not installed here.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import tempfile
 import time
 
 import torch
@@ -69,7 +73,35 @@ AQLM_ROWS = [  # about 2 bits per weight each way (the bits/weight column counts
      lowbit.AqlmConfig(num_codebooks=1, nbits_per_codebook=16, max_iterations=1, kmeans_iterations=0)),
 ]
 
-TABLES = {"gptq": GPTQ_ROWS, "awq": AWQ_ROWS, "pruning": PRUNING_ROWS, "aqlm": AQLM_ROWS}
+GPTQ_PEER_ROWS = [  # GPTQModel's GPTQ with lowbit's settings (damp 0.1, no group-aware reordering)
+    ("GPTQModel GPTQ 4-bit g128 sym", dict(bits=4, group_size=128, sym=True)),
+    ("GPTQModel GPTQ 4-bit g128 asym", dict(bits=4, group_size=128, sym=False)),
+    ("GPTQModel GPTQ 4-bit g128 sym act-order", dict(bits=4, group_size=128, sym=True, desc_act=True)),
+    ("GPTQModel GPTQ 3-bit g128 asym", dict(bits=3, group_size=128, sym=False)),
+]
+
+TABLES = {"gptq": GPTQ_ROWS, "awq": AWQ_ROWS, "pruning": PRUNING_ROWS, "aqlm": AQLM_ROWS,
+          "gptq-peer": GPTQ_PEER_ROWS}
+
+
+def quantize_with_gptqmodel(folder, spec: dict, calib: torch.Tensor, out) -> float:
+    """Quantize ``folder`` with GPTQModel on the CPU and save it to ``out``; the seconds it took."""
+    if importlib.util.find_spec("gptqmodel") is None:
+        raise SystemExit("--table gptq-peer needs GPTQModel (a side environment: docs/usage.md)")
+    import gptqmodel
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    if gptqmodel._DEVICE_THREAD_POOL is None and gptqmodel._default_cpu_workers() < 2:
+        # GPTQModel 7.7 asks for two model-loader threads but grants a 2-core machine one CPU
+        # worker, then refuses its own pool; give it the two it asks for
+        gptqmodel._default_cpu_workers = lambda: 2
+    cfg = QuantizeConfig(damp_percent=0.1, act_group_aware=False, **spec)
+    model = GPTQModel.load(str(folder), cfg, device="cpu", dtype=torch.float32)
+    start = time.perf_counter()
+    model.quantize([{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in calib], batch_size=1)
+    seconds = time.perf_counter() - start
+    model.save(str(out))
+    return seconds
 
 
 def bits_per_weight(model) -> float | None:
@@ -116,10 +148,15 @@ def main() -> None:
     for i, (label, cfg) in enumerate(rows, 1):
         if i not in chosen:
             continue
-        model = lowbit.from_pretrained(folder)
-        start = time.perf_counter()
-        compress(model, cfg, calib, progress=False)
-        seconds = time.perf_counter() - start
+        if args.table == "gptq-peer":  # the peer's checkpoint, loaded and scored by lowbit
+            with tempfile.TemporaryDirectory() as tmp:
+                seconds = quantize_with_gptqmodel(folder, cfg, calib, tmp)
+                model = lowbit.from_pretrained(tmp)
+        else:
+            model = lowbit.from_pretrained(folder)
+            start = time.perf_counter()
+            compress(model, cfg, calib, progress=False)
+            seconds = time.perf_counter() - start
         value = ppl(model)
         extra = f" {bits_per_weight(model):.2f} |" if bpw else ""
         print(f"| {label} | {value:.3f} | {value / base:.3f} | {seconds:.1f} s |{extra}", flush=True)

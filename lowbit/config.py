@@ -80,6 +80,7 @@ class QuantConfig:
     quant_method: ClassVar[str]
     _ALIASES: ClassVar[Mapping[str, str]] = {}  # legacy input key -> field it sets
     _IGNORED_INPUT_KEYS: ClassVar[frozenset[str]] = frozenset()  # accepted on input, then dropped
+    _CHECKED_INPUT_KEYS: ClassVar[frozenset[str]] = frozenset()  # accepted if they hold the one allowed value
     _LEGACY_OUTPUT: ClassVar[Mapping[str, str]] = {}  # extra key to_dict writes -> field it copies
 
     modules_to_not_convert: tuple[str, ...] | None = None
@@ -120,6 +121,7 @@ class QuantConfig:
         if method != cls.quant_method:
             raise ValueError(f"{cls.__name__} has quant_method {cls.quant_method!r}, but the dict says {method!r}")
         cls._map_aliases(kw)
+        cls._take_checked_keys(kw)
         for key in cls._IGNORED_INPUT_KEYS:
             kw.pop(key, None)
         unknown = sorted(set(kw) - set(inspect.signature(cls).parameters))
@@ -144,9 +146,15 @@ class QuantConfig:
             kw[name] = value
 
     @classmethod
+    def _take_checked_keys(cls, kw: dict[str, Any]) -> None:
+        """Remove, in place, keys that other tools write and that must hold one value here
+        (raising ``ValueError`` if not); see :attr:`_CHECKED_INPUT_KEYS`. Default: none."""
+
+    @classmethod
     def input_keys(cls) -> list[str]:
         """Every key :meth:`from_dict` accepts, sorted."""
-        keys = set(inspect.signature(cls).parameters) | set(cls._ALIASES) | cls._IGNORED_INPUT_KEYS
+        keys = (set(inspect.signature(cls).parameters) | set(cls._ALIASES) | cls._IGNORED_INPUT_KEYS
+                | cls._CHECKED_INPUT_KEYS)
         return sorted(keys | {"quant_method"})
 
     def replace(self: Q, **changes: Any) -> Q:
@@ -199,6 +207,7 @@ class GPTQConfig(QuantConfig):
         {"model_name_or_path", "model_file_base_name", "disable_exllama"}
     )
     _LEGACY_OUTPUT: ClassVar[Mapping[str, str]] = {"checkpoint_format": "format"}
+    _CHECKED_INPUT_KEYS: ClassVar[frozenset[str]] = frozenset({"method", "lm_head"})  # GPTQModel's
 
     bits: int
     tokenizer: Any = None
@@ -232,6 +241,16 @@ class GPTQConfig(QuantConfig):
     def __post_init__(self, checkpoint_format: str | None) -> None:
         check_legacy_format(self, "checkpoint_format", checkpoint_format, "gptq")
         super().__post_init__()
+
+    @classmethod
+    def _take_checked_keys(cls, kw: dict[str, Any]) -> None:
+        # GPTQModel (7.x) writes its method name again as "method", and "lm_head" (a quantized head)
+        method = kw.pop("method", "gptq")
+        if str(method).lower() != "gptq":
+            raise ValueError(f"GPTQConfig: method={method!r} (GPTQModel's method name) is not 'gptq'")
+        if kw.pop("lm_head", False) is not False:
+            raise ValueError("GPTQConfig: lm_head=True (a quantized output head) is not supported; "
+                             "lowbit loads GPTQ checkpoints whose head is unquantized")
 
     def _validate(self) -> None:
         check_int(self, "bits", choices=INT_BITS)

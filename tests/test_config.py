@@ -225,6 +225,17 @@ def test_gptqmodel_pack_dtype_other_than_int32_is_refused():
         config_from_dict({"quant_method": "gptq", "bits": 4, "pack_dtype": "int16"})
 
 
+def test_gptqmodel_method_and_lm_head_keys():
+    """GPTQModel 7.x writes "method" and "lm_head"; an unquantized head loads, a quantized one is refused."""
+    cfg = config_from_dict({"quant_method": "gptq", "bits": 4, "method": "gptq", "lm_head": False})
+    assert cfg == GPTQConfig(bits=4) and "method" not in cfg.to_dict() and "lm_head" not in cfg.to_dict()
+    assert {"method", "lm_head"} <= set(GPTQConfig.input_keys())
+    with pytest.raises(ValueError, match=r"lm_head=True \(a quantized output head\) is not supported"):
+        config_from_dict({"quant_method": "gptq", "bits": 4, "lm_head": True})
+    with pytest.raises(ValueError, match=r"method='awq' \(GPTQModel's method name\) is not 'gptq'"):
+        config_from_dict({"quant_method": "gptq", "bits": 4, "method": "awq"})
+
+
 def test_unknown_quant_method_names_it_and_the_known_ones():
     with pytest.raises(ValueError, match=r"unknown quant_method 'hqq'; known: aqlm, awq, bitsandbytes, gptq, rtn"):
         config_from_dict({"quant_method": "hqq"})

@@ -11,6 +11,7 @@ import lowbit
 from lowbit import GPTQConfig
 from lowbit.checkpoint.layouts.gptq import (
     QUANTIZE_CONFIG_FILE,
+    written_by_gptqmodel,
     zeros_from_checkpoint,
     zeros_to_checkpoint,
 )
@@ -59,6 +60,36 @@ def test_overflowed_v1_zero_is_refused():
     stored = pack_int(torch.full((2, 8), 15, dtype=torch.int32), 4, dim=1)  # "z - 1" written for z = 0
     with pytest.raises(ValueError, match="overflowed v1 zero"):
         zeros_from_checkpoint(stored, 4, 8, "gptq", sym=False)
+
+
+def _gptqmodel_v1(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """GPTQModel's v1 writing of true zeros ``z [G, N]``, from its documented arithmetic: each
+    int32 word minus 1-in-every-field (2/4/8 bits), or each field minus 1 modulo 8 (3 bits)."""
+    if bits == 3:
+        return pack_int((z - 1) & 7, 3, dim=1)
+    ones = sum(1 << (bits * i) for i in range(32 // bits))
+    words = (pack_int(z, bits, dim=1).to(torch.int64) - ones) & 0xFFFFFFFF
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"{b}bit")
+def test_gptqmodel_wrapped_v1_zeros_are_read_exactly(bits):
+    packed, z = _zeros(bits, low=0, seed=bits)
+    z[0, :3] = 0  # zero points of 0, which v1 cannot hold
+    packed = pack_int(z, bits, dim=1)
+    stored = _gptqmodel_v1(z, bits)
+    assert torch.equal(zeros_from_checkpoint(stored, bits, 40, "gptq", sym=False, wrapped_v1=True), packed)
+    with pytest.raises(ValueError, match="overflowed v1 zero"):  # never misread without the writer's word
+        zeros_from_checkpoint(stored, bits, 40, "gptq", sym=False)
+    # with no zero of 0 GPTQModel's v1 is the plain one, and both readings agree
+    plain, zp = _zeros(bits, low=1, seed=bits)
+    assert torch.equal(zeros_from_checkpoint(_gptqmodel_v1(zp, bits), bits, 40, "gptq", sym=False), plain)
+
+
+def test_gptqmodel_is_recognised_by_its_meta():
+    assert written_by_gptqmodel(GPTQConfig(bits=4, meta={"quantizer": ["gptqmodel:7.7.0"]}))
+    assert not written_by_gptqmodel(GPTQConfig(bits=4, meta={"quantizer": ["lowbit:0.1.0"]}))
+    assert not written_by_gptqmodel(GPTQConfig(bits=4))
 
 
 @pytest.mark.parametrize("declared,stored_value,actual", [("gptq", 8, "gptq_v2"), ("gptq_v2", 7, "gptq")])

@@ -52,11 +52,14 @@ def zeros_to_checkpoint(qzeros: torch.Tensor, bits: int, n: int, fmt: str, name:
 
 
 def zeros_from_checkpoint(stored: torch.Tensor, bits: int, n: int, fmt: str, sym: bool,
-                          name: str = "qzeros") -> torch.Tensor:
+                          name: str = "qzeros", wrapped_v1: bool = False) -> torch.Tensor:
     """The format's stored packed zeros -> canonical (true) packed zeros.
 
     For a symmetric checkpoint every true zero is ``2**(bits-1)``; stored zeros that match the
     other format's value instead are read as that format (logged), and anything else raises.
+
+    A v1 zero point of 0 has no stored value (``0 - 1``). ``wrapped_v1`` reads the wrapped value
+    GPTQModel writes for it (:func:`gptqmodel_v1_to_true`); otherwise such a checkpoint raises.
     """
     z = unpack_int(stored, bits, n, dim=1)  # [G, N], as stored
     if sym:
@@ -76,13 +79,43 @@ def zeros_from_checkpoint(stored: torch.Tensor, bits: int, n: int, fmt: str, sym
     offset = ZERO_OFFSET[fmt]
     if not offset:
         return stored
+    if wrapped_v1:
+        return gptqmodel_v1_to_true(stored, bits, n)
     if int(z.max()) + offset >= 1 << bits:
         raise ValueError(
             f"{name}: stored zero point {int(z.max())} + {offset} does not fit {bits} bits; the checkpoint holds "
             "an overflowed v1 zero (written for a true zero of 0, a known defect of some writers) and "
-            "cannot be read exactly"
+            "cannot be read exactly (GPTQModel's wrapped zeros are read when meta.quantizer names it)"
         )
     return pack_int(z + offset, bits, dim=1)
+
+
+def gptqmodel_v1_to_true(stored: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """GPTQModel's v1 zeros (int32 ``[G, ceil(N*bits/32)]``) -> the true packed zeros, exactly.
+
+    GPTQModel quantizes with true zeros and writes v1 by undoing its own reader: for 2, 4 and 8
+    bits it subtracts ``0x55555555``/``0x11111111``/``0x01010101`` from each 32-bit word (a zero
+    of 0 borrows from the next field of the word), for 3 bits it takes 1 from each field modulo 8
+    (a zero of 0 is stored as 7). Adding back the same way recovers every true zero, 0 included.
+
+    Worked example (4 bits, fields listed low first)::
+
+        true [0, 3, 0, 0, 0, 0, 0, 0] = 0x00000030 -> stored 0x00000030 - 0x11111111 = 0xEEEEEF1F
+        stored fields [15, 1, 15, 14, 14, 14, 14, 14]; + 0x11111111 -> 0x00000030 again
+    """
+    if bits == 3:
+        z = (unpack_int(stored, bits, n, dim=1) + 1) & 0b111
+        return pack_int(z, bits, dim=1)
+    ones = sum(1 << (bits * i) for i in range(32 // bits))  # 1 in every field of a word
+    words = (stored.to(torch.int64) + ones) & 0xFFFFFFFF
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def written_by_gptqmodel(config: GPTQConfig) -> bool:
+    """Whether ``meta.quantizer`` names GPTQModel (``["gptqmodel:7.7.0"]``), whose v1 zeros wrap."""
+    quantizer = (config.meta or {}).get("quantizer") or []
+    names = [quantizer] if isinstance(quantizer, str) else quantizer
+    return any(str(q).lower().startswith("gptqmodel") for q in names)
 
 
 class GptqLayout:
@@ -105,7 +138,7 @@ class GptqLayout:
                 continue  # reported as missing by the strict loader
             check_packed_shapes(name, m, tensors)
             out[key] = zeros_from_checkpoint(tensors[key], m.bits, m.out_features, config.format,
-                                             config.sym, key)
+                                             config.sym, key, wrapped_v1=written_by_gptqmodel(config))
         return out
 
     def extra_files(self, config: GPTQConfig) -> dict[str, str]:
