@@ -5,8 +5,9 @@ call. :func:`fuse` joins the quantized linears of a group that read the same inp
 :mod:`lowbit.formats.concat`) into one :class:`FusedLinears`, registered on their parent as
 ``fused_<names>``, and puts a :class:`FusedPart` in each original slot. The model's own forward is
 unchanged: the first part called computes the joined product and keeps it, the others take their
-slice of it when called on the same input tensor, and the product is dropped once every part has
-taken its slice. A part called on another input (a model that does not feed q/k/v the same
+slice of it when called on the same input tensor (the same object, not written in place between
+the calls, as transformers' blocks do), and the product is dropped once every part has taken its
+slice. A part called on another input (a model that does not feed q/k/v the same
 tensor) computes the joined product again: slower, never wrong.
 
 The checkpoint never changes: :func:`unfused` splits the groups back for saving, and

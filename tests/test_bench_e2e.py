@@ -16,13 +16,14 @@ FAST = ["--prompt-len", "8", "--new-tokens", "3", "--repeats", "1"]
 def test_plain_model_is_quantized_and_compared_with_itself(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "e2e.json"
     assert main(["bench", "e2e", str(tiny_model_dir), "--group-size", "32", *FAST, "--batch-sizes", "1,2",
-                 "--json", str(out)]) == 0
+                 "--fuse", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     assert "| original (float32) |" in table and "| rtn 4-bit g32 sym |" in table
     rows = json.loads(out.read_text())["rows"]
-    assert [r["label"] for r in rows] == ["original (float32)", "rtn 4-bit g32 sym"]
-    original, quantized = rows
+    assert [r["label"] for r in rows] == ["original (float32)", "rtn 4-bit g32 sym", "rtn 4-bit g32 sym + fused"]
+    original, quantized, fused = rows
     assert quantized["weight_bytes"] < original["weight_bytes"]  # 4-bit linears, the rest unchanged
+    assert fused["weight_bytes"] <= quantized["weight_bytes"]  # the same numbers joined (one g_idx per group)
     for r in rows:
         assert r["prefill_tokens_per_s"] > 0 and r["peak_bytes"] > 0
         assert set(r["decode_tokens_per_s"]) == {"1", "2"} and min(r["decode_tokens_per_s"].values()) > 0
@@ -38,15 +39,6 @@ def test_quantized_folder_with_and_without_its_base(tiny_model_dir, tmp_path, ca
     assert main(["bench", "e2e", str(q), "--base", str(tiny_model_dir), *FAST]) == 0
     table = capsys.readouterr().out
     assert "| original (float32) |" in table and "| quantized |" in table
-
-
-def test_fused_row(tiny_model_dir, tmp_path):
-    out = tmp_path / "e2e.json"
-    assert main(["bench", "e2e", str(tiny_model_dir), "--group-size", "32", "--fuse", *FAST, "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["label"] for r in rows] == ["original (float32)", "rtn 4-bit g32 sym", "rtn 4-bit g32 sym + fused"]
-    assert rows[2]["weight_bytes"] <= rows[1]["weight_bytes"]  # the same numbers joined (one g_idx per group)
-    assert rows[2]["decode_tokens_per_s"]["1"] > 0
 
 
 def test_bad_batch_sizes_are_one_line_errors(tiny_model_dir, capsys):
