@@ -105,6 +105,11 @@ def test_nan_weights_refused():
         RtnQuantizer(RtnConfig(bits=4, group_size=32)).quantize_layer("blk.q", lin, None)
 
 
+def test_repr_names_the_layer():
+    mod = IntGroupedLinear(64, 8, bits=3, group_size=32, bias=False)
+    assert repr(mod) == "IntGroupedLinear(in_features=64, out_features=8, kernel=auto, bits=3, group_size=32)"
+
+
 def test_wrong_input_width_raises():
     mod = RtnQuantizer(RtnConfig(bits=4, group_size=32)).quantize_layer("l", _linear(64, 8), None)
     with pytest.raises(ValueError, match="input has 32 features, layer expects 64"):

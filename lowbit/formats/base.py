@@ -49,6 +49,9 @@ class QuantLinear(nn.Module):
         """Build whatever the kernels cache from the buffers, now rather than in the first forward
         (which ``torch.compile`` may trace instead of running); default: nothing."""
 
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
+
 
 def prepare_model(model: nn.Module) -> nn.Module:
     """Call :meth:`QuantLinear.prepare` on every quantized linear of ``model`` (after loading)."""
@@ -56,6 +59,3 @@ def prepare_model(model: nn.Module) -> nn.Module:
         if isinstance(m, QuantLinear):
             m.prepare()
     return model
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
