@@ -211,18 +211,20 @@ def from_pretrained(
     if qdict is not None and qdict.get("quant_method") != "gguf":
         if quantization_config is not None:
             raise ValueError(f"{folder} is already quantized ({qdict.get('quant_method')}); drop quantization_config")
-        model = load_quantized(folder, config_from_dict(qdict), dtype=dtype or torch.float32, device=device)
-        setattr(model, CONFIG_ATTR, config_from_dict(qdict))
-        fuse_requested(model, config_from_dict(qdict), fuse)
+        qcfg = config_from_dict(qdict)
+        model = load_quantized(folder, qcfg, dtype=dtype or torch.float32, device=device)
+        setattr(model, CONFIG_ATTR, qcfg)
+        fuse_requested(model, qcfg, fuse)
+        prepare_model(model)
     else:
         model, tokenizer = load_plain(folder, dtype=dtype or torch.float32, device=device)
-        if quantization_config is not None:
+        if quantization_config is not None:  # quantize() fuses and prepares
             quantize(model, quantization_config, calib, tokenizer=tokenizer, device=device, progress=progress,
                      fuse=fuse)
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.kernel = kernel
-    return prepare_model(model)
+    return model
 
 
 def hf_config(config: QuantConfig, calib: Calibration = None):
