@@ -17,7 +17,7 @@ from lowbit.formats.base import QuantLinear
 from lowbit.formats.blockwise4 import Blockwise4Linear
 from lowbit.formats.concat import Part, concat_outputs, split_outputs
 from lowbit.formats.int8_outlier import Int8Linear
-from lowbit.fusion import FusedLinears, FusedPart, fuse, unfuse, unfused
+from lowbit.fusion import FusedLinears, FusedPart, awq_groups, fuse, unfuse, unfused
 from test_group_order import random_module as random_int_grouped
 from test_triton_blockwise4 import random_module as random_nf4
 from test_triton_codebook import random_module as random_aqlm
@@ -87,6 +87,10 @@ def test_double_quantized_nf4_joins_only_with_one_offset_and_whole_runs():
     round_trip(mods)
 
 
+class _OtherLinear(QuantLinear):
+    format = "other"
+
+
 @pytest.mark.parametrize("case,msg", [
     ("bits", "their bits differ"),
     ("g_idx", "their g_idx differ"),
@@ -95,6 +99,10 @@ def test_double_quantized_nf4_joins_only_with_one_offset_and_whole_runs():
     ("one", "two or more"),
     ("straddle", "not whole runs of 64"),
     ("in_features", "their in_features differ"),
+    ("scales", "their scales have different dtypes"),
+    ("bias", "their biases have different dtypes"),
+    ("storage", "their quant_storage dtypes differ"),
+    ("unknown", "the _OtherLinear format has no joined layout"),
 ])
 def test_modules_that_cannot_join_are_named(case, msg):
     a = random_int_grouped(16, 64, 4, 32, True, seed=1)
@@ -108,9 +116,32 @@ def test_modules_that_cannot_join_are_named(case, msg):
                      random_nf4(5, 48, 64, "nf4", False, seed=2).to("cpu")],
         "in_features": [random_nf4(16, 64, 64, "nf4", False, seed=1).to("cpu"),
                         random_nf4(16, 128, 64, "nf4", False, seed=1).to("cpu")],
+        "scales": [a, random_int_grouped(16, 64, 4, 32, True, seed=1, dtype=torch.bfloat16)],
+        "bias": [random_nf4(16, 64, 64, "nf4", False, seed=s).to("cpu") for s in (1, 2)],
+        "storage": [random_nf4(16, 64, 64, "nf4", False, seed=1).to("cpu"),
+                    random_nf4(16, 64, 64, "nf4", False, seed=1, storage=torch.bfloat16).to("cpu")],
+        "unknown": [_OtherLinear(64, 16), _OtherLinear(64, 16)],
     }[case]
+    if case == "bias":
+        mods[1].bias = mods[1].bias.half()
     with pytest.raises(ValueError, match=f"cannot fuse a.*{msg}"):
         concat_outputs(mods, NAMES[: len(mods)])
+
+
+def test_split_needs_parts_that_add_up():
+    fused = concat_outputs([random_int_grouped(16, 64, 4, 32, False, seed=s) for s in (1, 2)], ["a", "b"])
+    with pytest.raises(ValueError, match="parts of 24 outputs do not split 32"):
+        split_outputs(fused, [Part("a", 16, False), Part("b", 8, False)])
+
+
+@pytest.mark.parametrize("named,msg", [
+    ({"attention": ["q_proj", "k_proj"]}, r"modules_to_fuse\['attention'\] must list at least 3 module names"),
+    ({"mlp": "gate_proj"}, r"modules_to_fuse\['mlp'\] must list at least 2 module names"),
+    ({"layernorm": ["input_layernorm"]}, "names no 'attention' or 'mlp' modules"),
+])
+def test_bad_awq_modules_to_fuse(named, msg):
+    with pytest.raises(ValueError, match=msg):
+        awq_groups(named)
 
 
 # --- whole models ----------------------------------------------------------------------------

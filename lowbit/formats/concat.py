@@ -69,25 +69,13 @@ def _slices(parts: Sequence[Part]):
         start += p.out_features
 
 
-def _meta_like(m: QuantLinear, out_features: int, has_bias: bool, bias_dtype: torch.dtype | None):
-    """An empty module of ``m``'s class and settings, ``out_features`` wide, on the meta device."""
-    if isinstance(m, IntGroupedLinear):
-        new = IntGroupedLinear(m.in_features, out_features, bits=m.bits, group_size=m.group_size, bias=has_bias,
-                               scales_dtype=m.scales.dtype, device="meta", **_bias_kw(bias_dtype))
-    elif isinstance(m, Int8Linear):
-        new = Int8Linear(m.in_features, out_features, threshold=m.threshold, bias=has_bias, device="meta",
-                         **_bias_kw(bias_dtype))
-    else:
-        new = Blockwise4Linear(m.in_features, out_features, quant_type=m.quant_type, blocksize=m.blocksize,
-                               double_quant=m.double_quant, bias=has_bias, quant_storage=m.weight.dtype,
-                               weight_dtype=m.weight_dtype, compute_dtype=m.compute_dtype, device="meta",
-                               **_bias_kw(bias_dtype))
-    new.kernel = m.kernel
-    return new
+def _dtype(t: torch.Tensor | None) -> dict:
+    """``bias_dtype`` for a module constructor, from the bias it will hold (None: the default)."""
+    return {} if t is None else {"bias_dtype": t.dtype}
 
 
-def _bias_kw(dtype: torch.dtype | None) -> dict:
-    return {} if dtype is None else {"bias_dtype": dtype}
+def _widths(mods: Sequence[QuantLinear]) -> int:
+    return sum(m.out_features for m in mods)
 
 
 # --- grouped int ---------------------------------------------------------------------------
@@ -101,8 +89,7 @@ def _concat_int_grouped(mods: Sequence[IntGroupedLinear], names: Sequence[str]) 
     if any(not torch.equal(m.g_idx, first.g_idx) for m in mods):
         raise _fail(names, "their g_idx differ (act-order layers quantized with different column orders)")
     bias = _joined_bias(mods, names)
-    fused = _meta_like(first, sum(m.out_features for m in mods), bias is not None,
-                       None if bias is None else bias.dtype)
+    fused = _empty_int_grouped(first, _widths(mods), bias)
     zeros = [unpack_int(m.qzeros, m.bits, m.out_features, dim=1) for m in mods]  # [G, N_i]
     fused.qweight = torch.cat([m.qweight for m in mods], dim=1)  # [K*bits/32, N]
     fused.qzeros = pack_int(torch.cat(zeros, dim=1), first.bits, dim=1)
@@ -112,11 +99,16 @@ def _concat_int_grouped(mods: Sequence[IntGroupedLinear], names: Sequence[str]) 
     return fused
 
 
+def _empty_int_grouped(like: IntGroupedLinear, out_features: int, bias: torch.Tensor | None) -> IntGroupedLinear:
+    return IntGroupedLinear(like.in_features, out_features, bits=like.bits, group_size=like.group_size,
+                            bias=bias is not None, scales_dtype=like.scales.dtype, device="meta", **_dtype(bias))
+
+
 def _split_int_grouped(fused: IntGroupedLinear, parts: Sequence[Part]) -> list[IntGroupedLinear]:
     zeros = unpack_int(fused.qzeros, fused.bits, fused.out_features, dim=1)  # [G, N]
     out = []
     for p, a, b in _slices(parts):
-        m = _meta_like(fused, p.out_features, p.has_bias, None if fused.bias is None else fused.bias.dtype)
+        m = _empty_int_grouped(fused, p.out_features, fused.bias if p.has_bias else None)
         m.qweight = fused.qweight[:, a:b].contiguous()
         m.qzeros = pack_int(zeros[:, a:b], fused.bits, dim=1)
         m.scales = fused.scales[:, a:b].contiguous()
@@ -131,8 +123,7 @@ def _split_int_grouped(fused: IntGroupedLinear, parts: Sequence[Part]) -> list[I
 def _concat_int8(mods: Sequence[Int8Linear], names: Sequence[str]) -> Int8Linear:
     _same(mods, names, "threshold")
     bias = _joined_bias(mods, names)
-    fused = _meta_like(mods[0], sum(m.out_features for m in mods), bias is not None,
-                       None if bias is None else bias.dtype)
+    fused = _empty_int8(mods[0], _widths(mods), bias)
     fused.weight = torch.cat([m.weight for m in mods])  # [N, K] int8
     fused.SCB = torch.cat([m.SCB for m in mods])
     fused.weight_format = mods[0].weight_format.clone()
@@ -140,10 +131,15 @@ def _concat_int8(mods: Sequence[Int8Linear], names: Sequence[str]) -> Int8Linear
     return fused
 
 
+def _empty_int8(like: Int8Linear, out_features: int, bias: torch.Tensor | None) -> Int8Linear:
+    return Int8Linear(like.in_features, out_features, threshold=like.threshold, bias=bias is not None,
+                      device="meta", **_dtype(bias))
+
+
 def _split_int8(fused: Int8Linear, parts: Sequence[Part]) -> list[Int8Linear]:
     out = []
     for p, a, b in _slices(parts):
-        m = _meta_like(fused, p.out_features, p.has_bias, None if fused.bias is None else fused.bias.dtype)
+        m = _empty_int8(fused, p.out_features, fused.bias if p.has_bias else None)
         m.weight = fused.weight[a:b].clone()
         m.SCB = fused.SCB[a:b].clone()
         m.weight_format = fused.weight_format.clone()
@@ -175,8 +171,7 @@ def _concat_blockwise4(mods: Sequence[Blockwise4Linear], names: Sequence[str]) -
     _check_blockwise4(mods, names)
     first = mods[0]
     bias = _joined_bias(mods, names)
-    fused = _meta_like(first, sum(m.out_features for m in mods), bias is not None,
-                       None if bias is None else bias.dtype)
+    fused = _empty_blockwise4(first, _widths(mods), bias)
     fused.weight = torch.cat([m.weight.reshape(-1) for m in mods]).reshape(-1, 1)
     fused.absmax = torch.cat([m.absmax for m in mods])
     fused.quant_map = first.quant_map.clone()
@@ -188,12 +183,19 @@ def _concat_blockwise4(mods: Sequence[Blockwise4Linear], names: Sequence[str]) -
     return fused
 
 
+def _empty_blockwise4(like: Blockwise4Linear, out_features: int, bias: torch.Tensor | None) -> Blockwise4Linear:
+    return Blockwise4Linear(like.in_features, out_features, quant_type=like.quant_type, blocksize=like.blocksize,
+                            double_quant=like.double_quant, bias=bias is not None, quant_storage=like.weight.dtype,
+                            weight_dtype=like.weight_dtype, compute_dtype=like.compute_dtype, device="meta",
+                            **_dtype(bias))
+
+
 def _split_blockwise4(fused: Blockwise4Linear, parts: Sequence[Part]) -> list[Blockwise4Linear]:
     k, out = fused.in_features, []
     per_element = 2 * fused.weight.element_size()  # codes per storage element
     at = {"weight": 0, "absmax": 0, "nested_absmax": 0}
     for p, a, b in _slices(parts):
-        m = _meta_like(fused, p.out_features, p.has_bias, None if fused.bias is None else fused.bias.dtype)
+        m = _empty_blockwise4(fused, p.out_features, fused.bias if p.has_bias else None)
         numel = p.out_features * k
         sizes = {"weight": -(-numel // per_element), "absmax": -(-numel // fused.blocksize)}
         if fused.double_quant:
@@ -238,7 +240,9 @@ def concat_outputs(mods: Sequence[QuantLinear], names: Sequence[str]) -> QuantLi
                else f"the {kind.__name__} format has no joined layout")
         raise _fail(names, why)
     _same(mods, names, "in_features")
-    return _JOIN[kind][0](mods, names)
+    fused = _JOIN[kind][0](mods, names)
+    fused.kernel = mods[0].kernel
+    return fused
 
 
 def split_outputs(fused: QuantLinear, parts: Sequence[Part]) -> list[QuantLinear]:
@@ -246,4 +250,7 @@ def split_outputs(fused: QuantLinear, parts: Sequence[Part]) -> list[QuantLinear
     if sum(p.out_features for p in parts) != fused.out_features:
         raise ValueError(f"parts of {sum(p.out_features for p in parts)} outputs do not split "
                          f"{fused.out_features}")
-    return _JOIN[type(fused)][1](fused, parts)
+    mods = _JOIN[type(fused)][1](fused, parts)
+    for m in mods:
+        m.kernel = fused.kernel
+    return mods

@@ -19,6 +19,7 @@ from lowbit.kernels.triton_common import (
     _output_tile,
     _product,
     _store_output,
+    check_batch_path,
     device_sms,
     finish_split_k,
     input_rows,
@@ -198,8 +199,7 @@ def matmul_blockwise4(x, weight, absmax, quant_map, blocksize, shape, nested_abs
     dtype = compute_dtype or x.dtype
     x2 = input_rows(x, dtype)
     m = x2.shape[0]
-    if batch_path not in (None, "tiled", "dequantize"):
-        raise ValueError(f"batch_path must be 'tiled' or 'dequantize', not {batch_path!r}")
+    check_batch_path(batch_path)
     if m >= 16 and (batch_path or batch_path_for(m)) == "dequantize":
         w = dequantize_blockwise4(weight, absmax, quant_map, blocksize, shape, nested_absmax, nested_quant_map,
                                   nested_offset, dtype=dtype)

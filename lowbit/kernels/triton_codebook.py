@@ -22,6 +22,7 @@ from lowbit.kernels.triton_common import (
     _output_tile,
     _product,
     _store_output,
+    check_batch_path,
     finish_split_k,
     input_rows,
     launch_config,
@@ -146,8 +147,7 @@ def matmul_codebook(x, codes, codebooks, scales, bias=None, batch_path: str | No
     n, k, gi, n_codebooks, size = _geometry(codes, codebooks)
     x2 = input_rows(x)
     m = x2.shape[0]
-    if batch_path not in (None, "tiled", "dequantize"):
-        raise ValueError(f"batch_path must be 'tiled' or 'dequantize', not {batch_path!r}")
+    check_batch_path(batch_path)
     if m >= 16 and (batch_path or batch_path_for(n_codebooks)) == "dequantize":
         w = dequantize_codebook(codes, codebooks, scales, dtype=x2.dtype)
         b = bias.to(x2.dtype) if bias is not None else None

@@ -150,6 +150,12 @@ def input_rows(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+def check_batch_path(batch_path: str | None) -> None:
+    """``batch_path`` of a format's matmul wrapper: None (its own choice), ``"tiled"`` or ``"dequantize"``."""
+    if batch_path not in (None, "tiled", "dequantize"):
+        raise ValueError(f"batch_path must be 'tiled' or 'dequantize', not {batch_path!r}")
+
+
 def output_buffer(cfg: MatmulConfig, m: int, n: int, x: torch.Tensor) -> torch.Tensor:
     """``[M, N]`` in x's dtype, or fp32 partials ``[SPLIT_K, M, N]``; never zero-filled."""
     if cfg.split_k == 1:
