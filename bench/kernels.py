@@ -32,7 +32,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from lowbit.formats.group_order import to_group_ordered
 from lowbit.formats.packing import pack_int
@@ -384,6 +383,10 @@ def main() -> None:
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernels.py needs a CUDA or ROCm GPU")
+    # imported here, not at the top: every script run from bench/ has this folder on sys.path, where
+    # transformers' and bitsandbytes' probes for the hub's ``kernels`` package import this file
+    import triton
+
     torch.manual_seed(0)
     l2 = l2_bytes()
     props = torch.cuda.get_device_properties(0)
