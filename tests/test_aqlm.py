@@ -115,6 +115,19 @@ def test_nearest_centroid_matches_brute_force():
     assert torch.equal(got, dist.argmin(-1))
 
 
+@pytest.mark.parametrize("shape", [(7, 1), (33, 256), (3, 4, 300), (2, 65536)])
+def test_min_last_equals_torch_min_with_ties(shape):
+    from lowbit.methods.kmeans import min_last
+
+    x = torch.randn(*shape, generator=_gen(12))
+    x[..., shape[-1] // 2] = x[..., -1] = -50.0  # a tie at the minimum: the first index wins
+    x[..., 0] = torch.where(torch.arange(x[..., 0].numel()).reshape(x[..., 0].shape) % 2 == 0, -50.0, 1e30)
+    values, index = min_last(x)
+    want_values, want_index = x.min(dim=-1)
+    assert torch.equal(values, want_values) and torch.equal(index, want_index)
+    assert index.dtype == torch.int64 and (index == 0).any()
+
+
 def test_weighted_kmeans_lowers_the_weighted_distortion_and_is_exact_when_small():
     from lowbit.methods.kmeans import weighted_kmeans
 
@@ -180,6 +193,26 @@ def test_beam_search_is_at_least_as_good_as_greedy():
     beam = aqlm_quantize(W, H, num_codebooks=2, nbits=6, in_group_size=8, beam_size=8, max_iterations=3,
                          relative_tolerance=0.0)
     assert beam.relative_error <= greedy.relative_error * 1.02
+
+
+@pytest.mark.parametrize("og,c", [(1, 2), (2, 1)])
+def test_code_sweep_with_lazy_updates_equals_the_eager_sweep(og, c):
+    """A block of positions carries its E H changes to later columns in one product; position by
+    position (block 1, an eager update) the sweep must choose the same codes, and lower the error."""
+    from lowbit.methods import aqlm as A
+
+    W, H = _layer(n=48, k=256, seed=5)  # 32 input groups: two blocks of 16 and a partial third with 12
+    H.diagonal().add_(0.01 * float(H.diagonal().mean()))
+    sweeps = {}
+    for block in (1, 12):
+        layer = A._Layer(W, H, og, 8)
+        A._initialize(layer, c, 6, 2, _gen(0))
+        start, before = layer.codes.clone(), layer.error()
+        A._update_codes(layer, beam_size=4, block=block)
+        sweeps[block] = layer.codes.clone()
+        assert layer.error() < before
+        assert (layer.codes != start).any(dim=-1).float().mean() > 0.05  # the sweep changed codes across blocks
+    assert torch.equal(sweeps[1], sweeps[12])
 
 
 def test_codebooks_stay_bounded():

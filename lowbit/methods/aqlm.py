@@ -23,6 +23,7 @@ cache-sized: a 1x16 codebook has 65 536 entries per group.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,7 @@ from lowbit.config import AqlmConfig
 from lowbit.formats.codebook import AqlmLinear, check_geometry
 from lowbit.methods.base import QUANTIZERS, Quantizer
 from lowbit.methods.gptq import HessianStats
-from lowbit.methods.kmeans import chunk_rows, weighted_kmeans
+from lowbit.methods.kmeans import chunk_rows, min_last, weighted_kmeans
 from lowbit.methods.walk import find_linears, linear_shape, linear_weight
 
 log = logging.getLogger(__name__)
@@ -83,13 +84,38 @@ class _Layer:
             groups = groups + cb[c][self.codes[..., c]]
         return groups.permute(0, 2, 1, 3).reshape(self.go, self.og, self.gi * self.ig)
 
-    def adjoint(self, G: torch.Tensor) -> torch.Tensor:
-        """Transpose of ``codebooks -> scales * recon(codebooks)``, applied to ``G [Go, og, K]``."""
+    def code_maps(self) -> list[torch.Tensor] | None:
+        """Per codebook, the current codes as a sparse ``[S, Go*Gi]`` CSR indicator (which group
+        uses which codeword), for :meth:`adjoint`; None off the CPU.
+
+        On a CPU ``index_add_`` into a few hundred codewords runs serially, several times slower
+        than this product; the maps are valid until the codes change."""
+        if self.codes.device.type != "cpu":
+            return None
+        size = self.codebooks.shape[1]
+        maps = []
+        for c in range(self.codes.shape[-1]):
+            idx = self.codes[..., c].reshape(-1)
+            crow = torch.zeros(size + 1, dtype=torch.int64)
+            crow[1:] = torch.bincount(idx, minlength=size).cumsum(0)
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                maps.append(torch.sparse_csr_tensor(crow, torch.argsort(idx, stable=True),
+                                                    torch.ones(idx.numel(), dtype=self.codebooks.dtype),
+                                                    size=(size, idx.numel())))
+        return maps
+
+    def adjoint(self, G: torch.Tensor, maps: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Transpose of ``codebooks -> scales * recon(codebooks)``, applied to ``G [Go, og, K]``
+        (``maps``: :meth:`code_maps` of the current codes, or None)."""
         g = (G * self.scales[:, None, None]).reshape(self.go, self.og, self.gi, self.ig).permute(0, 2, 1, 3)
         g = g.reshape(-1, self.og, self.ig)  # [Go*Gi, og, ig]
         out = torch.zeros_like(self.codebooks)
         for c in range(out.shape[0]):
-            out[c].index_add_(0, self.codes[..., c].reshape(-1), g)
+            if maps is None:
+                out[c].index_add_(0, self.codes[..., c].reshape(-1), g)
+            else:
+                out[c] = (maps[c] @ g.reshape(g.shape[0], -1)).reshape(out.shape[1:])
         return out
 
     def error(self) -> float:
@@ -138,21 +164,22 @@ def _update_codebooks(layer: _Layer, steps: int) -> None:
     diag_h = torch.diagonal(layer.H)  # [K]
     # diagonal of the quadratic's matrix: s^2 * diag(H) of the columns each codeword covers
     dh = (s * s * diag_h).expand(layer.go, layer.og, -1).contiguous()
-    precond = layer.adjoint(dh / s)  # adjoint applies one more s
+    maps = layer.code_maps()  # the codes are fixed here
+    precond = layer.adjoint(dh / s, maps)  # adjoint applies one more s
     used = precond > 0
     if not used.any():
         return
     prox = _PROXIMAL * float(precond[used].mean())
     inv = torch.where(used, 1.0 / (precond + prox), torch.zeros_like(precond))
     theta = layer.codebooks
-    r = layer.adjoint((layer.W - s * layer.recon(theta)) @ layer.H)  # minus half the gradient
+    r = layer.adjoint((layer.W - s * layer.recon(theta)) @ layer.H, maps)  # minus half the gradient
     z = inv * r
     p = z
     rz = float((r * z).sum())
     for _ in range(steps):
         if rz <= 0:
             break
-        Ap = layer.adjoint((s * layer.recon(p)) @ layer.H) + prox * p
+        Ap = layer.adjoint((s * layer.recon(p)) @ layer.H, maps) + prox * p
         pAp = float((p * Ap).sum())
         if pAp <= 0:
             break
@@ -174,12 +201,17 @@ def _update_scales(layer: _Layer) -> None:
     layer.scales = torch.where(den > 0, num / den.clamp(min=1e-30), layer.scales).clamp(min=1e-8)
 
 
-def _update_codes(layer: _Layer, beam_size: int) -> None:
+def _update_codes(layer: _Layer, beam_size: int, block: int = 16) -> None:
     """One sweep of beam search over the input-group positions, all output groups at once.
 
     At position ``i`` the search minimises, over the group's code tuple, the exact change of
     ``tr(E H E^T)`` with every other group fixed; the current codes are kept when no candidate
     beats them.
+
+    ``E H`` is kept up to date lazily, as GPTQ updates its error: within a block of ``block``
+    positions every change updates the block's columns at once, and the block's changes reach
+    the columns after it in one product when it ends (columns before it are not read again in
+    this sweep). Each position sees the ``E H`` an eager update gives (up to rounding).
     """
     ig, og = layer.ig, layer.og
     n_codebooks, size = layer.codebooks.shape[:2]
@@ -187,23 +219,36 @@ def _update_codes(layer: _Layer, beam_size: int) -> None:
     s = layer.scales  # [Go]
     flat_books = layer.codebooks.reshape(n_codebooks, size, og * ig)
     EH = (layer.W - s[:, None, None] * layer.recon()) @ layer.H  # [Go, og, K]
-    for i in range(layer.gi):
-        cols = slice(i * ig, (i + 1) * ig)
-        Hii = layer.H[cols, cols]  # [ig, ig]
-        codes = layer.codes[:, i]  # [Go, C]
-        current = _group_vectors(flat_books, codes)  # [Go, og*ig], unscaled
-        # T' = (E + s u) H restricted to the group, over s: the target the group's vector aims at
-        target = (EH[:, :, cols] / s[:, None, None]).reshape(layer.go, -1) + _times_h(current, Hii, og, ig)
-        best_codes, best_cost = _beam_search(flat_books, Hii, target, codes, beam, og, ig)
-        cur_cost = _cost(current, Hii, target, og, ig)
-        keep = cur_cost <= best_cost
-        best_codes = torch.where(keep[:, None], codes, best_codes)
-        changed = ~keep
-        if changed.any():
-            delta = _group_vectors(flat_books, best_codes) - current  # [Go, og*ig]
-            delta = delta * s[:, None]
-            EH -= delta.reshape(layer.go, og, ig) @ layer.H[cols, :]
+    for b0 in range(0, layer.gi, block):
+        b1 = min(b0 + block, layer.gi)
+        bcols = slice(b0 * ig, b1 * ig)
+        EHb = EH[:, :, bcols]  # a view: updated in place
+        delta_block = torch.zeros_like(EHb)  # the block's scaled changes of W-hat
+        changed_block = False
+        for i in range(b0, b1):
+            local = slice((i - b0) * ig, (i - b0 + 1) * ig)
+            cols = slice(i * ig, (i + 1) * ig)
+            Hii = layer.H[cols, cols]  # [ig, ig]
+            codes = layer.codes[:, i]  # [Go, C]
+            current = _group_vectors(flat_books, codes)  # [Go, og*ig], unscaled
+            # T' = (E + s u) H restricted to the group, over s: the target the group's vector aims at
+            target = (EHb[:, :, local] / s[:, None, None]).reshape(layer.go, -1) + _times_h(current, Hii, og, ig)
+            best_codes, best_cost = _beam_search(flat_books, Hii, target, codes, beam, og, ig)
+            cur_cost = _cost(current, Hii, target, og, ig)
+            keep = cur_cost <= best_cost
+            if keep.all():
+                continue
+            best_codes = torch.where(keep[:, None], codes, best_codes)
+            delta = (_group_vectors(flat_books, best_codes) - current) * s[:, None]  # [Go, og*ig], 0 where kept
+            delta = delta.reshape(layer.go, og, ig)
+            EHb -= delta @ layer.H[cols, bcols]
+            delta_block[:, :, local] = delta
+            changed_block = True
             layer.codes[:, i] = best_codes
+        if changed_block and b1 < layer.gi:
+            rest = slice(b1 * ig, None)
+            EH[:, :, rest] -= (delta_block.reshape(-1, (b1 - b0) * ig) @ layer.H[bcols, rest]).reshape(
+                layer.go, og, -1)
 
 
 def _group_vectors(flat_books: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -251,13 +296,11 @@ def _beam_search(flat_books: torch.Tensor, Hii: torch.Tensor, target: torch.Tens
             r, nb, d = lin.shape
             # cost of each replacement, but for the per-entry constant: one fused GEMM pass
             score = torch.addmm(quad[c], lin.reshape(r * nb, d), flat_books[c].t()).reshape(r, nb, size)
+            score += const[..., None]
             if beam == 1 or c == n_codebooks - 1:  # the last codebook only needs the best tuple
-                best, j = score.min(dim=2)  # [R, B]
-                total = best + const
-                top_cost, entry = total.min(dim=1, keepdim=True)  # [R, 1]
-                top = entry * size + torch.gather(j, 1, entry)
+                best, entry = min_last(score.reshape(r, -1))
+                top_cost, top = best[:, None], entry[:, None]  # [R, 1]
             else:
-                score += const[..., None]
                 top_cost, top = score.reshape(r, -1).topk(min(beam, nb * size), dim=1, largest=False)  # [R, k]
             parent = torch.div(top, size, rounding_mode="floor")
             cand = torch.gather(cand, 1, parent[..., None].expand(-1, -1, n_codebooks)).clone()

@@ -55,8 +55,22 @@ def nearest_centroid(wx: torch.Tensor, weights: torch.Tensor, centroids: torch.T
     for i in range(wx.shape[0]):
         for a in range(0, wx.shape[1], rows):
             score = torch.addmm(sq[i], wx[i, a:a + rows], ct, alpha=-2)  # [rows, S]
-            out[i, a:a + rows] = score.argmin(dim=1)
+            out[i, a:a + rows] = min_last(score)[1]
     return out
+
+
+def min_last(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x.min(dim=-1)`` of a finite ``x``: the values and the first index of each minimum.
+
+    PyTorch's CPU reduction that returns indices is not vectorised; these passes are: a key that
+    is the column index at each minimum and at least the row length elsewhere, then its ``amin``.
+    Other devices, and rows too long for the key to hold their indices in fp32, use ``min``."""
+    size = x.shape[-1]
+    if x.device.type != "cpu" or size >= 1 << 23:
+        return x.min(dim=-1)
+    m = x.amin(dim=-1, keepdim=True)
+    key = (x - m).sign_().to(torch.float32).mul_(size).add_(torch.arange(size, dtype=torch.float32, device=x.device))
+    return m.squeeze(-1), key.amin(dim=-1).long()
 
 
 def chunk_rows(entries: int) -> int:
