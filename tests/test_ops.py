@@ -90,6 +90,48 @@ def test_matmul_op_forward_backward_and_opcheck(case, m_rows):
     torch.library.opcheck(op, (x.detach(), *args))
 
 
+ENTRY_POINTS = {"int_grouped_matmul": "int_grouped_linear", "blockwise4_matmul": "blockwise4_linear",
+                "codebook_matmul": "codebook_linear"}
+
+
+@pytest.mark.parametrize("case", ["int4-g32-act-order", "nf4-double-quant", "aqlm-2x4"])
+def test_entry_points_take_the_op_only_when_traced_or_differentiated(case, monkeypatch):
+    """The modules' entry points launch the wrapper directly in plain eager without a gradient to
+    record (the same result), and go through the custom op when ``x`` needs a gradient and under
+    ``torch.compile``, where the graph holds the op."""
+    make, variant = CASES[case]
+    op, args, want, k = make(3, variant)
+    name = op._name  # the op's name in the lowbit namespace, and its attribute in ops
+    entry = getattr(ops, ENTRY_POINTS[name])
+    calls = []
+
+    def counted(*a):
+        calls.append(1)
+        return op(*a)
+
+    monkeypatch.setattr(ops, name, counted)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(7)).to(DEVICE, DTYPE)
+    with torch.no_grad():
+        direct = entry(x, *args)
+    assert calls == [] and torch.equal(direct, op(x, *args))
+    xg = x.clone().requires_grad_(True)
+    entry(xg, *args).sum().backward()
+    assert calls == [1] and xg.grad is not None and torch.isfinite(xg.grad).all()
+    monkeypatch.undo()  # dynamo must see the real op, not the counting wrapper
+
+    graphs = []
+
+    def capture(gm, _inputs):
+        graphs.append([str(node.target) for node in gm.graph.nodes if node.op == "call_function"])
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        traced = torch.compile(lambda t: entry(t, *args), fullgraph=True, backend=capture)(x)
+    assert torch.equal(traced, direct)
+    assert any(f"lowbit.{name}" in target for target in graphs[0]), graphs
+
+
 @pytest.mark.parametrize("case", ["int4-g32-act-order", "nf4-double-quant", "aqlm-2x4"])
 def test_dequantize_ops_opcheck(case):
     make, variant = CASES[case]

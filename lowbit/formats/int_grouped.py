@@ -176,7 +176,7 @@ def _triton_supports(m: IntGroupedLinear, x: torch.Tensor) -> bool:
 
 def _triton_forward(x: torch.Tensor, m: IntGroupedLinear) -> torch.Tensor:
     w = m.group_ordered()
-    return ops.int_grouped_matmul(x, w.qweight, w.scales, w.qzeros, w.perm, m.bias, w.bits, w.group_size)
+    return ops.int_grouped_linear(x, w.qweight, w.scales, w.qzeros, w.perm, m.bias, w.bits, w.group_size)
 
 
 register_kernel(

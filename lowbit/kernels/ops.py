@@ -19,6 +19,11 @@ refuses.
 
 Every op computes what the format's reference in :mod:`lowbit.kernels.reference` does; the tests
 compare them (under ``TRITON_INTERPRET=1`` on CPU) and run ``torch.library.opcheck`` on each.
+
+The modules call the ``*_linear`` entry points, not the ops. They take the op only where it is
+needed, under ``torch.compile`` and when a gradient is to be recorded, and otherwise launch the
+Triton wrapper themselves: the dispatcher's path into a Python custom op costs tens of
+microseconds per call on a CPU core (:func:`dispatch_free`), more than a one-token kernel runs.
 """
 
 from __future__ import annotations
@@ -27,6 +32,15 @@ import torch
 from torch import Tensor
 
 from lowbit.formats.group_order import GroupOrdered
+
+
+def dispatch_free(x: Tensor) -> bool:
+    """Whether a call with input ``x`` may launch the Triton wrapper directly instead of the op:
+    plain eager (not traced by ``torch.compile``, ``x`` not a fake or functional tensor) with no
+    gradient to record for ``x``."""
+    return (not torch.compiler.is_compiling() and type(x) is Tensor
+            and not (x.requires_grad and torch.is_grad_enabled()))
+
 
 # --- grouped int ---------------------------------------------------------------------------
 
@@ -46,10 +60,21 @@ def int_grouped_matmul(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tenso
     Returns:
         ``[..., N]`` in x's dtype.
     """
+    return _int_grouped_matmul(x, qweight, scales, qzeros, perm, bias, bits, group_size)
+
+
+def _int_grouped_matmul(x, qweight, scales, qzeros, perm, bias, bits, group_size):
     from lowbit.kernels import triton_int_grouped
 
     w = GroupOrdered(qweight, scales, qzeros, perm, bits, group_size)
     return triton_int_grouped.matmul_group_ordered(x, w, bias)
+
+
+def int_grouped_linear(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, perm: Tensor | None,
+                       bias: Tensor | None, bits: int, group_size: int) -> Tensor:
+    """:func:`int_grouped_matmul`, through the dispatcher only where needed (:func:`dispatch_free`)."""
+    args = (x, qweight, scales, qzeros, perm, bias, bits, group_size)
+    return _int_grouped_matmul(*args) if dispatch_free(x) else int_grouped_matmul(*args)
 
 
 @int_grouped_matmul.register_fake
@@ -96,10 +121,25 @@ def blockwise4_matmul(x: Tensor, weight: Tensor, absmax: Tensor, quant_map: Tens
                       blocksize: int, n: int, k: int, compute_dtype: torch.dtype | None) -> Tensor:
     """``x @ W.T + bias`` for an NF4/FP4 weight of shape ``[n, k]`` (the buffers of
     :class:`~lowbit.formats.blockwise4.Blockwise4Linear`); ``[..., N]`` in x's dtype."""
+    return _blockwise4_matmul(x, weight, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, bias,
+                              blocksize, n, k, compute_dtype)
+
+
+def _blockwise4_matmul(x, weight, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, bias,
+                       blocksize, n, k, compute_dtype):
     from lowbit.kernels import triton_blockwise4
 
     return triton_blockwise4.matmul_blockwise4(x, weight, absmax, quant_map, blocksize, (n, k), nested_absmax,
                                                nested_quant_map, nested_offset, bias, compute_dtype)
+
+
+def blockwise4_linear(x: Tensor, weight: Tensor, absmax: Tensor, quant_map: Tensor, nested_absmax: Tensor | None,
+                      nested_quant_map: Tensor | None, nested_offset: Tensor | None, bias: Tensor | None,
+                      blocksize: int, n: int, k: int, compute_dtype: torch.dtype | None) -> Tensor:
+    """:func:`blockwise4_matmul`, through the dispatcher only where needed (:func:`dispatch_free`)."""
+    args = (x, weight, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, bias, blocksize, n, k,
+            compute_dtype)
+    return _blockwise4_matmul(*args) if dispatch_free(x) else blockwise4_matmul(*args)
 
 
 @blockwise4_matmul.register_fake
@@ -145,9 +185,19 @@ blockwise4_matmul.register_autograd(_blockwise4_backward, setup_context=_blockwi
 def codebook_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
     """``x @ W.T + bias`` for an AQLM weight (the buffers of
     :class:`~lowbit.formats.codebook.AqlmLinear`, ``out_group_size`` 1); ``[..., N]`` in x's dtype."""
+    return _codebook_matmul(x, codes, codebooks, scales, bias)
+
+
+def _codebook_matmul(x, codes, codebooks, scales, bias):
     from lowbit.kernels import triton_codebook
 
     return triton_codebook.matmul_codebook(x, codes, codebooks, scales, bias)
+
+
+def codebook_linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
+    """:func:`codebook_matmul`, through the dispatcher only where needed (:func:`dispatch_free`)."""
+    args = (x, codes, codebooks, scales, bias)
+    return _codebook_matmul(*args) if dispatch_free(x) else codebook_matmul(*args)
 
 
 @codebook_matmul.register_fake
