@@ -9,11 +9,15 @@ perplexity, its ratio to the fp32 original, and quantization wall time.
     python bench/quality.py --table pruning --nsamples 32 --seqlen 512 --tokens 16384
     python bench/quality.py --table aqlm --nsamples 32 --seqlen 512 --tokens 16384
     python bench/quality.py --table gptq-peer --nsamples 32 --seqlen 512 --tokens 16384   # GPTQModel installed
+    python bench/quality.py --table awq-peer --nsamples 32 --seqlen 512 --tokens 16384    # AutoAWQ installed
 
 The AWQ table uses group size 64: SmolLM2's hidden size, 576, is not a multiple of 128, and the
 AWQ GEMM layout needs whole groups. ``gptq-peer`` quantizes with GPTQModel (same calibration
 windows) and scores its checkpoint with lowbit's evaluator (lowbit reads it with GPTQModel's
-weights, ``tests/test_gptqmodel_interop.py``); AutoAWQ is not installed here.
+weights, ``tests/test_gptqmodel_interop.py``). ``awq-peer`` does the same with AutoAWQ: its 4-bit
+GEMM checkpoint is loaded by lowbit (``tests/test_autoawq_interop.py``); AutoAWQ cannot pack 3
+bits, so its 3-bit row is AutoAWQ's scaled and clipped model rounded by AutoAWQ's own
+``pseudo_quantize_tensor``, scored as it stands.
 """
 
 from __future__ import annotations
@@ -80,8 +84,13 @@ GPTQ_PEER_ROWS = [  # GPTQModel's GPTQ with lowbit's settings (damp 0.1, no grou
     ("GPTQModel GPTQ 3-bit g128 asym", dict(bits=3, group_size=128, sym=False)),
 ]
 
+AWQ_PEER_ROWS = [  # AutoAWQ's defaults (duo scaling, 20-point grid, clip search), the AWQ table's groups
+    ("AutoAWQ 4-bit g64 zero-point", dict(w_bit=4, q_group_size=64, zero_point=True)),
+    ("AutoAWQ 3-bit g64 zero-point", dict(w_bit=3, q_group_size=64, zero_point=True)),
+]
+
 TABLES = {"gptq": GPTQ_ROWS, "awq": AWQ_ROWS, "pruning": PRUNING_ROWS, "aqlm": AQLM_ROWS,
-          "gptq-peer": GPTQ_PEER_ROWS}
+          "gptq-peer": GPTQ_PEER_ROWS, "awq-peer": AWQ_PEER_ROWS}
 
 
 def quantize_with_gptqmodel(folder, spec: dict, calib: torch.Tensor, out) -> float:
@@ -102,6 +111,60 @@ def quantize_with_gptqmodel(folder, spec: dict, calib: torch.Tensor, out) -> flo
     seconds = time.perf_counter() - start
     model.save(str(out))
     return seconds
+
+
+def fix_autoawq_scale_search_on_cpu() -> None:
+    """Make AutoAWQ 0.2.9's scale search keep a real copy of the weights it restores on a CPU.
+
+    It saves the inspected module's weights as ``{k: v.cpu() ...}`` (a copy only when they live on
+    a GPU: on a CPU ``.cpu()`` is the tensor itself), then scales the weights in place for the
+    first candidate, so every later candidate and the final restore start from corrupted
+    weights; unpatched, its SmolLM2 scores a perplexity of 301,636. The patch hands it copies, as
+    it gets on a GPU, and changes nothing else."""
+    from awq.quantize.quantizer import AwqQuantizer
+
+    search = AwqQuantizer._compute_best_scale
+    if getattr(search, "lowbit_fixed", False):
+        return
+
+    def fixed(self, x, w_mean, x_mean, module2inspect, linears2scale, fp16_output, kwargs={}):
+        state_dict = module2inspect.state_dict
+        module2inspect.state_dict = lambda *a, **k: {n: t.clone() for n, t in state_dict(*a, **k).items()}
+        try:
+            return search(self, x, w_mean, x_mean, module2inspect, linears2scale, fp16_output, kwargs)
+        finally:
+            del module2inspect.state_dict
+
+    fixed.lowbit_fixed = True
+    AwqQuantizer._compute_best_scale = fixed
+
+
+def quantize_with_autoawq(folder, spec: dict, calib: torch.Tensor, out):
+    """Quantize ``folder`` with AutoAWQ on the CPU: (seconds, model to score).
+
+    4 bits: AutoAWQ's GEMM checkpoint, saved to ``out`` and loaded by lowbit. Other widths, which
+    its GEMM module cannot pack: AutoAWQ's scaled and clipped fp32 model with every quantized
+    linear rounded by AutoAWQ's own ``pseudo_quantize_tensor``."""
+    if importlib.util.find_spec("awq") is None:
+        raise SystemExit("--table awq-peer needs AutoAWQ (a side environment: docs/usage.md)")
+    from awq import AutoAWQForCausalLM
+
+    fix_autoawq_scale_search_on_cpu()
+    model = AutoAWQForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32, device_map="cpu")
+    packed = spec["w_bit"] == 4
+    start = time.perf_counter()
+    model.quantize(None, quant_config={**spec, "version": "GEMM"}, calib_data=[row.tolist() for row in calib],
+                   max_calib_samples=len(calib), max_calib_seq_len=calib.shape[1], export_compatible=not packed)
+    seconds = time.perf_counter() - start
+    if packed:
+        model.save_quantized(str(out))
+        return seconds, lowbit.from_pretrained(out)
+    with torch.no_grad():
+        for layer in model.model.model.layers:
+            for linear in layer.modules():
+                if isinstance(linear, torch.nn.Linear):
+                    linear.weight.copy_(model.quantizer.pseudo_quantize_tensor(linear.weight)[0])
+    return seconds, model.model.eval()
 
 
 def bits_per_weight(model) -> float | None:
@@ -152,6 +215,9 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 seconds = quantize_with_gptqmodel(folder, cfg, calib, tmp)
                 model = lowbit.from_pretrained(tmp)
+        elif args.table == "awq-peer":
+            with tempfile.TemporaryDirectory() as tmp:
+                seconds, model = quantize_with_autoawq(folder, cfg, calib, tmp)
         else:
             model = lowbit.from_pretrained(folder)
             start = time.perf_counter()

@@ -57,12 +57,12 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=tok.id_to_token(10))
 
 
-def tiny_llama_model(seed: int = 0, layers: int = 2):
-    """A random LlamaForCausalLM: vocab 256, hidden 64, MLP 128, 4 heads (2 KV), tied head."""
+def tiny_llama_model(seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: int = 128):
+    """A random LlamaForCausalLM: vocab 256, hidden 64, MLP 128 (by default), 4 heads (2 KV), tied head."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+    cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       tie_word_embeddings=True, bos_token_id=None, eos_token_id=10, pad_token_id=None)
     model = LlamaForCausalLM(cfg)
