@@ -27,6 +27,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """``||got - want|| / ||want||`` in fp32: what ``MATMUL_REL`` and the tests' other relative bounds limit."""
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
 def calib_ids(nsamples: int = 4, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
     """Random calibration tokens for the tiny byte-vocabulary models: int64 ``[nsamples, seqlen]``."""
     return torch.randint(0, 256, (nsamples, seqlen), generator=torch.Generator().manual_seed(seed))

@@ -10,14 +10,10 @@ import pytest
 import torch
 
 import lowbit
-from conftest import byte_tokenizer, calib_ids, tiny_llama_model
+from conftest import byte_tokenizer, calib_ids, rel_err, tiny_llama_model
 from lowbit.formats.int_grouped import IntGroupedLinear
 
 awq = pytest.importorskip("awq")
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
 def awq_sized_llama(folder):

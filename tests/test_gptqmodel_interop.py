@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lowbit
-from conftest import calib_ids
+from conftest import calib_ids, rel_err
 from lowbit.formats.int_grouped import IntGroupedLinear
 
 gptqmodel = pytest.importorskip("gptqmodel")
@@ -26,10 +26,6 @@ CASES = {
     "3bit-g32": dict(bits=3, group_size=32, desc_act=False, sym=True),
     "4bit-asym": dict(bits=4, group_size=32, desc_act=False, sym=False),
 }
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
 def peer_load(folder, **kw):

@@ -11,7 +11,7 @@ import torch
 
 import lowbit
 import lowbit.kernels as K
-from conftest import MATMUL_REL, calib_ids, tiny_llama_model
+from conftest import MATMUL_REL, calib_ids, rel_err, tiny_llama_model
 from lowbit.formats.base import QuantLinear
 from lowbit.kernels import reference
 from test_group_order import random_module as random_int_grouped
@@ -23,10 +23,6 @@ ops = pytest.importorskip("lowbit.kernels.ops")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32  # fp32 keeps the interpreter's products exact
-
-
-def rel_err(got, want) -> float:
-    return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
 def int_grouped_case(m_rows, act_order):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEQUANT_ATOL, MATMUL_REL
+from conftest import DEQUANT_ATOL, MATMUL_REL, rel_err
 from lowbit.formats.blockwise4 import Blockwise4Linear
 from lowbit.kernels import reference, select_kernel
 
@@ -33,10 +33,6 @@ def random_module(n, k, blocksize, quant_type, double_quant, seed, storage=torch
 def args(m: Blockwise4Linear) -> tuple:
     return (m.weight, m.absmax, m.quant_map, m.blocksize, (m.out_features, m.in_features),
             m.nested_absmax, m.nested_quant_map, m.nested_offset)
-
-
-def rel_err(got, want) -> float:
-    return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEQUANT_ATOL, MATMUL_REL
+from conftest import DEQUANT_ATOL, MATMUL_REL, rel_err
 from lowbit.formats.codebook import AqlmLinear
 from lowbit.kernels import reference, select_kernel
 
@@ -34,10 +34,6 @@ def random_module(n, k, ig, n_codebooks, nbits, seed, bias=True, dtype=torch.flo
 
 def args(m: AqlmLinear) -> tuple:
     return m.codes, m.codebooks, m.scales
-
-
-def rel_err(got, want) -> float:
-    return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import DEQUANT_ATOL, MATMUL_REL
+from conftest import DEQUANT_ATOL, MATMUL_REL, rel_err
 from lowbit.kernels import reference, select_kernel
 from test_group_order import random_module
 
@@ -39,10 +39,6 @@ SHAPES = [
     (20, 17, 160, 160, True),
 ]
 SHAPE_IDS = [f"M{m}-N{n}-K{k}-g{g}{'-act' if a else ''}" for m, n, k, g, a in SHAPES]
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
