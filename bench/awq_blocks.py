@@ -27,6 +27,8 @@ from lowbit.checkpoint.loading import load_tokenizer
 from lowbit.eval.data import calibration_batch, calibration_texts, wikitext2
 from lowbit.models import default_causal_lm_path
 
+import quality  # bench/quality.py, next to this file
+
 
 def cut_model(folder: Path, blocks: int, out: Path) -> Path:
     from transformers import AutoModelForCausalLM
@@ -42,29 +44,6 @@ def cut_model(folder: Path, blocks: int, out: Path) -> Path:
 def hidden_states(model, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
     with torch.no_grad():
         return model(input_ids=ids, output_hidden_states=True).hidden_states[1:]
-
-
-def autoawq(folder: Path, calib: torch.Tensor, group_size: int, patched: bool, tmp: Path):
-    import awq.quantize.quantizer as awq_quantizer
-    from awq import AutoAWQForCausalLM
-
-    import quality  # bench/quality.py, next to this file
-
-    original = awq_quantizer.AwqQuantizer._compute_best_scale
-    if patched:
-        quality.fix_autoawq_scale_search_on_cpu()
-    try:
-        model = AutoAWQForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32, device_map="cpu")
-        start = time.perf_counter()
-        model.quantize(None, quant_config=dict(w_bit=4, q_group_size=group_size, zero_point=True, version="GEMM"),
-                       calib_data=[row.tolist() for row in calib], max_calib_samples=len(calib),
-                       max_calib_seq_len=calib.shape[1])
-        seconds = time.perf_counter() - start
-    finally:
-        awq_quantizer.AwqQuantizer._compute_best_scale = original
-    out = tmp / ("autoawq-patched" if patched else "autoawq")
-    model.save_quantized(str(out))
-    return lowbit.from_pretrained(out), seconds
 
 
 def main() -> None:
@@ -102,8 +81,10 @@ def main() -> None:
         if importlib.util.find_spec("awq") is None:
             print("(AutoAWQ is not installed here: no AutoAWQ rows)")
         else:
+            spec = dict(w_bit=4, q_group_size=args.group_size, zero_point=True)
             for patched in ([True, False] if args.unpatched else [True]):
-                model, seconds = autoawq(small, calib, args.group_size, patched, tmp)
+                out = tmp / ("autoawq-patched" if patched else "autoawq")
+                seconds, model = quality.quantize_with_autoawq(small, spec, calib, out, patched=patched)
                 label = f"AutoAWQ 4-bit g{args.group_size} zero-point" + ("" if patched else ", unpatched")
                 add(label, model, seconds)
 

@@ -23,9 +23,11 @@ bits, so its 3-bit row is AutoAWQ's scaled and clipped model rounded by AutoAWQ'
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import tempfile
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -113,8 +115,10 @@ def quantize_with_gptqmodel(folder, spec: dict, calib: torch.Tensor, out) -> flo
     return seconds
 
 
-def fix_autoawq_scale_search_on_cpu() -> None:
-    """Make AutoAWQ 0.2.9's scale search keep a real copy of the weights it restores on a CPU.
+@contextlib.contextmanager
+def fix_autoawq_scale_search_on_cpu() -> Iterator[None]:
+    """For the duration, make AutoAWQ 0.2.9's scale search keep a real copy of the weights it
+    restores on a CPU.
 
     It saves the inspected module's weights as ``{k: v.cpu() ...}`` (a copy only when they live on
     a GPU: on a CPU ``.cpu()`` is the tensor itself), then scales the weights in place for the
@@ -124,8 +128,6 @@ def fix_autoawq_scale_search_on_cpu() -> None:
     from awq.quantize.quantizer import AwqQuantizer
 
     search = AwqQuantizer._compute_best_scale
-    if getattr(search, "lowbit_fixed", False):
-        return
 
     def fixed(self, x, w_mean, x_mean, module2inspect, linears2scale, fp16_output, kwargs={}):
         state_dict = module2inspect.state_dict
@@ -135,27 +137,31 @@ def fix_autoawq_scale_search_on_cpu() -> None:
         finally:
             del module2inspect.state_dict
 
-    fixed.lowbit_fixed = True
     AwqQuantizer._compute_best_scale = fixed
+    try:
+        yield
+    finally:
+        AwqQuantizer._compute_best_scale = search
 
 
-def quantize_with_autoawq(folder, spec: dict, calib: torch.Tensor, out):
+def quantize_with_autoawq(folder, spec: dict, calib: torch.Tensor, out, *, patched: bool = True):
     """Quantize ``folder`` with AutoAWQ on the CPU: (seconds, model to score).
 
     4 bits: AutoAWQ's GEMM checkpoint, saved to ``out`` and loaded by lowbit. Other widths, which
     its GEMM module cannot pack: AutoAWQ's scaled and clipped fp32 model with every quantized
-    linear rounded by AutoAWQ's own ``pseudo_quantize_tensor``."""
+    linear rounded by AutoAWQ's own ``pseudo_quantize_tensor``. ``patched``: with
+    :func:`fix_autoawq_scale_search_on_cpu` (False: AutoAWQ as released)."""
     if importlib.util.find_spec("awq") is None:
         raise SystemExit("--table awq-peer needs AutoAWQ (a side environment: docs/usage.md)")
     from awq import AutoAWQForCausalLM
 
-    fix_autoawq_scale_search_on_cpu()
     model = AutoAWQForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32, device_map="cpu")
     packed = spec["w_bit"] == 4
-    start = time.perf_counter()
-    model.quantize(None, quant_config={**spec, "version": "GEMM"}, calib_data=[row.tolist() for row in calib],
-                   max_calib_samples=len(calib), max_calib_seq_len=calib.shape[1], export_compatible=not packed)
-    seconds = time.perf_counter() - start
+    with fix_autoawq_scale_search_on_cpu() if patched else contextlib.nullcontext():
+        start = time.perf_counter()
+        model.quantize(None, quant_config={**spec, "version": "GEMM"}, calib_data=[row.tolist() for row in calib],
+                       max_calib_samples=len(calib), max_calib_seq_len=calib.shape[1], export_compatible=not packed)
+        seconds = time.perf_counter() - start
     if packed:
         model.save_quantized(str(out))
         return seconds, lowbit.from_pretrained(out)

@@ -21,8 +21,8 @@ Every op computes what the format's reference in :mod:`lowbit.kernels.reference`
 compare them (under ``TRITON_INTERPRET=1`` on CPU) and run ``torch.library.opcheck`` on each.
 
 The modules call the ``*_linear`` entry points, not the ops. They take the op only where it is
-needed, under ``torch.compile`` and when a gradient is to be recorded, and otherwise launch the
-Triton wrapper themselves: the dispatcher's path into a Python custom op costs tens of
+needed, under ``torch.compile`` and when a gradient is to be recorded, and otherwise call the
+op's implementation (``_*_matmul``, a plain function the op is made from) themselves: the dispatcher's path into a Python custom op costs tens of
 microseconds per call on a CPU core (:func:`dispatch_free`), more than a one-token kernel runs.
 """
 
@@ -45,9 +45,8 @@ def dispatch_free(x: Tensor) -> bool:
 # --- grouped int ---------------------------------------------------------------------------
 
 
-@torch.library.custom_op("lowbit::int_grouped_matmul", mutates_args=())
-def int_grouped_matmul(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, perm: Tensor | None,
-                       bias: Tensor | None, bits: int, group_size: int) -> Tensor:
+def _int_grouped_matmul(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, perm: Tensor | None,
+                        bias: Tensor | None, bits: int, group_size: int) -> Tensor:
     """``x @ W.T + bias`` for a weight in the group-ordered layout.
 
     Args:
@@ -60,14 +59,13 @@ def int_grouped_matmul(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tenso
     Returns:
         ``[..., N]`` in x's dtype.
     """
-    return _int_grouped_matmul(x, qweight, scales, qzeros, perm, bias, bits, group_size)
-
-
-def _int_grouped_matmul(x, qweight, scales, qzeros, perm, bias, bits, group_size):
     from lowbit.kernels import triton_int_grouped
 
     w = GroupOrdered(qweight, scales, qzeros, perm, bits, group_size)
     return triton_int_grouped.matmul_group_ordered(x, w, bias)
+
+
+int_grouped_matmul = torch.library.custom_op("lowbit::int_grouped_matmul", _int_grouped_matmul, mutates_args=())
 
 
 def int_grouped_linear(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, perm: Tensor | None,
@@ -115,22 +113,18 @@ int_grouped_matmul.register_autograd(_int_grouped_backward, setup_context=_int_g
 # --- NF4 / FP4 -----------------------------------------------------------------------------
 
 
-@torch.library.custom_op("lowbit::blockwise4_matmul", mutates_args=())
-def blockwise4_matmul(x: Tensor, weight: Tensor, absmax: Tensor, quant_map: Tensor, nested_absmax: Tensor | None,
-                      nested_quant_map: Tensor | None, nested_offset: Tensor | None, bias: Tensor | None,
-                      blocksize: int, n: int, k: int, compute_dtype: torch.dtype | None) -> Tensor:
+def _blockwise4_matmul(x: Tensor, weight: Tensor, absmax: Tensor, quant_map: Tensor, nested_absmax: Tensor | None,
+                       nested_quant_map: Tensor | None, nested_offset: Tensor | None, bias: Tensor | None,
+                       blocksize: int, n: int, k: int, compute_dtype: torch.dtype | None) -> Tensor:
     """``x @ W.T + bias`` for an NF4/FP4 weight of shape ``[n, k]`` (the buffers of
     :class:`~lowbit.formats.blockwise4.Blockwise4Linear`); ``[..., N]`` in x's dtype."""
-    return _blockwise4_matmul(x, weight, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, bias,
-                              blocksize, n, k, compute_dtype)
-
-
-def _blockwise4_matmul(x, weight, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, bias,
-                       blocksize, n, k, compute_dtype):
     from lowbit.kernels import triton_blockwise4
 
     return triton_blockwise4.matmul_blockwise4(x, weight, absmax, quant_map, blocksize, (n, k), nested_absmax,
                                                nested_quant_map, nested_offset, bias, compute_dtype)
+
+
+blockwise4_matmul = torch.library.custom_op("lowbit::blockwise4_matmul", _blockwise4_matmul, mutates_args=())
 
 
 def blockwise4_linear(x: Tensor, weight: Tensor, absmax: Tensor, quant_map: Tensor, nested_absmax: Tensor | None,
@@ -181,17 +175,15 @@ blockwise4_matmul.register_autograd(_blockwise4_backward, setup_context=_blockwi
 # --- AQLM codebooks ------------------------------------------------------------------------
 
 
-@torch.library.custom_op("lowbit::codebook_matmul", mutates_args=())
-def codebook_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
+def _codebook_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
     """``x @ W.T + bias`` for an AQLM weight (the buffers of
     :class:`~lowbit.formats.codebook.AqlmLinear`, ``out_group_size`` 1); ``[..., N]`` in x's dtype."""
-    return _codebook_matmul(x, codes, codebooks, scales, bias)
-
-
-def _codebook_matmul(x, codes, codebooks, scales, bias):
     from lowbit.kernels import triton_codebook
 
     return triton_codebook.matmul_codebook(x, codes, codebooks, scales, bias)
+
+
+codebook_matmul = torch.library.custom_op("lowbit::codebook_matmul", _codebook_matmul, mutates_args=())
 
 
 def codebook_linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
