@@ -3,7 +3,7 @@
 # environment, the kernel and model tests compiled on the GPU, the kernel bench against fp16 and
 # peers, the launch-configuration sweep and the end-to-end decode bench. Logs and JSON go to $OUT.
 #
-#   STEPS=env,tests,kernels,sweep,e2e,peers bash bench/gpu_check.sh
+#   STEPS=env,lookup,tests,kernels,sweep,e2e,peers bash bench/gpu_check.sh
 #   (KERNEL_ROWS / KERNEL_ARGS / SWEEP_ARGS pass --rows, other options, --quick to the benches;
 #   TEST_ARGS, e.g. "-m gpu", selects tests, TEST_TIMEOUT bounds them)
 #
@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/.whl/site${PYTHONPATH:+:$PYTHONP
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
 OUT=${OUT:-/tmp/lowbit-gpu}
 mkdir -p "$OUT"
-STEPS=${STEPS:-env,tests,kernels,sweep,e2e,peers}
+STEPS=${STEPS:-env,lookup,tests,kernels,sweep,e2e,peers}
 step() { [[ ",$STEPS," == *",$1,"* ]] && echo "=== $1 $(date +%T)"; }
 
 if step env; then
@@ -23,6 +23,19 @@ if step env; then
     python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__, torch.cuda.get_device_name(),
 torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')"
+fi
+
+if step lookup; then  # NF4 / AQLM table lookups: compile in one process per shape at once, then time
+    SHAPES=${LOOKUP_SHAPES:-4096x4096,4096x11008,8192x8192}
+    for s in ${SHAPES//,/ }; do
+        timeout 150 python3 bench/lookup.py --shapes "$s" --warm >"/tmp/lookup_warm_$s.log" 2>&1 &
+    done
+    wait
+    cat /tmp/lookup_warm_*.log | grep -v Warning | tail -8
+    timeout ${LOOKUP_TIMEOUT:-240} python3 bench/lookup.py --shapes "$SHAPES" --json "$OUT/lookup.json" \
+        >"$OUT/lookup.log" 2>&1
+    echo "lookup exit $?"
+    grep "^|" "$OUT/lookup.log" | cut -c1-110
 fi
 
 if step tests; then

@@ -59,6 +59,37 @@ def test_both_batch_paths_match_reference(path, dtype):
     assert rel_err(got, want) <= MATMUL_REL[dtype]
 
 
+# the GEMV kernel, the tiled kernel on rows of whole blocks and on straddling blocks, tl.dot tiles
+LOOKUP_SHAPES = [(1, 40, 192, 64), (3, 40, 96, 64), (1, 33, 71, 64), (16, 24, 256, 32)]
+
+
+@pytest.mark.parametrize("m,n,k,bs", LOOKUP_SHAPES, ids=[f"M{m}-N{n}-K{k}-b{b}" for m, n, k, b in LOOKUP_SHAPES])
+def test_every_table_lookup_gives_the_same_product(m, n, k, bs):
+    mod = random_module(n, k, bs, "nf4", True, seed=k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE, torch.float16)
+    want = reference.matmul_blockwise4(x.float(), *args(mod), bias=mod.bias)
+    got = {lookup: T.matmul_blockwise4(x, *args(mod), bias=mod.bias, batch_path="tiled", lookup=lookup)
+           for lookup in T.LOOKUPS}
+    assert rel_err(got["global"], want) <= MATMUL_REL[torch.float16]
+    for lookup in T.LOOKUPS:  # the same table values, the same arithmetic
+        assert torch.equal(got[lookup], got["global"]), lookup
+
+
+@pytest.mark.parametrize("lookup", ["gather", "select"])
+def test_every_table_lookup_dequantizes_the_same(lookup):
+    mod = random_module(33, 71, 64, "fp4", True, seed=5)
+    want = T.dequantize_blockwise4(*args(mod), lookup="global")
+    torch.testing.assert_close(want.float(), reference.dequantize_blockwise4(*args(mod)),
+                               atol=DEQUANT_ATOL[torch.float16], rtol=DEQUANT_ATOL[torch.float16])
+    assert torch.equal(T.dequantize_blockwise4(*args(mod), lookup=lookup), want)
+
+
+def test_unknown_lookup_is_an_error():
+    mod = random_module(8, 64, 64, "nf4", False, seed=1)
+    with pytest.raises(ValueError, match="lookup must be one of .*'global'.*, not 'texture'"):
+        T.matmul_blockwise4(torch.randn(1, 64).to(DEVICE, torch.float16), *args(mod), lookup="texture")
+
+
 def test_unknown_batch_path_is_an_error():
     mod = random_module(8, 64, 64, "nf4", False, seed=1)
     with pytest.raises(ValueError, match="batch_path must be 'tiled' or 'dequantize', not 'dense'"):

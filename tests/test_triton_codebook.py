@@ -59,6 +59,38 @@ def test_both_batch_paths_match_reference(path, dtype):
     assert rel_err(got, want) <= MATMUL_REL[dtype]
 
 
+# codebooks small enough to gather from: the GEMV, tl.dot tiles, groups of 4, and a group wider than
+# the K tile (decoded a value at a time)
+GATHER_CASES = [(1, 33, 72, 8, (2, 8)), (16, 24, 80, 8, (2, 8)), (3, 40, 96, 4, (2, 8)), (1, 8, 256, 256, (1, 2))]
+
+
+@pytest.mark.parametrize("m,n,k,ig,scheme", GATHER_CASES, ids=[f"M{c[0]}-K{c[2]}-g{c[3]}" for c in GATHER_CASES])
+def test_gathered_codebooks_give_the_same_product(m, n, k, ig, scheme):
+    mod = random_module(n, k, ig, *scheme, seed=k)
+    assert T.gather_table(mod.codebooks, gather=True) == mod.codebooks.numel()  # the case gathers
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE, torch.float16)
+    want = reference.matmul_codebook(x.float(), *args(mod), bias=mod.bias)
+    loaded = T.matmul_codebook(x, *args(mod), bias=mod.bias, batch_path="tiled", gather=False)
+    gathered = T.matmul_codebook(x, *args(mod), bias=mod.bias, batch_path="tiled", gather=True)
+    assert rel_err(gathered, want) <= MATMUL_REL[torch.float16]
+    assert torch.equal(gathered, loaded)
+
+
+def test_gathered_codebooks_dequantize_the_same():
+    mod = random_module(33, 72, 8, 2, 8, seed=4)
+    gathered = T.dequantize_codebook(*args(mod), gather=True)
+    torch.testing.assert_close(gathered.float(), reference.dequantize_codebook(*args(mod)),
+                               atol=DEQUANT_ATOL[torch.float16], rtol=DEQUANT_ATOL[torch.float16])
+    assert torch.equal(gathered, T.dequantize_codebook(*args(mod), gather=False))
+
+
+def test_only_small_codebooks_are_gathered():
+    assert T.gather_table(torch.empty(2, 256, 1, 8), gather=True) == 4096
+    assert T.gather_table(torch.empty(1, 65536, 1, 8), gather=True) == 0  # 1x16: read from memory
+    assert T.gather_table(torch.empty(3, 32, 1, 8), gather=True) == 0  # 768: not a power of two
+    assert T.gather_table(torch.empty(2, 256, 1, 8), gather=False) == 0
+
+
 def test_unknown_batch_path_is_an_error():
     mod = random_module(8, 64, 8, *SCHEMES[0], seed=1)
     with pytest.raises(ValueError, match="batch_path must be 'tiled' or 'dequantize', not 'dense'"):

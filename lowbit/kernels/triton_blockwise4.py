@@ -4,7 +4,8 @@ The weight is read as bitsandbytes stores it (see :mod:`lowbit.formats.blockwise
 row-major ``[N, K]`` codes as one stream of nibbles, element ``i`` in byte ``i // 2`` (even
 elements in the high nibble), scaled by ``absmax[i // blocksize]``. With double quant the
 absmax is decoded in the kernel: ``nested_quant_map[code] * nested_absmax[b // 256] +
-nested_offset``. Reference twins: :func:`lowbit.kernels.reference.dequantize_blockwise4` and
+nested_offset``. The 16-entry code table is read one of three ways (``LOOKUPS``; see
+:func:`_decode`). Reference twins: :func:`lowbit.kernels.reference.dequantize_blockwise4` and
 :func:`lowbit.kernels.reference.matmul_blockwise4`, with the same arguments here.
 """
 
@@ -28,13 +29,68 @@ from lowbit.kernels.triton_common import (
 )
 
 
+LOOKUPS = ("global", "gather", "select")
+"""How the kernels read the 16-entry code table (the ``LOOKUP`` constexpr is the index here):
+``global``, a load from the table in device memory per value; ``gather``, the table loaded
+once per program and indexed with ``tl.gather`` (shared memory or warp shuffles); ``select``, a
+tree of 15 selects over the table's 16 values, arithmetic only."""
+
+
 @triton.jit
-def _values(w_ptr, absmax_ptr, qmap_ptr, nabs_ptr, nmap_ptr, noff_ptr, i, mask,
-            BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr):
-    """fp32 weight values at flat element indices ``i`` (int64, any shape); nested blocks are 256."""
+def _table(qmap_ptr):
+    """The code table as :func:`_decode` takes it, fp32 ``[16]`` (unused, so not loaded, but by ``gather``)."""
+    return tl.load(qmap_ptr + tl.arange(0, 16))
+
+
+@triton.jit
+def _select16(qmap_ptr, code):
+    """``qmap[code]`` for int32 codes in [0, 16) by a tree of selects on the code's bits."""
+    b = (code & 1) != 0
+    v0 = tl.where(b, tl.load(qmap_ptr + 1), tl.load(qmap_ptr + 0))
+    v1 = tl.where(b, tl.load(qmap_ptr + 3), tl.load(qmap_ptr + 2))
+    v2 = tl.where(b, tl.load(qmap_ptr + 5), tl.load(qmap_ptr + 4))
+    v3 = tl.where(b, tl.load(qmap_ptr + 7), tl.load(qmap_ptr + 6))
+    v4 = tl.where(b, tl.load(qmap_ptr + 9), tl.load(qmap_ptr + 8))
+    v5 = tl.where(b, tl.load(qmap_ptr + 11), tl.load(qmap_ptr + 10))
+    v6 = tl.where(b, tl.load(qmap_ptr + 13), tl.load(qmap_ptr + 12))
+    v7 = tl.where(b, tl.load(qmap_ptr + 15), tl.load(qmap_ptr + 14))
+    b = (code & 2) != 0
+    u0 = tl.where(b, v1, v0)
+    u1 = tl.where(b, v3, v2)
+    u2 = tl.where(b, v5, v4)
+    u3 = tl.where(b, v7, v6)
+    b = (code & 4) != 0
+    t0 = tl.where(b, u1, u0)
+    t1 = tl.where(b, u3, u2)
+    return tl.where((code & 8) != 0, t1, t0)
+
+
+@triton.jit
+def _decode(qmap_ptr, table, code, AXIS: tl.constexpr, LOOKUP: tl.constexpr):
+    """fp32 ``qmap[code]`` for int32 codes in [0, 16) of a 2-D tile; ``table`` from :func:`_table`.
+
+    ``gather`` indexes the table broadcast along the tile's other axis (``tl.gather`` takes a
+    source of the index's rank), ``AXIS`` being the one the codes index.
+    """
+    if LOOKUP == 1:
+        if AXIS == 0:
+            src = tl.broadcast_to(table[:, None], (16, code.shape[1]))
+        else:
+            src = tl.broadcast_to(table[None, :], (code.shape[0], 16))
+        return tl.gather(src, code, AXIS)
+    elif LOOKUP == 2:
+        return _select16(qmap_ptr, code)
+    else:
+        return tl.load(qmap_ptr + code)
+
+
+@triton.jit
+def _values(w_ptr, absmax_ptr, qmap_ptr, table, nabs_ptr, nmap_ptr, noff_ptr, i, mask,
+            BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, LOOKUP: tl.constexpr):
+    """fp32 weight values at flat element indices ``i`` (int64, ``[BK, BN]``); nested blocks are 256."""
     byte = tl.load(w_ptr + (i >> 1), mask=mask, other=0).to(tl.int32)
     code = (byte >> ((1 - (i & 1)) * 4).to(tl.int32)) & 15
-    value = tl.load(qmap_ptr + code, mask=mask, other=0.0)
+    value = _decode(qmap_ptr, table, code, 0, LOOKUP)
     return value * _block_scale(absmax_ptr, nabs_ptr, nmap_ptr, noff_ptr, i // BLOCKSIZE, mask, NESTED)
 
 
@@ -68,7 +124,7 @@ def _matmul_kernel(
     M, N, K, stride_xm,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    DOT_FP32: tl.constexpr, ROW_BLOCKS: tl.constexpr,
+    DOT_FP32: tl.constexpr, ROW_BLOCKS: tl.constexpr, LOOKUP: tl.constexpr,
 ):
     """``y[M, N] = x[M, K] @ W.T (+ bias)``; with ``SPLIT_K > 1``, fp32 partials ``y[SPLIT_K, M, N]``.
 
@@ -81,6 +137,7 @@ def _matmul_kernel(
     mask_n = offs_n < N
     row = offs_n.to(tl.int64) * K  # [BN] flat index of each output row's first weight
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    table = _table(qmap_ptr)
     for k0 in range(tl.program_id(1) * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -88,13 +145,13 @@ def _matmul_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
         if ROW_BLOCKS:
             codes = _row_codes(w_ptr, row, k0, K, mask_n, BLOCK_K, BLOCK_N)
-            v = tl.load(qmap_ptr + codes)  # [BK, BN]; codes < 16, always in the table
+            v = _decode(qmap_ptr, table, codes, 0, LOOKUP)  # [BK, BN]; codes < 16, always in the table
             scale = _block_scale(absmax_ptr, nabs_ptr, nmap_ptr, noff_ptr, (row + k0) // BLOCKSIZE, mask_n, NESTED)
             acc += _product(x, v, BLOCK_M, DOT_FP32) * scale[None, :]
         else:
             i = row[None, :] + offs_k[:, None]  # [BK, BN]
-            w = _values(w_ptr, absmax_ptr, qmap_ptr, nabs_ptr, nmap_ptr, noff_ptr, i,
-                        mask_k[:, None] & mask_n[None, :], BLOCKSIZE, NESTED)
+            w = _values(w_ptr, absmax_ptr, qmap_ptr, table, nabs_ptr, nmap_ptr, noff_ptr, i,
+                        mask_k[:, None] & mask_n[None, :], BLOCKSIZE, NESTED, LOOKUP)
             acc += _product(x, w, BLOCK_M, DOT_FP32)
     _store_output(y_ptr, b_ptr, acc, offs_m, offs_n, M, N, N, HAS_BIAS, SPLIT_K)
 
@@ -103,7 +160,7 @@ def _matmul_kernel(
 def _gemv_kernel(
     x_ptr, w_ptr, absmax_ptr, qmap_ptr, nabs_ptr, nmap_ptr, noff_ptr, b_ptr, y_ptr, N, K,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, LOOKUP: tl.constexpr,
 ):
     """``y[N] = W @ x[K] (+ bias)`` for one token, ``K`` a multiple of ``BLOCKSIZE`` (each row a
     whole number of blocks); with ``SPLIT_K > 1``, fp32 partials ``y[SPLIT_K, N]``.
@@ -120,11 +177,13 @@ def _gemv_kernel(
     blocks_per_row = K // BLOCKSIZE
     first = offs_n.to(tl.int64) * blocks_per_row  # [BN] each row's first block
     acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
+    table = _table(qmap_ptr)
     for b in range(tl.program_id(1), blocks_per_row, SPLIT_K):
         byte = tl.load(w_ptr + (first[:, None] + b) * HALF + h[None, :], mask=mask_n[:, None], other=0).to(tl.int32)
         x_even = tl.load(x_ptr + b * BLOCKSIZE + 2 * h).to(tl.float32)
         x_odd = tl.load(x_ptr + b * BLOCKSIZE + 2 * h + 1).to(tl.float32)
-        v = tl.load(qmap_ptr + (byte >> 4)) * x_even[None, :] + tl.load(qmap_ptr + (byte & 15)) * x_odd[None, :]
+        v = (_decode(qmap_ptr, table, byte >> 4, 1, LOOKUP) * x_even[None, :]
+             + _decode(qmap_ptr, table, byte & 15, 1, LOOKUP) * x_odd[None, :])
         scale = _block_scale(absmax_ptr, nabs_ptr, nmap_ptr, noff_ptr, first + b, mask_n, NESTED)  # [BN]
         acc += v * scale[:, None]
     _store_output(y_ptr, b_ptr, tl.sum(acc, axis=1)[None, :], tl.arange(0, 1), offs_n, 1, N, N, HAS_BIAS, SPLIT_K)
@@ -132,18 +191,37 @@ def _gemv_kernel(
 
 @triton.jit
 def _dequantize_kernel(w_ptr, absmax_ptr, qmap_ptr, nabs_ptr, nmap_ptr, noff_ptr, out_ptr, numel,
-                       BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCKS: tl.constexpr):
+                       BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCKS: tl.constexpr,
+                       LOOKUP: tl.constexpr):
     """``out`` for ``BLOCKS`` whole blocks (``BLOCKSIZE`` even; the last block may be short): each
-    byte is loaded once, each block's scale decoded once, high nibbles to even elements."""
+    byte is loaded once, each block's scale decoded once; the high (even) and low (odd) nibbles'
+    values are interleaved in registers and stored as one contiguous run per block."""
     HALF: tl.constexpr = BLOCKSIZE // 2
     blocks = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)  # [NB]
-    even = blocks[:, None] * BLOCKSIZE + 2 * tl.arange(0, HALF)[None, :]  # [NB, HALF] flat index of even elements
-    byte = tl.load(w_ptr + even // 2, mask=even < numel, other=0).to(tl.int32)
+    byte_at = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]  # [NB, HALF]
+    byte = tl.load(w_ptr + byte_at, mask=2 * byte_at < numel, other=0).to(tl.int32)
     scale = _block_scale(absmax_ptr, nabs_ptr, nmap_ptr, noff_ptr, blocks, blocks * BLOCKSIZE < numel, NESTED)
-    hi = tl.load(qmap_ptr + (byte >> 4)) * scale[:, None]
-    lo = tl.load(qmap_ptr + (byte & 15)) * scale[:, None]
-    tl.store(out_ptr + even, hi.to(out_ptr.dtype.element_ty), mask=even < numel)
-    tl.store(out_ptr + even + 1, lo.to(out_ptr.dtype.element_ty), mask=even + 1 < numel)
+    table = _table(qmap_ptr)
+    hi = _decode(qmap_ptr, table, byte >> 4, 1, LOOKUP) * scale[:, None]
+    lo = _decode(qmap_ptr, table, byte & 15, 1, LOOKUP) * scale[:, None]
+    values = tl.reshape(tl.join(hi, lo), (BLOCKS, BLOCKSIZE))  # [NB, HALF, 2] -> element 2h is hi, 2h+1 lo
+    i = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]  # [NB, BLOCKSIZE] flat index
+    tl.store(out_ptr + i, values.to(out_ptr.dtype.element_ty), mask=i < numel)
+
+
+DEFAULT_LOOKUP = {"gemv": "global", "tiled": "gather", "dequantize": "global"}
+"""The lookup each kernel takes when none is named, from ``bench/lookup.py`` on an H100
+(``docs/performance.md``): ``gather`` makes the tiled kernel 1.35-1.4x faster at 16 rows and
+4.7-5x at 128; it is 0-7 % slower for one token and 3-5 % slower in the dequantize kernel;
+``select`` is slower than ``global`` everywhere but the tiled kernel."""
+
+
+def lookup_index(lookup: str | None, kernel: str) -> int:
+    """The ``LOOKUP`` constexpr for ``lookup`` in ``kernel`` (None: :data:`DEFAULT_LOOKUP`)."""
+    lookup = lookup or DEFAULT_LOOKUP[kernel]
+    if lookup not in LOOKUPS:
+        raise ValueError(f"lookup must be one of {LOOKUPS}, not {lookup!r}")
+    return LOOKUPS.index(lookup)
 
 
 def _operands(weight, absmax, nested_absmax, nested_quant_map, nested_offset):
@@ -156,15 +234,18 @@ def _operands(weight, absmax, nested_absmax, nested_quant_map, nested_offset):
 
 
 def dequantize_blockwise4(weight, absmax, quant_map, blocksize, shape, nested_absmax=None, nested_quant_map=None,
-                          nested_offset=None, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """Twin of :func:`lowbit.kernels.reference.dequantize_blockwise4`: ``[N, K]`` in ``dtype``."""
+                          nested_offset=None, dtype: torch.dtype = torch.float16,
+                          lookup: str | None = None) -> torch.Tensor:
+    """Twin of :func:`lowbit.kernels.reference.dequantize_blockwise4`: ``[N, K]`` in ``dtype``;
+    ``lookup``: one of :data:`LOOKUPS` (None: the kernel's :data:`DEFAULT_LOOKUP`)."""
+    table_lookup = lookup_index(lookup, "dequantize")
     w, nested_ptrs, nested = _operands(weight, absmax, nested_absmax, nested_quant_map, nested_offset)
     numel = shape[0] * shape[1]
     out = torch.empty(shape, device=w.device, dtype=dtype)
     blocks = max(1, 2048 // blocksize)  # blocksize: a power of two (BLOCKSIZES)
     _dequantize_kernel[(triton.cdiv(numel, blocks * blocksize),)](
         w, absmax, quant_map, *nested_ptrs, out, numel, BLOCKSIZE=blocksize, NESTED=nested, BLOCKS=blocks,
-        num_warps=4)
+        LOOKUP=table_lookup, num_warps=4)
     return out
 
 
@@ -178,18 +259,22 @@ def _gemv_config(n: int, k: int, blocksize: int, device: torch.device) -> Matmul
 
 
 def batch_path_for(m: int) -> str:
-    """How ``m >= 16`` rows are multiplied: ``"tiled"`` (the fused kernel) up to 64 rows,
-    ``"dequantize"`` (the weight dequantized to the compute dtype, then ``F.linear``) above, as
-    measured on an H200 (``docs/performance.md``: both are far slower than they should be)."""
-    return "tiled" if m <= 64 else "dequantize"
+    """How ``m >= 16`` rows are multiplied: ``"tiled"`` (the fused kernel) at 16 rows,
+    ``"dequantize"`` (the weight dequantized to the compute dtype, then ``F.linear``) above. On an
+    H100 (``docs/performance.md``) the two were within 12 % of each other at 16 rows (each ahead on
+    one of two shapes); at 128 rows the dequantize path took 29 µs on 4096x4096 against 80 µs for
+    the tiled kernel, whose cost grows with the rows."""
+    return "tiled" if m <= 16 else "dequantize"
 
 
 def matmul_blockwise4(x, weight, absmax, quant_map, blocksize, shape, nested_absmax=None, nested_quant_map=None,
-                      nested_offset=None, bias=None, compute_dtype=None, batch_path: str | None = None) -> torch.Tensor:
+                      nested_offset=None, bias=None, compute_dtype=None, batch_path: str | None = None,
+                      lookup: str | None = None) -> torch.Tensor:
     """Twin of :func:`lowbit.kernels.reference.matmul_blockwise4` (fp16/bf16 compute).
 
     One token with rows of whole blocks takes the GEMV kernel; 16 rows or more take
-    ``batch_path`` (None: :func:`batch_path_for`); other shapes the tiled kernel.
+    ``batch_path`` (None: :func:`batch_path_for`); other shapes the tiled kernel. ``lookup``:
+    how the code table is read, one of :data:`LOOKUPS` (None: each kernel's :data:`DEFAULT_LOOKUP`).
 
     Args:
         x: ``[..., K]``; cast to ``compute_dtype`` (None: x's dtype) for the product, which
@@ -200,9 +285,10 @@ def matmul_blockwise4(x, weight, absmax, quant_map, blocksize, shape, nested_abs
     x2 = input_rows(x, dtype)
     m = x2.shape[0]
     check_batch_path(batch_path)
+    lookup_index(lookup, "tiled")  # an unknown lookup fails on every path
     if m >= 16 and (batch_path or batch_path_for(m)) == "dequantize":
         w = dequantize_blockwise4(weight, absmax, quant_map, blocksize, shape, nested_absmax, nested_quant_map,
-                                  nested_offset, dtype=dtype)
+                                  nested_offset, dtype=dtype, lookup=lookup)
         y = torch.nn.functional.linear(x2, w, bias.to(dtype) if bias is not None else None)
         return y.to(x.dtype).reshape(*x.shape[:-1], n)
     w, nested_ptrs, nested = _operands(weight, absmax, nested_absmax, nested_quant_map, nested_offset)
@@ -213,7 +299,7 @@ def matmul_blockwise4(x, weight, absmax, quant_map, blocksize, shape, nested_abs
         _gemv_kernel[cfg.grid(m, n)](
             x2, w, absmax, quant_map, *nested_ptrs, bias if bias is not None else quant_map, y, n, k,
             BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
-            num_warps=cfg.num_warps)
+            LOOKUP=lookup_index(lookup, "gemv"), num_warps=cfg.num_warps)
     else:
         cfg = launch_config(m, n, k, blocksize if row_blocks else 64, x.device)
         y = output_buffer(cfg, m, n, x2)
@@ -221,6 +307,6 @@ def matmul_blockwise4(x, weight, absmax, quant_map, blocksize, shape, nested_abs
             x2, w, absmax, quant_map, *nested_ptrs, bias if bias is not None else quant_map, y,
             m, n, k, x2.stride(0),
             BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, ROW_BLOCKS=row_blocks,
-            **cfg.kernel_options(dtype),
+            LOOKUP=lookup_index(lookup, "tiled"), **cfg.kernel_options(dtype),
         )
     return finish_split_k(y, cfg, bias, dtype).to(x.dtype).reshape(*x.shape[:-1], n)

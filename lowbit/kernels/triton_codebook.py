@@ -2,9 +2,10 @@
 
 The weight is read as AQLM stores it (see :mod:`lowbit.formats.codebook`): for output row ``n``
 and input column ``k``, ``W[n, k] = scales[n] * sum_c codebooks[c, codes[n, k // IG, c], 0, k % IG]``.
-Each program gathers its tile's codewords from the codebooks (a 2x8 codebook pair is 8 KiB and
-stays in L1; a 1x16 codebook is 1 MiB and is served from L2), so the weight is read once, as
-codes, and dequantized in registers. The per-row scale multiplies the accumulated product once,
+Each program gathers its tile's codewords from the codebooks, so the weight is read once, as
+codes, and dequantized in registers. Codebooks of up to :data:`GATHER_MAX` elements (a 2x8 pair,
+8 KiB) are loaded into the program once and indexed with ``tl.gather``; larger ones (1x16, 1 MiB)
+are read from device memory (L2) per value. The per-row scale multiplies the accumulated product once,
 after the K loop. Output groups of one row (``out_group_size == 1``, the published schemes) only.
 
 Reference twins: :func:`lowbit.kernels.reference.dequantize_codebook` and
@@ -31,8 +32,19 @@ from lowbit.kernels.triton_common import (
 
 
 @triton.jit
-def _codewords(codes_ptr, books_ptr, rows, cols, mask, GI,
-               C: tl.constexpr, SIZE: tl.constexpr, IG: tl.constexpr):
+def _book_values(books_ptr, table, idx, GATHER: tl.constexpr):
+    """fp32 ``books.flatten()[idx]``: from ``table`` (the whole codebooks, loaded once) with
+    ``tl.gather``, or one load from device memory per value."""
+    if GATHER:
+        v = tl.reshape(tl.gather(table, tl.reshape(idx, (idx.numel,)), 0), idx.shape)
+    else:
+        v = tl.load(books_ptr + idx)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def _codewords(codes_ptr, books_ptr, table, rows, cols, mask, GI,
+               C: tl.constexpr, SIZE: tl.constexpr, IG: tl.constexpr, GATHER: tl.constexpr):
     """Unscaled fp32 weights at output ``rows`` x input ``cols`` (broadcasting against each other)."""
     group = cols // IG
     within = cols % IG
@@ -40,14 +52,14 @@ def _codewords(codes_ptr, books_ptr, rows, cols, mask, GI,
     w = tl.zeros(mask.shape, dtype=tl.float32)
     for c in tl.static_range(C):
         code = tl.load(code_at + c, mask=mask, other=0).to(tl.int32) & (SIZE - 1)  # signed storage -> index
-        w += tl.load(books_ptr + (c * SIZE + code) * IG + within, mask=mask, other=0.0).to(tl.float32)
+        w += _book_values(books_ptr, table, (c * SIZE + code) * IG + within, GATHER)  # masked codes are 0: in range
     return w
 
 
 @triton.jit
-def _codeword_tile(codes_ptr, books_ptr, offs_n, k0, mask_n, GI,
+def _codeword_tile(codes_ptr, books_ptr, table, offs_n, k0, mask_n, GI,
                    C: tl.constexpr, SIZE: tl.constexpr, IG: tl.constexpr, BLOCK_K: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   BLOCK_N: tl.constexpr, GATHER: tl.constexpr):
     """Unscaled fp32 weights ``[BLOCK_K, BLOCK_N]`` at inputs ``k0 ..`` (``k0`` and ``BLOCK_K``
     multiples of ``IG``, a power of two): each code is loaded once and gathers a whole codeword."""
     groups = k0 // IG + tl.arange(0, BLOCK_K // IG)  # [BG]
@@ -57,7 +69,7 @@ def _codeword_tile(codes_ptr, books_ptr, offs_n, k0, mask_n, GI,
     w = tl.zeros((BLOCK_K // IG, IG, BLOCK_N), dtype=tl.float32)
     for c in tl.static_range(C):
         code = tl.load(code_at + c, mask=mask, other=0).to(tl.int32) & (SIZE - 1)  # [BG, BN]
-        w += tl.load(books_ptr + (c * SIZE + code[:, None, :]) * IG + within[None, :, None]).to(tl.float32)
+        w += _book_values(books_ptr, table, (c * SIZE + code[:, None, :]) * IG + within[None, :, None], GATHER)
     return tl.reshape(w, (BLOCK_K, BLOCK_N))
 
 
@@ -67,12 +79,16 @@ def _matmul_kernel(
     M, N, K, GI, stride_xm,
     C: tl.constexpr, SIZE: tl.constexpr, IG: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    DOT_FP32: tl.constexpr, WHOLE_WORDS: tl.constexpr,
+    DOT_FP32: tl.constexpr, WHOLE_WORDS: tl.constexpr, TABLE: tl.constexpr,
 ):
     """``y[M, N] = x[M, K] @ W.T (+ bias)``; with ``SPLIT_K > 1``, fp32 partials ``y[SPLIT_K, M, N]``.
 
     ``WHOLE_WORDS``: ``IG`` is a power of two dividing ``BLOCK_K`` (see :func:`_codeword_tile`).
+    ``TABLE``: the codebooks' element count ``C * SIZE * IG`` to hold them in the program and
+    gather from there (:func:`gather_table`), or 0 to load each value from device memory.
     """
+    GATHER: tl.constexpr = TABLE > 0
+    table = tl.load(books_ptr + tl.arange(0, TABLE if GATHER else 1))
     offs_m, offs_n = _output_tile(M, N, BLOCK_M, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -81,10 +97,11 @@ def _matmul_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         if WHOLE_WORDS:
-            w = _codeword_tile(codes_ptr, books_ptr, offs_n, k0, mask_n, GI, C, SIZE, IG, BLOCK_K, BLOCK_N)
+            w = _codeword_tile(codes_ptr, books_ptr, table, offs_n, k0, mask_n, GI, C, SIZE, IG, BLOCK_K, BLOCK_N,
+                               GATHER)
         else:
-            w = _codewords(codes_ptr, books_ptr, offs_n[None, :], offs_k[:, None],
-                           mask_k[:, None] & mask_n[None, :], GI, C, SIZE, IG)  # [BK, BN]
+            w = _codewords(codes_ptr, books_ptr, table, offs_n[None, :], offs_k[:, None],
+                           mask_k[:, None] & mask_n[None, :], GI, C, SIZE, IG, GATHER)  # [BK, BN]
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
         acc += _product(x, w, BLOCK_M, DOT_FP32)
@@ -95,12 +112,15 @@ def _matmul_kernel(
 @triton.jit
 def _dequantize_kernel(codes_ptr, books_ptr, scales_ptr, out_ptr, N, K, GI,
                        C: tl.constexpr, SIZE: tl.constexpr, IG: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``out[N, K]`` tile by tile."""
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TABLE: tl.constexpr):
+    """``out[N, K]`` tile by tile; ``TABLE`` as in :func:`_matmul_kernel`."""
+    GATHER: tl.constexpr = TABLE > 0
+    table = tl.load(books_ptr + tl.arange(0, TABLE if GATHER else 1))
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
-    w = _codewords(codes_ptr, books_ptr, offs_n[:, None], offs_k[None, :], mask, GI, C, SIZE, IG)  # [BN, BK]
+    w = _codewords(codes_ptr, books_ptr, table, offs_n[:, None], offs_k[None, :], mask, GI, C, SIZE, IG,
+                   GATHER)  # [BN, BK]
     s = tl.load(scales_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], (w * s[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -119,37 +139,62 @@ def _geometry(codes: torch.Tensor, codebooks: torch.Tensor) -> tuple[int, int, i
     return n, gi * ig, gi, n_codebooks, size
 
 
-def dequantize_codebook(codes, codebooks, scales, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """Twin of :func:`lowbit.kernels.reference.dequantize_codebook`: ``[N, K]`` in ``dtype``."""
+def dequantize_codebook(codes, codebooks, scales, dtype: torch.dtype = torch.float16,
+                        gather: bool | None = None) -> torch.Tensor:
+    """Twin of :func:`lowbit.kernels.reference.dequantize_codebook`: ``[N, K]`` in ``dtype``;
+    ``gather``: see :func:`gather_table`."""
     n, k, gi, n_codebooks, size = _geometry(codes, codebooks)
     out = torch.empty(n, k, device=codes.device, dtype=dtype)
     block_n, block_k = 32, 64
     _dequantize_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
         codes.contiguous(), codebooks.contiguous(), scales.contiguous(), out, n, k, gi,
-        C=n_codebooks, SIZE=size, IG=codebooks.shape[3], BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+        C=n_codebooks, SIZE=size, IG=codebooks.shape[3], BLOCK_N=block_n, BLOCK_K=block_k,
+        TABLE=gather_table(codebooks, gather), num_warps=4)
     return out
 
 
-def batch_path_for(n_codebooks: int) -> str:
-    """How ``m >= 16`` rows are multiplied: ``"dequantize"`` (the weight dequantized to x's dtype,
-    then ``F.linear``) for several codebooks (2x8), ``"tiled"`` (the fused kernel) for one (1x16),
-    as measured on an H200 (``docs/performance.md``)."""
-    return "dequantize" if n_codebooks > 1 else "tiled"
+GATHER_MAX = 4096
+"""The most codebook elements a program holds to gather from (``C * SIZE * IG``: 2x8 with groups
+of 8 is 4096, 8 KiB in fp16); larger codebooks (1x16: 1 MiB) are read from device memory."""
+
+DEFAULT_GATHER = True
+"""Whether the wrappers gather from codebooks held in the program when they fit. On an H100
+(``bench/lookup.py``, ``docs/performance.md``) gathering made AQLM 2x8 1.1x faster for one token,
+3.8-4.2x for 16 and 128 rows and 1.4x in the dequantize kernel."""
 
 
-def matmul_codebook(x, codes, codebooks, scales, bias=None, batch_path: str | None = None) -> torch.Tensor:
+def gather_table(codebooks: torch.Tensor, gather: bool | None = None) -> int:
+    """The kernels' ``TABLE``: the codebooks' element count when they are gathered from (``gather``,
+    None: :data:`DEFAULT_GATHER`, and at most :data:`GATHER_MAX` elements), else 0."""
+    numel = codebooks.numel()
+    want = DEFAULT_GATHER if gather is None else gather
+    return numel if want and numel <= GATHER_MAX and numel & (numel - 1) == 0 else 0
+
+
+def batch_path_for(m: int, n_codebooks: int) -> str:
+    """How ``m >= 16`` rows are multiplied: ``"tiled"`` (the fused kernel) for one codebook (1x16)
+    and, for several (2x8), up to 128 rows; ``"dequantize"`` (the weight dequantized to x's dtype,
+    then ``F.linear``) above. On an H100 (``docs/performance.md``) 2x8's tiled kernel with gathered
+    codebooks took 91 µs at 128 rows of 4096x4096 against 106 µs for the dequantize alone; its
+    cost grows with the rows, the dequantize's does not."""
+    return "tiled" if n_codebooks == 1 or m <= 128 else "dequantize"
+
+
+def matmul_codebook(x, codes, codebooks, scales, bias=None, batch_path: str | None = None,
+                    gather: bool | None = None) -> torch.Tensor:
     """Twin of :func:`lowbit.kernels.reference.matmul_codebook` (fp16/bf16; fp32 runs in tf32 dots).
 
     Args:
         x: ``[..., K]``; the product accumulates in fp32; the result has x's dtype, ``[..., N]``.
         batch_path: for 16 rows or more (None: :func:`batch_path_for`).
+        gather: gather from codebooks held in the program where they fit (:func:`gather_table`).
     """
     n, k, gi, n_codebooks, size = _geometry(codes, codebooks)
     x2 = input_rows(x)
     m = x2.shape[0]
     check_batch_path(batch_path)
-    if m >= 16 and (batch_path or batch_path_for(n_codebooks)) == "dequantize":
-        w = dequantize_codebook(codes, codebooks, scales, dtype=x2.dtype)
+    if m >= 16 and (batch_path or batch_path_for(m, n_codebooks)) == "dequantize":
+        w = dequantize_codebook(codes, codebooks, scales, dtype=x2.dtype, gather=gather)
         b = bias.to(x2.dtype) if bias is not None else None
         return torch.nn.functional.linear(x2, w, b).reshape(*x.shape[:-1], n)
     block_k = min(128, max(16, triton.next_power_of_2(k)))
@@ -160,7 +205,7 @@ def matmul_codebook(x, codes, codebooks, scales, bias=None, batch_path: str | No
         x2, codes.contiguous(), codebooks.contiguous(), scales.contiguous(),
         bias if bias is not None else scales, y, m, n, k, gi, x2.stride(0),
         C=n_codebooks, SIZE=size, IG=ig, HAS_BIAS=bias is not None,
-        WHOLE_WORDS=ig & (ig - 1) == 0 and ig <= block_k,
+        WHOLE_WORDS=ig & (ig - 1) == 0 and ig <= block_k, TABLE=gather_table(codebooks, gather),
         **cfg.kernel_options(x.dtype),
     )
     return finish_split_k(y, cfg, bias, x.dtype).reshape(*x.shape[:-1], n)

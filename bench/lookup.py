@@ -1,0 +1,167 @@
+"""Table lookups in the NF4 and AQLM kernels, each way timed side by side in one run.
+
+NF4 decodes each 4-bit code through a 16-entry table, AQLM 2x8 each code through a 256-entry
+codebook of 8 values. The kernels read those tables one of several ways
+(``triton_blockwise4.LOOKUPS``: from device memory per value, ``tl.gather`` from the table held
+in the program, a tree of selects; ``triton_codebook``: from device memory or gathered). For each
+Llama-7B layer shape this times every way on every path (one token, 16 and 128 rows through the
+tiled kernel, standalone dequantize), with CUDA graphs and cold L2 as ``bench/kernels.py`` does,
+next to fp16 ``F.linear`` and bitsandbytes' NF4 where it imports. Every variant is checked
+against the reference on fresh random data before it is timed.
+
+    python bench/lookup.py                          # prints a markdown table
+    python bench/lookup.py --shapes 4096x4096 --json out.json
+    python bench/lookup.py --shapes 8192x8192 --warm  # compile only, one process per shape at once
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from kernels import (
+    bnb_row,
+    copies_for,
+    fp16_row,
+    l2_bytes,
+    random_codebook,
+    random_nf4,
+    rel_err,
+    time_graph,
+)
+from lowbit.kernels import reference
+
+SHAPES = ["4096x4096", "4096x11008", "8192x8192"]  # K x N
+
+
+def nf4_calls(m, k, n, sets, lookup):
+    """``m`` rows (0: dequantize) through lowbit's NF4 kernels with ``lookup``; (calls, bytes, rel err)."""
+    from lowbit.kernels import triton_blockwise4 as B
+
+    calls, err = [], 0.0
+    for i in range(sets):
+        a = random_nf4(n, k)
+        if m == 0:
+            if i == 0:
+                err = rel_err(B.dequantize_blockwise4(*a, lookup=lookup), reference.dequantize_blockwise4(*a))
+            calls.append(lambda a=a: B.dequantize_blockwise4(*a, lookup=lookup))
+            continue
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        if i == 0:
+            err = rel_err(B.matmul_blockwise4(x, *a, batch_path="tiled", lookup=lookup),
+                          reference.matmul_blockwise4(x.float(), *a))
+        calls.append(lambda x=x, a=a: B.matmul_blockwise4(x, *a, batch_path="tiled", lookup=lookup))
+    out = 2 * k * n if m == 0 else 2 * m * (k + n)
+    return calls, k * n // 2 + k * n // 64 + out, err
+
+
+def aqlm_calls(m, k, n, sets, gather):
+    """As :func:`nf4_calls` for AQLM 2x8 (groups of 8), codebooks gathered from or loaded."""
+    from lowbit.kernels import triton_codebook as A
+
+    calls, err = [], 0.0
+    for i in range(sets):
+        codes, books, scales = random_codebook(n, k, 2, 8, seed=i)
+        if m == 0:
+            if i == 0:
+                err = rel_err(A.dequantize_codebook(codes, books, scales, gather=gather),
+                              reference.dequantize_codebook(codes, books, scales))
+            calls.append(lambda c=codes, b=books, s=scales: A.dequantize_codebook(c, b, s, gather=gather))
+            continue
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        if i == 0:
+            err = rel_err(A.matmul_codebook(x, codes, books, scales, batch_path="tiled", gather=gather),
+                          reference.matmul_codebook(x.float(), codes, books, scales))
+        calls.append(lambda x=x, c=codes, b=books, s=scales:
+                     A.matmul_codebook(x, c, b, s, batch_path="tiled", gather=gather))
+    out = 2 * k * n if m == 0 else 2 * m * (k + n)
+    return calls, n * (k // 8) * 2 + books.numel() * 2 + 2 * n + out, err
+
+
+def bench_shape(k: int, n: int, ms: list[int], l2: int, warm: bool = False) -> list[dict]:
+    """Rows of one shape; ``warm``: compile and run each variant once on one input set, time nothing."""
+    from lowbit.kernels import triton_blockwise4 as B
+
+    rows = []
+
+    def add(m, name, build):
+        try:
+            calls, nbytes, err = build()
+            if warm:
+                calls[0]()
+                torch.cuda.synchronize()
+                return
+            us = time_graph(calls)
+            rows.append({"K": k, "N": n, "M": m, "kernel": name, "us": us, "GBps": nbytes / us / 1e3, "rel_err": err})
+        except Exception as e:  # a variant that fails to compile or run is reported, the rest go on
+            rows.append({"K": k, "N": n, "M": m, "kernel": name, "error": f"{type(e).__name__}: {e}"[:300]})
+        torch.cuda.empty_cache()
+
+    sets4, sets2 = (1, 1) if warm else (copies_for(k * n // 2, l2), copies_for(k * n // 4, l2))
+    for m in ms:
+        if m:
+            add(m, "fp16 F.linear", lambda: fp16_row(m, k, n, copies_for(2 * n * k, l2)))
+            add(m, "bitsandbytes nf4", lambda: bnb_row(m, k, n, sets4))
+        for lookup in B.LOOKUPS:
+            add(m, f"nf4 {lookup}", lambda: nf4_calls(m, k, n, sets4, lookup))
+        for gather in (False, True):
+            add(m, f"aqlm 2x8 {'gather' if gather else 'global'}", lambda: aqlm_calls(m, k, n, sets2, gather))
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    """One line per (shape, M, kernel): µs, GB/s, against the ``global`` lookup of its format and fp16."""
+    print("| K x N | M (0: dequantize) | kernel | µs (graph) | GB/s | vs global | vs fp16 | rel err |")
+    print("|---|---|---|---|---|---|---|---|")
+    at = {(r["K"], r["N"], r["M"], r["kernel"]): r.get("us") for r in rows}
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['K']}x{r['N']} | {r['M']} | {r['kernel']} | failed: {r['error']} |||||")
+            continue
+        key = (r["K"], r["N"], r["M"])
+        fmt = " ".join(r["kernel"].split()[:-1])
+        base = at.get((*key, f"{fmt} global"))
+        fp = at.get((*key, "fp16 F.linear"))
+        vs_global = f"{base / r['us']:.2f}x" if base and fmt in ("nf4", "aqlm 2x8") else ""
+        vs_fp16 = f"{fp / r['us']:.2f}x" if fp else ""
+        print(f"| {r['K']}x{r['N']} | {r['M']} | {r['kernel']} | {r['us']:.1f} | {r['GBps']:.0f} | {vs_global} | "
+              f"{vs_fp16} | {r['rel_err']:.1e} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated KxN")
+    p.add_argument("--m", default="1,16,128,0", help="comma-separated rows; 0 times the standalone dequantize")
+    p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--warm", action="store_true",
+                   help="only compile every variant (fills Triton's cache; run one process per shape at once)")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/lookup.py needs a CUDA or ROCm GPU")
+    import triton
+
+    torch.manual_seed(0)
+    l2 = l2_bytes()
+    props = torch.cuda.get_device_properties(0)
+    print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
+          f"triton {triton.__version__}")
+    rows = []
+    for shape in args.shapes.split(","):
+        k, n = (int(v) for v in shape.split("x"))
+        rows += bench_shape(k, n, [int(v) for v in args.m.split(",")], l2, args.warm)
+        if args.json:  # after every shape, so a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump({"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
+                           "rows": rows}, f, indent=1)
+    if args.warm:
+        for r in rows:
+            if "error" in r:
+                print(f"{r['K']}x{r['N']} M={r['M']} {r['kernel']}: {r['error']}")
+    else:
+        print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
