@@ -83,7 +83,10 @@ def test_compiled_graphs_on_gpu_match_eager(name):
     with torch.no_grad():
         got = [compiled(ids).logits.float().clone() for _ in range(3)]  # recorded, then replayed
         want = gpu(ids).logits.float()
+    assert torch.equal(got[1], got[2])  # recorded and replayed: the same kernels on the same input
     for g in got:
-        assert ((g - want).norm() / want.norm()).item() < 1e-2
+        # inductor rounds the fp16 work between the layers differently from eager; LLM.int8 rounds
+        # activations to int8 per row, where that moves a code by a step (as in the test above)
+        assert ((g - want).norm() / want.norm()).item() < (3e-2 if name == "int8" else 1e-2)
     grad = _input_grad(gpu, ids)
     assert ((grad - want_grad).norm() / want_grad.norm()).item() < 5e-2
