@@ -96,6 +96,31 @@ def l2_bytes() -> int:
     return int(getattr(props, "L2_cache_size", 50 * 2**20))
 
 
+def start_gpu_bench(script: str) -> int:
+    """Exit unless a GPU is present; seed, print the device and versions; return the L2 size in bytes."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{script} needs a CUDA or ROCm GPU")
+    # imported here, not at the top: every script run from bench/ has this folder on sys.path, where
+    # transformers' and bitsandbytes' probes for the hub's ``kernels`` package import this file
+    import triton
+
+    torch.manual_seed(0)
+    l2 = l2_bytes()
+    props = torch.cuda.get_device_properties(0)
+    print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2 / 2**20:.0f} MiB; "
+          f"torch {torch.__version__}, triton {triton.__version__}")
+    return l2
+
+
+def write_rows(path: str, rows: list[dict]) -> None:
+    """The rows with the device and versions, as JSON."""
+    import triton
+
+    with open(path, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                   "rows": rows}, f, indent=1)
+
+
 # --- operands ----------------------------------------------------------------------------
 
 def random_w4(k: int, n: int, group: int, act_order: bool, seed: int):
@@ -381,17 +406,7 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows to time, of {','.join(ROWS)}")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/kernels.py needs a CUDA or ROCm GPU")
-    # imported here, not at the top: every script run from bench/ has this folder on sys.path, where
-    # transformers' and bitsandbytes' probes for the hub's ``kernels`` package import this file
-    import triton
-
-    torch.manual_seed(0)
-    l2 = l2_bytes()
-    props = torch.cuda.get_device_properties(0)
-    print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {l2 / 2**20:.0f} MiB; "
-          f"torch {torch.__version__}, triton {triton.__version__}")
+    l2 = start_gpu_bench("bench/kernels.py")
     rows = []
     for shape in args.shapes.split(","):
         k, n = (int(v) for v in shape.split("x"))
@@ -400,9 +415,7 @@ def main() -> None:
         if "lowbit" in args.rows.split(","):
             rows += bench_dequantize(k, n, l2)
         if args.json:  # after every shape, so a run cut short keeps what it measured
-            with open(args.json, "w") as f:
-                json.dump({"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
-                           "rows": rows}, f, indent=1)
+            write_rows(args.json, rows)
     print_table(rows)
 
 

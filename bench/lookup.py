@@ -17,7 +17,6 @@ against the reference on fresh random data before it is timed.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
@@ -25,11 +24,12 @@ from kernels import (
     bnb_row,
     copies_for,
     fp16_row,
-    l2_bytes,
     random_codebook,
     random_nf4,
     rel_err,
+    start_gpu_bench,
     time_graph,
+    write_rows,
 )
 from lowbit.kernels import reference
 
@@ -138,23 +138,13 @@ def main() -> None:
     p.add_argument("--warm", action="store_true",
                    help="only compile every variant (fills Triton's cache; run one process per shape at once)")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/lookup.py needs a CUDA or ROCm GPU")
-    import triton
-
-    torch.manual_seed(0)
-    l2 = l2_bytes()
-    props = torch.cuda.get_device_properties(0)
-    print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
-          f"triton {triton.__version__}")
+    l2 = start_gpu_bench("bench/lookup.py")
     rows = []
     for shape in args.shapes.split(","):
         k, n = (int(v) for v in shape.split("x"))
         rows += bench_shape(k, n, [int(v) for v in args.m.split(",")], l2, args.warm)
         if args.json:  # after every shape, so a run cut short keeps what it measured
-            with open(args.json, "w") as f:
-                json.dump({"device": props.name, "torch": torch.__version__, "triton": triton.__version__,
-                           "rows": rows}, f, indent=1)
+            write_rows(args.json, rows)
     if args.warm:
         for r in rows:
             if "error" in r:
