@@ -2,8 +2,8 @@
 
 NF4 decodes each 4-bit code through a 16-entry table, AQLM 2x8 each code through a 256-entry
 codebook of 8 values. The kernels read those tables one of several ways
-(``triton_blockwise4.LOOKUPS``: from device memory per value, ``tl.gather`` from the table held
-in the program, a tree of selects; ``triton_codebook``: from device memory or gathered). For each
+(``triton_blockwise4.LOOKUPS``: from device memory per value, or ``tl.gather`` from the table
+held in the program; ``triton_codebook``: the same two). For each
 Llama-7B layer shape this times every way on every path (one token, 16 and 128 rows through the
 tiled kernel, standalone dequantize), with CUDA graphs and cold L2 as ``bench/kernels.py`` does,
 next to fp16 ``F.linear`` and bitsandbytes' NF4 where it imports. Every variant is checked

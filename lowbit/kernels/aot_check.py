@@ -70,23 +70,23 @@ def _dequantize_variants() -> list[Variant]:
 
 def _blockwise4_variants() -> list[Variant]:
     out = []
-    # LOOKUP: the code table read from memory (0), with tl.gather (1), by selects (2)
+    # LOOKUP: the code table read from memory (0) or with tl.gather (1)
     for nested, bm, split, dt, lookup in ((False, 1, 8, "fp16", 0), (True, 1, 8, "bf16", 1),
-                                          (True, 16, 2, "fp16", 1), (False, 64, 1, "bf16", 2)):
+                                          (True, 16, 2, "fp16", 1), (False, 64, 1, "bf16", 0)):
         sig = {"x_ptr": f"*{dt}", "w_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "qmap_ptr": "*fp32",
                "nabs_ptr": "*fp32", "nmap_ptr": "*fp32", "noff_ptr": "*fp32", "b_ptr": f"*{dt}",
                "y_ptr": f"*{dt}" if split == 1 else "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32"}
         consts = dict(BLOCKSIZE=64, NESTED=nested, HAS_BIAS=split == 1, BLOCK_M=bm, BLOCK_N=64 if bm < 64 else 128,
                       BLOCK_K=64, SPLIT_K=split, DOT_FP32=False, ROW_BLOCKS=nested, LOOKUP=lookup)
         out.append(Variant("triton_blockwise4", "_matmul_kernel", sig, consts))
-    for nested, split, dt, lookup in ((True, 16, "fp16", 1), (False, 1, "bf16", 2)):
+    for nested, split, dt, lookup in ((True, 16, "fp16", 1), (False, 1, "bf16", 0)):
         sig = {"x_ptr": f"*{dt}", "w_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "qmap_ptr": "*fp32",
                "nabs_ptr": "*fp32", "nmap_ptr": "*fp32", "noff_ptr": "*fp32", "b_ptr": f"*{dt}",
                "y_ptr": f"*{dt}" if split == 1 else "*fp32", "N": "i32", "K": "i32"}
         out.append(Variant("triton_blockwise4", "_gemv_kernel", sig,
                            dict(BLOCKSIZE=64, NESTED=nested, HAS_BIAS=split == 1, BLOCK_N=64, SPLIT_K=split,
                                 LOOKUP=lookup)))
-    for nested, blocksize, lookup in ((False, 64, 0), (True, 64, 1), (False, 4096, 2)):
+    for nested, blocksize, lookup in ((False, 64, 0), (True, 64, 1), (False, 4096, 0)):
         sig = {"w_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "qmap_ptr": "*fp32", "nabs_ptr": "*fp32",
                "nmap_ptr": "*fp32", "noff_ptr": "*fp32", "out_ptr": "*fp16", "numel": "i32"}
         out.append(Variant("triton_blockwise4", "_dequantize_kernel", sig,

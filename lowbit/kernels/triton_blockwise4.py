@@ -4,7 +4,7 @@ The weight is read as bitsandbytes stores it (see :mod:`lowbit.formats.blockwise
 row-major ``[N, K]`` codes as one stream of nibbles, element ``i`` in byte ``i // 2`` (even
 elements in the high nibble), scaled by ``absmax[i // blocksize]``. With double quant the
 absmax is decoded in the kernel: ``nested_quant_map[code] * nested_absmax[b // 256] +
-nested_offset``. The 16-entry code table is read one of three ways (``LOOKUPS``; see
+nested_offset``. The 16-entry code table is read one of two ways (``LOOKUPS``; see
 :func:`_decode`). Reference twins: :func:`lowbit.kernels.reference.dequantize_blockwise4` and
 :func:`lowbit.kernels.reference.matmul_blockwise4`, with the same arguments here.
 """
@@ -29,40 +29,17 @@ from lowbit.kernels.triton_common import (
 )
 
 
-LOOKUPS = ("global", "gather", "select")
+LOOKUPS = ("global", "gather")
 """How the kernels read the 16-entry code table (the ``LOOKUP`` constexpr is the index here):
 ``global``, a load from the table in device memory per value; ``gather``, the table loaded
-once per program and indexed with ``tl.gather`` (shared memory or warp shuffles); ``select``, a
-tree of 15 selects over the table's 16 values, arithmetic only."""
+once per program and indexed with ``tl.gather`` (warp shuffles on an H100). A third way, a tree
+of 15 selects, was slower than one of these on every path on an H100 and was removed."""
 
 
 @triton.jit
 def _table(qmap_ptr):
     """The code table as :func:`_decode` takes it, fp32 ``[16]`` (unused, so not loaded, but by ``gather``)."""
     return tl.load(qmap_ptr + tl.arange(0, 16))
-
-
-@triton.jit
-def _select16(qmap_ptr, code):
-    """``qmap[code]`` for int32 codes in [0, 16) by a tree of selects on the code's bits."""
-    b = (code & 1) != 0
-    v0 = tl.where(b, tl.load(qmap_ptr + 1), tl.load(qmap_ptr + 0))
-    v1 = tl.where(b, tl.load(qmap_ptr + 3), tl.load(qmap_ptr + 2))
-    v2 = tl.where(b, tl.load(qmap_ptr + 5), tl.load(qmap_ptr + 4))
-    v3 = tl.where(b, tl.load(qmap_ptr + 7), tl.load(qmap_ptr + 6))
-    v4 = tl.where(b, tl.load(qmap_ptr + 9), tl.load(qmap_ptr + 8))
-    v5 = tl.where(b, tl.load(qmap_ptr + 11), tl.load(qmap_ptr + 10))
-    v6 = tl.where(b, tl.load(qmap_ptr + 13), tl.load(qmap_ptr + 12))
-    v7 = tl.where(b, tl.load(qmap_ptr + 15), tl.load(qmap_ptr + 14))
-    b = (code & 2) != 0
-    u0 = tl.where(b, v1, v0)
-    u1 = tl.where(b, v3, v2)
-    u2 = tl.where(b, v5, v4)
-    u3 = tl.where(b, v7, v6)
-    b = (code & 4) != 0
-    t0 = tl.where(b, u1, u0)
-    t1 = tl.where(b, u3, u2)
-    return tl.where((code & 8) != 0, t1, t0)
 
 
 @triton.jit
@@ -78,8 +55,6 @@ def _decode(qmap_ptr, table, code, AXIS: tl.constexpr, LOOKUP: tl.constexpr):
         else:
             src = tl.broadcast_to(table[None, :], (code.shape[0], 16))
         return tl.gather(src, code, AXIS)
-    elif LOOKUP == 2:
-        return _select16(qmap_ptr, code)
     else:
         return tl.load(qmap_ptr + code)
 
@@ -212,8 +187,7 @@ def _dequantize_kernel(w_ptr, absmax_ptr, qmap_ptr, nabs_ptr, nmap_ptr, noff_ptr
 DEFAULT_LOOKUP = {"gemv": "global", "tiled": "gather", "dequantize": "global"}
 """The lookup each kernel takes when none is named, from ``bench/lookup.py`` on an H100
 (``docs/performance.md``): ``gather`` makes the tiled kernel 1.35-1.4x faster at 16 rows and
-4.7-5x at 128; it is 0-7 % slower for one token and 3-5 % slower in the dequantize kernel;
-``select`` is slower than ``global`` everywhere but the tiled kernel."""
+4.7-5x at 128; it is 0-7 % slower for one token and 3-5 % slower in the dequantize kernel."""
 
 
 def lookup_index(lookup: str | None, kernel: str) -> int:
