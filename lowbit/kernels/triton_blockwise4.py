@@ -38,7 +38,8 @@ of 15 selects, was slower than one of these on every path on an H100 and was rem
 
 @triton.jit
 def _table(qmap_ptr):
-    """The code table as :func:`_decode` takes it, fp32 ``[16]`` (unused, so not loaded, but by ``gather``)."""
+    """The code table, fp32 ``[16]``, for :func:`_decode`'s ``gather`` (where that is not the lookup,
+    the value is unused and the compiler drops the load)."""
     return tl.load(qmap_ptr + tl.arange(0, 16))
 
 
@@ -259,7 +260,6 @@ def matmul_blockwise4(x, weight, absmax, quant_map, blocksize, shape, nested_abs
     x2 = input_rows(x, dtype)
     m = x2.shape[0]
     check_batch_path(batch_path)
-    lookup_index(lookup, "tiled")  # an unknown lookup fails on every path
     if m >= 16 and (batch_path or batch_path_for(m)) == "dequantize":
         w = dequantize_blockwise4(weight, absmax, quant_map, blocksize, shape, nested_absmax, nested_quant_map,
                                   nested_offset, dtype=dtype, lookup=lookup)
