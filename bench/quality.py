@@ -11,6 +11,9 @@ perplexity, its ratio to the fp32 original, and quantization wall time.
     python bench/quality.py --table gptq-peer --nsamples 32 --seqlen 512 --tokens 16384   # GPTQModel installed
     python bench/quality.py --table awq-peer --nsamples 32 --seqlen 512 --tokens 16384    # AutoAWQ installed
 
+``--shots 4`` adds a column of SST-2 4-shot accuracy on the dev set (``--examples`` caps it),
+scored as ``lowbit eval --shots`` scores it.
+
 The AWQ table uses group size 64: SmolLM2's hidden size, 576, is not a multiple of 128, and the
 AWQ GEMM layout needs whole groups. ``gptq-peer`` quantizes with GPTQModel (same calibration
 windows) and scores its checkpoint with lowbit's evaluator (lowbit reads it with GPTQModel's
@@ -34,6 +37,7 @@ import torch
 import lowbit
 from lowbit.checkpoint.loading import load_tokenizer
 from lowbit.compress import PruneConfig, compress
+from lowbit.eval.classification import fewshot_sst2
 from lowbit.eval.data import calibration_batch, calibration_texts, wikitext2
 from lowbit.eval.perplexity import text_perplexity
 from lowbit.models import default_causal_lm_path
@@ -193,6 +197,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=16384, help="WikiText-2 test tokens scored")
     p.add_argument("--ppl-seqlen", type=int, default=512)
     p.add_argument("--only", default=None, help="comma-separated row numbers to run (1-based)")
+    p.add_argument("--shots", type=int, default=None, help="add SST-2 few-shot accuracy with this many shots")
+    p.add_argument("--examples", type=int, default=None, help="SST-2 dev sentences scored (default: all 872)")
     args = p.parse_args()
 
     torch.manual_seed(0)
@@ -204,14 +210,20 @@ def main() -> None:
     def ppl(model) -> float:
         return text_perplexity(model, tok, text, seqlen=args.ppl_seqlen, max_tokens=args.tokens)
 
-    base = ppl(lowbit.from_pretrained(folder))
+    def accuracy(model) -> str:
+        return "" if args.shots is None else f" {fewshot_sst2(model, tok, args.shots, args.examples)} |"
+
+    original = lowbit.from_pretrained(folder)
+    base = ppl(original)
     print(f"SmolLM2-135M-Instruct, WikiText-2 test first {args.tokens} tokens ({args.ppl_seqlen}-token windows); "
           f"calibration {args.nsamples} x {args.seqlen} tokens of WikiText-2 valid; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     bpw = args.table == "aqlm"
-    print("| model | perplexity | vs fp32 | quantize time |" + (" bits/weight |" if bpw else ""))
-    print("|---|---|---|---|" + ("---|" if bpw else ""))
-    print(f"| fp32 original | {base:.3f} | 1.000 | - |" + (" 32 |" if bpw else ""), flush=True)
+    acc_head = "" if args.shots is None else f" SST-2 {args.shots}-shot [95% CI] |"
+    print("| model | perplexity | vs fp32 | quantize time |" + (" bits/weight |" if bpw else "") + acc_head)
+    print("|---|---|---|---|" + ("---|" if bpw else "") + ("---|" if acc_head else ""))
+    print(f"| fp32 original | {base:.3f} | 1.000 | - |" + (" 32 |" if bpw else "") + accuracy(original), flush=True)
+    del original
     rows = TABLES[args.table]
     chosen = {int(i) for i in args.only.split(",")} if args.only else set(range(1, len(rows) + 1))
     for i, (label, cfg) in enumerate(rows, 1):
@@ -230,7 +242,7 @@ def main() -> None:
             compress(model, cfg, calib, progress=False)
             seconds = time.perf_counter() - start
         value = ppl(model)
-        extra = f" {bits_per_weight(model):.2f} |" if bpw else ""
+        extra = (f" {bits_per_weight(model):.2f} |" if bpw else "") + accuracy(model)
         print(f"| {label} | {value:.3f} | {value / base:.3f} | {seconds:.1f} s |{extra}", flush=True)
     for peer in ("gptqmodel", "awq"):
         if importlib.util.find_spec(peer) is None:

@@ -87,6 +87,51 @@ def test_verbalizer_logprobs_are_the_summed_token_logprobs():
     assert acc.total == 12 and 0 <= acc.correct <= 12
 
 
+@pytest.mark.parametrize("verbalizers", [C.VERBALIZERS, ("a", "b")], ids=["multi-token", "one-token"])
+def test_fewshot_logprobs_match_whole_prompts(monkeypatch, verbalizers):
+    """The cached-prefix batches score what each whole prompt scores on its own: 7 sentences of
+    different lengths, batches of 3 (the last one partial), words of several tokens or of one."""
+    monkeypatch.setattr(C, "VERBALIZERS", verbalizers)
+    lm, tok = tiny_llama_model(), byte_tokenizer()
+    prefix = C.fewshot_prompt([("great fun", 1), ("a bore", 0)], "")[: -len(C.fewshot_prompt([], ""))]
+    texts = [C.fewshot_prompt([], t) for t in ["ok", "not good at all", "x", "fine film", "meh", "long " * 9, "z!"]]
+    fast = C.fewshot_logprobs(lm, tok, prefix, texts, batch_size=3)
+    for text, got in zip(texts, fast):
+        want = C.verbalizer_logprobs(lm, tok, prefix + text)
+        assert got == pytest.approx(want, abs=1e-4)
+        assert got[0] != got[1]
+    assert C.fewshot_logprobs(lm, tok, "", texts[:2]) == [C.verbalizer_logprobs(lm, tok, t) for t in texts[:2]]
+
+
+def test_fewshot_prefix_whose_last_tokens_merge_with_the_text():
+    """A prefix ending in tokens that merge differently once text follows is cut back to the tokens
+    the prompts share (SmolLM2's tokenizer reads a final "\n\n" as one token, "\n\nReview" as
+    "\n", "\n", "Review")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {ch: i for i, ch in enumerate(chars[:255])}  # byte 255's id goes to the merged "\n\n"
+    nl = bytes_to_unicode()[ord("\n")]
+    vocab[nl + nl] = 255
+    base = Tokenizer(models.BPE(vocab=vocab, merges=[(nl, nl)]))
+    base.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    base.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=base)
+    assert len(tok("a\n\n", add_special_tokens=False)["input_ids"]) == 2
+    lm = tiny_llama_model()
+    prefix = "Review: fun\nSentiment: positive\n\n"
+    texts = ["Review: ok\nSentiment:", "Review: bad\nSentiment:"]
+    calls = []
+    hook = lm.register_forward_hook(lambda *_: calls.append(1))
+    fast = C.fewshot_logprobs(lm, tok, prefix, texts)
+    hook.remove()
+    assert len(calls) == 2  # the shared prefix once, then one batch: no prompt fell back to a whole run
+    for text, got in zip(texts, fast):
+        assert got == pytest.approx(C.verbalizer_logprobs(lm, tok, prefix + text), abs=1e-4)
+
+
 def tiny_encoder_dir(tmp_path, monkeypatch) -> None:
     """A tiny BERT with the byte tokenizer in ``tmp_path/enc``; the probe cache under ``tmp_path``."""
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
