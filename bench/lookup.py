@@ -3,9 +3,10 @@
 NF4 decodes each 4-bit code through a 16-entry table, AQLM 2x8 each code through a 256-entry
 codebook of 8 values. The kernels read those tables one of several ways
 (``triton_blockwise4.LOOKUPS``: from device memory per value, or ``tl.gather`` from the table
-held in the program; ``triton_codebook``: the same two). For each
-Llama-7B layer shape this times every way on every path (one token, 16 and 128 rows through the
-tiled kernel, standalone dequantize), with CUDA graphs and cold L2 as ``bench/kernels.py`` does,
+held in the program; ``triton_codebook``: the same two, and for one to four rows a third, ``lut``:
+each input group's dot products with every codeword tabulated first, then one lookup per code).
+For each Llama-7B layer shape this times every way on every path (one token, 16 and 128 rows
+through the tiled kernel, standalone dequantize), with CUDA graphs and cold L2 as ``bench/kernels.py`` does,
 next to fp16 ``F.linear`` and bitsandbytes' NF4 where it imports. Every variant is checked
 against the reference on fresh random data before it is timed.
 
@@ -57,8 +58,9 @@ def nf4_calls(m, k, n, sets, lookup):
     return calls, k * n // 2 + k * n // 64 + out, err
 
 
-def aqlm_calls(m, k, n, sets, gather):
-    """As :func:`nf4_calls` for AQLM 2x8 (groups of 8), codebooks gathered from or loaded."""
+def aqlm_calls(m, k, n, sets, gather, lut=False):
+    """As :func:`nf4_calls` for AQLM 2x8 (groups of 8), codebooks gathered from or loaded;
+    ``lut``: through tabulated codeword products instead (one to four rows)."""
     from lowbit.kernels import triton_codebook as A
 
     calls, err = [], 0.0
@@ -72,17 +74,19 @@ def aqlm_calls(m, k, n, sets, gather):
             continue
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         if i == 0:
-            err = rel_err(A.matmul_codebook(x, codes, books, scales, batch_path="tiled", gather=gather),
+            err = rel_err(A.matmul_codebook(x, codes, books, scales, batch_path="tiled", gather=gather, lut=lut),
                           reference.matmul_codebook(x.float(), codes, books, scales))
         calls.append(lambda x=x, c=codes, b=books, s=scales:
-                     A.matmul_codebook(x, c, b, s, batch_path="tiled", gather=gather))
+                     A.matmul_codebook(x, c, b, s, batch_path="tiled", gather=gather, lut=lut))
     out = 2 * k * n if m == 0 else 2 * m * (k + n)
-    return calls, n * (k // 8) * 2 + books.numel() * 2 + 2 * n + out, err
+    table = 2 * m * (k // 8) * books.shape[0] * books.shape[1] * 2 if lut else 0  # the products, written and read
+    return calls, n * (k // 8) * 2 + books.numel() * 2 + 2 * n + out + table, err
 
 
 def bench_shape(k: int, n: int, ms: list[int], l2: int, warm: bool = False) -> list[dict]:
     """Rows of one shape; ``warm``: compile and run each variant once on one input set, time nothing."""
     from lowbit.kernels import triton_blockwise4 as B
+    from lowbit.kernels import triton_codebook as A
 
     rows = []
 
@@ -108,6 +112,8 @@ def bench_shape(k: int, n: int, ms: list[int], l2: int, warm: bool = False) -> l
             add(m, f"nf4 {lookup}", lambda: nf4_calls(m, k, n, sets4, lookup))
         for gather in (False, True):
             add(m, f"aqlm 2x8 {'gather' if gather else 'global'}", lambda: aqlm_calls(m, k, n, sets2, gather))
+        if 0 < m <= A.LUT_MAX_ROWS:
+            add(m, "aqlm 2x8 lut", lambda: aqlm_calls(m, k, n, sets2, False, lut=True))
     return rows
 
 

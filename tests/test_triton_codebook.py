@@ -84,6 +84,47 @@ def test_gathered_codebooks_dequantize_the_same():
     assert torch.equal(gathered, T.dequantize_codebook(*args(mod), gather=False))
 
 
+# tabulated codeword products: one row, several, a K split (long rows), odd N, groups of 4 and 12,
+# three codebooks of 32 entries, int8 (2x8) and int16 (1x8 in 16-bit storage is not a layout: 2x8 only)
+LUT_CASES = [(1, 33, 72, 8, (2, 8)), (3, 40, 96, 8, (2, 8)), (1, 24, 2048, 8, (2, 8)), (2, 20, 64, 4, (2, 8)),
+             (4, 17, 72, 12, (3, 5)), (1, 8, 64, 8, (1, 8))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("m,n,k,ig,scheme", LUT_CASES, ids=[f"M{c[0]}-N{c[1]}-K{c[2]}-g{c[3]}-{c[4][0]}x{c[4][1]}"
+                                                            for c in LUT_CASES])
+def test_tabulated_products_match_reference(m, n, k, ig, scheme, dtype):
+    mod = random_module(n, k, ig, *scheme, seed=k + m)
+    assert T.lut_applies(m, mod.codebooks, lut=True)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(n)).to(DEVICE, dtype)
+    want = reference.matmul_codebook(x.float(), *args(mod), bias=mod.bias)
+    got = T.matmul_codebook(x, *args(mod), bias=mod.bias, lut=True)
+    assert got.dtype == dtype and got.shape == (m, n) and torch.isfinite(got).all()
+    assert rel_err(got, want) <= MATMUL_REL[dtype]
+    nobias = T.matmul_codebook(x, *args(mod), lut=True)
+    assert rel_err(nobias, reference.matmul_codebook(x.float(), *args(mod))) <= MATMUL_REL[dtype]
+
+
+def test_codeword_products_table():
+    mod = random_module(8, 48, 8, 2, 8, seed=3, dtype=torch.float32)
+    x = torch.randn(2, 48, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    lut = T.codeword_products(x, mod.codebooks)
+    assert lut.shape == (2, 6, 512) and lut.dtype == torch.float32
+    books = mod.codebooks.float()
+    for m, g, c, s in [(0, 0, 0, 0), (1, 5, 1, 255), (0, 3, 1, 17), (1, 2, 0, 128)]:
+        want = float(x[m, g * 8 : (g + 1) * 8] @ books[c, s, 0])
+        assert float(lut[m, g, c * 256 + s]) == pytest.approx(want, rel=1e-5, abs=1e-5)
+
+
+def test_tabulated_path_applies_to_few_rows_and_small_codebooks():
+    small, big = torch.empty(2, 256, 1, 8), torch.empty(1, 65536, 1, 8)
+    assert T.lut_applies(1, small, lut=True) and T.lut_applies(T.LUT_MAX_ROWS, small, lut=True)
+    assert not T.lut_applies(T.LUT_MAX_ROWS + 1, small, lut=True)
+    assert not T.lut_applies(1, big, lut=True)  # 1x16: 65,536 products per group
+    assert not T.lut_applies(1, small, lut=False)
+    assert T.lut_applies(1, small) == T.DEFAULT_LUT
+
+
 def test_only_small_codebooks_are_gathered():
     assert T.gather_table(torch.empty(2, 256, 1, 8), gather=True) == 4096
     assert T.gather_table(torch.empty(1, 65536, 1, 8), gather=True) == 0  # 1x16: read from memory

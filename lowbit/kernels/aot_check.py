@@ -112,6 +112,11 @@ def _codebook_variants() -> list[Variant]:
                "out_ptr": "*fp16", "N": "i32", "K": "i32", "GI": "i32"}
         out.append(Variant("triton_codebook", "_dequantize_kernel", sig,
                            dict(C=c, SIZE=size, IG=8, BLOCK_N=32, BLOCK_K=64, TABLE=4096 if c == 2 else 0)))
+    for split, lut in ((1, "fp16"), (4, "fp32")):  # 2x8 through tabulated codeword products
+        sig = {"codes_ptr": "*i8", "lut_ptr": f"*{lut}", "scales_ptr": "*fp16", "b_ptr": "*fp16",
+               "y_ptr": "*fp16" if split == 1 else "*fp32", "N": "i32", "GI": "i32"}
+        out.append(Variant("triton_codebook", "_lut_gemv_kernel", sig,
+                           dict(C=2, SIZE=256, HAS_BIAS=split == 1, BLOCK_N=16, BLOCK_J=64, SPLIT_K=split)))
     return out
 
 

@@ -24,6 +24,7 @@ from lowbit.kernels.triton_common import (
     _product,
     _store_output,
     check_batch_path,
+    device_sms,
     finish_split_k,
     input_rows,
     launch_config,
@@ -125,6 +126,40 @@ def _dequantize_kernel(codes_ptr, books_ptr, scales_ptr, out_ptr, N, K, GI,
     tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], (w * s[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _lut_gemv_kernel(codes_ptr, lut_ptr, scales_ptr, b_ptr, y_ptr, N, GI,
+                     C: tl.constexpr, SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr):
+    """``y[m, n] = scales[n] * sum_(g, c) lut[m, g, c, codes[n, g, c]]`` for the rows ``m`` of axis 2.
+
+    ``lut[m, g, c, s]`` is the dot product of input group ``g`` of row ``m`` with codeword ``s`` of
+    codebook ``c`` (:func:`codeword_products`), so each code costs one lookup and one add instead
+    of a codeword's worth of lookups and multiply-adds. A row's codes ``[GI, C]`` are contiguous;
+    ``j = g * C + c`` walks them ``BLOCK_J`` at a time, and ``lut[m].flatten()[j * SIZE + code]`` is
+    the entry. With ``SPLIT_K > 1`` this program's fp32 partial sums go to ``y[pid_k, M, N]``.
+    """
+    m = tl.program_id(2)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    J = GI * C
+    lut_row = lut_ptr + m.to(tl.int64) * J * SIZE
+    acc = tl.zeros((BLOCK_N, BLOCK_J), dtype=tl.float32)
+    for j0 in range(tl.program_id(1) * BLOCK_J, J, BLOCK_J * SPLIT_K):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        mask = mask_n[:, None] & (offs_j < J)[None, :]
+        code = tl.load(codes_ptr + offs_n[:, None] * J + offs_j[None, :], mask=mask, other=0).to(tl.int32)
+        code = code & (SIZE - 1)  # signed storage -> index
+        acc += tl.load(lut_row + offs_j[None, :] * SIZE + code, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    y = tl.sum(acc, axis=1) * s
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * N + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.store(y_ptr + (tl.program_id(1) * tl.num_programs(2) + m) * N + offs_n, y, mask=mask_n)
+
+
 def supports(codebooks: torch.Tensor) -> bool:
     """The kernels handle one output row per group (``out_group_size == 1``)."""
     return codebooks.dim() == 4 and codebooks.shape[2] == 1
@@ -180,18 +215,75 @@ def batch_path_for(m: int, n_codebooks: int) -> str:
     return "tiled" if n_codebooks == 1 or m <= 128 else "dequantize"
 
 
+LUT_MAX_SIZE = 256
+"""The largest codebook (entries) whose codeword products are tabulated: 2x8's 256. A 1x16
+codebook's 65,536 products per input group would outweigh the codes they replace."""
+
+LUT_MAX_ROWS = 4
+"""The most input rows that take the tabulated path: its table, ``rows * K / in_group * C * SIZE``
+values, grows with the rows while the codes it saves reading do not (for 2x8 and N = 4096, one
+row's fp16 table is an eighth of the codes' bytes)."""
+
+DEFAULT_LUT = False
+"""Whether rows up to :data:`LUT_MAX_ROWS` take the tabulated path by default. Off until it is
+timed on a GPU against the codebook-gathering GEMV (``bench/lookup.py`` times both)."""
+
+
+def lut_applies(m: int, codebooks: torch.Tensor, lut: bool | None = None) -> bool:
+    """Whether ``m`` rows multiply through tabulated codeword products (``lut``; None: :data:`DEFAULT_LUT`)."""
+    want = DEFAULT_LUT if lut is None else lut
+    return bool(want) and m <= LUT_MAX_ROWS and codebooks.shape[1] <= LUT_MAX_SIZE
+
+
+def codeword_products(x2: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """``lut[m, g, c * SIZE + s]``: input group ``g`` of row ``m`` (``in_group`` values) dotted with
+    codeword ``s`` of codebook ``c``, as one ``[M * GI, IG] @ [IG, C * SIZE]`` matmul. fp16 inputs
+    give an fp16 table (fp32 accumulation inside the matmul), others fp32."""
+    n_codebooks, size, _, ig = codebooks.shape
+    dtype = torch.float16 if x2.dtype == torch.float16 else torch.float32
+    books = codebooks.reshape(n_codebooks * size, ig).to(dtype)
+    return (x2.reshape(-1, ig).to(dtype) @ books.t()).reshape(x2.shape[0], -1, n_codebooks * size)
+
+
+def _matmul_lut(x2, codes, codebooks, scales, bias, n: int, gi: int) -> torch.Tensor:
+    m = x2.shape[0]
+    n_codebooks, size = codebooks.shape[:2]
+    lut = codeword_products(x2, codebooks)
+    block_n, block_j = 16, 64
+    programs = triton.cdiv(n, block_n) * m
+    split_k = 1
+    sms = device_sms(x2.device)
+    while split_k < 8 and programs * split_k * 2 <= 4 * sms and triton.cdiv(gi * n_codebooks, block_j * split_k * 2) >= 2:
+        split_k *= 2
+    y = (torch.empty(m, n, device=x2.device, dtype=x2.dtype) if split_k == 1
+         else torch.empty(split_k, m, n, device=x2.device, dtype=torch.float32))
+    _lut_gemv_kernel[(triton.cdiv(n, block_n), split_k, m)](
+        codes.contiguous(), lut, scales.contiguous(), bias if bias is not None else scales, y, n, gi,
+        C=n_codebooks, SIZE=size, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_J=block_j, SPLIT_K=split_k,
+        num_warps=4)
+    if split_k == 1:
+        return y
+    y = y.sum(0)
+    if bias is not None:
+        y += bias
+    return y.to(x2.dtype)
+
+
 def matmul_codebook(x, codes, codebooks, scales, bias=None, batch_path: str | None = None,
-                    gather: bool | None = None) -> torch.Tensor:
+                    gather: bool | None = None, lut: bool | None = None) -> torch.Tensor:
     """Twin of :func:`lowbit.kernels.reference.matmul_codebook` (fp16/bf16; fp32 runs in tf32 dots).
 
     Args:
         x: ``[..., K]``; the product accumulates in fp32; the result has x's dtype, ``[..., N]``.
         batch_path: for 16 rows or more (None: :func:`batch_path_for`).
         gather: gather from codebooks held in the program where they fit (:func:`gather_table`).
+        lut: few rows multiply through tabulated codeword products (:func:`lut_applies`).
     """
     n, k, gi, n_codebooks, size = _geometry(codes, codebooks)
     x2 = input_rows(x)
     m = x2.shape[0]
+    if lut_applies(m, codebooks, lut):
+        return _matmul_lut(x2, codes, codebooks, scales, bias, n, gi).reshape(*x.shape[:-1], n)
     check_batch_path(batch_path)
     if m >= 16 and (batch_path or batch_path_for(m, n_codebooks)) == "dequantize":
         w = dequantize_codebook(codes, codebooks, scales, dtype=x2.dtype, gather=gather)
