@@ -58,9 +58,10 @@ def nf4_calls(m, k, n, sets, lookup):
     return calls, k * n // 2 + k * n // 64 + out, err
 
 
-def aqlm_calls(m, k, n, sets, gather, lut=False):
+def aqlm_calls(m, k, n, sets, gather, lut=False, words=False):
     """As :func:`nf4_calls` for AQLM 2x8 (groups of 8), codebooks gathered from or loaded;
-    ``lut``: through tabulated codeword products instead (one to four rows)."""
+    ``lut``: through tabulated codeword products instead (one to four rows); ``words``: the
+    dequantize kernel decodes a whole codeword per code."""
     from lowbit.kernels import triton_codebook as A
 
     calls, err = [], 0.0
@@ -68,9 +69,10 @@ def aqlm_calls(m, k, n, sets, gather, lut=False):
         codes, books, scales = random_codebook(n, k, 2, 8, seed=i)
         if m == 0:
             if i == 0:
-                err = rel_err(A.dequantize_codebook(codes, books, scales, gather=gather),
+                err = rel_err(A.dequantize_codebook(codes, books, scales, gather=gather, whole_words=words),
                               reference.dequantize_codebook(codes, books, scales))
-            calls.append(lambda c=codes, b=books, s=scales: A.dequantize_codebook(c, b, s, gather=gather))
+            calls.append(lambda c=codes, b=books, s=scales:
+                         A.dequantize_codebook(c, b, s, gather=gather, whole_words=words))
             continue
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         if i == 0:
@@ -114,6 +116,10 @@ def bench_shape(k: int, n: int, ms: list[int], l2: int, warm: bool = False) -> l
             add(m, f"aqlm 2x8 {'gather' if gather else 'global'}", lambda: aqlm_calls(m, k, n, sets2, gather))
         if 0 < m <= A.LUT_MAX_ROWS:
             add(m, "aqlm 2x8 lut", lambda: aqlm_calls(m, k, n, sets2, False, lut=True))
+        if m == 0:
+            for gather in (False, True):
+                add(m, f"aqlm 2x8 {'gather' if gather else 'global'} words",
+                    lambda: aqlm_calls(m, k, n, sets2, gather, words=True))
     return rows
 
 
@@ -127,7 +133,7 @@ def print_table(rows: list[dict]) -> None:
             print(f"| {r['K']}x{r['N']} | {r['M']} | {r['kernel']} | failed: {r['error']} |||||")
             continue
         key = (r["K"], r["N"], r["M"])
-        fmt = " ".join(r["kernel"].split()[:-1])
+        fmt = next((f for f in ("nf4", "aqlm 2x8") if r["kernel"].startswith(f + " ")), None)
         base = at.get((*key, f"{fmt} global"))
         fp = at.get((*key, "fp16 F.linear"))
         vs_global = f"{base / r['us']:.2f}x" if base and fmt in ("nf4", "aqlm 2x8") else ""

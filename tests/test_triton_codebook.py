@@ -125,6 +125,18 @@ def test_tabulated_path_applies_to_few_rows_and_small_codebooks():
     assert T.lut_applies(1, small) == T.DEFAULT_LUT
 
 
+@pytest.mark.parametrize("gather", [False, True], ids=["global", "gather"])
+@pytest.mark.parametrize("n,k,ig,scheme", [(33, 72, 8, (2, 8)), (40, 128, 4, (2, 8)), (17, 64, 8, (1, 16)),
+                                           (24, 96, 16, (3, 5))], ids=["2x8-odd", "2x8-g4", "1x16", "3x5-g16"])
+def test_whole_codeword_dequantize_is_the_same(n, k, ig, scheme, gather):
+    """Decoding a codeword per code gives the value-at-a-time kernel's weights bit for bit."""
+    mod = random_module(n, k, ig, *scheme, seed=n + k)
+    words = T.dequantize_codebook(*args(mod), gather=gather, whole_words=True)
+    torch.testing.assert_close(words.float(), reference.dequantize_codebook(*args(mod)),
+                               atol=DEQUANT_ATOL[torch.float16], rtol=DEQUANT_ATOL[torch.float16])
+    assert torch.equal(words, T.dequantize_codebook(*args(mod), gather=gather, whole_words=False))
+
+
 def test_only_small_codebooks_are_gathered():
     assert T.gather_table(torch.empty(2, 256, 1, 8), gather=True) == 4096
     assert T.gather_table(torch.empty(1, 65536, 1, 8), gather=True) == 0  # 1x16: read from memory

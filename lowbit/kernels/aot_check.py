@@ -107,11 +107,12 @@ def _codebook_variants() -> list[Variant]:
                       BLOCK_K=128, SPLIT_K=split, DOT_FP32=False, WHOLE_WORDS=True,
                       TABLE=c * size * ig if c * size * ig <= 4096 else 0)  # 2x8 gathers from a held table
         out.append(Variant("triton_codebook", "_matmul_kernel", sig, consts))
-    for c, size in ((2, 256), (1, 65536)):
+    for c, size, words in ((2, 256, False), (1, 65536, False), (2, 256, True), (1, 65536, True)):
         sig = {"codes_ptr": "*i8" if size <= 256 else "*i16", "books_ptr": "*fp16", "scales_ptr": "*fp16",
                "out_ptr": "*fp16", "N": "i32", "K": "i32", "GI": "i32"}
         out.append(Variant("triton_codebook", "_dequantize_kernel", sig,
-                           dict(C=c, SIZE=size, IG=8, BLOCK_N=32, BLOCK_K=64, TABLE=4096 if c == 2 else 0)))
+                           dict(C=c, SIZE=size, IG=8, BLOCK_N=32, BLOCK_K=64, TABLE=4096 if c == 2 else 0,
+                                WHOLE_WORDS=words)))
     for split, lut in ((1, "fp16"), (4, "fp32")):  # 2x8 through tabulated codeword products
         sig = {"codes_ptr": "*i8", "lut_ptr": f"*{lut}", "scales_ptr": "*fp16", "b_ptr": "*fp16",
                "y_ptr": "*fp16" if split == 1 else "*fp32", "N": "i32", "GI": "i32"}

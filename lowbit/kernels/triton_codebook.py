@@ -75,6 +75,23 @@ def _codeword_tile(codes_ptr, books_ptr, table, offs_n, k0, mask_n, GI,
 
 
 @triton.jit
+def _codeword_rows(codes_ptr, books_ptr, table, offs_n, k0, mask_n, GI,
+                   C: tl.constexpr, SIZE: tl.constexpr, IG: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_N: tl.constexpr, GATHER: tl.constexpr):
+    """As :func:`_codeword_tile`, output rows first: ``[BLOCK_N, BLOCK_K]``, each row's inputs
+    contiguous (for a store along K), each codeword's ``IG`` values adjacent in a thread."""
+    groups = k0 // IG + tl.arange(0, BLOCK_K // IG)  # [BG]
+    within = tl.arange(0, IG)
+    mask = mask_n[:, None] & (groups < GI)[None, :]  # [BN, BG]
+    code_at = codes_ptr + (offs_n[:, None] * GI + groups[None, :]) * C
+    w = tl.zeros((BLOCK_N, BLOCK_K // IG, IG), dtype=tl.float32)
+    for c in tl.static_range(C):
+        code = tl.load(code_at + c, mask=mask, other=0).to(tl.int32) & (SIZE - 1)  # [BN, BG]
+        w += _book_values(books_ptr, table, (c * SIZE + code[:, :, None]) * IG + within[None, None, :], GATHER)
+    return tl.reshape(w, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def _matmul_kernel(
     x_ptr, codes_ptr, books_ptr, scales_ptr, b_ptr, y_ptr,
     M, N, K, GI, stride_xm,
@@ -113,15 +130,22 @@ def _matmul_kernel(
 @triton.jit
 def _dequantize_kernel(codes_ptr, books_ptr, scales_ptr, out_ptr, N, K, GI,
                        C: tl.constexpr, SIZE: tl.constexpr, IG: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TABLE: tl.constexpr):
-    """``out[N, K]`` tile by tile; ``TABLE`` as in :func:`_matmul_kernel`."""
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TABLE: tl.constexpr,
+                       WHOLE_WORDS: tl.constexpr):
+    """``out[N, K]`` tile by tile; ``TABLE`` as in :func:`_matmul_kernel`. ``WHOLE_WORDS`` (``IG``
+    a power of two dividing ``BLOCK_K``): each code is loaded once and decodes its whole codeword
+    (:func:`_codeword_rows`); otherwise each value looks up its own code."""
     GATHER: tl.constexpr = TABLE > 0
     table = tl.load(books_ptr + tl.arange(0, TABLE if GATHER else 1))
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
-    w = _codewords(codes_ptr, books_ptr, table, offs_n[:, None], offs_k[None, :], mask, GI, C, SIZE, IG,
-                   GATHER)  # [BN, BK]
+    if WHOLE_WORDS:
+        w = _codeword_rows(codes_ptr, books_ptr, table, offs_n, tl.program_id(0) * BLOCK_K, offs_n < N, GI, C, SIZE,
+                           IG, BLOCK_K, BLOCK_N, GATHER)
+    else:
+        w = _codewords(codes_ptr, books_ptr, table, offs_n[:, None], offs_k[None, :], mask, GI, C, SIZE, IG,
+                       GATHER)  # [BN, BK]
     s = tl.load(scales_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], (w * s[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -175,17 +199,25 @@ def _geometry(codes: torch.Tensor, codebooks: torch.Tensor) -> tuple[int, int, i
 
 
 def dequantize_codebook(codes, codebooks, scales, dtype: torch.dtype = torch.float16,
-                        gather: bool | None = None) -> torch.Tensor:
+                        gather: bool | None = None, whole_words: bool | None = None) -> torch.Tensor:
     """Twin of :func:`lowbit.kernels.reference.dequantize_codebook`: ``[N, K]`` in ``dtype``;
-    ``gather``: see :func:`gather_table`."""
+    ``gather``: see :func:`gather_table`; ``whole_words``: decode a codeword per code where the
+    group size allows (None: :data:`DEFAULT_WHOLE_WORDS`)."""
     n, k, gi, n_codebooks, size = _geometry(codes, codebooks)
     out = torch.empty(n, k, device=codes.device, dtype=dtype)
     block_n, block_k = 32, 64
+    ig = codebooks.shape[3]
+    words = (DEFAULT_WHOLE_WORDS if whole_words is None else whole_words) and ig & (ig - 1) == 0 and ig <= block_k
     _dequantize_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
         codes.contiguous(), codebooks.contiguous(), scales.contiguous(), out, n, k, gi,
-        C=n_codebooks, SIZE=size, IG=codebooks.shape[3], BLOCK_N=block_n, BLOCK_K=block_k,
-        TABLE=gather_table(codebooks, gather), num_warps=4)
+        C=n_codebooks, SIZE=size, IG=ig, BLOCK_N=block_n, BLOCK_K=block_k,
+        TABLE=gather_table(codebooks, gather), WHOLE_WORDS=words, num_warps=4)
     return out
+
+
+DEFAULT_WHOLE_WORDS = False
+"""Whether the dequantize kernel decodes a whole codeword per code (as the tiled matmul does)
+rather than a value at a time. Off until it is timed on a GPU (``bench/lookup.py``)."""
 
 
 GATHER_MAX = 4096
