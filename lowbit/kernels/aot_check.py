@@ -83,9 +83,11 @@ def _blockwise4_variants() -> list[Variant]:
         sig = {"x_ptr": f"*{dt}", "w_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "qmap_ptr": "*fp32",
                "nabs_ptr": "*fp32", "nmap_ptr": "*fp32", "noff_ptr": "*fp32", "b_ptr": f"*{dt}",
                "y_ptr": f"*{dt}" if split == 1 else "*fp32", "N": "i32", "K": "i32"}
-        out.append(Variant("triton_blockwise4", "_gemv_kernel", sig,
-                           dict(BLOCKSIZE=64, NESTED=nested, HAS_BIAS=split == 1, BLOCK_N=64, SPLIT_K=split,
-                                LOOKUP=lookup)))
+        consts = dict(BLOCKSIZE=64, NESTED=nested, HAS_BIAS=split == 1, BLOCK_N=64, SPLIT_K=split, LOOKUP=lookup)
+        out.append(Variant("triton_blockwise4", "_gemv_kernel", sig, consts))
+        wide = {**{k: v for k, v in sig.items() if k not in ("N", "K")}, "pairs_ptr": "*fp32", "N": "i32", "K": "i32"}
+        out.append(Variant("triton_blockwise4", "_gemv_wide_kernel", wide, dict(consts, STEP_BLOCKS=4)))
+        out.append(Variant("triton_blockwise4", "_gemv_wide_kernel", wide, dict(consts, STEP_BLOCKS=4, LOOKUP=2)))
     for nested, blocksize, lookup in ((False, 64, 0), (True, 64, 1), (False, 4096, 0)):
         sig = {"w_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "qmap_ptr": "*fp32", "nabs_ptr": "*fp32",
                "nmap_ptr": "*fp32", "noff_ptr": "*fp32", "out_ptr": "*fp16", "numel": "i32"}
