@@ -28,11 +28,11 @@ fi
 if step lookup; then  # NF4 / AQLM table lookups: compile in one process per shape at once, then time
     SHAPES=${LOOKUP_SHAPES:-4096x4096,4096x11008,8192x8192}
     for s in ${SHAPES//,/ }; do
-        timeout 150 python3 bench/lookup.py --shapes "$s" --warm >"/tmp/lookup_warm_$s.log" 2>&1 &
+        timeout 240 python3 bench/lookup.py --shapes "$s" --warm >"/tmp/lookup_warm_$s.log" 2>&1 &
     done
     wait
     cat /tmp/lookup_warm_*.log | grep -v Warning | tail -8
-    timeout ${LOOKUP_TIMEOUT:-240} python3 bench/lookup.py --shapes "$SHAPES" --json "$OUT/lookup.json" \
+    timeout ${LOOKUP_TIMEOUT:-360} python3 bench/lookup.py --shapes "$SHAPES" --json "$OUT/lookup.json" \
         >"$OUT/lookup.log" 2>&1
     echo "lookup exit $?"
     grep "^|" "$OUT/lookup.log" | cut -c1-110

@@ -6,7 +6,8 @@ codebook of 8 values. The kernels read those tables one of several ways
 held in the program; for one token also the ``wide`` GEMV, with those two and ``pairs``, one load
 per byte; ``triton_codebook``: the same two, for one to four rows a third, ``lut``: each input
 group's dot products with every codeword tabulated first, then one lookup per code, and for the
-dequantize kernel each code decoding its whole codeword, ``words``).
+dequantize kernel each code decoding its whole codeword, ``words``, and eight tiles a program,
+``x8``, sharing one load of the codebooks).
 For each Llama-7B layer shape this times every way on every path (one token, 16 and 128 rows
 through the tiled kernel, standalone dequantize), with CUDA graphs and cold L2 as ``bench/kernels.py`` does,
 next to fp16 ``F.linear`` and bitsandbytes' NF4 where it imports. Every variant is checked
@@ -63,10 +64,10 @@ def nf4_calls(m, k, n, sets, lookup, gemv=None):
     return calls, k * n // 2 + k * n // 64 + out, err
 
 
-def aqlm_calls(m, k, n, sets, gather, lut=False, words=False):
+def aqlm_calls(m, k, n, sets, gather, lut=False, words=False, tiles=None):
     """As :func:`nf4_calls` for AQLM 2x8 (groups of 8), codebooks gathered from or loaded;
     ``lut``: through tabulated codeword products instead (one to four rows); ``words``: the
-    dequantize kernel decodes a whole codeword per code."""
+    dequantize kernel decodes a whole codeword per code; ``tiles``: its tiles per program."""
     from lowbit.kernels import triton_codebook as A
 
     calls, err = [], 0.0
@@ -74,10 +75,10 @@ def aqlm_calls(m, k, n, sets, gather, lut=False, words=False):
         codes, books, scales = random_codebook(n, k, 2, 8, seed=i)
         if m == 0:
             if i == 0:
-                err = rel_err(A.dequantize_codebook(codes, books, scales, gather=gather, whole_words=words),
+                err = rel_err(A.dequantize_codebook(codes, books, scales, gather=gather, whole_words=words, tiles=tiles),
                               reference.dequantize_codebook(codes, books, scales))
             calls.append(lambda c=codes, b=books, s=scales:
-                         A.dequantize_codebook(c, b, s, gather=gather, whole_words=words))
+                         A.dequantize_codebook(c, b, s, gather=gather, whole_words=words, tiles=tiles))
             continue
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         if i == 0:
@@ -128,6 +129,8 @@ def bench_shape(k: int, n: int, ms: list[int], l2: int, warm: bool = False) -> l
             for gather in (False, True):
                 add(m, f"aqlm 2x8 {'gather' if gather else 'global'} words",
                     lambda: aqlm_calls(m, k, n, sets2, gather, words=True))
+            add(m, "aqlm 2x8 gather x8", lambda: aqlm_calls(m, k, n, sets2, True, tiles=8))
+            add(m, "aqlm 2x8 gather words x8", lambda: aqlm_calls(m, k, n, sets2, True, words=True, tiles=8))
     return rows
 
 

@@ -114,7 +114,7 @@ def _codebook_variants() -> list[Variant]:
                "out_ptr": "*fp16", "N": "i32", "K": "i32", "GI": "i32"}
         out.append(Variant("triton_codebook", "_dequantize_kernel", sig,
                            dict(C=c, SIZE=size, IG=8, BLOCK_N=32, BLOCK_K=64, TABLE=4096 if c == 2 else 0,
-                                WHOLE_WORDS=words)))
+                                WHOLE_WORDS=words, TILES=8 if words else 1)))
     for split, lut in ((1, "fp16"), (4, "fp32")):  # 2x8 through tabulated codeword products
         sig = {"codes_ptr": "*i8", "lut_ptr": f"*{lut}", "scales_ptr": "*fp16", "b_ptr": "*fp16",
                "y_ptr": "*fp16" if split == 1 else "*fp32", "N": "i32", "GI": "i32"}

@@ -131,23 +131,29 @@ def _matmul_kernel(
 def _dequantize_kernel(codes_ptr, books_ptr, scales_ptr, out_ptr, N, K, GI,
                        C: tl.constexpr, SIZE: tl.constexpr, IG: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TABLE: tl.constexpr,
-                       WHOLE_WORDS: tl.constexpr):
-    """``out[N, K]`` tile by tile; ``TABLE`` as in :func:`_matmul_kernel`. ``WHOLE_WORDS`` (``IG``
-    a power of two dividing ``BLOCK_K``): each code is loaded once and decodes its whole codeword
+                       WHOLE_WORDS: tl.constexpr, TILES: tl.constexpr):
+    """``out[N, K]``, ``TILES`` consecutive ``[BLOCK_N, BLOCK_K]`` tiles along K per program (the
+    codebooks, when held, load once per program: 8 KiB for 2x8, against 4 KiB of fp16 output in
+    one 32x64 tile); ``TABLE`` as in :func:`_matmul_kernel`. ``WHOLE_WORDS`` (``IG`` a power of
+    two dividing ``BLOCK_K``): each code is loaded once and decodes its whole codeword
     (:func:`_codeword_rows`); otherwise each value looks up its own code."""
     GATHER: tl.constexpr = TABLE > 0
     table = tl.load(books_ptr + tl.arange(0, TABLE if GATHER else 1))
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
-    if WHOLE_WORDS:
-        w = _codeword_rows(codes_ptr, books_ptr, table, offs_n, tl.program_id(0) * BLOCK_K, offs_n < N, GI, C, SIZE,
-                           IG, BLOCK_K, BLOCK_N, GATHER)
-    else:
-        w = _codewords(codes_ptr, books_ptr, table, offs_n[:, None], offs_k[None, :], mask, GI, C, SIZE, IG,
-                       GATHER)  # [BN, BK]
-    s = tl.load(scales_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], (w * s[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+    mask_n = offs_n < N
+    s = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    for t in range(TILES):
+        k0 = (tl.program_id(0) * TILES + t) * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = mask_n[:, None] & (offs_k < K)[None, :]
+        if WHOLE_WORDS:
+            w = _codeword_rows(codes_ptr, books_ptr, table, offs_n, k0, mask_n, GI, C, SIZE, IG, BLOCK_K, BLOCK_N,
+                               GATHER)
+        else:
+            w = _codewords(codes_ptr, books_ptr, table, offs_n[:, None], offs_k[None, :], mask, GI, C, SIZE, IG,
+                           GATHER)  # [BN, BK]
+        tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], (w * s[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 @triton.jit
@@ -199,25 +205,36 @@ def _geometry(codes: torch.Tensor, codebooks: torch.Tensor) -> tuple[int, int, i
 
 
 def dequantize_codebook(codes, codebooks, scales, dtype: torch.dtype = torch.float16,
-                        gather: bool | None = None, whole_words: bool | None = None) -> torch.Tensor:
+                        gather: bool | None = None, whole_words: bool | None = None,
+                        tiles: int | None = None) -> torch.Tensor:
     """Twin of :func:`lowbit.kernels.reference.dequantize_codebook`: ``[N, K]`` in ``dtype``;
     ``gather``: see :func:`gather_table`; ``whole_words``: decode a codeword per code where the
-    group size allows (None: :data:`DEFAULT_WHOLE_WORDS`)."""
+    group size allows (None: :data:`DEFAULT_WHOLE_WORDS`); ``tiles``: 32x64 tiles along K per
+    program (None: :data:`DEFAULT_DEQUANT_TILES`)."""
     n, k, gi, n_codebooks, size = _geometry(codes, codebooks)
     out = torch.empty(n, k, device=codes.device, dtype=dtype)
     block_n, block_k = 32, 64
     ig = codebooks.shape[3]
     words = (DEFAULT_WHOLE_WORDS if whole_words is None else whole_words) and ig & (ig - 1) == 0 and ig <= block_k
-    _dequantize_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
+    tiles = DEFAULT_DEQUANT_TILES if tiles is None else tiles
+    if tiles < 1:
+        raise ValueError(f"tiles must be at least 1, not {tiles}")
+    _dequantize_kernel[(triton.cdiv(k, block_k * tiles), triton.cdiv(n, block_n))](
         codes.contiguous(), codebooks.contiguous(), scales.contiguous(), out, n, k, gi,
         C=n_codebooks, SIZE=size, IG=ig, BLOCK_N=block_n, BLOCK_K=block_k,
-        TABLE=gather_table(codebooks, gather), WHOLE_WORDS=words, num_warps=4)
+        TABLE=gather_table(codebooks, gather), WHOLE_WORDS=words, TILES=tiles, num_warps=4)
     return out
 
 
 DEFAULT_WHOLE_WORDS = False
 """Whether the dequantize kernel decodes a whole codeword per code (as the tiled matmul does)
 rather than a value at a time. Off until it is timed on a GPU (``bench/lookup.py``)."""
+
+DEFAULT_DEQUANT_TILES = 1
+"""32x64 tiles along K each dequantize program writes. With held (gathered) 2x8 codebooks a
+program loads 8 KiB of codebooks to write 4 KiB of fp16 tile, so one tile a program reads twice
+the codebook bytes the whole output is worth; several tiles a program share one load. 1 (the
+H100-timed kernel) until ``bench/lookup.py`` times more on a GPU."""
 
 
 GATHER_MAX = 4096

@@ -1,0 +1,144 @@
+"""Static instruction counts of the kernels' inner loops in sm_90 PTX, on a machine without a GPU.
+
+A one-token GEMV of 4-bit weights on an H100 is bound by instructions as much as by bytes: the
+grouped-int GEMV reaches 74-90 % of the read probe while NF4's and AQLM's reach far less. This
+compiles each kernel variant for sm_90 with the argument divisibility a real launch on
+Llama-7B shapes sees (pointers and sizes multiples of 16), takes the body of its longest loop
+(for loopless kernels, the whole kernel), and prints per variant:
+
+- instructions a thread executes per loop step, and the weights one step of the program covers;
+- warp instructions per 1,000 weights (instructions x warps / weights x 1,000): the issue work a
+  variant asks of the GPU for the same weights, comparable across variants;
+- the memory and synchronisation instructions in the step.
+
+These are counts, not times: PTX before ``ptxas``, no latency, no occupancy. They rank variants
+to time first; ``bench/lookup.py`` times them on a GPU.
+
+    python bench/ptx.py
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("unset TRITON_INTERPRET: the interpreter replaces kernels with Python functions")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from lowbit.kernels import triton_blockwise4 as B  # noqa: E402
+from lowbit.kernels import triton_codebook as A  # noqa: E402
+from lowbit.kernels import triton_int_grouped as G  # noqa: E402
+
+MEMORY = r"\b(ld\.global[\.\w]*|st\.global[\.\w]*|ld\.shared[\.\w]*|st\.shared[\.\w]*|shfl\.sync[\.\w]*|bar\.sync)"
+
+
+@dataclass(frozen=True)
+class Case:
+    label: str
+    fn: object
+    signature: dict
+    constants: dict
+    num_warps: int
+    weights: int  # weights one loop step (or, without a loop, one program) covers
+
+
+def nf4_signature(wide: bool) -> dict:
+    sig = {"x_ptr": "*fp16", "w_ptr": "*u8", "absmax_ptr": "*u8", "qmap_ptr": "*fp32", "nabs_ptr": "*fp32",
+           "nmap_ptr": "*fp32", "noff_ptr": "*fp32", "b_ptr": "*fp16", "y_ptr": "*fp32"}
+    if wide:
+        sig["pairs_ptr"] = "*fp32"
+    return dict(sig, N="i32", K="i32")
+
+
+def cases() -> list[Case]:
+    """The one-token kernels and the standalone dequantize kernels, each as its wrapper launches it
+    on a 4096x4096 weight on an H100 (split-K as the wrappers choose there)."""
+    out = []
+    int_sig = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "perm_ptr": "*i32",
+               "b_ptr": "*fp16", "y_ptr": "*fp32", **{n: "i32" for n in ("M", "N", "K", "stride_xm", "stride_ym",
+                                                                          "qw_words", "qz_words")}}
+    out.append(Case("int4 g128 GEMV (calibration: 74-90 % of the read probe)", G._matmul_kernel, int_sig,
+                     dict(BITS=4, GROUP=128, HAS_PERM=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=64, BLOCK_K=128,
+                          SPLIT_K=16, TILE_IN_GROUP=True, DOT_FP32=False), 2, 64 * 128))
+    nf4 = dict(BLOCKSIZE=64, NESTED=True, HAS_BIAS=False, BLOCK_N=64, SPLIT_K=16)
+    for lookup in B.KERNEL_LOOKUPS["gemv"]:
+        out.append(Case(f"nf4 GEMV block, {lookup}", B._gemv_kernel, nf4_signature(False),
+                        dict(nf4, LOOKUP=B.LOOKUPS.index(lookup)), 4, 64 * 64))
+    for lookup in B.KERNEL_LOOKUPS["wide"]:
+        out.append(Case(f"nf4 GEMV wide, {lookup}", B._gemv_wide_kernel, nf4_signature(True),
+                        dict(nf4, LOOKUP=B.LOOKUPS.index(lookup), STEP_BLOCKS=B.WIDE_BLOCKS), 4,
+                        64 * 64 * B.WIDE_BLOCKS))
+    aqlm_sig = {"x_ptr": "*fp16", "codes_ptr": "*i8", "books_ptr": "*fp16", "scales_ptr": "*fp16", "b_ptr": "*fp16",
+                "y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "GI": "i32", "stride_xm": "i32"}
+    for table in (0, 4096):
+        out.append(Case(f"aqlm 2x8 GEMV, {'gather' if table else 'global'}", A._matmul_kernel, aqlm_sig,
+                        dict(C=2, SIZE=256, IG=8, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=64, BLOCK_K=128, SPLIT_K=8,
+                             DOT_FP32=False, WHOLE_WORDS=True, TABLE=table), 4, 64 * 128))
+    lut_sig = {"codes_ptr": "*i8", "lut_ptr": "*fp16", "scales_ptr": "*fp16", "b_ptr": "*fp16", "y_ptr": "*fp32",
+               "N": "i32", "GI": "i32"}
+    out.append(Case("aqlm 2x8 GEMV, lut (table matmul not counted)", A._lut_gemv_kernel, lut_sig,
+                    dict(C=2, SIZE=256, HAS_BIAS=False, BLOCK_N=16, BLOCK_J=64, SPLIT_K=1), 4, 16 * 32 * 8))
+    nf4_deq = {"w_ptr": "*u8", "absmax_ptr": "*u8", "qmap_ptr": "*fp32", "nabs_ptr": "*fp32", "nmap_ptr": "*fp32",
+               "noff_ptr": "*fp32", "out_ptr": "*fp16", "numel": "i32"}
+    out.append(Case("nf4 dequantize, global (calibration: 86 % of the copy probe)", B._dequantize_kernel, nf4_deq,
+                    dict(BLOCKSIZE=64, NESTED=True, BLOCKS=32, LOOKUP=0), 4, 2048))
+    deq_sig = {"codes_ptr": "*i8", "books_ptr": "*fp16", "scales_ptr": "*fp16", "out_ptr": "*fp16",
+               "N": "i32", "K": "i32", "GI": "i32"}
+    for words in (False, True):
+        for table in (0, 4096):
+            out.append(Case(f"aqlm 2x8 dequantize, {'gather' if table else 'global'}{' words' if words else ''}",
+                            A._dequantize_kernel, deq_sig,
+                            dict(C=2, SIZE=256, IG=8, BLOCK_N=32, BLOCK_K=64, TABLE=table, WHOLE_WORDS=words,
+                                 TILES=1), 4, 32 * 64))
+    out.append(Case("aqlm 2x8 dequantize, gather words, 8 tiles a program (the loop)", A._dequantize_kernel,
+                    deq_sig, dict(C=2, SIZE=256, IG=8, BLOCK_N=32, BLOCK_K=64, TABLE=4096, WHOLE_WORDS=True,
+                                  TILES=8), 4, 32 * 64))
+    return out
+
+
+def compile_ptx(case: Case) -> str:
+    fn = case.fn
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in case.signature}
+    src = ASTSource(fn=fn, signature=dict(case.signature, **{n: "constexpr" for n in case.constants}),
+                    constexprs=dict(case.constants), attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": case.num_warps}).asm["ptx"]
+
+
+def loop_body(ptx: str) -> tuple[list[str], bool]:
+    """The instructions of the longest loop (a label and the backward branch to it), or of the
+    whole kernel if it has none; and whether a loop was found."""
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\$L__\w+):", line.strip()))}
+    best: list[str] = []
+    for i, line in enumerate(lines):
+        m = re.search(r"bra(?:\.uni)?\s+(\$L__\w+);", line)
+        if m and m.group(1) in labels and labels[m.group(1)] < i and i - labels[m.group(1)] > len(best):
+            best = lines[labels[m.group(1)] : i + 1]
+    body = best or lines
+    keep = [ln.strip() for ln in body if ln.strip() and not ln.strip().startswith(("//", "$", ".", "{", "}", ")"))]
+    return keep, bool(best)
+
+
+def main() -> None:
+    print(f"sm_90 PTX, Triton {triton.__version__}; per loop step (or per program for loopless kernels)\n")
+    print("| kernel variant | instructions / thread | warps | weights | warp instructions / 1k weights | "
+          "memory and sync instructions |")
+    print("|---|---|---|---|---|---|")
+    for case in cases():
+        body, looped = loop_body(compile_ptx(case))
+        per_k = len(body) * case.num_warps / case.weights * 1000
+        mem = Counter(re.findall(MEMORY, "\n".join(body)))
+        detail = ", ".join(f"{k} {v}" for k, v in sorted(mem.items()))
+        print(f"| {case.label} | {len(body)}{'' if looped else ' (no loop)'} | {case.num_warps} | {case.weights} | "
+              f"{per_k:.0f} | {detail} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
