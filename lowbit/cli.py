@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     cm.add_argument("--nsamples", type=int, default=16, help="calibration windows (default: 16)")
     cm.add_argument("--seqlen", type=int, default=256, help="calibration window length (default: 256)")
     cm.add_argument("--no-encoder", action="store_true", help="skip the encoder's SST-2 rows")
+    cm.add_argument("--shots", type=int, default=None,
+                    help="also score the causal LM on SST-2 with this many shots (about 2 minutes a method on 2 cores)")
+    cm.add_argument("--examples", type=int, default=None, help="with --shots: SST-2 dev sentences scored (default: all 872)")
     cm.add_argument("--list", action="store_true", help="list the methods and exit")
 
     b = sub.add_parser("bench", help="speed of a quantized model against its original (e2e: prefill, decode, memory)")
@@ -296,7 +299,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.device != "cpu":
         raise ValueError("compare runs on cpu for now")
     settings = CompareSettings(tokens=args.tokens, nsamples=args.nsamples, calib_seqlen=args.seqlen,
-                               encoder=not args.no_encoder)
+                               encoder=not args.no_encoder, shots=args.shots, shot_examples=args.examples)
     methods = args.methods.split(",") if args.methods else None
     report = run_compare(args.out, methods, settings, model=args.model)
     failed = failed_labels(report["rows"])

@@ -44,6 +44,46 @@ def test_report_tables_plots_and_failures(tmp_path):
         assert (tmp_path / png).stat().st_size > 10_000 and f"]({png})" in text
 
 
+def test_report_with_fewshot_accuracy(tmp_path):
+    pytest.importorskip("matplotlib")
+    settings = C.CompareSettings(shots=4, shot_examples=200)
+    rows = [fake_row("fp32", "fp32 original", "baseline", 25.0, 513, 0.788),
+            fake_row("awq4", "AWQ 4-bit", "quantization", 28.0, 163),
+            fake_row("old", "cached before", "quantization", 30.0, 160)]
+    for row, acc in zip(rows, (0.86, 0.81)):
+        row["lm"].update(fewshot_accuracy=acc, fewshot_correct=int(acc * 200), fewshot_total=200,
+                         fewshot_ci95=[acc - 0.05, acc + 0.04])
+    text = write_report({"settings": settings.key(), "model": "SmolLM2", "torch": "2.13", "rows": rows}, tmp_path).read_text()
+    assert "| AWQ 4-bit | 28.000 | 1.120 | 0.810 [0.760, 0.850] | 163.0 |" in text
+    assert "| cached before | 30.000 | 1.200 | - | 160.0 |" in text  # a row without the score
+    assert "each dev sentence (200 of them) follows 4 labelled training phrases" in text
+    assert (tmp_path / "lm_accuracy_vs_size.png").stat().st_size > 10_000 and "](lm_accuracy_vs_size.png)" in text
+    (tmp_path / "plain").mkdir()
+    plain = write_report({"settings": C.CompareSettings().key(), "model": "m", "torch": "2.13",
+                          "rows": [fake_row("fp32", "fp32 original", "baseline", 25.0, 513, 0.788)]},
+                         tmp_path / "plain").read_text()
+    assert "few-shot" not in plain and "| fp32 original | 25.000 | 1.000 | 513.0 |" in plain
+
+
+def test_fewshot_settings_key_only_when_set():
+    assert "shots" not in C.CompareSettings().key()  # rows cached before the option existed still match
+    assert C.CompareSettings(shots=4).key()["shots"] == 4
+
+
+def test_cli_compare_passes_shots(monkeypatch, tmp_path):
+    from lowbit.cli import main
+
+    seen = {}
+
+    def fake_run(out, methods, settings, **kw):
+        seen.update(settings=settings)
+        return {"rows": []}
+
+    monkeypatch.setattr(C, "run_compare", fake_run)
+    assert main(["compare", "--out", str(tmp_path), "--methods", "rtn4", "--shots", "4", "--examples", "50"]) == 0
+    assert seen["settings"].shots == 4 and seen["settings"].shot_examples == 50
+
+
 def test_unknown_method_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown method\\(s\\) gptq9; known: fp32, rtn8"):
         C.resolve_methods(["rtn4", "gptq9"])
@@ -51,7 +91,7 @@ def test_unknown_method_is_a_clear_error():
 
 
 TINY = C.CompareSettings(tokens=256, seqlen=128, nsamples=2, calib_seqlen=64, prompt_len=8, new_tokens=2,
-                         batch_sizes=(1, 2), repeats=1)
+                         batch_sizes=(1, 2), repeats=1, shots=2, shot_examples=8)
 
 
 @pytest.mark.real
@@ -73,6 +113,10 @@ def test_compare_runs_resumes_and_survives_a_crash(tmp_path, monkeypatch):
     assert all(r[p]["seconds"] > 0 for r in rows.values() for p in ("lm", "encoder") if r[p] and "error" not in r[p])
     assert rows["magnitude"]["lm"]["sparsity"] == pytest.approx(0.5, abs=1e-6)
     assert rows["magnitude"]["lm"]["perplexity"] > rows["fp32"]["lm"]["perplexity"]
+    for name in ("fp32", "magnitude", "distill"):
+        lm = rows[name]["lm"]
+        assert lm["fewshot_total"] == 8 and lm["fewshot_accuracy"] == lm["fewshot_correct"] / 8
+        assert lm["fewshot_ci95"][0] <= lm["fewshot_accuracy"] <= lm["fewshot_ci95"][1]
     assert 0.6 < rows["fp32"]["encoder"]["accuracy"] < 0.9
     assert rows["broken"]["lm"]["error"].startswith("ValueError:") and "groups of 7" in rows["broken"]["lm"]["error"]
     assert rows["broken"]["encoder"] is None

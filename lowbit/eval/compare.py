@@ -1,8 +1,8 @@
 """``lowbit compare``: quantization against pruning and distillation on the same models, data and budget.
 
 Each method in :data:`METHODS` compresses the causal LM (perplexity on WikiText-2 test, weights
-in memory, peak memory, prefill and decode speed) and, where it applies, the encoder (SST-2
-accuracy through the fixed probe). Every row uses the same calibration windows and evaluation
+in memory, peak memory, prefill and decode speed, and with ``shots`` set its few-shot SST-2
+accuracy) and, where it applies, the encoder (SST-2 accuracy through the fixed probe). Every row uses the same calibration windows and evaluation
 tokens; distillation trains on its own budget of windows from the same text (its config says how
 many). A finished row is cached as JSON in ``out/rows/``, so an interrupted run resumes where
 it stopped; a method that raises is recorded as failed and the run goes on. The run writes
@@ -86,9 +86,17 @@ class CompareSettings:
     repeats: int = 1  # timed runs after a warm-up (a short generate) per batch size
     encoder: bool = True
     seed: int = 0
+    shots: int | None = None  # SST-2 few-shot accuracy of the causal LM with this many shots (None: not scored)
+    shot_examples: int | None = None  # ... on the first this many dev sentences (None: all 872)
 
     def key(self) -> dict:
-        return dict(self.__dict__, batch_sizes=list(self.batch_sizes))
+        """The settings a cached row must match (the few-shot ones only when set, so rows cached
+        before they existed still match a run without them)."""
+        key = dict(self.__dict__, batch_sizes=list(self.batch_sizes))
+        for name in ("shots", "shot_examples"):
+            if key[name] is None:
+                del key[name]
+        return key
 
 
 DEMO_METHODS = ("rtn4", "int8", "nf4", "gptq4", "wanda")
@@ -125,6 +133,7 @@ def _compress(method: Method, model, tokenizer, calib: torch.Tensor) -> dict:
 
 
 def _lm_row(method: Method, folder: Path, tokenizer, calib: torch.Tensor, s: CompareSettings) -> dict:
+    from lowbit.eval.classification import fewshot_sst2
     from lowbit.eval.data import wikitext2
     from lowbit.eval.memory import PeakMemory, model_weight_bytes
     from lowbit.eval.perplexity import text_perplexity
@@ -138,8 +147,13 @@ def _lm_row(method: Method, folder: Path, tokenizer, calib: torch.Tensor, s: Com
         ppl = text_perplexity(model, tokenizer, wikitext2("test"), seqlen=s.seqlen, max_tokens=s.tokens)
         speed = measure_speed(model, prompt_len=s.prompt_len, new_tokens=s.new_tokens, batch_sizes=s.batch_sizes,
                               repeats=s.repeats, seed=s.seed)
+        fewshot = {}
+        if s.shots is not None:
+            acc = fewshot_sst2(model, tokenizer, s.shots, s.shot_examples)
+            fewshot = {"fewshot_accuracy": acc.value, "fewshot_correct": acc.correct, "fewshot_total": acc.total,
+                       "fewshot_ci95": list(acc.interval())}
     return {"perplexity": ppl, "weight_bytes": model_weight_bytes(model), "peak_bytes": peak.peak_bytes,
-            "sparsity": sparsity_of(model), "speed": speed.as_dict(), **done,
+            "sparsity": sparsity_of(model), "speed": speed.as_dict(), **fewshot, **done,
             "seconds": time.perf_counter() - start}
 
 

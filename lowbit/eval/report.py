@@ -36,8 +36,10 @@ def failed_labels(rows: list[dict]) -> list[str]:
 def lm_table(rows: list[dict]) -> str:
     base = next((r["lm"] for r in rows if r["name"] == "fp32" and _ok(r, "lm")), None)
     batches = sorted({b for r in rows if _ok(r, "lm") for b in r["lm"]["speed"]["decode_tokens_per_s"]}, key=int)
-    head = ["method", "perplexity", "vs fp32", "weights MiB", "zero weights", "peak MiB", "prefill ms",
-            *[f"decode tok/s (batch {b})" for b in batches], "compress s", "total s"]
+    shots = any(_ok(r, "lm") and "fewshot_accuracy" in r["lm"] for r in rows)
+    head = ["method", "perplexity", "vs fp32", *(["SST-2 few-shot [95% CI]"] if shots else []), "weights MiB",
+            "zero weights", "peak MiB", "prefill ms", *[f"decode tok/s (batch {b})" for b in batches], "compress s",
+            "total s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lm = r.get("lm")
@@ -46,8 +48,12 @@ def lm_table(rows: list[dict]) -> str:
             continue
         sp = lm["speed"]
         ratio = f"{lm['perplexity'] / base['perplexity']:.3f}" if base else "-"
+        acc = []
+        if shots:
+            lo, hi = lm.get("fewshot_ci95", (0, 0))
+            acc = [f"{lm['fewshot_accuracy']:.3f} [{lo:.3f}, {hi:.3f}]" if "fewshot_accuracy" in lm else "-"]
         lines.append("| " + " | ".join([
-            r["label"], f"{lm['perplexity']:.3f}", ratio, _mib(lm["weight_bytes"]), f"{lm['sparsity']:.0%}",
+            r["label"], f"{lm['perplexity']:.3f}", ratio, *acc, _mib(lm["weight_bytes"]), f"{lm['sparsity']:.0%}",
             _mib(lm["peak_bytes"]), f"{1e3 * sp['prefill_s']:.0f}",
             *[f"{sp['decode_tokens_per_s'][b]:.1f}" for b in batches], f"{lm['compress_seconds']:.1f}", _total(lm)]) + " |")
     return "\n".join(lines)
@@ -84,9 +90,11 @@ def plot(report: dict, out: Path) -> list[str]:
     rows = report["rows"]
     names = []
 
-    def scatter(part: str, value: str, ylabel: str, fname: str, title: str, err=None, log_y=False) -> None:
+    def scatter(part: str, value: str, ylabel: str, fname: str, title: str, err: str | None = None,
+                log_y=False) -> None:
+        """``err``: the key of each point's 95 % interval."""
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        pts = [r for r in rows if _ok(r, part)]
+        pts = [r for r in rows if _ok(r, part) and value in r[part]]
         for kind, (color, marker) in KIND_STYLE.items():
             sel = [r for r in pts if r["kind"] == kind]
             if not sel:
@@ -94,8 +102,8 @@ def plot(report: dict, out: Path) -> list[str]:
             xs = [r[part]["weight_bytes"] / 2**20 for r in sel]
             ys = [r[part][value] for r in sel]
             if err:
-                lo = [y - r[part]["ci95"][0] for y, r in zip(ys, sel)]
-                hi = [r[part]["ci95"][1] - y for y, r in zip(ys, sel)]
+                lo = [y - r[part][err][0] for y, r in zip(ys, sel)]
+                hi = [r[part][err][1] - y for y, r in zip(ys, sel)]
                 ax.errorbar(xs, ys, yerr=[lo, hi], fmt=marker, color=color, label=kind, capsize=3)
             else:
                 ax.scatter(xs, ys, color=color, marker=marker, label=kind, s=45)
@@ -119,7 +127,10 @@ def plot(report: dict, out: Path) -> list[str]:
             "Causal LM: perplexity against size", log_y=True)
     if any(_ok(r, "encoder") for r in rows):
         scatter("encoder", "accuracy", "SST-2 dev accuracy (95% CI)", "accuracy_vs_size.png",
-                "Encoder: SST-2 accuracy against size", err=True)
+                "Encoder: SST-2 accuracy against size", err="ci95")
+    if any(_ok(r, "lm") and "fewshot_accuracy" in r["lm"] for r in rows):
+        scatter("lm", "fewshot_accuracy", f"SST-2 {report['settings'].get('shots')}-shot accuracy (95% CI)",
+                "lm_accuracy_vs_size.png", "Causal LM: few-shot SST-2 accuracy against size", err="fewshot_ci95")
 
     lm_rows = [r for r in rows if _ok(r, "lm")]
     if lm_rows:
@@ -201,6 +212,9 @@ def write_report(report: dict, out: Path) -> Path:
         "so their size does not shrink; their zeros could only pay off in sparse kernels.",
         "",
         *_distill_note(rows),
+        *([f"Few-shot SST-2: each dev sentence ({s['shot_examples'] or 872} of them) follows {s['shots']} labelled "
+           "training phrases, and the label whose word (\" positive\" / \" negative\") the LM finds likelier wins; "
+           "95 % Wilson intervals.", ""] if s.get("shots") is not None else []),
         lm_table(rows),
         "",
     ]
