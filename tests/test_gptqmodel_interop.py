@@ -1,4 +1,6 @@
 """GPTQModel and lowbit read each other's GPTQ checkpoints: the same dequantized weights and logits.
+lowbit's GPTQ and AWQ checkpoints also load through transformers' own ``from_pretrained`` (its
+quantizers need GPTQModel, and optimum for GPTQ) with lowbit's logits.
 
 GPTQModel needs a newer torch than CI pins (7.7 wants torch >= 2.14.1), so these tests run in a
 side environment (``docs/usage.md``, "Interop with GPTQModel") and are skipped elsewhere.
@@ -75,3 +77,33 @@ def test_lowbit_checkpoint_loads_in_peer(case, tiny_model_dir_module, tmp_path):
     ids = calib_ids(2, 16, seed=9)
     with torch.no_grad():
         assert rel_err(peer.model(input_ids=ids).logits, model(ids).logits) < 1e-3
+
+
+TRANSFORMERS_CASES = {
+    "awq-zero-point": lowbit.AwqConfig(bits=4, group_size=32),
+    "awq-sym": lowbit.AwqConfig(bits=4, group_size=32, zero_point=False),
+    "gptq-sym": lowbit.GPTQConfig(bits=4, group_size=32, sym=True),
+    "gptq-act-order": lowbit.GPTQConfig(bits=4, group_size=32, desc_act=True),
+    "gptq-3bit": lowbit.GPTQConfig(bits=3, group_size=32),
+    "gptq-asym": lowbit.GPTQConfig(bits=4, group_size=32, sym=False),
+    "gptq-asym-v2": lowbit.GPTQConfig(bits=4, group_size=32, sym=False, format="gptq_v2"),
+}
+
+
+@pytest.mark.parametrize("case", list(TRANSFORMERS_CASES), ids=list(TRANSFORMERS_CASES))
+def test_lowbit_checkpoint_loads_in_transformers(case, tiny_model_dir_module, tmp_path):
+    """transformers' ``AutoModelForCausalLM.from_pretrained`` reads the checkpoint with its own AWQ or
+    GPTQ quantizer (GPTQModel's CPU kernels underneath, fp16) and gives lowbit's logits (fp32)
+    within fp16 rounding."""
+    from transformers import AutoModelForCausalLM
+
+    config = TRANSFORMERS_CASES[case]
+    if isinstance(config, lowbit.GPTQConfig):
+        pytest.importorskip("optimum", reason="transformers loads GPTQ checkpoints only with optimum installed")
+    model = lowbit.quantize(lowbit.from_pretrained(tiny_model_dir_module), config, calib_ids(8, 32), progress=False)
+    lowbit.save_quantized(model, tmp_path / "ours")
+    peer = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float16, device_map="cpu")
+    assert "lowbit" not in type(peer.model.layers[0].self_attn.q_proj).__module__  # transformers' own path
+    ids = calib_ids(2, 16, seed=9)
+    with torch.no_grad():
+        assert rel_err(peer(input_ids=ids).logits.float(), model(ids).logits) < 2e-3
