@@ -399,7 +399,10 @@ class AqlmConfig(QuantConfig):
     ``model_seqlen`` tokens, None: 512), ``beam_size``, ``max_iterations`` and
     ``relative_tolerance`` of the code/codebook alternation, ``kmeans_iterations`` of the
     initialisation, ``codebook_steps`` of conjugate gradient per codebook update, the Hessian's
-    ``damp_percent``, ``seed``, and ``true_sequential`` (as GPTQ's).
+    ``damp_percent``, ``seed``, and ``true_sequential`` (as GPTQ's). ``finetune_steps`` Adam steps
+    (0: none) then tune each block's codebooks and scales, codes fixed, so that the quantized
+    block's outputs match the full-precision block's on the calibration windows
+    (``finetune_lr``, ``finetune_batch_size`` windows a step; :func:`lowbit.methods.aqlm.finetune_block`).
     """
 
     quant_method: ClassVar[str] = "aqlm"
@@ -419,10 +422,16 @@ class AqlmConfig(QuantConfig):
     damp_percent: float = 0.01
     seed: int = 0
     true_sequential: bool = True
+    finetune_steps: int = 0
+    finetune_lr: float = 1e-4
+    finetune_batch_size: int = 4
 
     def _validate(self) -> None:
-        for name in ("in_group_size", "out_group_size", "num_codebooks", "nsamples", "beam_size", "max_iterations"):
+        for name in ("in_group_size", "out_group_size", "num_codebooks", "nsamples", "beam_size", "max_iterations",
+                     "finetune_batch_size"):
             check_int(self, name, minimum=1)
+        check_int(self, "finetune_steps", minimum=0)
+        check_float(self, "finetune_lr", lambda x: 0 < x < 1, "0 < finetune_lr < 1")
         check_int(self, "nbits_per_codebook", minimum=1, maximum=16)
         check_str_tuple(self, "linear_weights_not_to_quantize")
         check_int(self, "model_seqlen", optional=True, minimum=2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 
 import pytest
 import torch
@@ -291,6 +292,51 @@ def test_quantized_model_tracks_the_original():
     got = _quantized_tiny(AqlmConfig(num_codebooks=2, nbits_per_codebook=8, **FAST))(x).logits
     rel = ((got - want).norm() / want.norm()).item()
     assert rel < 0.5, rel  # 2 bits per weight on random weights: close, not equal
+
+
+def test_block_finetuning_lowers_the_block_error_and_keeps_the_codes():
+    """Adam on the codebooks and scales of one quantized block, codes fixed: the block's error
+    against the full-precision outputs falls; nothing else in the block changes."""
+    from lowbit.methods.aqlm import finetune_block
+    from lowbit.methods.calibration import _run_block, capture_block_inputs
+
+    fp = tiny_llama_model()
+    block = fp.model.layers[0]
+    with torch.no_grad():
+        states, kwargs = capture_block_inputs(fp, block, calib_ids(8, 32), torch.device("cpu"))
+        targets = _run_block(block, states, kwargs)
+    quantized = _quantized_tiny(AqlmConfig(num_codebooks=1, nbits_per_codebook=4, **FAST)).model.layers[0]
+    codes = {n: m.codes.clone() for n, m in quantized.named_modules() if isinstance(m, AqlmLinear)}
+    books = {n: m.codebooks.clone() for n, m in quantized.named_modules() if isinstance(m, AqlmLinear)}
+    norm = quantized.input_layernorm.weight.clone()
+    before, after = finetune_block(quantized, states, kwargs, targets, steps=20, lr=1e-3, batch_size=4)
+    assert 0 < after < 0.95 * before
+    with torch.no_grad():
+        outs = _run_block(quantized, states, kwargs)
+    err = sum(((o - t) ** 2).sum() for o, t in zip(outs, targets)) / sum((t ** 2).sum() for t in targets)
+    assert float(err) == pytest.approx(after, rel=1e-2)  # the tuned values are the block's now (fp16-rounded)
+    for n, m in quantized.named_modules():
+        if isinstance(m, AqlmLinear):
+            assert torch.equal(m.codes, codes[n]) and not torch.equal(m.codebooks, books[n])
+            assert m.codebooks.dtype == torch.float16 and "forward" not in m.__dict__
+    assert torch.equal(quantized.input_layernorm.weight, norm)
+    assert all(p.requires_grad for p in quantized.parameters())  # flags restored
+    kept = {n: m.codebooks.clone() for n, m in quantized.named_modules() if isinstance(m, AqlmLinear)}
+    assert all(math.isnan(v) for v in finetune_block(quantized, states, kwargs, targets, steps=0, lr=1e-3,
+                                                     batch_size=4))  # not run
+    assert all(torch.equal(m.codebooks, kept[n]) for n, m in quantized.named_modules() if isinstance(m, AqlmLinear))
+
+
+def test_finetuning_through_the_quantizer():
+    cfg = AqlmConfig(num_codebooks=1, nbits_per_codebook=4, finetune_steps=10, finetune_lr=1e-3, **FAST)
+    tuned, plain = _quantized_tiny(cfg), _quantized_tiny(AqlmConfig(num_codebooks=1, nbits_per_codebook=4, **FAST))
+    key = "model.layers.1.mlp.down_proj"
+    assert not torch.equal(tuned.get_submodule(key).codebooks, plain.get_submodule(key).codebooks)
+    assert lowbit.quantized_config(tuned).finetune_steps == 10
+    with pytest.raises(ValueError, match=r"AqlmConfig\.finetune_steps=-1"):
+        AqlmConfig(finetune_steps=-1)
+    with pytest.raises(ValueError, match=r"AqlmConfig\.finetune_lr=0"):
+        AqlmConfig(finetune_lr=0.0)
 
 
 def test_quantizer_bad_input(tmp_path):

@@ -83,6 +83,16 @@ class Quantizer(ABC, Generic[C]):
         """
         return None
 
+    def tunes_blocks(self) -> bool:
+        """Whether :meth:`finish_block` wants the full-precision block's outputs (default: no)."""
+        return False
+
+    def finish_block(self, block: nn.Module, name: str, states: list[torch.Tensor], kwargs: dict,
+                     targets: list[torch.Tensor]) -> None:
+        """After the block's linears are quantized: adjust them, given the block's calibration
+        inputs ``states`` and the full-precision block's outputs ``targets`` (AQLM's fine-tuning;
+        called only when :meth:`tunes_blocks`)."""
+
     def collect(self, name: str, linear: nn.Module) -> Stats | None:
         """Statistics object gathering this linear's calibration inputs (None: none needed)."""
         return None

@@ -192,11 +192,14 @@ def quantize_blockwise(
             for lname, lin in linears.items():
                 set_module(block, lname, quantizer.quantize_layer(f"{name}.{lname}", lin, None).to(device))
         elif linears:
+            targets = _run_block(block, states, kwargs) if quantizer.tunes_blocks() else None
             fp_outputs = quantizer.prepare_block(block, name, linears, states, kwargs)
             for step in _plan(quantizer, block, linears, states, kwargs):
                 stats = _with_stats(block, step, linears, quantizer, name, states, kwargs)
                 for lname, st in stats.items():
                     set_module(block, lname, quantizer.quantize_layer(f"{name}.{lname}", linears[lname], st).to(device))
+            if targets is not None:
+                quantizer.finish_block(block, name, states, kwargs, targets)
         states = fp_outputs if fp_outputs is not None else _run_block(block, states, kwargs)
         blocks[i] = block.to(home)
     log.info("quantized %d blocks of %s", len(blocks), prefix)
