@@ -81,6 +81,8 @@ AQLM_ROWS = [  # about 2 bits per weight each way (the bits/weight column counts
     ("AQLM 2x8 g8", lowbit.AqlmConfig(num_codebooks=2, nbits_per_codebook=8)),
     ("AQLM 1x16 g8, 1 iteration, no Lloyd steps",
      lowbit.AqlmConfig(num_codebooks=1, nbits_per_codebook=16, max_iterations=1, kmeans_iterations=0)),
+    ("AQLM 2x8 g8, block fine-tuning (20 Adam steps)",
+     lowbit.AqlmConfig(num_codebooks=2, nbits_per_codebook=8, finetune_steps=20)),
 ]
 
 GPTQ_PEER_ROWS = [  # GPTQModel's GPTQ with lowbit's settings (damp 0.1, no group-aware reordering)

@@ -403,6 +403,8 @@ class AqlmConfig(QuantConfig):
     (0: none) then tune each block's codebooks and scales, codes fixed, so that the quantized
     block's outputs match the full-precision block's on the calibration windows
     (``finetune_lr``, ``finetune_batch_size`` windows a step; :func:`lowbit.methods.aqlm.finetune_block`).
+    The learning rate's default, 1e-3, is for few steps: on SmolLM2's first block (2x8, 32 windows
+    of 512 tokens) 20 steps cut the block's output error by 18 % at 1e-3 and by 12 % at 1e-4.
     """
 
     quant_method: ClassVar[str] = "aqlm"
@@ -423,7 +425,7 @@ class AqlmConfig(QuantConfig):
     seed: int = 0
     true_sequential: bool = True
     finetune_steps: int = 0
-    finetune_lr: float = 1e-4
+    finetune_lr: float = 1e-3
     finetune_batch_size: int = 4
 
     def _validate(self) -> None:
