@@ -402,7 +402,7 @@ class AqlmConfig(QuantConfig):
     ``damp_percent``, ``seed``, and ``true_sequential`` (as GPTQ's). ``finetune_steps`` Adam steps
     (0: none) then tune each block's codebooks and scales, codes fixed, so that the quantized
     block's outputs match the full-precision block's on the calibration windows
-    (``finetune_lr``, ``finetune_batch_size`` windows a step; :func:`lowbit.methods.aqlm.finetune_block`).
+    (``finetune_lr``, ``finetune_batch_size`` windows a step; :func:`lowbit.methods.aqlm_tune.finetune_block`).
     The learning rate's default, 1e-3, is for few steps: on SmolLM2's first block (2x8, 32 windows
     of 512 tokens) 20 steps cut the block's output error by 18 % at 1e-3 and by 12 % at 1e-4.
     """

@@ -297,7 +297,7 @@ def test_quantized_model_tracks_the_original():
 def test_block_finetuning_lowers_the_block_error_and_keeps_the_codes():
     """Adam on the codebooks and scales of one quantized block, codes fixed: the block's error
     against the full-precision outputs falls; nothing else in the block changes."""
-    from lowbit.methods.aqlm import finetune_block
+    from lowbit.methods.aqlm_tune import finetune_block
     from lowbit.methods.calibration import _run_block, capture_block_inputs
 
     fp = tiny_llama_model()

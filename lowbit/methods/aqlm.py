@@ -377,92 +377,6 @@ def aqlm_quantize(
     return AqlmResult(layer.codes, layer.codebooks, layer.scales, err / max(layer.norm, 1e-30), done)
 
 
-def _detached(value):
-    """``value`` with every tensor in it (nested in tuples, lists, dicts) cloned out of inference
-    mode, so autograd may save it."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_detached(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _detached(v) for k, v in value.items()}
-    return value
-
-
-def finetune_block(block: nn.Module, states: list[torch.Tensor], kwargs: dict, targets: list[torch.Tensor],
-                   steps: int, lr: float, batch_size: int, seed: int = 0) -> tuple[float, float]:
-    """Tune the codebooks and scales of ``block``'s :class:`AqlmLinear` layers (codes fixed, the
-    rest of the block frozen) by Adam on ``mean((block(x) - target)^2) / mean(target^2)`` over
-    the calibration windows ``states`` and the full-precision block's outputs ``targets``,
-    ``batch_size`` windows a step (drawn with ``seed``), as the AQLM paper's block fine-tuning
-    does. The tuned values are rounded back to the layers' dtypes.
-
-    Returns the relative error over all windows before and after.
-    """
-    from lowbit.kernels.reference import dequantize_codebook
-
-    layers = [m for m in block.modules() if isinstance(m, AqlmLinear)]
-    if not layers or steps == 0:
-        return float("nan"), float("nan")
-    with torch.inference_mode(False), torch.enable_grad():
-        xs, ys = _detached(states), _detached(targets)
-        kw = _detached(kwargs)
-        frozen = [(p, p.requires_grad) for p in block.parameters()]
-        for p, _ in frozen:
-            p.requires_grad_(False)
-        tuned = []
-        for m in layers:
-            books = nn.Parameter(m.codebooks.detach().clone().float())
-            scales = nn.Parameter(m.scales.detach().clone().float())
-            codes = m.codes.detach().clone()
-            bias = None if m.bias is None else m.bias.detach().clone()
-
-            def forward(x, codes=codes, books=books, scales=scales, bias=bias):
-                w = dequantize_codebook(codes, books, scales)
-                return nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
-
-            m.forward = forward
-            tuned.append((m, books, scales))
-
-        def error(idx) -> torch.Tensor:
-            num = den = 0.0
-            for i in idx:
-                out = block(xs[i], **kw)
-                out = out[0] if isinstance(out, (tuple, list)) else out
-                num = num + ((out.float() - ys[i].float()) ** 2).sum()
-                den = den + (ys[i].float() ** 2).sum()
-            return num / den
-
-        try:
-            with torch.no_grad():
-                before = float(error(range(len(xs))))
-            opt = torch.optim.Adam([t for _, b, s in tuned for t in (b, s)], lr=lr, betas=(0.9, 0.95))
-            gen = torch.Generator().manual_seed(seed)
-            for _ in range(steps):
-                idx = torch.randperm(len(xs), generator=gen)[:batch_size].tolist()
-                opt.zero_grad(set_to_none=True)
-                loss = error(idx)
-                loss.backward()
-                opt.step()
-            with torch.no_grad():
-                after = float(error(range(len(xs))))
-        finally:
-            for m, _, _ in tuned:
-                del m.forward
-            for p, flag in frozen:
-                p.requires_grad_(flag)
-        values = [(m, b.detach().to(m.codebooks.dtype), s.detach().to(m.scales.dtype)) for m, b, s in tuned]
-    if not after <= before:  # a step size too large for this block: keep what the solver found
-        log.warning("block fine-tuning raised the block's error (%.4g -> %.4g); keeping the untuned values",
-                    before, after)
-        return before, before
-    for m, books, scales in values:  # in inference mode if the buffers were made in it (the block runner)
-        with torch.inference_mode(m.codebooks.is_inference()), torch.no_grad():
-            m.codebooks.copy_(books)
-            m.scales.copy_(scales)
-    return before, after
-
-
 def skipped_weight_names(model: nn.Module) -> tuple[str, ...]:
     """The linears of ``model`` left in full precision, as AQLM's ``linear_weights_not_to_quantize``
     names them for both transformers readers: ``<module>.weight`` (4.x) and ``<module>`` (5.x
@@ -504,6 +418,8 @@ class AqlmQuantizer(Quantizer[AqlmConfig]):
 
     def finish_block(self, block: nn.Module, name: str, states: list[torch.Tensor], kwargs: dict,
                      targets: list[torch.Tensor]) -> None:
+        from lowbit.methods.aqlm_tune import finetune_block
+
         cfg = self.config
         before, after = finetune_block(block, states, kwargs, targets, cfg.finetune_steps, cfg.finetune_lr,
                                        cfg.finetune_batch_size, cfg.seed)
