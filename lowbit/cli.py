@@ -37,6 +37,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam-size", type=int, default=None, help="aqlm: code tuples kept in the beam search (default: 4)")
     p.add_argument("--max-iterations", type=int, default=None,
                    help="aqlm: most alternations of codebook and code updates (default: 8)")
+    p.add_argument("--finetune-steps", type=int, default=None,
+                   help="aqlm: Adam steps tuning each block's codebooks and scales to the original block (default: 0)")
     p.add_argument("--calib", default=None, help="gptq/awq/aqlm: calibration text file (default: embedded WikiText-2 valid)")
     p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: 128)")
     p.add_argument("--seqlen", type=int, default=None, help="calibration window length in tokens (default: 512)")
@@ -152,7 +154,8 @@ def config_from_args(args: argparse.Namespace):
              "static_groups": args.static_groups, "damp_percent": args.damp_percent, "format": args.format,
              "nsamples": args.nsamples, "model_seqlen": args.seqlen, "quant_type": args.quant_type,
              "double_quant": args.double_quant, "threshold": args.threshold, "scheme": args.scheme,
-             "in_group_size": args.in_group_size, "beam_size": args.beam_size, "max_iterations": args.max_iterations}
+             "in_group_size": args.in_group_size, "beam_size": args.beam_size, "max_iterations": args.max_iterations,
+             "finetune_steps": args.finetune_steps}
     given = FLAG_FIELDS.get(args.method, _same_names)(given)
     if given.get("bits", 0) is None and any(f.name == "bits" and f.default is MISSING for f in fields(cls)):
         given["bits"] = 4  # GPTQConfig requires bits; the CLI's default is 4
@@ -262,7 +265,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 QUANT_FLAGS = ("bits", "group_size", "sym", "desc_act", "static_groups", "damp_percent", "format", "quant_type",
                "double_quant", "threshold", "calib", "nsamples", "seqlen", "scheme", "in_group_size", "beam_size",
-               "max_iterations")
+               "max_iterations", "finetune_steps")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
 """The ``lowbit`` command line on tiny models: results, exit codes, one-line errors."""
 
+import json
 import subprocess
 import sys
 
@@ -44,9 +45,11 @@ def test_quantize_bitsandbytes_from_the_command_line(tiny_model_dir, tmp_path, c
 def test_quantize_aqlm_from_the_command_line(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "a"
     argv = ["quantize", str(tiny_model_dir), "--method", "aqlm", "--scheme", "2x6", "--in-group-size", "16",
-            "--beam-size", "2", "--max-iterations", "2", "--nsamples", "4", "--seqlen", "64", "--out", str(out)]
+            "--beam-size", "2", "--max-iterations", "2", "--nsamples", "4", "--seqlen", "64", "--finetune-steps", "2",
+            "--out", str(out)]
     assert main(argv) == 0
     assert "saved aqlm 2x6 g16 model" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["finetune_steps"] == 2
     assert main(["eval", str(out), "--tokens", "300", "--ppl-seqlen", "64"]) == 0
 
 
@@ -66,6 +69,7 @@ def test_quantize_aqlm_from_the_command_line(tiny_model_dir, tmp_path, capsys):
     (["--device", "cuda:7", "quantize", "{model}", "--out", "{out}"], "device 'cuda:7' is not available"),
     (["--device", "gpu", "eval", "{model}"], "device 'gpu' is not a torch device"),
     (["quantize", "{model}", "--desc-act", "--out", "{out}"], "--desc-act does not apply to method 'rtn'"),
+    (["quantize", "{model}", "--finetune-steps", "5", "--out", "{out}"], "--finetune-steps does not apply to method 'rtn'"),
     (["quantize", "{model}", "--method", "gptq", "--damp-percent", "1.5", "--out", "{out}"], "damp_percent=1.5"),
     (["quantize", "{model}", "--method", "gptq", "--format", "marlin", "--out", "{out}"], "format='marlin'"),
     (["quantize", "{model}", "--method", "gptq", "--calib", "{missing}/none.txt", "--out", "{out}"],
@@ -77,7 +81,7 @@ def test_quantize_aqlm_from_the_command_line(tiny_model_dir, tmp_path, capsys):
      "--group-size does not apply"),
     (["quantize", "{model}", "--quant-type", "nf4", "--out", "{out}"], "--quant-type does not apply to method 'rtn'"),
 ], ids=["unknown-method", "aqlm-scheme", "aqlm-nbits", "aqlm-group", "scheme-rtn", "bits", "group-negative", "group-zero", "quantize-missing", "eval-missing",
-        "flag-not-for-method", "device-absent", "device-unknown", "desc-act-rtn", "damp", "gptq-format",
+        "flag-not-for-method", "device-absent", "device-unknown", "desc-act-rtn", "finetune-rtn", "damp", "gptq-format",
         "calib-missing", "bnb-bits", "bnb-quant-type", "bnb-group-size", "quant-type-rtn"])
 def test_bad_input_one_line_error(tiny_model_dir, tmp_path, capsys, argv, msg):
     (tmp_path / "missing").mkdir()
