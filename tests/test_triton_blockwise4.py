@@ -120,22 +120,15 @@ def test_pair_table_and_where_pairs_apply():
         T.matmul_blockwise4(torch.randn(3, 64).to(DEVICE, torch.float16), *args(mod), lookup="pairs")
 
 
-def test_unknown_gemv_is_an_error():
+@pytest.mark.parametrize("m,choice,msg", [
+    (1, {"gemv": "split"}, "gemv must be one of .*'block'.*, not 'split'"),
+    (1, {"lookup": "texture"}, "lookup must be one of .*'global'.*, not 'texture'"),
+    (16, {"batch_path": "dense"}, "batch_path must be 'tiled' or 'dequantize', not 'dense'"),
+], ids=["gemv", "lookup", "batch-path"])
+def test_unknown_choice_is_an_error(m, choice, msg):
     mod = random_module(8, 64, 64, "nf4", False, seed=1)
-    with pytest.raises(ValueError, match="gemv must be one of .*'block'.*, not 'split'"):
-        T.matmul_blockwise4(torch.randn(1, 64).to(DEVICE, torch.float16), *args(mod), gemv="split")
-
-
-def test_unknown_lookup_is_an_error():
-    mod = random_module(8, 64, 64, "nf4", False, seed=1)
-    with pytest.raises(ValueError, match="lookup must be one of .*'global'.*, not 'texture'"):
-        T.matmul_blockwise4(torch.randn(1, 64).to(DEVICE, torch.float16), *args(mod), lookup="texture")
-
-
-def test_unknown_batch_path_is_an_error():
-    mod = random_module(8, 64, 64, "nf4", False, seed=1)
-    with pytest.raises(ValueError, match="batch_path must be 'tiled' or 'dequantize', not 'dense'"):
-        T.matmul_blockwise4(torch.randn(16, 64).to(DEVICE, torch.float16), *args(mod), batch_path="dense")
+    with pytest.raises(ValueError, match=msg):
+        T.matmul_blockwise4(torch.randn(m, 64).to(DEVICE, torch.float16), *args(mod), **choice)
 
 
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", False), ("fp4", False), ("nf4", True)],
