@@ -268,8 +268,8 @@ def fewshot_logprobs(lm: nn.Module, tokenizer, prefix: str, texts: Sequence[str]
     device = next(lm.parameters()).device
     prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
     if texts:  # the prefix's last tokens may merge differently once text follows ("\n\n" + "Review")
-        first = tokenizer(prefix + texts[0], add_special_tokens=False)["input_ids"]
-        common = next((k for k, (a, b) in enumerate(zip(prefix_ids, first)) if a != b), min(len(prefix_ids), len(first)))
+        one = tokenizer(prefix + texts[0], add_special_tokens=False)["input_ids"]
+        common = next((k for k, (a, b) in enumerate(zip(prefix_ids, one)) if a != b), min(len(prefix_ids), len(one)))
         prefix_ids = prefix_ids[:common]
     scores = [[0.0] * len(VERBALIZERS) for _ in texts]
     jobs = []  # (text index, tokens, [(verbalizer, first position, word tokens)])
