@@ -147,7 +147,7 @@ def print_table(rows: list[dict]) -> None:
         fmt = next((f for f in ("nf4", "aqlm 2x8") if r["kernel"].startswith(f + " ")), None)
         base = at.get((*key, f"{fmt} global"))
         fp = at.get((*key, "fp16 F.linear"))
-        vs_global = f"{base / r['us']:.2f}x" if base and fmt in ("nf4", "aqlm 2x8") else ""
+        vs_global = f"{base / r['us']:.2f}x" if base else ""
         vs_fp16 = f"{fp / r['us']:.2f}x" if fp else ""
         print(f"| {r['K']}x{r['N']} | {r['M']} | {r['kernel']} | {r['us']:.1f} | {r['GBps']:.0f} | {vs_global} | "
               f"{vs_fp16} | {r['rel_err']:.1e} |")

@@ -205,15 +205,23 @@ def pick_demos(pool: Sequence[tuple[str, int]], shots: int, seed: int = 0) -> li
 
 
 @torch.no_grad()
+def _verbalizer_ids(tokenizer, prompt: str, prompt_ids: list[int]) -> list[list[int]]:
+    """Each verbalizer's tokens as they follow ``prompt`` (tokenized as ``prompt_ids``)."""
+    words = []
+    for word in VERBALIZERS:
+        word_ids = tokenizer(prompt + word, add_special_tokens=False)["input_ids"][len(prompt_ids):]
+        if not word_ids:
+            raise ValueError(f"verbalizer {word!r} tokenizes to nothing after the prompt")
+        words.append(word_ids)
+    return words
+
+
 def verbalizer_logprobs(lm: nn.Module, tokenizer, prompt: str) -> list[float]:
     """Log-likelihood of each verbalizer's tokens after ``prompt`` (one forward per verbalizer)."""
     device = next(lm.parameters()).device
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     scores = []
-    for word in VERBALIZERS:
-        word_ids = tokenizer(prompt + word, add_special_tokens=False)["input_ids"][len(prompt_ids):]
-        if not word_ids:
-            raise ValueError(f"verbalizer {word!r} tokenizes to nothing after the prompt")
+    for word_ids in _verbalizer_ids(tokenizer, prompt, prompt_ids):
         ids = torch.tensor([prompt_ids + word_ids], device=device)
         logp = torch.log_softmax(lm(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float(), dim=-1)
         scores.append(float(logp.gather(1, torch.tensor(word_ids, device=device).unsqueeze(1)).sum()))
@@ -232,23 +240,19 @@ def _returned_cache(out):
     return out["cache"] if "cache" in out else out["past_key_values"]
 
 
-def _verbalizer_rows(tokenizer, prompt: str, skip: int) -> list[tuple[list[int], list[tuple[int, int, list[int]]]]] | None:
-    """The rows that score every verbalizer after ``prompt``, its first ``skip`` tokens left out.
+def _verbalizer_rows(tokenizer, prompt: str, prompt_ids: list[int],
+                     skip: int) -> list[tuple[list[int], list[tuple[int, int, list[int]]]]] | None:
+    """The rows that score every verbalizer after ``prompt`` (tokenized as ``prompt_ids``), its
+    first ``skip`` tokens left out.
 
     A row is ``(tokens, [(verbalizer, first position, word tokens), ...])``: the word's tokens are
     predicted from ``first position`` on. When every verbalizer is one token, one row (the prompt)
     scores them all. ``None`` when the prompt does not tokenize to more than ``skip`` tokens.
     """
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     tail = prompt_ids[skip:]
     if not tail:
         return None
-    words = []
-    for word in VERBALIZERS:
-        word_ids = tokenizer(prompt + word, add_special_tokens=False)["input_ids"][len(prompt_ids):]
-        if not word_ids:
-            raise ValueError(f"verbalizer {word!r} tokenizes to nothing after the prompt")
-        words.append(word_ids)
+    words = _verbalizer_ids(tokenizer, prompt, prompt_ids)
     if all(len(w) == 1 for w in words):
         return [(tail, [(v, len(tail) - 1, w) for v, w in enumerate(words)])]
     return [(tail + w, [(v, len(tail) - 1, w)]) for v, w in enumerate(words)]
@@ -276,8 +280,9 @@ def fewshot_logprobs(lm: nn.Module, tokenizer, prefix: str, texts: Sequence[str]
     whole = []
     for i, text in enumerate(texts):
         prompt = prefix + text
-        starts = tokenizer(prompt, add_special_tokens=False)["input_ids"][: len(prefix_ids)] == prefix_ids
-        rows = _verbalizer_rows(tokenizer, prompt, len(prefix_ids)) if prefix_ids and starts else None
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        starts = prefix_ids and prompt_ids[: len(prefix_ids)] == prefix_ids
+        rows = _verbalizer_rows(tokenizer, prompt, prompt_ids, len(prefix_ids)) if starts else None
         if rows is None:
             whole.append(i)
         else:

@@ -33,10 +33,22 @@ def failed_labels(rows: list[dict]) -> list[str]:
     return [r["label"] for r in rows if any(isinstance(r.get(p), dict) and "error" in r[p] for p in ("lm", "encoder"))]
 
 
+def _has_fewshot(rows: list[dict]) -> bool:
+    """Whether any causal-LM row carries a few-shot accuracy (``lowbit compare --shots``)."""
+    return any(_ok(r, "lm") and "fewshot_accuracy" in r["lm"] for r in rows)
+
+
+def _fewshot_cell(lm: dict) -> str:
+    if "fewshot_accuracy" not in lm:  # a row cached before the run asked for it
+        return "-"
+    lo, hi = lm["fewshot_ci95"]
+    return f"{lm['fewshot_accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
 def lm_table(rows: list[dict]) -> str:
     base = next((r["lm"] for r in rows if r["name"] == "fp32" and _ok(r, "lm")), None)
     batches = sorted({b for r in rows if _ok(r, "lm") for b in r["lm"]["speed"]["decode_tokens_per_s"]}, key=int)
-    shots = any(_ok(r, "lm") and "fewshot_accuracy" in r["lm"] for r in rows)
+    shots = _has_fewshot(rows)
     head = ["method", "perplexity", "vs fp32", *(["SST-2 few-shot [95% CI]"] if shots else []), "weights MiB",
             "zero weights", "peak MiB", "prefill ms", *[f"decode tok/s (batch {b})" for b in batches], "compress s",
             "total s"]
@@ -48,12 +60,8 @@ def lm_table(rows: list[dict]) -> str:
             continue
         sp = lm["speed"]
         ratio = f"{lm['perplexity'] / base['perplexity']:.3f}" if base else "-"
-        acc = []
-        if shots:
-            lo, hi = lm.get("fewshot_ci95", (0, 0))
-            acc = [f"{lm['fewshot_accuracy']:.3f} [{lo:.3f}, {hi:.3f}]" if "fewshot_accuracy" in lm else "-"]
         lines.append("| " + " | ".join([
-            r["label"], f"{lm['perplexity']:.3f}", ratio, *acc, _mib(lm["weight_bytes"]), f"{lm['sparsity']:.0%}",
+            r["label"], f"{lm['perplexity']:.3f}", ratio, *([_fewshot_cell(lm)] if shots else []), _mib(lm["weight_bytes"]), f"{lm['sparsity']:.0%}",
             _mib(lm["peak_bytes"]), f"{1e3 * sp['prefill_s']:.0f}",
             *[f"{sp['decode_tokens_per_s'][b]:.1f}" for b in batches], f"{lm['compress_seconds']:.1f}", _total(lm)]) + " |")
     return "\n".join(lines)
@@ -128,7 +136,7 @@ def plot(report: dict, out: Path) -> list[str]:
     if any(_ok(r, "encoder") for r in rows):
         scatter("encoder", "accuracy", "SST-2 dev accuracy (95% CI)", "accuracy_vs_size.png",
                 "Encoder: SST-2 accuracy against size", err="ci95")
-    if any(_ok(r, "lm") and "fewshot_accuracy" in r["lm"] for r in rows):
+    if _has_fewshot(rows):
         scatter("lm", "fewshot_accuracy", f"SST-2 {report['settings'].get('shots')}-shot accuracy (95% CI)",
                 "lm_accuracy_vs_size.png", "Causal LM: few-shot SST-2 accuracy against size", err="fewshot_ci95")
 

@@ -205,8 +205,8 @@ def _gemv_wide_kernel(
         in_row = b0 + j // HALF < blocks_per_row  # [WIDTH]
         byte = tl.load(w_ptr + (first[:, None] + b0) * HALF + j[None, :], mask=mask_n[:, None] & in_row[None, :],
                        other=0).to(tl.int32)  # [BN, WIDTH]
-        xs = tl.load(x_ptr + b0 * BLOCKSIZE + tl.arange(0, 2 * WIDTH), mask=b0 * BLOCKSIZE + tl.arange(0, 2 * WIDTH) < K,
-                     other=0.0).to(tl.float32)
+        offs_x = b0 * BLOCKSIZE + tl.arange(0, 2 * WIDTH)  # the inputs of this step's bytes
+        xs = tl.load(x_ptr + offs_x, mask=offs_x < K, other=0.0).to(tl.float32)
         if LOOKUP == 2:
             pair = tl.load(pairs_ptr + byte[:, :, None] * 2 + tl.arange(0, 2)[None, None, :])  # [BN, WIDTH, 2]
             v = tl.sum(pair * tl.reshape(xs, (WIDTH, 2))[None, :, :], axis=2)

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels.triton_common import (
+    MatmulConfig,
     _output_tile,
     _product,
     _store_output,
@@ -294,28 +295,27 @@ def codeword_products(x2: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor
     return (x2.reshape(-1, ig).to(dtype) @ books.t()).reshape(x2.shape[0], -1, n_codebooks * size)
 
 
+def _lut_config(m: int, n: int, j: int, device: torch.device) -> MatmulConfig:
+    """Launch of :func:`_lut_gemv_kernel` over ``j`` codes a row: 16 rows by 64 codes a step, 4
+    warps, K split until about 4 programs per multiprocessor or two steps per split."""
+    block_n, block_j, split = 16, 64, 1
+    programs = triton.cdiv(n, block_n) * m
+    while split < 8 and programs * split * 2 <= 4 * device_sms(device) and triton.cdiv(j, block_j * split * 2) >= 2:
+        split *= 2
+    return MatmulConfig(1, block_n, block_j, split, 4, 1)
+
+
 def _matmul_lut(x2, codes, codebooks, scales, bias, n: int, gi: int) -> torch.Tensor:
     m = x2.shape[0]
     n_codebooks, size = codebooks.shape[:2]
     lut = codeword_products(x2, codebooks)
-    block_n, block_j = 16, 64
-    programs = triton.cdiv(n, block_n) * m
-    split_k = 1
-    sms = device_sms(x2.device)
-    while split_k < 8 and programs * split_k * 2 <= 4 * sms and triton.cdiv(gi * n_codebooks, block_j * split_k * 2) >= 2:
-        split_k *= 2
-    y = (torch.empty(m, n, device=x2.device, dtype=x2.dtype) if split_k == 1
-         else torch.empty(split_k, m, n, device=x2.device, dtype=torch.float32))
-    _lut_gemv_kernel[(triton.cdiv(n, block_n), split_k, m)](
+    cfg = _lut_config(m, n, gi * n_codebooks, x2.device)
+    y = output_buffer(cfg, m, n, x2)
+    _lut_gemv_kernel[(triton.cdiv(n, cfg.block_n), cfg.split_k, m)](
         codes.contiguous(), lut, scales.contiguous(), bias if bias is not None else scales, y, n, gi,
-        C=n_codebooks, SIZE=size, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_J=block_j, SPLIT_K=split_k,
-        num_warps=4)
-    if split_k == 1:
-        return y
-    y = y.sum(0)
-    if bias is not None:
-        y += bias
-    return y.to(x2.dtype)
+        C=n_codebooks, SIZE=size, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_J=cfg.block_k,
+        SPLIT_K=cfg.split_k, num_warps=cfg.num_warps)
+    return finish_split_k(y, cfg, bias, x2.dtype)
 
 
 def matmul_codebook(x, codes, codebooks, scales, bias=None, batch_path: str | None = None,
