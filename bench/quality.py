@@ -11,8 +11,10 @@ perplexity, its ratio to the fp32 original, and quantization wall time.
     python bench/quality.py --table gptq-peer --nsamples 32 --seqlen 512 --tokens 16384   # GPTQModel installed
     python bench/quality.py --table awq-peer --nsamples 32 --seqlen 512 --tokens 16384    # AutoAWQ installed
 
+``--seed N`` draws other calibration windows (the default is the library's ``CALIBRATION_SEED``).
 ``--shots 4`` adds a column of SST-2 4-shot accuracy on the dev set (``--examples`` caps it),
-scored as ``lowbit eval --shots`` scores it.
+scored as ``lowbit eval --shots`` scores it, and one of its accuracy on the negative and on the
+positive sentences (a model drifting towards one answer shows there).
 
 The AWQ table uses group size 64: SmolLM2's hidden size, 576, is not a multiple of 128, and the
 AWQ GEMM layout needs whole groups. ``gptq-peer`` quantizes with GPTQModel (same calibration
@@ -38,7 +40,7 @@ import lowbit
 from lowbit.checkpoint.loading import load_tokenizer
 from lowbit.compress import PruneConfig, compress
 from lowbit.eval.classification import fewshot_sst2
-from lowbit.eval.data import calibration_batch, calibration_texts, wikitext2
+from lowbit.eval.data import CALIBRATION_SEED, calibration_batch, calibration_texts, wikitext2
 from lowbit.eval.perplexity import text_perplexity
 from lowbit.models import default_causal_lm_path
 
@@ -201,29 +203,33 @@ def main() -> None:
     p.add_argument("--only", default=None, help="comma-separated row numbers to run (1-based)")
     p.add_argument("--shots", type=int, default=None, help="add SST-2 few-shot accuracy with this many shots")
     p.add_argument("--examples", type=int, default=None, help="SST-2 dev sentences scored (default: all 872)")
+    p.add_argument("--seed", type=int, default=CALIBRATION_SEED, help="seed that draws the calibration windows")
     args = p.parse_args()
 
     torch.manual_seed(0)
     folder = default_causal_lm_path()
     tok = load_tokenizer(folder)
     text = wikitext2("test")
-    calib = calibration_batch(tok, calibration_texts(None), args.nsamples, args.seqlen)
+    calib = calibration_batch(tok, calibration_texts(None), args.nsamples, args.seqlen, seed=args.seed)
 
     def ppl(model) -> float:
         return text_perplexity(model, tok, text, seqlen=args.ppl_seqlen, max_tokens=args.tokens)
 
     def accuracy(model) -> str:
-        return "" if args.shots is None else f" {fewshot_sst2(model, tok, args.shots, args.examples)} |"
+        if args.shots is None:
+            return ""
+        acc = fewshot_sst2(model, tok, args.shots, args.examples)
+        return f" {acc} | {' / '.join(f'{r:.3f}' for r in acc.recalls)} |"
 
     original = lowbit.from_pretrained(folder)
     base = ppl(original)
     print(f"SmolLM2-135M-Instruct, WikiText-2 test first {args.tokens} tokens ({args.ppl_seqlen}-token windows); "
-          f"calibration {args.nsamples} x {args.seqlen} tokens of WikiText-2 valid; "
+          f"calibration {args.nsamples} x {args.seqlen} tokens of WikiText-2 valid (seed {args.seed}); "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     bpw = args.table == "aqlm"
-    acc_head = "" if args.shots is None else f" SST-2 {args.shots}-shot [95% CI] |"
+    acc_head = "" if args.shots is None else f" SST-2 {args.shots}-shot [95% CI] | recall negative / positive |"
     print("| model | perplexity | vs fp32 | quantize time |" + (" bits/weight |" if bpw else "") + acc_head)
-    print("|---|---|---|---|" + ("---|" if bpw else "") + ("---|" if acc_head else ""))
+    print("|---|---|---|---|" + ("---|" if bpw else "") + ("---|---|" if acc_head else ""))
     print(f"| fp32 original | {base:.3f} | 1.000 | - |" + (" 32 |" if bpw else "") + accuracy(original), flush=True)
     del original
     rows = TABLES[args.table]

@@ -26,6 +26,16 @@ def test_accuracy_text_and_errors():
         C.check_labels([0, 1, 2], "evaluation set")
 
 
+def test_accuracy_counts_each_label():
+    acc = C.Accuracy.of([1, 1, 1, 0, 1], [0, 1, 1, 0, 0])
+    assert (acc.correct, acc.total, acc.class_correct, acc.class_total) == (3, 5, (1, 2), (3, 2))
+    assert acc.recalls == pytest.approx((1 / 3, 1.0))
+    assert str(acc) == str(C.Accuracy(3, 5))
+    assert C.Accuracy(3, 5).recalls == ()
+    with pytest.raises(ValueError, match="4 predictions for 5 labels"):
+        C.Accuracy.of([1, 1, 1, 0], [0, 1, 1, 0, 0])
+
+
 def test_probe_learns_a_separable_problem_deterministically():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(200, 16, generator=gen)
@@ -85,6 +95,7 @@ def test_verbalizer_logprobs_are_the_summed_token_logprobs():
     assert scores[1] == pytest.approx(want, abs=1e-4)
     acc = C.fewshot_sst2(lm, tok, shots=2, limit=12)
     assert acc.total == 12 and 0 <= acc.correct <= 12
+    assert sum(acc.class_total) == 12 and sum(acc.class_correct) == acc.correct
 
 
 @pytest.mark.parametrize("verbalizers", [C.VERBALIZERS, ("a", "b")], ids=["multi-token", "one-token"])

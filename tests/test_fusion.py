@@ -14,7 +14,6 @@ from torch import nn
 import lowbit
 from conftest import calib_ids, tiny_llama_model
 from lowbit.formats.base import QuantLinear
-from lowbit.formats.blockwise4 import Blockwise4Linear
 from lowbit.formats.concat import Part, concat_outputs, split_outputs
 from lowbit.formats.int8_outlier import Int8Linear
 from lowbit.fusion import FusedLinears, FusedPart, awq_groups, fuse, unfuse, unfused

@@ -30,14 +30,35 @@ VERBALIZERS = (" negative", " positive")  # label 0, label 1
 
 @dataclass(frozen=True)
 class Accuracy:
-    """``correct`` of ``total`` with a Wilson score interval."""
+    """``correct`` of ``total`` with a Wilson score interval, and the same count per true label
+    (``class_correct[c]`` of ``class_total[c]``) where known: a compressed model that drifts
+    towards one answer loses recall on the other label, which the overall figure hides."""
 
     correct: int
     total: int
+    class_correct: tuple[int, ...] = ()
+    class_total: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, predictions: Sequence[int], labels: Sequence[int], classes: int = 2) -> Accuracy:
+        """Score ``predictions`` against ``labels`` (both ints in ``range(classes)``)."""
+        if len(predictions) != len(labels):
+            raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
+        hits = [0] * classes
+        counts = [0] * classes
+        for p, y in zip(predictions, labels):
+            counts[y] += 1
+            hits[y] += int(p == y)
+        return cls(sum(hits), len(labels), tuple(hits), tuple(counts))
 
     @property
     def value(self) -> float:
         return self.correct / self.total
+
+    @property
+    def recalls(self) -> tuple[float, ...]:
+        """Accuracy on each true label's examples (empty where per-label counts are unknown)."""
+        return tuple(c / t for c, t in zip(self.class_correct, self.class_total))
 
     def interval(self, z: float = 1.96) -> tuple[float, float]:
         return wilson_interval(self.correct, self.total, z)
@@ -100,8 +121,7 @@ class Probe:
 
     def accuracy(self, features: torch.Tensor, labels: Sequence[int]) -> Accuracy:
         check_labels(labels, "evaluation set")
-        pred = self.predict(features)
-        return Accuracy(int((pred == torch.tensor(labels)).sum()), len(labels))
+        return Accuracy.of(self.predict(features).tolist(), labels)
 
 
 PROBE_L2 = 1e-4
@@ -323,5 +343,4 @@ def fewshot_sst2(lm: nn.Module, tokenizer, shots: int = 4, limit: int | None = N
     prefix = fewshot_prompt(demos, "")[: -len(fewshot_prompt([], ""))]
     texts = [fewshot_prompt([], text) for text, _ in rows]
     scores = fewshot_logprobs(lm, tokenizer, prefix, texts, batch_size, progress)
-    correct = sum(int(s.index(max(s)) == label) for s, (_, label) in zip(scores, rows))
-    return Accuracy(correct, len(rows))
+    return Accuracy.of([s.index(max(s)) for s in scores], [label for _, label in rows])

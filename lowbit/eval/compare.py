@@ -151,7 +151,7 @@ def _lm_row(method: Method, folder: Path, tokenizer, calib: torch.Tensor, s: Com
         if s.shots is not None:
             acc = fewshot_sst2(model, tokenizer, s.shots, s.shot_examples)
             fewshot = {"fewshot_accuracy": acc.value, "fewshot_correct": acc.correct, "fewshot_total": acc.total,
-                       "fewshot_ci95": list(acc.interval())}
+                       "fewshot_ci95": list(acc.interval()), "fewshot_recalls": list(acc.recalls)}
     return {"perplexity": ppl, "weight_bytes": model_weight_bytes(model), "peak_bytes": peak.peak_bytes,
             "sparsity": sparsity_of(model), "speed": speed.as_dict(), **fewshot, **done,
             "seconds": time.perf_counter() - start}
