@@ -140,6 +140,25 @@ def test_launch_config_whose_k_tile_spans_groups_is_an_error():
         T.matmul_group_ordered(torch.randn(1, 128).to(DEVICE, torch.float16), layout, cfg=cfg)
 
 
+@pytest.mark.parametrize("split,m,n", [(2, 1, 33), (16, 1, 1100), (4, 3, 70), (8, 17, 64)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_split_k_sum_is_one_launch_equal_to_torch(split, m, n, dtype, bias):
+    """The split-K reduction (partials summed, bias added, cast) against torch's sum, add and cast;
+    sizes straddle its 512-output blocks."""
+    gen = torch.Generator().manual_seed(split * 1000 + m * n)
+    partials = torch.randn(split, m, n, generator=gen).to(DEVICE)
+    b = torch.randn(n, generator=gen).to(DEVICE, dtype) if bias else None
+    cfg = C.MatmulConfig(1, 64, 128, split, 2, 3)
+    want = (partials.sum(0) + (b.float() if bias else 0)).to(dtype)
+    got = C.finish_split_k(partials, cfg, b, dtype)
+    assert got.dtype == dtype and got.shape == (m, n)
+    # fp16 rounds exactly as torch; fp32 sums may differ in order; the interpreter's fp32 -> bf16
+    # cast truncates where torch rounds to nearest, hence one unit in the last place for bf16
+    tol = {torch.float16: (0, 0), torch.bfloat16: (torch.finfo(dtype).eps, 0), torch.float32: (1e-6, 1e-5)}[dtype]
+    torch.testing.assert_close(got, want, rtol=tol[0], atol=tol[1])
+
+
 def test_split_k_fills_the_gpu_for_a_single_token():
     cfg = C.matmul_config(1, 4096, 4096, 128, 132, None)
     programs = -(-4096 // cfg.block_n) * cfg.split_k

@@ -123,9 +123,17 @@ def _codebook_variants() -> list[Variant]:
     return out
 
 
+def _split_k_sum_variants() -> list[Variant]:
+    return [Variant("triton_common", "_split_k_sum_kernel",
+                    {"p_ptr": "*fp32", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", "MN": "i32", "N": "i32"},
+                    dict(SPLIT_K=split, HAS_BIAS=bias, BLOCK=512))
+            for split, bias, dt in ((16, False, "fp16"), (2, True, "bf16"), (4, True, "fp32"))]
+
+
 def variants() -> list[Variant]:
     """Every kernel variant the check compiles."""
-    return _matmul_variants() + _dequantize_variants() + _blockwise4_variants() + _codebook_variants()
+    return (_matmul_variants() + _dequantize_variants() + _blockwise4_variants() + _codebook_variants()
+            + _split_k_sum_variants())
 
 
 def compile_variant(v: Variant, target: tuple) -> str:

@@ -163,11 +163,32 @@ def output_buffer(cfg: MatmulConfig, m: int, n: int, x: torch.Tensor) -> torch.T
     return torch.empty(cfg.split_k, m, n, device=x.device, dtype=torch.float32)
 
 
+@triton.jit
+def _split_k_sum_kernel(p_ptr, b_ptr, y_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """``y[i] = sum_s p[s, i] (+ bias[i % N])`` over the flat ``[M * N]`` outputs, in fp32, stored in y's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(p_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+SPLIT_K_SUM_BLOCK = 512
+"""Outputs per program of the split-K sum: 4 warps, four contiguous fp32 per thread."""
+
+
 def finish_split_k(y: torch.Tensor, cfg: MatmulConfig, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """Sum split-K partials and add the bias (the kernel adds it itself when ``split_k == 1``)."""
+    """Sum split-K partials ``[SPLIT_K, M, N]`` and add the bias in one launch, into ``[M, N]`` of
+    ``dtype`` (with ``split_k == 1`` the matmul kernel has already done both: ``y`` is returned)."""
     if cfg.split_k == 1:
         return y
-    y = y.sum(0)
-    if bias is not None:
-        y += bias
-    return y.to(dtype)
+    _, m, n = y.shape
+    out = torch.empty(m, n, device=y.device, dtype=dtype)
+    _split_k_sum_kernel[(triton.cdiv(m * n, SPLIT_K_SUM_BLOCK),)](
+        y, bias if bias is not None else y, out, m * n, n, SPLIT_K=cfg.split_k, HAS_BIAS=bias is not None,
+        BLOCK=SPLIT_K_SUM_BLOCK, num_warps=4)
+    return out
