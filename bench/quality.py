@@ -13,8 +13,10 @@ perplexity, its ratio to the fp32 original, and quantization wall time.
 
 ``--seed N`` draws other calibration windows (the default is the library's ``CALIBRATION_SEED``).
 ``--shots 4`` adds a column of SST-2 4-shot accuracy on the dev set (``--examples`` caps it),
-scored as ``lowbit eval --shots`` scores it, and one of its accuracy on the negative and on the
-positive sentences (a model drifting towards one answer shows there).
+scored as ``lowbit eval --shots`` scores it, then its accuracy on the negative and on the
+positive sentences (a model drifting towards one answer shows there), the accuracy after
+contextual calibration and the ROC AUC of the label words' log-odds
+(``lowbit.eval.classification.FewShot``).
 
 The AWQ table uses group size 64: SmolLM2's hidden size, 576, is not a multiple of 128, and the
 AWQ GEMM layout needs whole groups. ``gptq-peer`` quantizes with GPTQModel (same calibration
@@ -39,7 +41,7 @@ import torch
 import lowbit
 from lowbit.checkpoint.loading import load_tokenizer
 from lowbit.compress import PruneConfig, compress
-from lowbit.eval.classification import fewshot_sst2
+from lowbit.eval.classification import fewshot_sst2_scores
 from lowbit.eval.data import CALIBRATION_SEED, calibration_batch, calibration_texts, wikitext2
 from lowbit.eval.perplexity import text_perplexity
 from lowbit.models import default_causal_lm_path
@@ -218,8 +220,9 @@ def main() -> None:
     def accuracy(model) -> str:
         if args.shots is None:
             return ""
-        acc = fewshot_sst2(model, tok, args.shots, args.examples)
-        return f" {acc} | {' / '.join(f'{r:.3f}' for r in acc.recalls)} |"
+        r = fewshot_sst2_scores(model, tok, args.shots, args.examples)
+        recalls = " / ".join(f"{x:.3f}" for x in r.accuracy.recalls)
+        return f" {r.accuracy} | {recalls} | {r.calibrated.value:.3f} | {r.auc:.3f} |"
 
     original = lowbit.from_pretrained(folder)
     base = ppl(original)
@@ -227,9 +230,10 @@ def main() -> None:
           f"calibration {args.nsamples} x {args.seqlen} tokens of WikiText-2 valid (seed {args.seed}); "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     bpw = args.table == "aqlm"
-    acc_head = "" if args.shots is None else f" SST-2 {args.shots}-shot [95% CI] | recall negative / positive |"
+    acc_head = ("" if args.shots is None else
+                f" SST-2 {args.shots}-shot [95% CI] | recall negative / positive | calibrated | AUC |")
     print("| model | perplexity | vs fp32 | quantize time |" + (" bits/weight |" if bpw else "") + acc_head)
-    print("|---|---|---|---|" + ("---|" if bpw else "") + ("---|---|" if acc_head else ""))
+    print("|---|---|---|---|" + ("---|" if bpw else "") + ("---|---|---|---|" if acc_head else ""))
     print(f"| fp32 original | {base:.3f} | 1.000 | - |" + (" 32 |" if bpw else "") + accuracy(original), flush=True)
     del original
     rows = TABLES[args.table]

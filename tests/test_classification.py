@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -34,6 +36,19 @@ def test_accuracy_counts_each_label():
     assert C.Accuracy(3, 5).recalls == ()
     with pytest.raises(ValueError, match="4 predictions for 5 labels"):
         C.Accuracy.of([1, 1, 1, 0], [0, 1, 1, 0, 0])
+
+
+def test_roc_auc_against_counting_pairs():
+    assert C.roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
+    gen = torch.Generator().manual_seed(3)
+    margins = torch.randint(-6, 6, (60,), generator=gen).float().div(2).tolist()  # many ties
+    labels = [int(m + r > 0) for m, r in zip(margins, torch.randn(60, generator=gen).tolist())]
+    pairs = [(a, b) for a, ya in zip(margins, labels) if ya == 1 for b, yb in zip(margins, labels) if yb == 0]
+    want = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
+    assert C.roc_auc(margins, labels) == pytest.approx(want, abs=1e-12)
+    assert C.roc_auc([m + 3.0 for m in margins], labels) == pytest.approx(want, abs=1e-12)  # no lean changes it
+    with pytest.raises(ValueError, match="one class only"):
+        C.roc_auc([0.1, 0.2], [1, 1])
 
 
 def test_probe_learns_a_separable_problem_deterministically():
@@ -96,6 +111,29 @@ def test_verbalizer_logprobs_are_the_summed_token_logprobs():
     acc = C.fewshot_sst2(lm, tok, shots=2, limit=12)
     assert acc.total == 12 and 0 <= acc.correct <= 12
     assert sum(acc.class_total) == 12 and sum(acc.class_correct) == acc.correct
+    r = C.fewshot_sst2_scores(lm, tok, shots=2, limit=12)
+    assert r.accuracy == acc and r.calibrated.total == 12 and 0 <= r.auc <= 1 and math.isfinite(r.bias)
+
+
+def test_contextual_calibration_removes_a_constant_lean(monkeypatch):
+    """Scores that separate the labels but all lean to " positive": uncalibrated accuracy is
+    the positive share, calibrated accuracy and the AUC are perfect."""
+    from lowbit.eval.data import sst2
+
+    rows = sst2("dev")[:40]
+    lean = 5.0
+
+    def fake_logprobs(lm, tokenizer, prefix, texts, batch_size=16, progress=False):
+        assert texts[len(rows):] == [C.fewshot_prompt([], t) for t in C.CONTENT_FREE]
+        out = [[-1.0, -1.0 + lean + (1.0 if y else -1.0)] for _, y in rows]
+        return out + [[-2.0, -2.0 + lean]] * len(C.CONTENT_FREE)
+
+    monkeypatch.setattr(C, "fewshot_logprobs", fake_logprobs)
+    r = C.fewshot_sst2_scores(None, None, shots=2, limit=40)
+    positives = sum(y for _, y in rows)
+    assert r.accuracy.correct == positives and r.accuracy.recalls == (0.0, 1.0)
+    assert r.bias == pytest.approx(lean)
+    assert r.calibrated.value == 1.0 and r.auc == 1.0
 
 
 @pytest.mark.parametrize("verbalizers", [C.VERBALIZERS, ("a", "b")], ids=["multi-token", "one-token"])

@@ -52,10 +52,10 @@ def test_report_with_fewshot_accuracy(tmp_path):
             fake_row("old", "cached before", "quantization", 30.0, 160)]
     for row, acc in zip(rows, (0.86, 0.81)):
         row["lm"].update(fewshot_accuracy=acc, fewshot_correct=int(acc * 200), fewshot_total=200,
-                         fewshot_ci95=[acc - 0.05, acc + 0.04])
+                         fewshot_ci95=[acc - 0.05, acc + 0.04], fewshot_auc=acc + 0.1)
     text = write_report({"settings": settings.key(), "model": "SmolLM2", "torch": "2.13", "rows": rows}, tmp_path).read_text()
-    assert "| AWQ 4-bit | 28.000 | 1.120 | 0.810 [0.760, 0.850] | 163.0 |" in text
-    assert "| cached before | 30.000 | 1.200 | - | 160.0 |" in text  # a row without the score
+    assert "| AWQ 4-bit | 28.000 | 1.120 | 0.810 [0.760, 0.850] | 0.910 | 163.0 |" in text
+    assert "| cached before | 30.000 | 1.200 | - | - | 160.0 |" in text  # a row without the scores
     assert "each dev sentence (200 of them) follows 4 labelled training phrases" in text
     assert (tmp_path / "lm_accuracy_vs_size.png").stat().st_size > 10_000 and "](lm_accuracy_vs_size.png)" in text
     (tmp_path / "plain").mkdir()

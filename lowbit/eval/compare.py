@@ -133,7 +133,7 @@ def _compress(method: Method, model, tokenizer, calib: torch.Tensor) -> dict:
 
 
 def _lm_row(method: Method, folder: Path, tokenizer, calib: torch.Tensor, s: CompareSettings) -> dict:
-    from lowbit.eval.classification import fewshot_sst2
+    from lowbit.eval.classification import fewshot_sst2_scores
     from lowbit.eval.data import wikitext2
     from lowbit.eval.memory import PeakMemory, model_weight_bytes
     from lowbit.eval.perplexity import text_perplexity
@@ -149,9 +149,12 @@ def _lm_row(method: Method, folder: Path, tokenizer, calib: torch.Tensor, s: Com
                               repeats=s.repeats, seed=s.seed)
         fewshot = {}
         if s.shots is not None:
-            acc = fewshot_sst2(model, tokenizer, s.shots, s.shot_examples)
+            r = fewshot_sst2_scores(model, tokenizer, s.shots, s.shot_examples)
+            acc = r.accuracy
             fewshot = {"fewshot_accuracy": acc.value, "fewshot_correct": acc.correct, "fewshot_total": acc.total,
-                       "fewshot_ci95": list(acc.interval()), "fewshot_recalls": list(acc.recalls)}
+                       "fewshot_ci95": list(acc.interval()), "fewshot_recalls": list(acc.recalls),
+                       "fewshot_calibrated_accuracy": r.calibrated.value, "fewshot_auc": r.auc,
+                       "fewshot_bias": r.bias}
     return {"perplexity": ppl, "weight_bytes": model_weight_bytes(model), "peak_bytes": peak.peak_bytes,
             "sparsity": sparsity_of(model), "speed": speed.as_dict(), **fewshot, **done,
             "seconds": time.perf_counter() - start}

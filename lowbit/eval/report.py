@@ -45,11 +45,15 @@ def _fewshot_cell(lm: dict) -> str:
     return f"{lm['fewshot_accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def _auc_cell(lm: dict) -> str:
+    return f"{lm['fewshot_auc']:.3f}" if "fewshot_auc" in lm else "-"  # rows cached before AUCs were kept
+
+
 def lm_table(rows: list[dict]) -> str:
     base = next((r["lm"] for r in rows if r["name"] == "fp32" and _ok(r, "lm")), None)
     batches = sorted({b for r in rows if _ok(r, "lm") for b in r["lm"]["speed"]["decode_tokens_per_s"]}, key=int)
     shots = _has_fewshot(rows)
-    head = ["method", "perplexity", "vs fp32", *(["SST-2 few-shot [95% CI]"] if shots else []), "weights MiB",
+    head = ["method", "perplexity", "vs fp32", *(["SST-2 few-shot [95% CI]", "SST-2 AUC"] if shots else []), "weights MiB",
             "zero weights", "peak MiB", "prefill ms", *[f"decode tok/s (batch {b})" for b in batches], "compress s",
             "total s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -61,7 +65,7 @@ def lm_table(rows: list[dict]) -> str:
         sp = lm["speed"]
         ratio = f"{lm['perplexity'] / base['perplexity']:.3f}" if base else "-"
         lines.append("| " + " | ".join([
-            r["label"], f"{lm['perplexity']:.3f}", ratio, *([_fewshot_cell(lm)] if shots else []), _mib(lm["weight_bytes"]), f"{lm['sparsity']:.0%}",
+            r["label"], f"{lm['perplexity']:.3f}", ratio, *([_fewshot_cell(lm), _auc_cell(lm)] if shots else []), _mib(lm["weight_bytes"]), f"{lm['sparsity']:.0%}",
             _mib(lm["peak_bytes"]), f"{1e3 * sp['prefill_s']:.0f}",
             *[f"{sp['decode_tokens_per_s'][b]:.1f}" for b in batches], f"{lm['compress_seconds']:.1f}", _total(lm)]) + " |")
     return "\n".join(lines)
@@ -222,7 +226,9 @@ def write_report(report: dict, out: Path) -> Path:
         *_distill_note(rows),
         *([f"Few-shot SST-2: each dev sentence ({s['shot_examples'] or 872} of them) follows {s['shots']} labelled "
            "training phrases, and the label whose word (\" positive\" / \" negative\") the LM finds likelier wins; "
-           "95 % Wilson intervals.", ""] if s.get("shots") is not None else []),
+           "95 % Wilson intervals. The AUC is the chance that a positive sentence gets higher odds of "
+           "\" positive\" than a negative one: it ignores the model's lean towards either word, which "
+           "compression can shift.", ""] if s.get("shots") is not None else []),
         lm_table(rows),
         "",
     ]
