@@ -238,7 +238,7 @@ def test_cli_eval_encoder_and_fewshot(capsys):
     assert "SST-2 probe accuracy" in capsys.readouterr().out
     assert main(["eval", "default", "--tokens", "512", "--shots", "2", "--examples", "8"]) == 0
     out = capsys.readouterr().out
-    assert "SST-2 2-shot accuracy" in out and "(n=8)" in out and "perplexity" in out
+    assert "SST-2 2-shot accuracy" in out and "(n=8)" in out and "perplexity" in out and "few-shot AUC" in out
 
 
 def test_probe_folder_without_tokenizer_and_negative_shots(tmp_path, monkeypatch):

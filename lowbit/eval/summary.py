@@ -32,6 +32,7 @@ class EvalRow:
     quantize_seconds: float | None = None
     accuracy: Accuracy | None = None
     task: str | None = None
+    auc: float | None = None  # few-shot only: ROC AUC of the label words' log-odds (classification.FewShot)
 
 
 def evaluate_folder(
@@ -72,19 +73,20 @@ def evaluate_folder(
         raise ValueError(f"{folder} is an encoder: few-shot scoring (--shots) needs a causal LM")
     probe = None if causal else C.reference_probe(resolve_model(str(probe_base)) if probe_base else default_encoder_path())
     gc.collect()
-    ppl = acc = task = None
+    ppl = acc = task = auc = None
     with PeakMemory(torch.device(device)) as peak:
         model = from_pretrained(folder, device=device, kernel=kernel)
         start = time.perf_counter()
         if causal:
             ppl = text_perplexity(model, tokenizer, wikitext2("test"), seqlen=seqlen, max_tokens=tokens, progress=True)
             if shots is not None:
-                acc, task = C.fewshot_sst2(model, tokenizer, shots, examples, progress=True), f"SST-2 {shots}-shot"
+                scores = C.fewshot_sst2_scores(model, tokenizer, shots, examples, progress=True)
+                acc, auc, task = scores.accuracy, scores.auc, f"SST-2 {shots}-shot"
         else:
             acc, task = C.sst2_probe_accuracy(model, tokenizer, probe), "SST-2 probe"
         seconds = time.perf_counter() - start
     row = EvalRow(label, ppl, folder_bytes(folder), model_weight_bytes(model), peak.peak_bytes,
-                  "peak RSS" if peak.device == "cpu" else "peak CUDA", seconds, quantize_seconds, acc, task)
+                  "peak RSS" if peak.device == "cpu" else "peak CUDA", seconds, quantize_seconds, acc, task, auc)
     del model
     gc.collect()
     return row
@@ -155,8 +157,9 @@ def format_table(rows: list[EvalRow]) -> str:
     base = rows[0]
     has_ppl = any(r.perplexity is not None for r in rows)
     tasks = sorted({r.task for r in rows if r.task})
+    has_auc = any(r.auc is not None for r in rows)
     head = ["model", *(["perplexity", "ppl ratio"] if has_ppl else []), *[f"{t} accuracy [95% CI]" for t in tasks],
-            "size on disk", "weights in memory", "peak memory", "eval time", "quantize time"]
+            *(["few-shot AUC"] if has_auc else []), "size on disk", "weights in memory", "peak memory", "eval time", "quantize time"]
     body = []
     for r in rows:
         cells = [r.label]
@@ -165,6 +168,7 @@ def format_table(rows: list[EvalRow]) -> str:
                 f"{r.perplexity:.3f}",
                 "-" if base.perplexity is None else f"{r.perplexity / base.perplexity:.3f}"]
         cells += [str(r.accuracy) if r.task == t else "-" for t in tasks]
+        cells += ([] if not has_auc else ["-" if r.auc is None else f"{r.auc:.3f}"])
         cells += [
             f"{_mb(r.disk_bytes)} ({r.disk_bytes / base.disk_bytes:.2f}x)",
             f"{_mb(r.weight_bytes)} ({r.weight_bytes / base.weight_bytes:.2f}x)",
