@@ -103,6 +103,46 @@ def test_clip_search_never_increases_the_partial_product_error(group_size):
     assert (max_val < w.abs().reshape(24, -1).amax(1, keepdim=True).expand_as(max_val) + 1e-6).any()
 
 
+def _symmetric_groups(rows: int, k: int, seed: int) -> torch.Tensor:
+    """Weights whose every 64-wide group is clamped to +-0.8 of its smaller end: ``max = -min``,
+    as the clip search leaves many groups."""
+    w = torch.randn(rows, k, generator=_gen(seed)).reshape(rows, -1, 64)
+    m = 0.8 * torch.minimum(w.amax(-1), -w.amin(-1))[..., None]
+    return torch.clamp(w, -m, m).reshape(rows, k)
+
+
+def test_symmetric_groups_keep_every_code():
+    """On ``max = -min`` groups the zero point sits on a tie (3.5 at 3 bits). Chosen with the
+    fp32 scale it nearly always breaks the same way (to 4: the negative end keeps the extra code);
+    with the scale rounded to fp16 first it breaks at random, and about half the groups lose a code.
+    (A group can also miss an interior code by chance: 64 values over 8 codes.)"""
+    from lowbit.methods.affine import quantize_grouped
+    from lowbit.methods.awq import CODE_SCALE_DTYPE
+
+    w = _symmetric_groups(256, 128, seed=11)
+    codes_used = {}
+    for dtype in (CODE_SCALE_DTYPE, torch.float16):
+        q, _, zeros = quantize_grouped(w, 3, 64, sym=False, scale_dtype=dtype)
+        groups = q.reshape(256, 2, 64)
+        codes_used[dtype] = torch.tensor([len(torch.unique(g)) for g in groups.reshape(-1, 64)]).float()
+    assert (codes_used[CODE_SCALE_DTYPE] == 8).float().mean() >= 0.9
+    assert 0.2 <= (codes_used[torch.float16] < 8).float().mean() <= 0.8
+
+
+def test_awq_module_stores_fp16_scales_of_codes_chosen_in_fp32():
+    """The final rounding is the fp32 one; only the stored scale is rounded (relative 2**-11)."""
+    from lowbit.methods.awq import AwqQuantizer
+
+    w = _symmetric_groups(48, 128, seed=12)
+    linear = torch.nn.Linear(128, 48, bias=False)
+    set_linear_weight(linear, w)
+    module = AwqQuantizer(AwqConfig(bits=3, group_size=64)).quantize_layer("l", linear, None)
+    assert module.scales.dtype == torch.float16
+    want = fake_quantize_grouped(w, 3, 64, sym=False, scale_dtype=torch.float32)
+    got = module.dequantize().float()
+    assert ((got - want).abs() <= want.abs() * 2**-11 + 1e-6).all()
+
+
 # --- folding scales keeps the fp model's function -------------------------------------------
 
 def _gpt2(seed=0):

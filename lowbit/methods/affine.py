@@ -99,8 +99,9 @@ def quantize_grouped(
     return q, torch.stack(scales), torch.stack(zeros)  # [N, K], [G, N], [G, N]
 
 
-def fake_quantize_grouped(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
+def fake_quantize_grouped(w: torch.Tensor, bits: int, group_size: int, sym: bool,
+                          scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """``w`` fp ``[N, K]`` quantized and dequantized group-wise (as :func:`quantize_grouped`): fp32 ``[N, K]``."""
-    q, scales, zeros = quantize_grouped(w, bits, group_size, sym)  # [N,K] [G,N] [G,N]
+    q, scales, zeros = quantize_grouped(w, bits, group_size, sym, scale_dtype)  # [N,K] [G,N] [G,N]
     g = group_index(w.shape[1], group_size).long().to(w.device)
     return dequantize(q, scales[g].t(), zeros[g].t())

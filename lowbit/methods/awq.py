@@ -16,6 +16,14 @@ Per transformer block, for each group of linears that read one input (:mod:`lowb
 3. **RTN** of the scaled, clipped weights into :class:`IntGroupedLinear` (asymmetric with
    ``zero_point=True``, the AWQ default).
 
+Codes and zero points, in both searches and in the final rounding, are chosen with the exact fp32
+scale; the module stores that scale in fp16 (a relative change under 2**-11). The clip search
+makes many groups symmetric (``max = -min``: a third of the groups of one 3-bit layer), which puts
+their zero point on a tie (3.5 at 3 bits) that fp32 breaks the same way in most groups (98 % in
+that layer): one end of the range keeps the extra code. Rounding the scale to fp16 first breaks it at random, and the
+half of those groups that round the other way can no longer reach their top code. On block 0 of
+the embedded model at 3 bits the fp32 choice cut each clipped linear's output error by 1.6-3 %.
+
 Blocks are calibrated on the full-precision outputs of the previous block, as AutoAWQ does.
 """
 
@@ -43,6 +51,8 @@ log = logging.getLogger(__name__)
 N_GRID = 20
 MAX_SHRINK = 0.5
 CLIP_TOKENS = 512
+CODE_SCALE_DTYPE = torch.float32
+"""The scale that codes and zero points are chosen with (module docstring); stored as fp16."""
 
 
 # --- pure functions ------------------------------------------------------------------------
@@ -94,7 +104,8 @@ def search_scale(
     for i in range(n_grid):
         ratio = i / n_grid
         s = candidate_scale(x_mean, w_mean, ratio)
-        loss = loss_of([fake_quantize_grouped(w.float() * s, bits, group_size, sym) / s for w in weights])
+        loss = loss_of([fake_quantize_grouped(w.float() * s, bits, group_size, sym, CODE_SCALE_DTYPE) / s
+                        for w in weights])
         losses.append(loss)
         if loss < best[0]:
             best = (loss, s, ratio)
@@ -125,7 +136,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, sy
         for i in range(int(max_shrink * n_grid)):
             mx = org_max * (1 - i / n_grid)
             cur = torch.clamp(wg, -mx[:, None], mx[:, None])
-            s, z = choose_qparams(cur, bits, sym, torch.float16)  # [N], [N]
+            s, z = choose_qparams(cur, bits, sym, CODE_SCALE_DTYPE)  # [N], [N]
             deq = dequantize(quantize(cur, s[:, None], z[:, None], bits), s[:, None], z[:, None])
             err = (xg @ deq.t() - ref).pow(2).mean(dim=0)  # [N]
             better = err < best_err
@@ -299,4 +310,4 @@ class AwqQuantizer(IntGroupedQuantizer[AwqConfig]):
         return s.to(originals[0].device)
 
     def quantize_layer(self, name: str, linear: nn.Module, stats: Stats | None) -> IntGroupedLinear:
-        return self.round_to_nearest(name, linear, self.sym)  # the weight is already scaled and clipped
+        return self.round_to_nearest(name, linear, self.sym, CODE_SCALE_DTYPE)  # already scaled and clipped

@@ -26,12 +26,17 @@ class IntGroupedQuantizer(Quantizer[C]):
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
 
-    def round_to_nearest(self, name: str, linear: nn.Module, sym: bool) -> IntGroupedLinear:
-        """The linear's (checked) weight rounded group-wise to ``config.bits``, contiguous groups."""
+    def round_to_nearest(self, name: str, linear: nn.Module, sym: bool,
+                         scale_dtype: torch.dtype = torch.float16) -> IntGroupedLinear:
+        """The linear's (checked) weight rounded group-wise to ``config.bits``, contiguous groups.
+
+        ``scale_dtype``: the scale the codes and zero points are chosen with (see
+        :func:`~lowbit.methods.affine.choose_qparams`); the module stores it in fp16 either way.
+        """
         w = self.checked_weight(name, linear)  # [N, K]
         k, _ = linear_shape(linear)
         group_size = self.group_size(k)
-        q, scales, zeros = quantize_grouped(w, self.config.bits, group_size, sym)  # [N,K] [G,N] [G,N]
+        q, scales, zeros = quantize_grouped(w, self.config.bits, group_size, sym, scale_dtype)  # [N,K] [G,N] [G,N]
         return self.build(linear, q, scales, zeros, group_index(k, group_size))
 
     def build(self, linear: nn.Module, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
