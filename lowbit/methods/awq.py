@@ -116,11 +116,13 @@ def search_scale(
 
 
 def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, sym: bool,
-                n_grid: int = N_GRID, max_shrink: float = MAX_SHRINK) -> torch.Tensor:
+                n_grid: int = N_GRID, max_shrink: float = MAX_SHRINK,
+                scale_dtype: torch.dtype = CODE_SCALE_DTYPE) -> torch.Tensor:
     """Per (row, group) clipping range minimising the error of the group's partial products.
 
     Args:
         w: fp ``[N, K]``; x: fp ``[T, K]`` calibration inputs.
+        scale_dtype: the scale each candidate's codes are chosen with.
     Returns:
         fp32 ``[N, G]`` clipping maxima (``|w|`` is clamped to them).
     """
@@ -136,7 +138,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, sy
         for i in range(int(max_shrink * n_grid)):
             mx = org_max * (1 - i / n_grid)
             cur = torch.clamp(wg, -mx[:, None], mx[:, None])
-            s, z = choose_qparams(cur, bits, sym, CODE_SCALE_DTYPE)  # [N], [N]
+            s, z = choose_qparams(cur, bits, sym, scale_dtype)  # [N], [N]
             deq = dequantize(quantize(cur, s[:, None], z[:, None], bits), s[:, None], z[:, None])
             err = (xg @ deq.t() - ref).pow(2).mean(dim=0)  # [N]
             better = err < best_err
