@@ -230,7 +230,6 @@ def pick_demos(pool: Sequence[tuple[str, int]], shots: int, seed: int = 0) -> li
     return demos
 
 
-@torch.no_grad()
 def _verbalizer_ids(tokenizer, prompt: str, prompt_ids: list[int]) -> list[list[int]]:
     """Each verbalizer's tokens as they follow ``prompt`` (tokenized as ``prompt_ids``)."""
     words = []
@@ -242,6 +241,7 @@ def _verbalizer_ids(tokenizer, prompt: str, prompt_ids: list[int]) -> list[list[
     return words
 
 
+@torch.no_grad()
 def verbalizer_logprobs(lm: nn.Module, tokenizer, prompt: str) -> list[float]:
     """Log-likelihood of each verbalizer's tokens after ``prompt`` (one forward per verbalizer)."""
     device = next(lm.parameters()).device
