@@ -134,11 +134,10 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, (w, x) in zip(clipped, clips.values()):
         errors = []
-        for dtype in (torch.float16, torch.float32):
+        for dtype in (torch.float16, torch.float32):  # the fp32 search last: its clip is lowbit's
             max_val = search_clip(w, x, args.bits, args.group_size, False, scale_dtype=dtype)
             errors.append(clip_error(w, x, max_val, args.bits, args.group_size, dtype))
-        best = search_clip(w, x, args.bits, args.group_size, False, scale_dtype=torch.float32)
-        wc = awq.apply_clip(w, best, args.group_size).reshape(w.shape[0], -1, args.group_size)
+        wc = awq.apply_clip(w, max_val, args.group_size).reshape(w.shape[0], -1, args.group_size)
         symmetric = (wc.amax(-1) == -wc.amin(-1)).float().mean().item()
         print(f"| {name} | {symmetric:.0%} | {errors[0]:.4e} | {errors[1]:.4e} |")
 

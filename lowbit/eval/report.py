@@ -53,8 +53,8 @@ def lm_table(rows: list[dict]) -> str:
     base = next((r["lm"] for r in rows if r["name"] == "fp32" and _ok(r, "lm")), None)
     batches = sorted({b for r in rows if _ok(r, "lm") for b in r["lm"]["speed"]["decode_tokens_per_s"]}, key=int)
     shots = _has_fewshot(rows)
-    head = ["method", "perplexity", "vs fp32", *(["SST-2 few-shot [95% CI]", "SST-2 AUC"] if shots else []), "weights MiB",
-            "zero weights", "peak MiB", "prefill ms", *[f"decode tok/s (batch {b})" for b in batches], "compress s",
+    head = ["method", "perplexity", "vs fp32", *(["SST-2 few-shot [95% CI]", "SST-2 AUC"] if shots else []),
+            "weights MiB", "zero weights", "peak MiB", "prefill ms", *[f"decode tok/s (batch {b})" for b in batches], "compress s",
             "total s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -65,7 +65,8 @@ def lm_table(rows: list[dict]) -> str:
         sp = lm["speed"]
         ratio = f"{lm['perplexity'] / base['perplexity']:.3f}" if base else "-"
         lines.append("| " + " | ".join([
-            r["label"], f"{lm['perplexity']:.3f}", ratio, *([_fewshot_cell(lm), _auc_cell(lm)] if shots else []), _mib(lm["weight_bytes"]), f"{lm['sparsity']:.0%}",
+            r["label"], f"{lm['perplexity']:.3f}", ratio, *([_fewshot_cell(lm), _auc_cell(lm)] if shots else []),
+            _mib(lm["weight_bytes"]), f"{lm['sparsity']:.0%}",
             _mib(lm["peak_bytes"]), f"{1e3 * sp['prefill_s']:.0f}",
             *[f"{sp['decode_tokens_per_s'][b]:.1f}" for b in batches], f"{lm['compress_seconds']:.1f}", _total(lm)]) + " |")
     return "\n".join(lines)

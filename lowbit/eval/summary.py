@@ -159,7 +159,8 @@ def format_table(rows: list[EvalRow]) -> str:
     tasks = sorted({r.task for r in rows if r.task})
     has_auc = any(r.auc is not None for r in rows)
     head = ["model", *(["perplexity", "ppl ratio"] if has_ppl else []), *[f"{t} accuracy [95% CI]" for t in tasks],
-            *(["few-shot AUC"] if has_auc else []), "size on disk", "weights in memory", "peak memory", "eval time", "quantize time"]
+            *(["few-shot AUC"] if has_auc else []), "size on disk", "weights in memory", "peak memory", "eval time",
+            "quantize time"]
     body = []
     for r in rows:
         cells = [r.label]
