@@ -4,10 +4,13 @@ For each Llama-7B layer shape (K x N) and M = 1, 16, 128 it times, with CUDA gra
 
 * ``fp16``: ``F.linear`` with an fp16 weight (cuBLAS);
 * ``lowbit w4g128`` and ``lowbit w4g128 act`` (act-order, rows reordered at load), and lowbit's
-  NF4 kernel (blocks of 64, double quant) on the bitsandbytes layout, and its AQLM kernel
-  (2x8 and 1x16, groups of 8 inputs, about 2 bits per weight);
+  NF4 kernel (blocks of 64, double quant) on the bitsandbytes layout, its AQLM kernel
+  (2x8 and 1x16, groups of 8 inputs, about 2 bits per weight), and its LLM.int8 kernel
+  (threshold 6, one outlier input column);
+* ``int_mm``: LLM.int8 through the reference's decomposition with ``torch._int_mm`` (what lowbit
+  runs above 16 rows; it synchronizes on the outlier columns, so it may not record in a graph);
 * peers importable here: PyTorch's tinygemm int4 (``aten._weight_int4pack_mm``, what torchao's
-  int4 weight-only uses), bitsandbytes NF4 (``matmul_4bit``);
+  int4 weight-only uses), bitsandbytes NF4 (``matmul_4bit``) and LLM.int8 (``Linear8bitLt``);
 * ``probe``: ``torch.sum`` over a buffer of the same byte count as the 4-bit kernel must read
   (packed weight, scales, zeros, x) — the bandwidth a plain read stream reaches at that size;
 * standalone dequantize against a device-to-device copy of the same bytes (read + write).
@@ -215,6 +218,54 @@ def lowbit_aqlm_row(m, k, n, sets, n_codebooks, nbits, batch_path=None):
     return calls, code_bytes + books.numel() * 2 + 2 * n + 2 * m * (k + n), err
 
 
+def random_int8(n: int, k: int, m: int) -> tuple:
+    """LLM.int8 codes and scales of a random ``[n, k]`` weight, and ``x [m, k]`` with one outlier
+    column for threshold 6 (LLM activations hold a few)."""
+    from lowbit.formats.int8_outlier import quantize_rows
+
+    cb, scb = quantize_rows(torch.randn(n, k, device="cuda", dtype=torch.float16))
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    x[:, 7] = 8.0
+    return cb, scb, x
+
+
+def lowbit_int8_row(m, k, n, sets, int_mm=False):
+    """lowbit's LLM.int8: the Triton kernel, or (``int_mm``) the reference's decomposition with
+    ``torch._int_mm``."""
+    from lowbit.formats.int8_outlier import int_mm as int_mm_fn
+    from lowbit.kernels import triton_int8 as I
+
+    calls, err = [], 0.0
+    for i in range(sets):
+        cb, scb, x = random_int8(n, k, m)
+        if int_mm:
+            fn = lambda x=x, cb=cb, scb=scb: reference.matmul_int8_outlier(x, cb, scb, 6.0, int_matmul=int_mm_fn)
+        else:
+            fn = lambda x=x, cb=cb, scb=scb: I.matmul_int8_outlier(x, cb, scb, 6.0)
+        if i == 0:
+            err = rel_err(fn(), reference.matmul_int8_outlier(x.float(), cb, scb, 6.0))
+        calls.append(fn)
+    return calls, n * k + 4 * n + 2 * m * (k + n), err
+
+
+def bnb_int8_row(m, k, n, sets):
+    """bitsandbytes' ``Linear8bitLt`` (threshold 6) on the same kind of input."""
+    import bitsandbytes as bnb
+
+    calls, err = [], 0.0
+    for i in range(sets):
+        w = torch.randn(n, k, dtype=torch.float16)
+        lin = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=6.0)
+        lin.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+        lin = lin.cuda()
+        _cb, _scb, x = random_int8(n, k, m)
+        if i == 0:
+            want = reference.matmul_int8_outlier(x.float(), lin.weight.CB, lin.weight.SCB, 6.0)
+            err = rel_err(lin(x), want)
+        calls.append(lambda x=x, lin=lin: lin(x))
+    return calls, n * k + 4 * n + 2 * m * (k + n), err
+
+
 def tinygemm_row(m, k, n, sets, group=128):
     """PyTorch's int4 tinygemm (bf16 activations), as torchao's int4 weight-only uses it."""
     calls, err = [], 0.0
@@ -283,10 +334,11 @@ def probe_row(nbytes, sets):
     return [lambda b=b: b.sum() for b in bufs], nbytes, 0.0
 
 
-PEERS = {"tinygemm int4 (bf16)": tinygemm_row, "gemlite w4g128": gemlite_row, "bitsandbytes nf4": bnb_row}
+PEERS = {"tinygemm int4 (bf16)": tinygemm_row, "gemlite w4g128": gemlite_row, "bitsandbytes nf4": bnb_row,
+         "bitsandbytes int8 (LLM.int8)": bnb_int8_row}
 
 
-ROWS = ["fp16", "lowbit", "tinygemm", "gemlite", "bitsandbytes", "probe"]
+ROWS = ["fp16", "lowbit", "int_mm", "tinygemm", "gemlite", "bitsandbytes", "probe"]
 
 
 def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str]) -> list[dict]:
@@ -295,6 +347,7 @@ def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str]) -
     w4_bytes = k * n // 2
     sets4 = copies_for(w4_bytes, l2)
     sets2 = copies_for(k * n // 4, l2)  # ~2 bits per weight
+    sets8 = copies_for(k * n, l2)
     builders = {
         "fp16 F.linear": lambda: fp16_row(m, k, n, copies_for(2 * n * k, l2)),
         "lowbit w4g128": lambda: lowbit_row(m, k, n, sets4, act_order=False),
@@ -302,6 +355,8 @@ def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str]) -
         "lowbit nf4 double-quant": lambda: lowbit_nf4_row(m, k, n, sets4),
         "lowbit aqlm 2x8": lambda: lowbit_aqlm_row(m, k, n, sets2, 2, 8),
         "lowbit aqlm 1x16": lambda: lowbit_aqlm_row(m, k, n, sets2, 1, 16),
+        "lowbit int8 (LLM.int8)": lambda: lowbit_int8_row(m, k, n, sets8),
+        "int_mm int8 (LLM.int8, lowbit's decomposition)": lambda: lowbit_int8_row(m, k, n, sets8, int_mm=True),
         # both paths for batches (16 rows or more); the rows above take the default's
         **({"lowbit nf4 double-quant (tiled)": lambda: lowbit_nf4_row(m, k, n, sets4, "tiled"),
             "lowbit nf4 double-quant (dequantize)": lambda: lowbit_nf4_row(m, k, n, sets4, "dequantize"),
@@ -310,7 +365,7 @@ def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str]) -
             "lowbit aqlm 1x16 (tiled)": lambda: lowbit_aqlm_row(m, k, n, sets2, 1, 16, "tiled"),
             "lowbit aqlm 1x16 (dequantize)": lambda: lowbit_aqlm_row(m, k, n, sets2, 1, 16, "dequantize")}
            if m >= 16 else {}),
-        **{name: (lambda fn=fn: fn(m, k, n, sets4)) for name, fn in PEERS.items()},
+        **{name: (lambda fn=fn: fn(m, k, n, sets8 if "int8" in name else sets4)) for name, fn in PEERS.items()},
         # the bytes the w4 g128 kernel must read: packed weight, fp16 scales, packed zeros, x and y
         "probe torch.sum (same bytes)": lambda: probe_row(w4_bytes + (k // 128) * n * 2.5 + 2 * m * (k + n), sets4),
     }

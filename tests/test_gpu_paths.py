@@ -2,7 +2,7 @@
 
 A tiny Llama is quantized on the CPU with each method, then run on the CPU (reference kernels,
 fp32) and on the GPU in fp16 (Triton kernels; ``torch._int_mm`` for LLM.int8 at more than 16
-rows). The logits agree to fp16 rounding of activations through the model. Skipped without a GPU.
+rows, Triton below). The logits agree to fp16 rounding of activations through the model. Skipped without a GPU.
 """
 
 from __future__ import annotations
@@ -59,6 +59,20 @@ def test_quantized_model_on_gpu_matches_cpu_reference(name):
     # fp16 activations through two blocks; LLM.int8 also rounds activations to int8 per row, so a
     # small input difference can move a code by one step (~1% of the row's largest value)
     assert rel < (3e-2 if name == "int8" else 1e-2), rel
+
+
+def test_int8_single_token_takes_the_triton_kernel():
+    """One token at a time (decode): LLM.int8 on the GPU takes the Triton kernel (``torch._int_mm``
+    needs more than 16 rows) and gives the CPU reference's logits."""
+    model = lowbit.quantize(tiny_llama_model(), CONFIGS["int8"], calib_ids(), progress=False)
+    ids = calib_ids(1, 1, seed=4)
+    with torch.no_grad():
+        want = model(ids).logits
+        gpu = _fp16_activations(copy.deepcopy(model).cuda())
+        got = gpu(ids.cuda()).logits.float().cpu()
+    layer = next(m for m in gpu.modules() if isinstance(m, QuantLinear))
+    assert select_kernel(layer, torch.randn(1, layer.in_features, device="cuda", dtype=torch.float16)).name == "triton"
+    assert ((got - want).norm() / want.norm()).item() < 3e-2
 
 
 def _input_grad(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:

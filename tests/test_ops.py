@@ -13,10 +13,13 @@ import lowbit
 import lowbit.kernels as K
 from conftest import MATMUL_REL, calib_ids, rel_err, tiny_llama_model
 from lowbit.formats.base import QuantLinear
+from lowbit.formats.int8_outlier import Int8Linear
+from lowbit.formats.int8_outlier import _reference_forward as int8_reference_forward
 from lowbit.kernels import reference
 from test_group_order import random_module as random_int_grouped
 from test_triton_blockwise4 import random_module as random_nf4
 from test_triton_codebook import random_module as random_aqlm
+from test_triton_int8 import random_case as random_int8
 
 pytest.importorskip("triton")
 ops = pytest.importorskip("lowbit.kernels.ops")
@@ -59,10 +62,23 @@ def aqlm_case(m_rows, n_codebooks):
     return ops.codebook_matmul, args, want, 64
 
 
+def int8_case(m_rows, threshold):
+    _x, cb, scb, b = random_int8(m_rows, 24, 80, seed=m_rows, threshold=threshold)
+    args = (cb, scb, b, threshold)
+    mod = Int8Linear(80, 24, threshold=threshold, bias=True, device=DEVICE)
+    mod.weight, mod.SCB, mod.bias = cb, scb, b
+
+    def want(x):  # the reference forward, with its gradient through the dequantized weight
+        return int8_reference_forward(x, mod)
+
+    return ops.int8_outlier_matmul, args, want, 80
+
+
 CASES = {
     "int4-g32": (int_grouped_case, False), "int4-g32-act-order": (int_grouped_case, True),
     "nf4": (nf4_case, False), "nf4-double-quant": (nf4_case, True),
     "aqlm-1x8": (aqlm_case, 1), "aqlm-2x4": (aqlm_case, 2),
+    "int8": (int8_case, 0.0), "int8-outliers": (int8_case, 1.5),
 }
 
 
@@ -87,10 +103,10 @@ def test_matmul_op_forward_backward_and_opcheck(case, m_rows):
 
 
 ENTRY_POINTS = {"int_grouped_matmul": "int_grouped_linear", "blockwise4_matmul": "blockwise4_linear",
-                "codebook_matmul": "codebook_linear"}
+                "codebook_matmul": "codebook_linear", "int8_outlier_matmul": "int8_outlier_linear"}
 
 
-@pytest.mark.parametrize("case", ["int4-g32-act-order", "nf4-double-quant", "aqlm-2x4"])
+@pytest.mark.parametrize("case", ["int4-g32-act-order", "nf4-double-quant", "aqlm-2x4", "int8-outliers"])
 def test_entry_points_take_the_op_only_when_traced_or_differentiated(case, monkeypatch):
     """The modules' entry points launch the wrapper directly in plain eager without a gradient to
     record (the same result), and go through the custom op when ``x`` needs a gradient and under
@@ -148,6 +164,7 @@ KERNEL_NEEDS = {
     "int_grouped": lambda m: m.group_ordered() is not None,
     "blockwise4": lambda m: True,
     "codebook": lambda m: m.codebooks.shape[2] == 1,
+    "int8_outlier": lambda m: True,
 }
 
 

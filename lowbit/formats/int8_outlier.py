@@ -15,6 +15,9 @@ Forward (Dettmers et al. 2022): input columns holding any ``|x| >= threshold`` (
 comparison) are multiplied in floating point with the dequantized weight columns; every other
 column is quantized per row of ``x`` to int8 and multiplied in integers with int32 accumulation.
 ``threshold = 0`` turns the decomposition off.
+
+Kernels: the reference everywhere; on a GPU, ``torch._int_mm`` for more than 16 rows and the
+Triton kernel (:mod:`lowbit.kernels.triton_int8`, no host synchronization) for up to 16.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from __future__ import annotations
 import torch
 
 from lowbit.formats.base import QuantLinear
-from lowbit.kernels import KernelImpl, always, register_kernel
-from lowbit.kernels import reference
+from lowbit.kernels import KernelImpl, always, register_kernel, triton_gpu_available
+from lowbit.kernels import ops, reference
 
 ROW_FORMAT = 0  # bitsandbytes' LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING["row"]
 
@@ -119,6 +122,20 @@ def _int_mm_supported(m: Int8Linear, x: torch.Tensor) -> bool:
 register_kernel(
     Int8Linear.format,
     KernelImpl("reference", 0, available=always, supports=lambda m, x: x.is_floating_point(), fn=_reference_forward),
+)
+def _triton_supports(m: Int8Linear, x: torch.Tensor) -> bool:
+    """fp16/bf16 on a GPU where ``torch._int_mm`` does not apply: up to 16 rows (decode), or odd
+    K or N. Above 16 rows cuBLAS' int8 product keeps the work until a GPU bench compares the two."""
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and not _int_mm_supported(m, x)
+
+
+def _triton_forward(x: torch.Tensor, m: Int8Linear) -> torch.Tensor:
+    return ops.int8_outlier_linear(x, m.weight, m.SCB, m.bias, m.threshold)
+
+
+register_kernel(
+    Int8Linear.format,
+    KernelImpl("triton", 10, available=triton_gpu_available, supports=_triton_supports, fn=_triton_forward),
 )
 register_kernel(
     Int8Linear.format,

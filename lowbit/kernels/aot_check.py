@@ -31,6 +31,7 @@ class Variant:
     kernel: str
     signature: dict
     constants: dict
+    options: tuple = ()  # (name, value) compile options the launch passes, e.g. enable_fp_fusion
 
     def label(self) -> str:
         return f"{self.module}.{self.kernel}[{', '.join(f'{k}={v}' for k, v in self.constants.items())}]"
@@ -123,6 +124,19 @@ def _codebook_variants() -> list[Variant]:
     return out
 
 
+def _int8_variants() -> list[Variant]:
+    out = []
+    # (block_m, split_k, outliers, dtype): one-token GEMV with split-K, int8 tl.dot tiles, no outliers
+    for bm, split, outliers, dt in ((1, 8, True, "fp16"), (16, 2, True, "bf16"), (64, 1, False, "fp16")):
+        sig = {"x_ptr": f"*{dt}", "w_ptr": "*i8", "scb_ptr": "*fp32", "outlier_ptr": "*u8", "row_ptr": "*fp32",
+               "inv_ptr": "*fp32", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}" if split == 1 else "*fp32",
+               "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}
+        consts = dict(HAS_OUTLIERS=outliers, HAS_BIAS=split == 1, BLOCK_M=bm, BLOCK_N=64 if bm < 64 else 128,
+                      BLOCK_K=128, SPLIT_K=split, DOT_FP32=False)
+        out.append(Variant("triton_int8", "_matmul_kernel", sig, consts, (("enable_fp_fusion", False),)))
+    return out
+
+
 def _split_k_sum_variants() -> list[Variant]:
     return [Variant("triton_common", "_split_k_sum_kernel",
                     {"p_ptr": "*fp32", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", "MN": "i32", "N": "i32"},
@@ -133,7 +147,7 @@ def _split_k_sum_variants() -> list[Variant]:
 def variants() -> list[Variant]:
     """Every kernel variant the check compiles."""
     return (_matmul_variants() + _dequantize_variants() + _blockwise4_variants() + _codebook_variants()
-            + _split_k_sum_variants())
+            + _int8_variants() + _split_k_sum_variants())
 
 
 def compile_variant(v: Variant, target: tuple) -> str:
@@ -152,7 +166,7 @@ def compile_variant(v: Variant, target: tuple) -> str:
     signature = dict(v.signature, **{name: "constexpr" for name in v.constants})
     src = ASTSource(fn=fn, signature=signature, constexprs=dict(v.constants))
     backend = target[0]
-    options = {"num_warps": 4}
+    options = {"num_warps": 4, **dict(v.options)}
     if backend == "hip":
         options.update(hip_options(target[1]), num_stages=2)  # as the launches on that GPU use
     kernel = triton.compile(src, target=GPUTarget(*target), options=options)

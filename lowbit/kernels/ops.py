@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from lowbit.formats.group_order import GroupOrdered
+from lowbit.kernels import reference
 
 
 def dispatch_free(x: Tensor) -> bool:
@@ -221,3 +222,43 @@ def _codebook_backward(ctx, grad):
 
 
 codebook_matmul.register_autograd(_codebook_backward, setup_context=_codebook_setup)
+
+# --- LLM.int8 ------------------------------------------------------------------------------
+
+
+def _int8_outlier_matmul(x: Tensor, weight: Tensor, scb: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
+    """LLM.int8 ``x @ W.T + bias`` (the buffers of :class:`~lowbit.formats.int8_outlier.Int8Linear`);
+    ``[..., N]`` in x's dtype."""
+    from lowbit.kernels import triton_int8
+
+    return triton_int8.matmul_int8_outlier(x, weight, scb, threshold, bias)
+
+
+int8_outlier_matmul = torch.library.custom_op("lowbit::int8_outlier_matmul", _int8_outlier_matmul, mutates_args=())
+
+
+def int8_outlier_linear(x: Tensor, weight: Tensor, scb: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
+    """:func:`int8_outlier_matmul`, through the dispatcher only where needed (:func:`dispatch_free`)."""
+    args = (x, weight, scb, bias, threshold)
+    return _int8_outlier_matmul(*args) if dispatch_free(x) else int8_outlier_matmul(*args)
+
+
+@int8_outlier_matmul.register_fake
+def _(x, weight, scb, bias, threshold):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _int8_outlier_setup(ctx, inputs, output):
+    _x, weight, scb, _bias, _threshold = inputs
+    ctx.weight = (weight, scb)
+
+
+def _int8_outlier_backward(ctx, grad):
+    """As bitsandbytes' ``MatMul8bitLt``: the gradient of the product with the dequantized weight
+    (rounding the activations to int8 has no useful gradient)."""
+    weight, scb = ctx.weight
+    w = reference.dequantize_int8_rows(weight, scb).to(grad.dtype)  # [N, K]
+    return grad @ w, None, None, None, None
+
+
+int8_outlier_matmul.register_autograd(_int8_outlier_backward, setup_context=_int8_outlier_setup)

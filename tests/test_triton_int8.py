@@ -1,0 +1,143 @@
+"""Triton LLM.int8 kernel against the reference (interpreter on CPU; compiled on a GPU).
+
+fp32 inputs show the integer part exact (the same int8 codes and int32 sums as the reference:
+only the fp32 scaling and outlier sums differ, in their order); fp16 and bf16 inputs are held to
+the fused-matmul tolerance of the table in conftest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import MATMUL_REL, rel_err
+from lowbit.formats.int8_outlier import Int8Linear, quantize_rows
+import lowbit.kernels as K
+from lowbit.kernels import reference, select_kernel
+
+pytest.importorskip("triton")
+T = pytest.importorskip("lowbit.kernels.triton_int8")
+C = pytest.importorskip("lowbit.kernels.triton_common")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP32_REL = 1e-6  # the reference in fp32: the same integer sums, fp32 scaling in another order
+
+# (M, N, K, threshold): one token (vector-unit products) and tl.dot tiles (16 rows and more), K
+# not a multiple of the tile, K under one tile, no outlier threshold; thresholds that bf16 holds
+# exactly (the planted outliers equal them: the comparison is ">=")
+SHAPES = [(1, 33, 71, 6.0), (3, 40, 96, 2.0), (16, 24, 100, 2.5), (127, 20, 64, 3.0), (1, 9, 512, 0.0),
+          (5, 17, 300, 2.75), (17, 8, 40, 0.0), (2, 64, 257, 3.25)]
+SHAPE_IDS = [f"M{m}-N{n}-K{k}-t{t:g}" for m, n, k, t in SHAPES]
+
+
+def random_case(m, n, k, seed, threshold=0.0):
+    """Codes and scales of a random weight, a bias, and ``x [m, k]`` under 2 in magnitude; with a
+    threshold, row 0 holds it in columns 1 and ``k - 2`` (the first and the last K tile of 128,
+    where K spans three: the middle one has no outlier)."""
+    gen = torch.Generator().manual_seed(seed)
+    cb, scb = quantize_rows(torch.randn(n, k, generator=gen).half())
+    x = torch.randn(m, k, generator=gen).clamp(-1.9, 1.9)
+    if threshold:
+        x[0, [1, k - 2]] = torch.tensor([threshold, -threshold])
+    b = torch.randn(n, generator=gen)
+    return x.to(DEVICE), cb.to(DEVICE), scb.to(DEVICE), b.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("m,n,k,threshold", SHAPES, ids=SHAPE_IDS)
+def test_matmul_matches_reference(m, n, k, threshold, dtype):
+    if dtype == torch.float32 and DEVICE == "cuda":
+        pytest.skip("fp32 outlier products run in tf32 on a GPU")
+    x, cb, scb, b = random_case(m, n, k, seed=m * k + n, threshold=threshold)
+    x = x.to(dtype)
+    outliers = T.activation_stats(x, threshold)[0]  # uint8 [K], None without a threshold
+    assert outliers is None if not threshold else outliers.nonzero().flatten().tolist() == [1, k - 2]
+    want = reference.matmul_int8_outlier(x.float(), cb, scb, threshold, b)  # fp32: the kernel's error alone
+    got = T.matmul_int8_outlier(x, cb, scb, threshold, b)
+    assert got.dtype == dtype and got.shape == (m, n) and torch.isfinite(got).all()
+    assert rel_err(got, want) <= (FP32_REL if dtype == torch.float32 else MATMUL_REL[dtype])
+
+
+@pytest.mark.parametrize("block_m,split_k", [(1, 4), (4, 2), (16, 3), (32, 1)])
+def test_every_tile_and_split_gives_the_reference(block_m, split_k):
+    """Launch configurations the heuristic picks on a GPU (split-K for few rows, tl.dot tiles),
+    forced on a small problem."""
+    x, cb, scb, b = random_case(20, 40, 700, seed=block_m + split_k, threshold=3.0)
+    want = reference.matmul_int8_outlier(x, cb, scb, 3.0, b)
+    cfg = C.MatmulConfig(block_m, 32, 64, split_k, 4, 2)
+    got = T.matmul_int8_outlier(x, cb, scb, 3.0, b, cfg=cfg)
+    assert rel_err(got, want) <= FP32_REL
+
+
+def test_ties_round_half_to_even_as_the_reference():
+    """Rows whose absmax is 127 scale by exactly 1, so ``x = j + 0.5`` sits on a tie between two
+    codes: the kernel must round as ``torch.round`` (half to even), and the test can tell."""
+    gen = torch.Generator().manual_seed(3)
+    k, n = 96, 24
+    x = (torch.randint(-126, 126, (4, k), generator=gen) + 0.5).float()
+    x[:, 0] = 127.0  # each row's absmax
+    cb, scb = quantize_rows(torch.randn(n, k, generator=gen))
+    x, cb, scb = x.to(DEVICE), cb.to(DEVICE), scb.to(DEVICE)
+    want = reference.matmul_int8_outlier(x, cb, scb, 0.0)
+    got = T.matmul_int8_outlier(x, cb, scb, 0.0)
+    away = torch.sign(x) * torch.floor(x.abs() + 0.5)  # half away from zero: the other usual rounding
+    wrong = (away @ cb.float().t()) * scb / 127.0
+    assert rel_err(wrong, want) > 100 * FP32_REL  # the two roundings are far apart here
+    assert rel_err(got, want) <= FP32_REL
+
+
+def test_zero_rows_and_all_outlier_rows():
+    """A row of zeros (absmax 0) and a row whose every column is an outlier give the reference's
+    finite output, not NaN from a division by zero."""
+    x, cb, scb, b = random_case(3, 16, 64, seed=9, threshold=6.0)
+    x[0] = 0.0
+    x[2, ::2] = 50.0  # half the columns are outliers for every row; row 2 keeps only those
+    x[2, 1::2] = 0.0
+    want = reference.matmul_int8_outlier(x, cb, scb, 6.0, b)
+    got = T.matmul_int8_outlier(x, cb, scb, 6.0, b)
+    assert torch.isfinite(got).all() and rel_err(got, want) <= FP32_REL
+
+
+def test_empty_input_and_batched_shape():
+    x, cb, scb, b = random_case(6, 16, 64, seed=4, threshold=6.0)
+    assert T.matmul_int8_outlier(x[:0], cb, scb, 6.0, b).shape == (0, 16)
+    got = T.matmul_int8_outlier(x.reshape(2, 3, 64), cb, scb, 6.0, b)
+    assert got.shape == (2, 3, 16)
+    assert torch.equal(got.reshape(6, 16), T.matmul_int8_outlier(x, cb, scb, 6.0, b))
+
+
+def test_module_forward_through_the_kernel_matches_reference(monkeypatch):
+    """The ``Int8Linear`` forward through its registered Triton implementation (made available on
+    this device) equals the reference forward, and passes the gradient to the input."""
+    gen = torch.Generator().manual_seed(5)
+    mod = Int8Linear.from_linear(torch.randn(48, 80, generator=gen), torch.randn(48, generator=gen),
+                                 threshold=2.5).to(DEVICE)
+    x = torch.randn(2, 80, generator=gen).to(DEVICE)
+    with torch.no_grad():
+        want = mod(x)  # the reference on CPU; on a GPU, 2 fp32 rows also take the reference
+    impls = [dataclasses.replace(i, available=K.always, supports=lambda m, x: True) if i.name == "triton" else i
+             for i in K.kernels_for(Int8Linear.format)]
+    monkeypatch.setitem(K._KERNELS, Int8Linear.format, impls)
+    monkeypatch.setattr(K, "_AVAILABLE", {})
+    assert select_kernel(mod, x).name == "triton"
+    xg = x.clone().requires_grad_(True)
+    got = mod(xg)
+    got.sum().backward()
+    assert rel_err(got.detach(), want) <= FP32_REL
+    want_grad = reference.dequantize_int8_rows(mod.weight, mod.SCB).sum(0).expand(2, 80)
+    assert rel_err(xg.grad, want_grad) <= FP32_REL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("k,n", [(4096, 4096), (4096, 11008), (11008, 4096)])
+def test_model_sizes_on_gpu(m, k, n):
+    gen = torch.Generator().manual_seed(m + k)
+    cb, scb = quantize_rows(torch.randn(n, k, generator=gen).half())
+    x = torch.randn(m, k, generator=gen).half()
+    x[:, 7] = 20.0  # one outlier column
+    want = reference.matmul_int8_outlier(x.float(), cb, scb, 6.0)
+    got = T.matmul_int8_outlier(x.cuda(), cb.cuda(), scb.cuda(), 6.0).cpu()
+    assert rel_err(got, want) <= MATMUL_REL[torch.float16]
