@@ -215,3 +215,11 @@ def test_triton_is_not_offered_on_gpus_it_cannot_compile_for(monkeypatch, hip, a
         assert kernels.triton_gpu_available() is usable
     finally:
         kernels._gcn_arch.cache_clear()
+
+
+def test_launch_arithmetic_equals_tritons():
+    """The wrappers' ``cdiv`` and ``next_power_of_2`` (cheap to call) give Triton's values."""
+    for a in range(1, 300):
+        assert C.next_power_of_2(a) == triton.next_power_of_2(a)
+        for b in (1, 3, 16, 64, 128, 512):
+            assert C.cdiv(a, b) == triton.cdiv(a, b)

@@ -20,6 +20,7 @@ from lowbit.kernels.triton_common import (
     _output_tile,
     _product,
     _store_output,
+    cdiv,
     check_batch_path,
     device_sms,
     finish_split_k,
@@ -278,7 +279,7 @@ def dequantize_blockwise4(weight, absmax, quant_map, blocksize, shape, nested_ab
     numel = shape[0] * shape[1]
     out = torch.empty(shape, device=w.device, dtype=dtype)
     blocks = max(1, 2048 // blocksize)  # blocksize: a power of two (BLOCKSIZES)
-    _dequantize_kernel[(triton.cdiv(numel, blocks * blocksize),)](
+    _dequantize_kernel[(cdiv(numel, blocks * blocksize),)](
         w, absmax, quant_map, *nested_ptrs, out, numel, BLOCKSIZE=blocksize, NESTED=nested, BLOCKS=blocks,
         LOOKUP=table_lookup, num_warps=4)
     return out
@@ -300,7 +301,7 @@ WIDE_BLOCKS = 4
 def _gemv_config(n: int, k: int, blocksize: int, device: torch.device, step_blocks: int = 1) -> MatmulConfig:
     """Launch of the GEMV kernels: 64 rows a program, 4 warps, K split until about 8 programs
     per multiprocessor or two steps of ``step_blocks`` blocks per split."""
-    tiles, k_steps, split = triton.cdiv(n, 64), triton.cdiv(k // blocksize, step_blocks), 1
+    tiles, k_steps, split = cdiv(n, 64), cdiv(k // blocksize, step_blocks), 1
     while split < 16 and tiles * split * 2 <= 8 * device_sms(device) and k_steps // (split * 2) >= 2:
         split *= 2
     return MatmulConfig(1, 64, blocksize, split, 4, 3)

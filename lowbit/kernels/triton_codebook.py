@@ -24,11 +24,13 @@ from lowbit.kernels.triton_common import (
     _output_tile,
     _product,
     _store_output,
+    cdiv,
     check_batch_path,
     device_sms,
     finish_split_k,
     input_rows,
     launch_config,
+    next_power_of_2,
     output_buffer,
 )
 
@@ -220,7 +222,7 @@ def dequantize_codebook(codes, codebooks, scales, dtype: torch.dtype = torch.flo
     tiles = DEFAULT_DEQUANT_TILES if tiles is None else tiles
     if tiles < 1:
         raise ValueError(f"tiles must be at least 1, not {tiles}")
-    _dequantize_kernel[(triton.cdiv(k, block_k * tiles), triton.cdiv(n, block_n))](
+    _dequantize_kernel[(cdiv(k, block_k * tiles), cdiv(n, block_n))](
         codes.contiguous(), codebooks.contiguous(), scales.contiguous(), out, n, k, gi,
         C=n_codebooks, SIZE=size, IG=ig, BLOCK_N=block_n, BLOCK_K=block_k,
         TABLE=gather_table(codebooks, gather), WHOLE_WORDS=words, TILES=tiles, num_warps=4)
@@ -299,8 +301,8 @@ def _lut_config(m: int, n: int, j: int, device: torch.device) -> MatmulConfig:
     """Launch of :func:`_lut_gemv_kernel` over ``j`` codes a row: 16 rows by 64 codes a step, 4
     warps, K split until about 4 programs per multiprocessor or two steps per split."""
     block_n, block_j, split = 16, 64, 1
-    programs = triton.cdiv(n, block_n) * m
-    while split < 8 and programs * split * 2 <= 4 * device_sms(device) and triton.cdiv(j, block_j * split * 2) >= 2:
+    programs = cdiv(n, block_n) * m
+    while split < 8 and programs * split * 2 <= 4 * device_sms(device) and cdiv(j, block_j * split * 2) >= 2:
         split *= 2
     return MatmulConfig(1, block_n, block_j, split, 4, 1)
 
@@ -311,7 +313,7 @@ def _matmul_lut(x2, codes, codebooks, scales, bias, n: int, gi: int) -> torch.Te
     lut = codeword_products(x2, codebooks)
     cfg = _lut_config(m, n, gi * n_codebooks, x2.device)
     y = output_buffer(cfg, m, n, x2)
-    _lut_gemv_kernel[(triton.cdiv(n, cfg.block_n), cfg.split_k, m)](
+    _lut_gemv_kernel[(cdiv(n, cfg.block_n), cfg.split_k, m)](
         codes.contiguous(), lut, scales.contiguous(), bias if bias is not None else scales, y, n, gi,
         C=n_codebooks, SIZE=size, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_J=cfg.block_k,
         SPLIT_K=cfg.split_k, num_warps=cfg.num_warps)
@@ -338,7 +340,7 @@ def matmul_codebook(x, codes, codebooks, scales, bias=None, batch_path: str | No
         w = dequantize_codebook(codes, codebooks, scales, dtype=x2.dtype, gather=gather)
         b = bias.to(x2.dtype) if bias is not None else None
         return torch.nn.functional.linear(x2, w, b).reshape(*x.shape[:-1], n)
-    block_k = min(128, max(16, triton.next_power_of_2(k)))
+    block_k = min(128, max(16, next_power_of_2(k)))
     ig = codebooks.shape[3]
     cfg = launch_config(m, n, k, block_k, x.device)
     y = output_buffer(cfg, m, n, x2)

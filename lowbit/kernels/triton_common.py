@@ -22,6 +22,18 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 """Kernels run under the Triton interpreter (CPU tensors; the tests use it)."""
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ints. The wrappers use this, not ``triton.cdiv``: Triton 3.9
+    wraps that in a constexpr-function object whose call costs about 1.4 µs on a CPU core, several
+    times per eager call (``bench/dispatch.py``)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n`` (1 for ``n <= 1``); ``triton.next_power_of_2`` without its call cost."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 @triton.jit
 def _product(x, w, BLOCK_M: tl.constexpr, DOT_FP32: tl.constexpr):
     """``x [BM, BK] @ w [BK, BN]`` in fp32; ``w`` holds fp32 values, rounded to x's dtype for ``tl.dot``.
@@ -77,7 +89,7 @@ class MatmulConfig:
 
     def grid(self, m: int, n: int) -> tuple[int, int]:
         """Programs of a launch: output tiles (axis 0, as :func:`_output_tile` walks them) x K splits."""
-        return triton.cdiv(m, self.block_m) * triton.cdiv(n, self.block_n), self.split_k
+        return cdiv(m, self.block_m) * cdiv(n, self.block_n), self.split_k
 
     def kernel_options(self, dtype: torch.dtype) -> dict:
         """The tile constexprs every fused matmul kernel takes, ``DOT_FP32`` for ``dtype`` operands
@@ -112,14 +124,14 @@ def matmul_config(m: int, n: int, k: int, block_k: int, sms: int, hip_arch: str 
     if m == 1:
         block_m, block_n, num_warps, waves = 1, 64, 2, 64
     elif m < 16:
-        block_m = triton.next_power_of_2(m)
+        block_m = next_power_of_2(m)
         block_n, num_warps, waves = (64 if block_m <= 2 else 32), 4, 8
     elif m <= 64:
         block_m, block_n, num_warps, waves = 16, 64, 4, 8
     else:
         block_m, block_n, num_warps, waves = 64, 64, 4, 2
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    k_tiles = triton.cdiv(k, block_k)
+    tiles = cdiv(m, block_m) * cdiv(n, block_n)
+    k_tiles = cdiv(k, block_k)
     split_k = 1
     while split_k < 16 and tiles * split_k * 2 <= waves * sms and k_tiles // (split_k * 2) >= 2:
         split_k *= 2
@@ -188,7 +200,7 @@ def finish_split_k(y: torch.Tensor, cfg: MatmulConfig, bias: torch.Tensor | None
         return y
     _, m, n = y.shape
     out = torch.empty(m, n, device=y.device, dtype=dtype)
-    _split_k_sum_kernel[(triton.cdiv(m * n, SPLIT_K_SUM_BLOCK),)](
+    _split_k_sum_kernel[(cdiv(m * n, SPLIT_K_SUM_BLOCK),)](
         y, bias if bias is not None else y, out, m * n, n, SPLIT_K=cfg.split_k, HAS_BIAS=bias is not None,
         BLOCK=SPLIT_K_SUM_BLOCK, num_warps=4)
     return out

@@ -38,6 +38,7 @@ from lowbit.kernels.triton_common import (
     finish_split_k,
     input_rows,
     launch_config,
+    next_power_of_2,
     output_buffer,
 )
 
@@ -109,7 +110,7 @@ def activation_stats(x2: torch.Tensor, threshold: float) -> tuple[torch.Tensor |
 
 def block_k_for(k: int) -> int:
     """K tile: up to 128, at least 32 (int8 ``tl.dot``'s minimum)."""
-    return min(BLOCK_K_CAP, max(32, triton.next_power_of_2(k)))
+    return min(BLOCK_K_CAP, max(32, next_power_of_2(k)))
 
 
 def matmul_int8_outlier(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor, threshold: float,

@@ -28,9 +28,11 @@ from lowbit.kernels.triton_common import (
     _output_tile,
     _product,
     _store_output,
+    cdiv,
     finish_split_k,
     input_rows,
     launch_config,
+    next_power_of_2,
     output_buffer,
 )
 
@@ -155,7 +157,7 @@ def block_k_for(group: int, k: int, cap: int = 128) -> tuple[int, bool]:
     groups and dequantize per element.
     """
     if group >= k:
-        return min(cap, max(16, triton.next_power_of_2(k))), True
+        return min(cap, max(16, next_power_of_2(k))), True
     bk = cap
     while bk >= 16 and group % bk:
         bk //= 2
@@ -208,7 +210,7 @@ def dequantize_group_ordered(w: GroupOrdered, k: int, dtype: torch.dtype = torch
     n = w.scales.shape[1]
     out = torch.empty(n, k, device=w.qweight.device, dtype=dtype)
     block_n, block_k = 64, 64
-    grid = (triton.cdiv(k, block_k), triton.cdiv(n, block_n))
+    grid = (cdiv(k, block_k), cdiv(n, block_n))
     _dequantize_kernel[grid](
         w.qweight, w.scales, w.qzeros, w.perm if w.perm is not None else w.qweight, out,
         n, k, w.qweight.shape[0], w.qzeros.shape[1],
