@@ -60,6 +60,24 @@ def test_matmul_matches_reference(m, n, k, threshold, dtype):
     assert rel_err(got, want) <= (FP32_REL if dtype == torch.float32 else MATMUL_REL[dtype])
 
 
+@pytest.mark.parametrize("threshold", [0.0, 2.5])
+@pytest.mark.parametrize("m,k", [(1, 71), (5, 1100), (16, 512), (17, 300), (40, 96)])
+def test_activation_statistics(m, k, threshold):
+    """The outlier columns and each row's absmax over the others, from the statistics kernel (up
+    to 16 rows, partials over blocks of columns) and from PyTorch (more rows), as the reference
+    finds them."""
+    x = random_case(m, 8, k, seed=m + k, threshold=threshold)[0].half()
+    outliers, part = T.activation_stats(x, threshold)
+    xa = x.float().abs()
+    want_outliers = (xa >= threshold).any(0) if threshold else torch.zeros(k, dtype=torch.bool, device=x.device)
+    if threshold:
+        assert torch.equal(outliers.bool(), want_outliers) and want_outliers.sum() == 2
+    else:
+        assert outliers is None
+    assert part.shape == ((-(-k // T.STATS_BLOCK_K) if m <= T.STATS_ROWS else 1), m)
+    assert torch.equal(part.amax(0), xa.masked_fill(want_outliers, 0).amax(1))
+
+
 @pytest.mark.parametrize("block_m,split_k", [(1, 4), (4, 2), (16, 3), (32, 1)])
 def test_every_tile_and_split_gives_the_reference(block_m, split_k):
     """Launch configurations the heuristic picks on a GPU (split-K for few rows, tl.dot tiles),

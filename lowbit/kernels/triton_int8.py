@@ -6,15 +6,18 @@ columns holding any ``|x| >= threshold`` are outliers; every other column is qua
 the weight codes ``CB`` in int32, and scaled by ``absmax_row * SCB / 127**2``; the outlier columns
 are multiplied with ``CB`` in fp32 and scaled by ``SCB / 127``.
 
-Two launches (three with split-K). PyTorch first reduces the activations to the statistics the
-product needs: which columns are outliers, and each row's absmax over the others (a few small
-reductions over ``[M, K]``, no copy of ``x``). One kernel then reads each weight tile once,
-quantizes the matching ``x`` tile to int8 in registers, and multiplies in integers: ``tl.dot`` on
-int8 tiles of 16 rows or more, integer multiply-sums on the vector units below (one token). A
-tile that holds an outlier column also multiplies those columns of ``x`` with the codes in fp32;
-tiles without one skip that product. Nothing depends on the data's shape and nothing waits for the
-host, so the launch records in a CUDA graph (the reference gathers the outlier columns, which
-synchronizes).
+Two launches (three with split-K). The first reduces the activations to the statistics the
+product needs: which columns are outliers, and each row's absmax over the others. Up to
+:data:`STATS_ROWS` rows (decode) that is :func:`_stats_kernel`, one program per block of columns
+writing its partial row maxima; for more rows, a few PyTorch reductions, whose launches matter
+less there. The matmul kernel then takes each row's maximum over the partials and
+``127 / absmax`` (computed as PyTorch's ``127.0 / t`` is, ``127 * (1 / t)``), reads each weight
+tile once, quantizes the matching ``x`` tile to int8 in registers, and multiplies in integers:
+``tl.dot`` on int8 tiles of 16 rows or more, integer multiply-sums on the vector units below (one
+token). A tile that holds an outlier column also multiplies those columns of ``x`` with the codes
+in fp32; tiles without one skip that product. Nothing depends on the data's shape and nothing
+waits for the host, so the launches record in a CUDA graph (the reference gathers the outlier
+columns, which synchronizes).
 
 The integer sums are exact, as in the reference. The scaling and the outlier sums are fp32 in
 another order, so the output matches the reference to fp32 rounding before its final cast. The
@@ -35,6 +38,7 @@ from lowbit.kernels.triton_common import (
     _output_tile,
     _product,
     _store_output,
+    cdiv,
     finish_split_k,
     input_rows,
     launch_config,
@@ -48,21 +52,57 @@ for ``|v| < 2**22`` in fp32 (portable to every backend and the interpreter, unli
 
 BLOCK_K_CAP = 128
 
+STATS_ROWS = 16
+"""Rows up to which the activation statistics are a Triton kernel (above, PyTorch reductions)."""
+
+STATS_BLOCK_K = 512
+"""Columns per program of :func:`_stats_kernel`."""
+
+
+@triton.jit
+def _stats_kernel(x_ptr, outlier_ptr, part_ptr, M, K, stride_xm, threshold,
+                  HAS_OUTLIERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """For this program's block of columns: the outlier columns (any ``|x| >= threshold``) as uint8
+    ``outlier[K]``, and each row's absmax over the block's other columns, ``part[pid, M]`` fp32."""
+    pid = tl.program_id(0)
+    offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    if HAS_OUTLIERS:
+        col_max = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=(offs_m < M)[:, None] & mask_k[None, :], other=0.0)
+            col_max = tl.maximum(col_max, tl.max(tl.abs(x.to(tl.float32)), axis=0))
+        outlier = col_max >= threshold  # [BK]
+        tl.store(outlier_ptr + offs_k, outlier.to(tl.uint8), mask=mask_k)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        xa = tl.abs(tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                            mask=(offs_m < M)[:, None] & mask_k[None, :], other=0.0).to(tl.float32))
+        if HAS_OUTLIERS:
+            xa = tl.where(outlier[None, :], 0.0, xa)
+        tl.store(part_ptr + pid * M + offs_m, tl.max(xa, axis=1), mask=offs_m < M)
+
 
 @triton.jit
 def _matmul_kernel(
-    x_ptr, w_ptr, scb_ptr, outlier_ptr, row_ptr, inv_ptr, b_ptr, y_ptr,
-    M, N, K, stride_xm, stride_wn, stride_ym,
+    x_ptr, w_ptr, scb_ptr, outlier_ptr, part_ptr, b_ptr, y_ptr,
+    M, N, K, stride_xm, stride_wn, stride_ym, n_parts,
     HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
     """``y[M, N] = x[M, K] @ W.T (+ bias)``, W = ``CB * SCB / 127``; with ``SPLIT_K > 1``, fp32
-    partials ``y[SPLIT_K, M, N]``. ``inv`` is ``127 / absmax_row``."""
+    partials ``y[SPLIT_K, M, N]``. Each row's absmax is the largest of ``part[n_parts, M]``."""
     offs_m, offs_n = _output_tile(M, N, BLOCK_M, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    inv = tl.load(inv_ptr + offs_m, mask=mask_m, other=0.0)  # [BM]
+    row = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for j in range(0, n_parts):
+        row = tl.maximum(row, tl.load(part_ptr + j * M + offs_m, mask=mask_m, other=0.0))
+    one = tl.full((BLOCK_M,), 1.0, tl.float32)
+    inv = 127.0 * tl.div_rn(one, tl.maximum(row, 1e-30))  # [BM], as PyTorch's 127.0 / row
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     acc_out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(tl.program_id(1) * BLOCK_K, K, BLOCK_K * SPLIT_K):
@@ -83,7 +123,6 @@ def _matmul_kernel(
             acc += tl.dot(ca.to(tl.int8), cb)
         else:
             acc += tl.sum(ca.to(tl.int32)[:, :, None] * cb.to(tl.int32)[None, :, :], axis=1)
-    row = tl.load(row_ptr + offs_m, mask=mask_m, other=0.0)
     scb = tl.load(scb_ptr + offs_n, mask=mask_n, other=0.0)
     out = acc.to(tl.float32) * (row[:, None] * scb[None, :]) / 16129.0
     if HAS_OUTLIERS:
@@ -91,21 +130,31 @@ def _matmul_kernel(
     _store_output(y_ptr, b_ptr, out, offs_m, offs_n, M, N, stride_ym, HAS_BIAS, SPLIT_K)
 
 
-def activation_stats(x2: torch.Tensor, threshold: float) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """What the kernel needs of the activations ``x2 [M, K]``.
+def activation_stats(x2: torch.Tensor, threshold: float) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """What the matmul kernel needs of the activations ``x2 [M, K]``.
 
     Returns:
-        outlier columns as uint8 ``[K]`` (None when ``threshold == 0``), each row's absmax over the
-        other columns fp32 ``[M]``, and ``127 / absmax`` fp32 ``[M]`` (as the reference divides).
+        the outlier columns as uint8 ``[K]`` (None when ``threshold == 0``), and partial row
+        absmaxes over the other columns, fp32 ``[P, M]``: each row's absmax is the largest of its
+        ``P`` values (one per block of :data:`STATS_BLOCK_K` columns up to :data:`STATS_ROWS` rows,
+        ``P = 1`` above).
     """
-    xa = x2.abs()
-    outliers = None
-    if threshold > 0:
-        outliers = xa.amax(dim=0) >= threshold  # [K]: any |x| >= threshold in the column
-        xa = xa.masked_fill(outliers, 0)
-        outliers = outliers.view(torch.uint8)
-    row = xa.amax(dim=1).float()  # [M]
-    return outliers, row, 127.0 / row.clamp(min=1e-30)
+    m, k = x2.shape
+    if m > STATS_ROWS:
+        xa = x2.abs()
+        outliers = None
+        if threshold > 0:
+            outliers = xa.amax(dim=0) >= threshold  # [K]: any |x| >= threshold in the column
+            xa = xa.masked_fill(outliers, 0)
+            outliers = outliers.view(torch.uint8)
+        return outliers, xa.amax(dim=1).float().unsqueeze(0)  # [1, M]
+    parts = cdiv(k, STATS_BLOCK_K)
+    outliers = torch.empty(k, device=x2.device, dtype=torch.uint8) if threshold > 0 else None
+    part = torch.empty(parts, m, device=x2.device, dtype=torch.float32)
+    _stats_kernel[(parts,)](
+        x2, outliers if outliers is not None else part, part, m, k, x2.stride(0), float(threshold),
+        HAS_OUTLIERS=outliers is not None, BLOCK_M=next_power_of_2(m), BLOCK_K=STATS_BLOCK_K, num_warps=4)
+    return outliers, part
 
 
 def block_k_for(k: int) -> int:
@@ -134,7 +183,7 @@ def matmul_int8_outlier(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor
     m = x2.shape[0]
     if m == 0:
         return x.new_empty(*x.shape[:-1], n)
-    outliers, row, inv = activation_stats(x2, threshold)
+    outliers, part = activation_stats(x2, threshold)
     block_k = block_k_for(k)
     if cfg is None:
         cfg = launch_config(m, n, k, block_k, x.device)
@@ -142,9 +191,9 @@ def matmul_int8_outlier(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor
         raise ValueError(f"block_k {cfg.block_k} is under 32, int8 tl.dot's minimum")
     y = output_buffer(cfg, m, n, x)
     _matmul_kernel[cfg.grid(m, n)](
-        x2, weight, scb, outliers if outliers is not None else weight, row, inv,
+        x2, weight, scb, outliers if outliers is not None else weight, part,
         bias if bias is not None else scb, y,
-        m, n, k, x2.stride(0), weight.stride(0), n,
+        m, n, k, x2.stride(0), weight.stride(0), n, part.shape[0],
         HAS_OUTLIERS=outliers is not None, HAS_BIAS=bias is not None, enable_fp_fusion=False,
         **cfg.kernel_options(x.dtype),
     )
