@@ -126,6 +126,14 @@ def test_empty_input_and_batched_shape():
     assert torch.equal(got.reshape(6, 16), T.matmul_int8_outlier(x, cb, scb, 6.0, b))
 
 
+def test_bad_launch_inputs_are_refused():
+    x, cb, scb, b = random_case(2, 16, 64, seed=6)
+    with pytest.raises(ValueError, match="unit stride along K"):
+        T.matmul_int8_outlier(x, cb.t().contiguous().t(), scb, 6.0)
+    with pytest.raises(ValueError, match="under 32"):
+        T.matmul_int8_outlier(x, cb, scb, 6.0, cfg=C.MatmulConfig(1, 32, 16, 1, 4, 2))
+
+
 def test_module_forward_through_the_kernel_matches_reference(monkeypatch):
     """The ``Int8Linear`` forward through its registered Triton implementation (made available on
     this device) equals the reference forward, and passes the gradient to the input."""

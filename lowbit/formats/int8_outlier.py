@@ -119,10 +119,6 @@ def _int_mm_supported(m: Int8Linear, x: torch.Tensor) -> bool:
             and m.in_features % 8 == 0 and m.out_features % 8 == 0)
 
 
-register_kernel(
-    Int8Linear.format,
-    KernelImpl("reference", 0, available=always, supports=lambda m, x: x.is_floating_point(), fn=_reference_forward),
-)
 def _triton_supports(m: Int8Linear, x: torch.Tensor) -> bool:
     """fp16/bf16 on a GPU where ``torch._int_mm`` does not apply: up to 16 rows (decode), or odd
     K or N. Above 16 rows cuBLAS' int8 product keeps the work until a GPU bench compares the two."""
@@ -133,6 +129,10 @@ def _triton_forward(x: torch.Tensor, m: Int8Linear) -> torch.Tensor:
     return ops.int8_outlier_linear(x, m.weight, m.SCB, m.bias, m.threshold)
 
 
+register_kernel(
+    Int8Linear.format,
+    KernelImpl("reference", 0, available=always, supports=lambda m, x: x.is_floating_point(), fn=_reference_forward),
+)
 register_kernel(
     Int8Linear.format,
     KernelImpl("triton", 10, available=triton_gpu_available, supports=_triton_supports, fn=_triton_forward),

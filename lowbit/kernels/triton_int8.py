@@ -62,27 +62,20 @@ STATS_BLOCK_K = 512
 @triton.jit
 def _stats_kernel(x_ptr, outlier_ptr, part_ptr, M, K, stride_xm, threshold,
                   HAS_OUTLIERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """For this program's block of columns: the outlier columns (any ``|x| >= threshold``) as uint8
-    ``outlier[K]``, and each row's absmax over the block's other columns, ``part[pid, M]`` fp32."""
+    """For this program's block of columns, all ``M <= BLOCK_M`` rows in one tile: the outlier
+    columns (any ``|x| >= threshold``) as uint8 ``outlier[K]``, and each row's absmax over the
+    block's other columns, ``part[pid, M]`` fp32."""
     pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
+    xa = tl.abs(tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=(offs_m < M)[:, None] & mask_k[None, :], other=0.0).to(tl.float32))  # [BM, BK]
     if HAS_OUTLIERS:
-        col_max = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for m0 in range(0, M, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=(offs_m < M)[:, None] & mask_k[None, :], other=0.0)
-            col_max = tl.maximum(col_max, tl.max(tl.abs(x.to(tl.float32)), axis=0))
-        outlier = col_max >= threshold  # [BK]
+        outlier = tl.max(xa, axis=0) >= threshold  # [BK]
         tl.store(outlier_ptr + offs_k, outlier.to(tl.uint8), mask=mask_k)
-    for m0 in range(0, M, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        xa = tl.abs(tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                            mask=(offs_m < M)[:, None] & mask_k[None, :], other=0.0).to(tl.float32))
-        if HAS_OUTLIERS:
-            xa = tl.where(outlier[None, :], 0.0, xa)
-        tl.store(part_ptr + pid * M + offs_m, tl.max(xa, axis=1), mask=offs_m < M)
+        xa = tl.where(outlier[None, :], 0.0, xa)
+    tl.store(part_ptr + pid * M + offs_m, tl.max(xa, axis=1), mask=offs_m < M)
 
 
 @triton.jit
