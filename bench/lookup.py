@@ -3,11 +3,10 @@
 NF4 decodes each 4-bit code through a 16-entry table, AQLM 2x8 each code through a 256-entry
 codebook of 8 values. The kernels read those tables one of several ways
 (``triton_blockwise4.LOOKUPS``: from device memory per value, or ``tl.gather`` from the table
-held in the program; for one token also the ``wide`` GEMV, with those two and ``pairs``, one load
-per byte; ``triton_codebook``: the same two, for one to four rows a third, ``lut``: each input
-group's dot products with every codeword tabulated first, then one lookup per code, and for the
-dequantize kernel each code decoding its whole codeword, ``words``, and eight tiles a program,
-``x8``, sharing one load of the codebooks).
+held in the program; ``triton_codebook``: the same two, for one to four rows a third, ``lut``:
+each input group's dot products with every codeword tabulated first, then one lookup per code,
+and for the dequantize kernel each code decoding its whole codeword, ``words``, or each value
+looking up its own code).
 For each Llama-7B layer shape this times every way on every path (one token, 16 and 128 rows
 through the tiled kernel, standalone dequantize), with CUDA graphs and cold L2 as ``bench/kernels.py`` does,
 next to fp16 ``F.linear`` and bitsandbytes' NF4 where it imports. Every variant is checked
@@ -40,10 +39,8 @@ from lowbit.kernels import reference
 SHAPES = ["4096x4096", "4096x11008", "8192x8192"]  # K x N
 
 
-def nf4_calls(m, k, n, sets, lookup, gemv=None):
-    """``m`` rows (0: dequantize) through lowbit's NF4 kernels with ``lookup`` (and for one row the
-    ``gemv`` kernel; ``pairs`` gets its table built once, as a module would hold it); (calls,
-    bytes, rel err)."""
+def nf4_calls(m, k, n, sets, lookup):
+    """``m`` rows (0: dequantize) through lowbit's NF4 kernels with ``lookup``; (calls, bytes, rel err)."""
     from lowbit.kernels import triton_blockwise4 as B
 
     calls, err = [], 0.0
@@ -55,19 +52,18 @@ def nf4_calls(m, k, n, sets, lookup, gemv=None):
             calls.append(lambda a=a: B.dequantize_blockwise4(*a, lookup=lookup))
             continue
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-        extra = {"gemv": gemv, "pairs": B.pair_table(a[2]) if lookup == "pairs" else None}
         if i == 0:
-            err = rel_err(B.matmul_blockwise4(x, *a, batch_path="tiled", lookup=lookup, **extra),
+            err = rel_err(B.matmul_blockwise4(x, *a, batch_path="tiled", lookup=lookup),
                           reference.matmul_blockwise4(x.float(), *a))
-        calls.append(lambda x=x, a=a, e=extra: B.matmul_blockwise4(x, *a, batch_path="tiled", lookup=lookup, **e))
+        calls.append(lambda x=x, a=a: B.matmul_blockwise4(x, *a, batch_path="tiled", lookup=lookup))
     out = 2 * k * n if m == 0 else 2 * m * (k + n)
     return calls, k * n // 2 + k * n // 64 + out, err
 
 
-def aqlm_calls(m, k, n, sets, gather, lut=False, words=False, tiles=None):
+def aqlm_calls(m, k, n, sets, gather, lut=False, words=False):
     """As :func:`nf4_calls` for AQLM 2x8 (groups of 8), codebooks gathered from or loaded;
     ``lut``: through tabulated codeword products instead (one to four rows); ``words``: the
-    dequantize kernel decodes a whole codeword per code; ``tiles``: its tiles per program."""
+    dequantize kernel decodes a whole codeword per code."""
     from lowbit.kernels import triton_codebook as A
 
     calls, err = [], 0.0
@@ -75,10 +71,10 @@ def aqlm_calls(m, k, n, sets, gather, lut=False, words=False, tiles=None):
         codes, books, scales = random_codebook(n, k, 2, 8, seed=i)
         if m == 0:
             if i == 0:
-                err = rel_err(A.dequantize_codebook(codes, books, scales, gather=gather, whole_words=words, tiles=tiles),
+                err = rel_err(A.dequantize_codebook(codes, books, scales, gather=gather, whole_words=words),
                               reference.dequantize_codebook(codes, books, scales))
             calls.append(lambda c=codes, b=books, s=scales:
-                         A.dequantize_codebook(c, b, s, gather=gather, whole_words=words, tiles=tiles))
+                         A.dequantize_codebook(c, b, s, gather=gather, whole_words=words))
             continue
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         if i == 0:
@@ -116,21 +112,17 @@ def bench_shape(k: int, n: int, ms: list[int], l2: int, warm: bool = False) -> l
         if m:
             add(m, "fp16 F.linear", lambda: fp16_row(m, k, n, copies_for(2 * n * k, l2)))
             add(m, "bitsandbytes nf4", lambda: bnb_row(m, k, n, sets4))
-        for lookup in B.KERNEL_LOOKUPS["tiled"]:
+        for lookup in B.LOOKUPS:
             add(m, f"nf4 {lookup}", lambda: nf4_calls(m, k, n, sets4, lookup))
-        if m == 1:
-            for lookup in B.KERNEL_LOOKUPS["wide"]:
-                add(m, f"nf4 {lookup} wide", lambda: nf4_calls(m, k, n, sets4, lookup, gemv="wide"))
-        for gather in (False, True):
-            add(m, f"aqlm 2x8 {'gather' if gather else 'global'}", lambda: aqlm_calls(m, k, n, sets2, gather))
+        for gather in (False, True):  # the dequantize kernel: a value at a time (below, whole codewords)
+            add(m, f"aqlm 2x8 {'gather' if gather else 'global'}",
+                lambda: aqlm_calls(m, k, n, sets2, gather, lut=False, words=False))
         if 0 < m <= A.LUT_MAX_ROWS:
             add(m, "aqlm 2x8 lut", lambda: aqlm_calls(m, k, n, sets2, False, lut=True))
         if m == 0:
             for gather in (False, True):
                 add(m, f"aqlm 2x8 {'gather' if gather else 'global'} words",
                     lambda: aqlm_calls(m, k, n, sets2, gather, words=True))
-            add(m, "aqlm 2x8 gather x8", lambda: aqlm_calls(m, k, n, sets2, True, tiles=8))
-            add(m, "aqlm 2x8 gather words x8", lambda: aqlm_calls(m, k, n, sets2, True, words=True, tiles=8))
     return rows
 
 

@@ -49,12 +49,8 @@ class Case:
     weights: int  # weights one loop step (or, without a loop, one program) covers
 
 
-def nf4_signature(wide: bool) -> dict:
-    sig = {"x_ptr": "*fp16", "w_ptr": "*u8", "absmax_ptr": "*u8", "qmap_ptr": "*fp32", "nabs_ptr": "*fp32",
-           "nmap_ptr": "*fp32", "noff_ptr": "*fp32", "b_ptr": "*fp16", "y_ptr": "*fp32"}
-    if wide:
-        sig["pairs_ptr"] = "*fp32"
-    return dict(sig, N="i32", K="i32")
+NF4_SIGNATURE = {"x_ptr": "*fp16", "w_ptr": "*u8", "absmax_ptr": "*u8", "qmap_ptr": "*fp32", "nabs_ptr": "*fp32",
+                 "nmap_ptr": "*fp32", "noff_ptr": "*fp32", "b_ptr": "*fp16", "y_ptr": "*fp32", "N": "i32", "K": "i32"}
 
 
 def cases() -> list[Case]:
@@ -68,13 +64,10 @@ def cases() -> list[Case]:
                      dict(BITS=4, GROUP=128, HAS_PERM=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=64, BLOCK_K=128,
                           SPLIT_K=16, TILE_IN_GROUP=True, DOT_FP32=False), 2, 64 * 128))
     nf4 = dict(BLOCKSIZE=64, NESTED=True, HAS_BIAS=False, BLOCK_N=64, SPLIT_K=16)
-    for lookup in B.KERNEL_LOOKUPS["gemv"]:
-        out.append(Case(f"nf4 GEMV block, {lookup}", B._gemv_kernel, nf4_signature(False),
-                        dict(nf4, LOOKUP=B.LOOKUPS.index(lookup)), 4, 64 * 64))
-    for lookup in B.KERNEL_LOOKUPS["wide"]:
-        out.append(Case(f"nf4 GEMV wide, {lookup}", B._gemv_wide_kernel, nf4_signature(True),
-                        dict(nf4, LOOKUP=B.LOOKUPS.index(lookup), STEP_BLOCKS=B.WIDE_BLOCKS), 4,
-                        64 * 64 * B.WIDE_BLOCKS))
+    step = B.gemv_step_blocks(64)
+    for lookup in B.LOOKUPS:
+        out.append(Case(f"nf4 GEMV, {lookup}", B._gemv_kernel, NF4_SIGNATURE,
+                        dict(nf4, LOOKUP=B.LOOKUPS.index(lookup), STEP_BLOCKS=step), 4, 64 * 64 * step))
     aqlm_sig = {"x_ptr": "*fp16", "codes_ptr": "*i8", "books_ptr": "*fp16", "scales_ptr": "*fp16", "b_ptr": "*fp16",
                 "y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "GI": "i32", "stride_xm": "i32"}
     for table in (0, 4096):
@@ -95,11 +88,8 @@ def cases() -> list[Case]:
         for table in (0, 4096):
             out.append(Case(f"aqlm 2x8 dequantize, {'gather' if table else 'global'}{' words' if words else ''}",
                             A._dequantize_kernel, deq_sig,
-                            dict(C=2, SIZE=256, IG=8, BLOCK_N=32, BLOCK_K=64, TABLE=table, WHOLE_WORDS=words,
-                                 TILES=1), 4, 32 * 64))
-    out.append(Case("aqlm 2x8 dequantize, gather words, 8 tiles a program (the loop)", A._dequantize_kernel,
-                    deq_sig, dict(C=2, SIZE=256, IG=8, BLOCK_N=32, BLOCK_K=64, TABLE=4096, WHOLE_WORDS=True,
-                                  TILES=8), 4, 32 * 64))
+                            dict(C=2, SIZE=256, IG=8, BLOCK_N=32, BLOCK_K=64, TABLE=table, WHOLE_WORDS=words),
+                            4, 32 * 64))
     return out
 
 

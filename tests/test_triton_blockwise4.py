@@ -69,7 +69,7 @@ def test_every_table_lookup_gives_the_same_product(m, n, k, bs):
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE, torch.float16)
     want = reference.matmul_blockwise4(x.float(), *args(mod), bias=mod.bias)
     got = {lookup: T.matmul_blockwise4(x, *args(mod), bias=mod.bias, batch_path="tiled", lookup=lookup)
-           for lookup in T.KERNEL_LOOKUPS["tiled"]}
+           for lookup in T.LOOKUPS}
     assert rel_err(got["global"], want) <= MATMUL_REL[torch.float16]
     for lookup in got:  # the same table values, the same arithmetic
         assert torch.equal(got[lookup], got["global"]), lookup
@@ -80,51 +80,37 @@ def test_every_table_lookup_dequantizes_the_same():
     want = T.dequantize_blockwise4(*args(mod), lookup="global")
     torch.testing.assert_close(want.float(), reference.dequantize_blockwise4(*args(mod)),
                                atol=DEQUANT_ATOL[torch.float16], rtol=DEQUANT_ATOL[torch.float16])
-    for lookup in T.KERNEL_LOOKUPS["dequantize"]:
+    for lookup in T.LOOKUPS:
         assert torch.equal(T.dequantize_blockwise4(*args(mod), lookup=lookup), want), lookup
 
 
 # rows of one block, of several whole steps, of a partial last step (5 blocks of 64 in steps of
-# 4), blocks of 32 and 256, a K split (long rows), double quant and not
-WIDE_SHAPES = [(40, 64, 64), (33, 512, 64), (24, 320, 64), (17, 96, 32), (9, 768, 256), (20, 8192, 64)]
+# 4), blocks of 32 (steps of 8) and 256 (steps of 1), a K split (long rows), double quant and not
+GEMV_SHAPES = [(40, 64, 64), (33, 512, 64), (24, 320, 64), (17, 96, 32), (9, 768, 256), (20, 8192, 64)]
 
 
-@pytest.mark.parametrize("lookup", ["global", "gather", "pairs"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("double_quant", [False, True], ids=["nf4", "nf4-dq"])
-@pytest.mark.parametrize("n,k,bs", WIDE_SHAPES, ids=[f"N{n}-K{k}-b{b}" for n, k, b in WIDE_SHAPES])
-def test_wide_gemv_matches_reference(n, k, bs, double_quant, dtype, lookup):
+@pytest.mark.parametrize("n,k,bs", GEMV_SHAPES, ids=[f"N{n}-K{k}-b{b}" for n, k, b in GEMV_SHAPES])
+def test_gemv_matches_reference_with_either_lookup(n, k, bs, double_quant, dtype):
     mod = random_module(n, k, bs, "nf4", double_quant, seed=n + k)
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(k)).to(DEVICE, dtype)
     want = reference.matmul_blockwise4(x.float(), *args(mod), bias=mod.bias)
-    got = T.matmul_blockwise4(x, *args(mod), bias=mod.bias, gemv="wide", lookup=lookup)
-    assert got.dtype == dtype and got.shape == (1, n) and torch.isfinite(got).all()
-    assert rel_err(got, want) <= MATMUL_REL[dtype]
-    block = T.matmul_blockwise4(x, *args(mod), bias=mod.bias, gemv="block")
-    assert rel_err(got.float(), block.float()) <= 2 * MATMUL_REL[dtype]  # each rounded once, in another order
+    got = {lookup: T.matmul_blockwise4(x, *args(mod), bias=mod.bias, lookup=lookup) for lookup in T.LOOKUPS}
+    assert got["gather"].dtype == dtype and got["gather"].shape == (1, n) and torch.isfinite(got["gather"]).all()
+    assert rel_err(got["gather"], want) <= MATMUL_REL[dtype]
+    assert torch.equal(got["global"], got["gather"])  # the same table values, the same arithmetic
 
 
-def test_pair_table_and_where_pairs_apply():
-    mod = random_module(8, 64, 64, "fp4", False, seed=2)
-    pairs = T.pair_table(mod.quant_map)
-    q = mod.quant_map.float()
-    assert pairs.shape == (256, 2)
-    for byte in (0, 0x0F, 0xF0, 0x5A, 0xFF):
-        assert pairs[byte].tolist() == [q[byte >> 4].item(), q[byte & 15].item()]
-    x = torch.randn(1, 64).to(DEVICE, torch.float16)
-    given = T.matmul_blockwise4(x, *args(mod), gemv="wide", lookup="pairs", pairs=pairs)
-    assert torch.equal(given, T.matmul_blockwise4(x, *args(mod), gemv="wide", lookup="pairs"))
-    with pytest.raises(ValueError, match="'pairs' is not one the 'gemv' kernel has"):
-        T.matmul_blockwise4(x, *args(mod), lookup="pairs")
-    with pytest.raises(ValueError, match="'pairs' is not one the 'tiled' kernel has"):
-        T.matmul_blockwise4(torch.randn(3, 64).to(DEVICE, torch.float16), *args(mod), lookup="pairs")
+@pytest.mark.parametrize("blocksize,step", [(32, 8), (64, 4), (128, 2), (256, 1)])
+def test_gemv_step_is_128_bytes_of_a_row(blocksize, step):
+    assert T.gemv_step_blocks(blocksize) == step
 
 
 @pytest.mark.parametrize("m,choice,msg", [
-    (1, {"gemv": "split"}, "gemv must be one of .*'block'.*, not 'split'"),
     (1, {"lookup": "texture"}, "lookup must be one of .*'global'.*, not 'texture'"),
     (16, {"batch_path": "dense"}, "batch_path must be 'tiled' or 'dequantize', not 'dense'"),
-], ids=["gemv", "lookup", "batch-path"])
+], ids=["lookup", "batch-path"])
 def test_unknown_choice_is_an_error(m, choice, msg):
     mod = random_module(8, 64, 64, "nf4", False, seed=1)
     with pytest.raises(ValueError, match=msg):

@@ -84,11 +84,9 @@ def _blockwise4_variants() -> list[Variant]:
         sig = {"x_ptr": f"*{dt}", "w_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "qmap_ptr": "*fp32",
                "nabs_ptr": "*fp32", "nmap_ptr": "*fp32", "noff_ptr": "*fp32", "b_ptr": f"*{dt}",
                "y_ptr": f"*{dt}" if split == 1 else "*fp32", "N": "i32", "K": "i32"}
-        consts = dict(BLOCKSIZE=64, NESTED=nested, HAS_BIAS=split == 1, BLOCK_N=64, SPLIT_K=split, LOOKUP=lookup)
+        consts = dict(BLOCKSIZE=64, NESTED=nested, HAS_BIAS=split == 1, BLOCK_N=64, SPLIT_K=split, LOOKUP=lookup,
+                      STEP_BLOCKS=4)
         out.append(Variant("triton_blockwise4", "_gemv_kernel", sig, consts))
-        wide = {**{k: v for k, v in sig.items() if k not in ("N", "K")}, "pairs_ptr": "*fp32", "N": "i32", "K": "i32"}
-        out.append(Variant("triton_blockwise4", "_gemv_wide_kernel", wide, dict(consts, STEP_BLOCKS=4)))
-        out.append(Variant("triton_blockwise4", "_gemv_wide_kernel", wide, dict(consts, STEP_BLOCKS=4, LOOKUP=2)))
     for nested, blocksize, lookup in ((False, 64, 0), (True, 64, 1), (False, 4096, 0)):
         sig = {"w_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "qmap_ptr": "*fp32", "nabs_ptr": "*fp32",
                "nmap_ptr": "*fp32", "noff_ptr": "*fp32", "out_ptr": "*fp16", "numel": "i32"}
@@ -110,12 +108,13 @@ def _codebook_variants() -> list[Variant]:
                       BLOCK_K=128, SPLIT_K=split, DOT_FP32=False, WHOLE_WORDS=True,
                       TABLE=c * size * ig if c * size * ig <= 4096 else 0)  # 2x8 gathers from a held table
         out.append(Variant("triton_codebook", "_matmul_kernel", sig, consts))
-    for c, size, words in ((2, 256, False), (1, 65536, False), (2, 256, True), (1, 65536, True)):
+    # (codebooks, entries, whole words, gathered): the 2x8 default (whole words from memory) and the rest
+    for c, size, words, table in ((2, 256, True, 0), (2, 256, False, 4096), (1, 65536, False, 0),
+                                  (1, 65536, True, 0)):
         sig = {"codes_ptr": "*i8" if size <= 256 else "*i16", "books_ptr": "*fp16", "scales_ptr": "*fp16",
                "out_ptr": "*fp16", "N": "i32", "K": "i32", "GI": "i32"}
         out.append(Variant("triton_codebook", "_dequantize_kernel", sig,
-                           dict(C=c, SIZE=size, IG=8, BLOCK_N=32, BLOCK_K=64, TABLE=4096 if c == 2 else 0,
-                                WHOLE_WORDS=words, TILES=8 if words else 1)))
+                           dict(C=c, SIZE=size, IG=8, BLOCK_N=32, BLOCK_K=64, TABLE=table, WHOLE_WORDS=words)))
     for split, lut in ((1, "fp16"), (4, "fp32")):  # 2x8 through tabulated codeword products
         sig = {"codes_ptr": "*i8", "lut_ptr": f"*{lut}", "scales_ptr": "*fp16", "b_ptr": "*fp16",
                "y_ptr": "*fp16" if split == 1 else "*fp32", "N": "i32", "GI": "i32"}

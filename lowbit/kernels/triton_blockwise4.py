@@ -30,23 +30,12 @@ from lowbit.kernels.triton_common import (
 )
 
 
-LOOKUPS = ("global", "gather", "pairs")
+LOOKUPS = ("global", "gather")
 """How the kernels read the 16-entry code table (the ``LOOKUP`` constexpr is the index here):
 ``global``, a load from the table in device memory per value; ``gather``, the table loaded
-once per program and indexed with ``tl.gather`` (warp shuffles on an H100); ``pairs``, only in
-the ``wide`` one-token kernel, one load per byte from a 256-entry table of both codes' values
-(:func:`pair_table`). A tree of 15 selects was slower than ``global`` or ``gather`` on every
-path on an H100 and was removed."""
-
-
-KERNEL_LOOKUPS = {"gemv": LOOKUPS[:2], "wide": LOOKUPS, "tiled": LOOKUPS[:2], "dequantize": LOOKUPS[:2]}
-"""The lookups each kernel implements."""
-
-
-def pair_table(quant_map: torch.Tensor) -> torch.Tensor:
-    """fp32 ``[256, 2]``: for each byte, the values of its high and low nibble's codes."""
-    q = quant_map.float()
-    return torch.stack([q.repeat_interleave(16), q.repeat(16)], dim=1).contiguous()
+once per program and indexed with ``tl.gather`` (warp shuffles on an H100). Two others lost to
+these on an H100 and were removed: a tree of 15 selects, and for one token a 256-entry table of
+both codes' values per byte (0.67-0.71x the one-token default, ``docs/performance.md``)."""
 
 
 @triton.jit
@@ -149,49 +138,16 @@ def _matmul_kernel(
 def _gemv_kernel(
     x_ptr, w_ptr, absmax_ptr, qmap_ptr, nabs_ptr, nmap_ptr, noff_ptr, b_ptr, y_ptr, N, K,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, LOOKUP: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, LOOKUP: tl.constexpr, STEP_BLOCKS: tl.constexpr,
 ):
     """``y[N] = W @ x[K] (+ bias)`` for one token, ``K`` a multiple of ``BLOCKSIZE`` (each row a
     whole number of blocks); with ``SPLIT_K > 1``, fp32 partials ``y[SPLIT_K, N]``.
 
-    A program walks ``BLOCK_N`` rows one block at a time: the block's bytes ``[BLOCK_N,
-    BLOCKSIZE / 2]`` are loaded once, the high nibbles (even inputs) and low nibbles (odd inputs)
-    each multiply a strided read of x, and the block's scale is decoded once per row. Products
-    accumulate in a ``[BLOCK_N, BLOCKSIZE / 2]`` fp32 tile, summed once after the loop.
-    """
-    HALF: tl.constexpr = BLOCKSIZE // 2
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    h = tl.arange(0, HALF)
-    blocks_per_row = K // BLOCKSIZE
-    first = offs_n.to(tl.int64) * blocks_per_row  # [BN] each row's first block
-    acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
-    table = _table(qmap_ptr)
-    for b in range(tl.program_id(1), blocks_per_row, SPLIT_K):
-        byte = tl.load(w_ptr + (first[:, None] + b) * HALF + h[None, :], mask=mask_n[:, None], other=0).to(tl.int32)
-        x_even = tl.load(x_ptr + b * BLOCKSIZE + 2 * h).to(tl.float32)
-        x_odd = tl.load(x_ptr + b * BLOCKSIZE + 2 * h + 1).to(tl.float32)
-        v = (_decode(qmap_ptr, table, byte >> 4, 1, LOOKUP) * x_even[None, :]
-             + _decode(qmap_ptr, table, byte & 15, 1, LOOKUP) * x_odd[None, :])
-        scale = _block_scale(absmax_ptr, nabs_ptr, nmap_ptr, noff_ptr, first + b, mask_n, NESTED)  # [BN]
-        acc += v * scale[:, None]
-    _store_output(y_ptr, b_ptr, tl.sum(acc, axis=1)[None, :], tl.arange(0, 1), offs_n, 1, N, N, HAS_BIAS, SPLIT_K)
-
-
-@triton.jit
-def _gemv_wide_kernel(
-    x_ptr, w_ptr, absmax_ptr, qmap_ptr, nabs_ptr, nmap_ptr, noff_ptr, b_ptr, y_ptr, pairs_ptr, N, K,
-    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, LOOKUP: tl.constexpr, STEP_BLOCKS: tl.constexpr,
-):
-    """:func:`_gemv_kernel` taking ``STEP_BLOCKS`` blocks of each row per step: a row's
-    ``STEP_BLOCKS * BLOCKSIZE / 2`` bytes are one contiguous load, x's matching inputs one
-    contiguous load split into even and odd inputs in registers (``tl.split``), and the blocks'
-    scales one ``[BLOCK_N, STEP_BLOCKS]`` load.
-
-    ``LOOKUP`` 2 (``pairs``) decodes a byte's two codes with one 8-byte load from ``pairs_ptr``,
-    the ``[256, 2]`` fp32 table of :func:`pair_table` (the same values as the code table), and
-    multiplies them with x's even/odd pair as it lies in memory."""
+    A program walks ``BLOCK_N`` rows ``STEP_BLOCKS`` blocks at a time: a row's ``STEP_BLOCKS *
+    BLOCKSIZE / 2`` bytes are one contiguous load, x's matching inputs one contiguous load split
+    into even (high nibble) and odd (low nibble) inputs in registers (``tl.split``), and the
+    blocks' scales one ``[BLOCK_N, STEP_BLOCKS]`` load. Products accumulate in an fp32 tile,
+    summed once after the loop."""
     HALF: tl.constexpr = BLOCKSIZE // 2
     WIDTH: tl.constexpr = STEP_BLOCKS * HALF  # bytes of a row per step
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -208,13 +164,9 @@ def _gemv_wide_kernel(
                        other=0).to(tl.int32)  # [BN, WIDTH]
         offs_x = b0 * BLOCKSIZE + tl.arange(0, 2 * WIDTH)  # the inputs of this step's bytes
         xs = tl.load(x_ptr + offs_x, mask=offs_x < K, other=0.0).to(tl.float32)
-        if LOOKUP == 2:
-            pair = tl.load(pairs_ptr + byte[:, :, None] * 2 + tl.arange(0, 2)[None, None, :])  # [BN, WIDTH, 2]
-            v = tl.sum(pair * tl.reshape(xs, (WIDTH, 2))[None, :, :], axis=2)
-        else:
-            x_even, x_odd = tl.split(tl.reshape(xs, (WIDTH, 2)))  # [WIDTH] each
-            v = (_decode(qmap_ptr, table, byte >> 4, 1, LOOKUP) * x_even[None, :]
-                 + _decode(qmap_ptr, table, byte & 15, 1, LOOKUP) * x_odd[None, :])
+        x_even, x_odd = tl.split(tl.reshape(xs, (WIDTH, 2)))  # [WIDTH] each
+        v = (_decode(qmap_ptr, table, byte >> 4, 1, LOOKUP) * x_even[None, :]
+             + _decode(qmap_ptr, table, byte & 15, 1, LOOKUP) * x_odd[None, :])
         blk = b0 + nb
         scale = _block_scale(absmax_ptr, nabs_ptr, nmap_ptr, noff_ptr, first[:, None] + blk[None, :],
                              mask_n[:, None] & (blk < blocks_per_row)[None, :], NESTED)  # [BN, NB]
@@ -243,10 +195,10 @@ def _dequantize_kernel(w_ptr, absmax_ptr, qmap_ptr, nabs_ptr, nmap_ptr, noff_ptr
     tl.store(out_ptr + i, values.to(out_ptr.dtype.element_ty), mask=i < numel)
 
 
-DEFAULT_LOOKUP = {"gemv": "global", "wide": "global", "tiled": "gather", "dequantize": "global"}
+DEFAULT_LOOKUP = {"gemv": "gather", "tiled": "gather", "dequantize": "global"}
 """The lookup each kernel takes when none is named, from ``bench/lookup.py`` on an H100
 (``docs/performance.md``): ``gather`` makes the tiled kernel 1.35-1.4x faster at 16 rows and
-4.7-5x at 128; it is 0-7 % slower for one token and 3-5 % slower in the dequantize kernel."""
+4.7-5x at 128, and the one-token kernel 1.05-1.34x; it is 3-5 % slower in the dequantize kernel."""
 
 
 def lookup_index(lookup: str | None, kernel: str) -> int:
@@ -254,9 +206,6 @@ def lookup_index(lookup: str | None, kernel: str) -> int:
     lookup = lookup or DEFAULT_LOOKUP[kernel]
     if lookup not in LOOKUPS:
         raise ValueError(f"lookup must be one of {LOOKUPS}, not {lookup!r}")
-    if lookup not in KERNEL_LOOKUPS[kernel]:
-        raise ValueError(f"lookup {lookup!r} is not one the {kernel!r} kernel has ({KERNEL_LOOKUPS[kernel]}); "
-                         "'pairs' is for the one-token 'wide' kernel (gemv='wide')")
     return LOOKUPS.index(lookup)
 
 
@@ -285,21 +234,19 @@ def dequantize_blockwise4(weight, absmax, quant_map, blocksize, shape, nested_ab
     return out
 
 
-GEMVS = ("block", "wide")
-"""The one-token kernels: ``block`` (:func:`_gemv_kernel`, a block of each row per step, x read
-as two strided halves) and ``wide`` (:func:`_gemv_wide_kernel`, :data:`WIDE_BLOCKS` blocks per
-step, x read once and split in registers)."""
-
-DEFAULT_GEMV = "block"
-"""The one-token kernel when none is named: ``block``, the one timed on an H100; ``wide`` is
-timed beside it by ``bench/lookup.py`` and becomes the default if it wins."""
-
-WIDE_BLOCKS = 4
-"""Blocks of each row a ``wide`` GEMV step takes (4 blocks of 64: 128 bytes of a row)."""
+GEMV_STEP_BYTES = 128
+"""Bytes of each row a one-token step loads (4 blocks of 64 codes; one block of 256). On an H100
+this step with the gathered table ran 1.05-1.34x faster than one block of 64 a step with x read
+as two strided halves (``docs/performance.md``), which it replaced."""
 
 
-def _gemv_config(n: int, k: int, blocksize: int, device: torch.device, step_blocks: int = 1) -> MatmulConfig:
-    """Launch of the GEMV kernels: 64 rows a program, 4 warps, K split until about 8 programs
+def gemv_step_blocks(blocksize: int) -> int:
+    """Blocks of each row per one-token step: :data:`GEMV_STEP_BYTES` worth, at least one."""
+    return max(1, GEMV_STEP_BYTES // (blocksize // 2))
+
+
+def _gemv_config(n: int, k: int, blocksize: int, device: torch.device, step_blocks: int) -> MatmulConfig:
+    """Launch of the GEMV kernel: 64 rows a program, 4 warps, K split until about 8 programs
     per multiprocessor or two steps of ``step_blocks`` blocks per split."""
     tiles, k_steps, split = cdiv(n, 64), cdiv(k // blocksize, step_blocks), 1
     while split < 16 and tiles * split * 2 <= 8 * device_sms(device) and k_steps // (split * 2) >= 2:
@@ -318,15 +265,12 @@ def batch_path_for(m: int) -> str:
 
 def matmul_blockwise4(x, weight, absmax, quant_map, blocksize, shape, nested_absmax=None, nested_quant_map=None,
                       nested_offset=None, bias=None, compute_dtype=None, batch_path: str | None = None,
-                      lookup: str | None = None, gemv: str | None = None,
-                      pairs: torch.Tensor | None = None) -> torch.Tensor:
+                      lookup: str | None = None) -> torch.Tensor:
     """Twin of :func:`lowbit.kernels.reference.matmul_blockwise4` (fp16/bf16 compute).
 
     One token with rows of whole blocks takes the GEMV kernel; 16 rows or more take
     ``batch_path`` (None: :func:`batch_path_for`); other shapes the tiled kernel. ``lookup``:
     how the code table is read, one of :data:`LOOKUPS` (None: each kernel's :data:`DEFAULT_LOOKUP`).
-    ``gemv``: the one-token kernel, one of :data:`GEMVS` (None: :data:`DEFAULT_GEMV`).
-    ``pairs``: :func:`pair_table` of ``quant_map`` for the ``pairs`` lookup (None: built per call).
 
     Args:
         x: ``[..., K]``; cast to ``compute_dtype`` (None: x's dtype) for the product, which
@@ -344,24 +288,14 @@ def matmul_blockwise4(x, weight, absmax, quant_map, blocksize, shape, nested_abs
         return y.to(x.dtype).reshape(*x.shape[:-1], n)
     w, nested_ptrs, nested = _operands(weight, absmax, nested_absmax, nested_quant_map, nested_offset)
     row_blocks = k % blocksize == 0 and blocksize <= 256
-    gemv = gemv or DEFAULT_GEMV
-    if gemv not in GEMVS:
-        raise ValueError(f"gemv must be one of {GEMVS}, not {gemv!r}")
     if m == 1 and row_blocks:
-        wide = gemv == "wide"
-        cfg = _gemv_config(n, k, blocksize, x.device, WIDE_BLOCKS if wide else 1)
+        step = gemv_step_blocks(blocksize)
+        cfg = _gemv_config(n, k, blocksize, x.device, step)
         y = output_buffer(cfg, m, n, x2)
-        operands = (x2, w, absmax, quant_map, *nested_ptrs, bias if bias is not None else quant_map, y)
-        options = dict(BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n,
-                       SPLIT_K=cfg.split_k, num_warps=cfg.num_warps)
-        if wide:
-            table = lookup_index(lookup, "wide")
-            if table == 2 and pairs is None:
-                pairs = pair_table(quant_map)
-            _gemv_wide_kernel[cfg.grid(m, n)](*operands, pairs if table == 2 else quant_map, n, k, LOOKUP=table,
-                                              STEP_BLOCKS=WIDE_BLOCKS, **options)
-        else:
-            _gemv_kernel[cfg.grid(m, n)](*operands, n, k, LOOKUP=lookup_index(lookup, "gemv"), **options)
+        _gemv_kernel[cfg.grid(m, n)](
+            x2, w, absmax, quant_map, *nested_ptrs, bias if bias is not None else quant_map, y, n, k,
+            BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n,
+            SPLIT_K=cfg.split_k, LOOKUP=lookup_index(lookup, "gemv"), STEP_BLOCKS=step, num_warps=cfg.num_warps)
     else:
         cfg = launch_config(m, n, k, blocksize if row_blocks else 64, x.device)
         y = output_buffer(cfg, m, n, x2)

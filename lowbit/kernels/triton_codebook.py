@@ -134,29 +134,26 @@ def _matmul_kernel(
 def _dequantize_kernel(codes_ptr, books_ptr, scales_ptr, out_ptr, N, K, GI,
                        C: tl.constexpr, SIZE: tl.constexpr, IG: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TABLE: tl.constexpr,
-                       WHOLE_WORDS: tl.constexpr, TILES: tl.constexpr):
-    """``out[N, K]``, ``TILES`` consecutive ``[BLOCK_N, BLOCK_K]`` tiles along K per program (the
-    codebooks, when held, load once per program: 8 KiB for 2x8, against 4 KiB of fp16 output in
-    one 32x64 tile); ``TABLE`` as in :func:`_matmul_kernel`. ``WHOLE_WORDS`` (``IG`` a power of
-    two dividing ``BLOCK_K``): each code is loaded once and decodes its whole codeword
-    (:func:`_codeword_rows`); otherwise each value looks up its own code."""
+                       WHOLE_WORDS: tl.constexpr):
+    """``out[N, K]``, one ``[BLOCK_N, BLOCK_K]`` tile per program; ``TABLE`` as in
+    :func:`_matmul_kernel`. ``WHOLE_WORDS`` (``IG`` a power of two dividing ``BLOCK_K``): each code
+    is loaded once and decodes its whole codeword (:func:`_codeword_rows`); otherwise each value
+    looks up its own code."""
     GATHER: tl.constexpr = TABLE > 0
     table = tl.load(books_ptr + tl.arange(0, TABLE if GATHER else 1))
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     s = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    for t in range(TILES):
-        k0 = (tl.program_id(0) * TILES + t) * BLOCK_K
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask = mask_n[:, None] & (offs_k < K)[None, :]
-        if WHOLE_WORDS:
-            w = _codeword_rows(codes_ptr, books_ptr, table, offs_n, k0, mask_n, GI, C, SIZE, IG, BLOCK_K, BLOCK_N,
-                               GATHER)
-        else:
-            w = _codewords(codes_ptr, books_ptr, table, offs_n[:, None], offs_k[None, :], mask, GI, C, SIZE, IG,
-                           GATHER)  # [BN, BK]
-        tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], (w * s[:, None]).to(out_ptr.dtype.element_ty),
-                 mask=mask)
+    k0 = tl.program_id(0) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask = mask_n[:, None] & (offs_k < K)[None, :]
+    if WHOLE_WORDS:
+        w = _codeword_rows(codes_ptr, books_ptr, table, offs_n, k0, mask_n, GI, C, SIZE, IG, BLOCK_K, BLOCK_N, GATHER)
+    else:
+        w = _codewords(codes_ptr, books_ptr, table, offs_n[:, None], offs_k[None, :], mask, GI, C, SIZE, IG,
+                       GATHER)  # [BN, BK]
+    tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], (w * s[:, None]).to(out_ptr.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
@@ -208,36 +205,33 @@ def _geometry(codes: torch.Tensor, codebooks: torch.Tensor) -> tuple[int, int, i
 
 
 def dequantize_codebook(codes, codebooks, scales, dtype: torch.dtype = torch.float16,
-                        gather: bool | None = None, whole_words: bool | None = None,
-                        tiles: int | None = None) -> torch.Tensor:
+                        gather: bool | None = None, whole_words: bool | None = None) -> torch.Tensor:
     """Twin of :func:`lowbit.kernels.reference.dequantize_codebook`: ``[N, K]`` in ``dtype``;
-    ``gather``: see :func:`gather_table`; ``whole_words``: decode a codeword per code where the
-    group size allows (None: :data:`DEFAULT_WHOLE_WORDS`); ``tiles``: 32x64 tiles along K per
-    program (None: :data:`DEFAULT_DEQUANT_TILES`)."""
+    ``gather``: see :func:`gather_table` (None: :data:`DEFAULT_DEQUANT_GATHER`); ``whole_words``:
+    decode a codeword per code where the group size allows (None: :data:`DEFAULT_WHOLE_WORDS`)."""
     n, k, gi, n_codebooks, size = _geometry(codes, codebooks)
     out = torch.empty(n, k, device=codes.device, dtype=dtype)
     block_n, block_k = 32, 64
     ig = codebooks.shape[3]
     words = (DEFAULT_WHOLE_WORDS if whole_words is None else whole_words) and ig & (ig - 1) == 0 and ig <= block_k
-    tiles = DEFAULT_DEQUANT_TILES if tiles is None else tiles
-    if tiles < 1:
-        raise ValueError(f"tiles must be at least 1, not {tiles}")
-    _dequantize_kernel[(cdiv(k, block_k * tiles), cdiv(n, block_n))](
+    _dequantize_kernel[(cdiv(k, block_k), cdiv(n, block_n))](
         codes.contiguous(), codebooks.contiguous(), scales.contiguous(), out, n, k, gi,
         C=n_codebooks, SIZE=size, IG=ig, BLOCK_N=block_n, BLOCK_K=block_k,
-        TABLE=gather_table(codebooks, gather), WHOLE_WORDS=words, TILES=tiles, num_warps=4)
+        TABLE=gather_table(codebooks, DEFAULT_DEQUANT_GATHER if gather is None else gather), WHOLE_WORDS=words,
+        num_warps=4)
     return out
 
 
-DEFAULT_WHOLE_WORDS = False
+DEFAULT_WHOLE_WORDS = True
 """Whether the dequantize kernel decodes a whole codeword per code (as the tiled matmul does)
-rather than a value at a time. Off until it is timed on a GPU (``bench/lookup.py``)."""
+rather than a value at a time: on an H100 (``bench/lookup.py``, ``docs/performance.md``) 2x8
+dequantized 4.9-5.2x faster so (codebooks read from memory). Eight 32x64 tiles a program, to
+share one load of held codebooks, gained nothing beside it and were removed."""
 
-DEFAULT_DEQUANT_TILES = 1
-"""32x64 tiles along K each dequantize program writes. With held (gathered) 2x8 codebooks a
-program loads 8 KiB of codebooks to write 4 KiB of fp16 tile, so one tile a program reads twice
-the codebook bytes the whole output is worth; several tiles a program share one load. 1 (the
-H100-timed kernel) until ``bench/lookup.py`` times more on a GPU."""
+DEFAULT_DEQUANT_GATHER = False
+"""Whether the dequantize kernel gathers from held codebooks by default: with whole codewords,
+reading them from device memory was 12-16 % faster on an H100 (the matmul kernels gather:
+:data:`DEFAULT_GATHER`)."""
 
 
 GATHER_MAX = 4096
@@ -245,9 +239,9 @@ GATHER_MAX = 4096
 of 8 is 4096, 8 KiB in fp16); larger codebooks (1x16: 1 MiB) are read from device memory."""
 
 DEFAULT_GATHER = True
-"""Whether the wrappers gather from codebooks held in the program when they fit. On an H100
-(``bench/lookup.py``, ``docs/performance.md``) gathering made AQLM 2x8 1.1x faster for one token,
-3.8-4.2x for 16 and 128 rows and 1.4x in the dequantize kernel."""
+"""Whether the matmul kernels gather from codebooks held in the program when they fit. On an H100
+(``bench/lookup.py``, ``docs/performance.md``) gathering made AQLM 2x8 1.1x faster for one token
+and 3.8-4.2x for 16 and 128 rows."""
 
 
 def gather_table(codebooks: torch.Tensor, gather: bool | None = None) -> int:
@@ -276,9 +270,10 @@ LUT_MAX_ROWS = 4
 values, grows with the rows while the codes it saves reading do not (for 2x8 and N = 4096, one
 row's fp16 table is an eighth of the codes' bytes)."""
 
-DEFAULT_LUT = False
-"""Whether rows up to :data:`LUT_MAX_ROWS` take the tabulated path by default. Off until it is
-timed on a GPU against the codebook-gathering GEMV (``bench/lookup.py`` times both)."""
+DEFAULT_LUT = True
+"""Whether rows up to :data:`LUT_MAX_ROWS` take the tabulated path by default: for one token on
+an H100 (``bench/lookup.py``, ``docs/performance.md``) it took 17.8 µs against the gathering
+GEMV's 18.4 on 4096x4096, and 21.8 against 42.6 on 4096x11008."""
 
 
 def lut_applies(m: int, codebooks: torch.Tensor, lut: bool | None = None) -> bool:
