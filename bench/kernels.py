@@ -8,7 +8,9 @@ For each Llama-7B layer shape (K x N) and M = 1, 16, 128 it times, with CUDA gra
   (2x8 and 1x16, groups of 8 inputs, about 2 bits per weight), and its LLM.int8 kernel
   (threshold 6, one outlier input column);
 * ``int_mm``: LLM.int8 through the reference's decomposition with ``torch._int_mm`` (what lowbit
-  runs above 16 rows; it synchronizes on the outlier columns, so it may not record in a graph);
+  runs above 16 rows): it synchronizes with the host on the outlier columns, as bitsandbytes'
+  ``Linear8bitLt`` does, so these two are timed eagerly only (a failed capture would leave the
+  CUDA generator unusable for every later row);
 * peers importable here: PyTorch's tinygemm int4 (``aten._weight_int4pack_mm``, what torchao's
   int4 weight-only uses), bitsandbytes NF4 (``matmul_4bit``) and LLM.int8 (``Linear8bitLt``);
 * ``probe``: ``torch.sum`` over a buffer of the same byte count as the 4-bit kernel must read
@@ -334,6 +336,9 @@ def probe_row(nbytes, sets):
     return [lambda b=b: b.sum() for b in bufs], nbytes, 0.0
 
 
+# rows that synchronize with the host, so cannot be recorded in a CUDA graph: timed eagerly only
+EAGER_ONLY = {"int_mm int8 (LLM.int8, lowbit's decomposition)", "bitsandbytes int8 (LLM.int8)"}
+
 PEERS = {"tinygemm int4 (bf16)": tinygemm_row, "gemlite w4g128": gemlite_row, "bitsandbytes nf4": bnb_row,
          "bitsandbytes int8 (LLM.int8)": bnb_int8_row}
 
@@ -341,8 +346,9 @@ PEERS = {"tinygemm int4 (bf16)": tinygemm_row, "gemlite w4g128": gemlite_row, "b
 ROWS = ["fp16", "lowbit", "int_mm", "tinygemm", "gemlite", "bitsandbytes", "probe"]
 
 
-def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str]) -> list[dict]:
-    """Every row of one shape whose first word is in ``only``; a peer that fails is reported, not fatal."""
+def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str], names: list[str] | None = None) -> list[dict]:
+    """Every row of one shape whose first word is in ``only`` (and, given ``names``, whose name holds
+    one of them); a peer that fails is reported, not fatal."""
     rows = []
     w4_bytes = k * n // 2
     sets4 = copies_for(w4_bytes, l2)
@@ -356,7 +362,9 @@ def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str]) -
         "lowbit aqlm 2x8": lambda: lowbit_aqlm_row(m, k, n, sets2, 2, 8),
         "lowbit aqlm 1x16": lambda: lowbit_aqlm_row(m, k, n, sets2, 1, 16),
         "lowbit int8 (LLM.int8)": lambda: lowbit_int8_row(m, k, n, sets8),
-        "int_mm int8 (LLM.int8, lowbit's decomposition)": lambda: lowbit_int8_row(m, k, n, sets8, int_mm=True),
+        # torch._int_mm needs more than 16 rows
+        **({"int_mm int8 (LLM.int8, lowbit's decomposition)": lambda: lowbit_int8_row(m, k, n, sets8, int_mm=True)}
+           if m > 16 else {}),
         # both paths for batches (16 rows or more); the rows above take the default's
         **({"lowbit nf4 double-quant (tiled)": lambda: lowbit_nf4_row(m, k, n, sets4, "tiled"),
             "lowbit nf4 double-quant (dequantize)": lambda: lowbit_nf4_row(m, k, n, sets4, "dequantize"),
@@ -370,15 +378,18 @@ def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str]) -
         "probe torch.sum (same bytes)": lambda: probe_row(w4_bytes + (k // 128) * n * 2.5 + 2 * m * (k + n), sets4),
     }
     for name, build in builders.items():
-        if name.split()[0] not in only:
+        if name.split()[0] not in only or (names and not any(part in name for part in names)):
             continue
         try:
             calls, nbytes, err = build()
-            us = time_graph(calls)
-            row = {"K": k, "N": n, "M": m, "kernel": name, "us": us, "bytes": nbytes, "GBps": nbytes / us / 1e3,
-                   "rel_err": err}
-            if eager:
-                row["eager_us"] = time_eager(calls)
+            row = {"K": k, "N": n, "M": m, "kernel": name, "bytes": nbytes, "rel_err": err}
+            if name in EAGER_ONLY:
+                row.update(us=None, eager_us=time_eager(calls))
+            else:
+                row.update(us=time_graph(calls))
+                if eager:
+                    row["eager_us"] = time_eager(calls)
+            row["GBps"] = nbytes / (row["us"] or row["eager_us"]) / 1e3
         except Exception as e:
             if name.startswith("lowbit"):
                 raise
@@ -438,18 +449,22 @@ def bench_dequantize(k: int, n: int, l2: int) -> list[dict]:
 def print_table(rows: list[dict]) -> None:
     print("| K x N | M | kernel | µs (graph) | µs (eager) | GB/s | % of probe | vs fp16 | rel err |")
     print("|---|---|---|---|---|---|---|---|---|")
-    base = {(r["K"], r["N"], r["M"]): r["us"] for r in rows if r["kernel"].startswith("fp16")}
-    probe = {(r["K"], r["N"], r["M"]): r["GBps"] for r in rows if r["kernel"].startswith("probe")}
+    fp16 = {(r["K"], r["N"], r["M"]): r for r in rows if r["kernel"].startswith("fp16") and "error" not in r}
+    probe = {(r["K"], r["N"], r["M"]): r["GBps"] for r in rows if r["kernel"].startswith("probe") and "error" not in r}
     for r in rows:
         if "error" in r:
             print(f"| {r['K']}x{r['N']} | {r['M']} | {r['kernel']} | failed: {r['error']} ||||||")
             continue
-        fp = base.get((r["K"], r["N"], r["M"]))
-        ratio = f"{fp / r['us']:.2f}x" if fp else ""
+        fp = fp16.get((r["K"], r["N"], r["M"]), {})
+        if r["us"] is None:  # eager only: against fp16's eager time
+            ratio = f"{fp['eager_us'] / r['eager_us']:.2f}x (eager)" if fp.get("eager_us") else ""
+        else:
+            ratio = f"{fp['us'] / r['us']:.2f}x" if fp else ""
+        graph = f"{r['us']:.1f}" if r["us"] is not None else "(syncs)"
         eager = f"{r['eager_us']:.1f}" if "eager_us" in r else ""
         pb = probe.get((r["K"], r["N"], r["M"]))
         of_probe = f"{100 * r['GBps'] / pb:.0f}%" if pb else ""
-        print(f"| {r['K']}x{r['N']} | {r['M']} | {r['kernel']} | {r['us']:.1f} | {eager} | {r['GBps']:.0f} | "
+        print(f"| {r['K']}x{r['N']} | {r['M']} | {r['kernel']} | {graph} | {eager} | {r['GBps']:.0f} | "
               f"{of_probe} | {ratio} | {r['rel_err']:.1e} |")
 
 
@@ -460,14 +475,18 @@ def main() -> None:
     p.add_argument("--no-eager", action="store_true", help="skip the eager (launch overhead) timing")
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows to time, of {','.join(ROWS)}")
+    p.add_argument("--names", default=None,
+                   help="comma-separated parts of row names: only rows whose name holds one (e.g. int8,fp16)")
+    p.add_argument("--no-dequantize", action="store_true", help="skip the standalone dequantize rows")
     args = p.parse_args()
+    names = args.names.split(",") if args.names else None
     l2 = start_gpu_bench("bench/kernels.py")
     rows = []
     for shape in args.shapes.split(","):
         k, n = (int(v) for v in shape.split("x"))
         for m in (int(v) for v in args.m.split(",")):
-            rows += bench_shape(k, n, m, l2, not args.no_eager, args.rows.split(","))
-        if "lowbit" in args.rows.split(","):
+            rows += bench_shape(k, n, m, l2, not args.no_eager, args.rows.split(","), names)
+        if "lowbit" in args.rows.split(",") and not args.no_dequantize:
             rows += bench_dequantize(k, n, l2)
         if args.json:  # after every shape, so a run cut short keeps what it measured
             write_rows(args.json, rows)

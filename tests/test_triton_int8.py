@@ -23,6 +23,10 @@ C = pytest.importorskip("lowbit.kernels.triton_common")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_REL = 1e-6  # the reference in fp32: the same integer sums, fp32 scaling in another order
+# compiled, tl.dot tiles (16 rows and more) multiply fp32 outlier columns in tf32 (10-bit
+# mantissa): the weight's dequantized values round there, so the outlier sums are off by ~1e-4
+# of themselves (seen on the H100: 2e-5 of the whole output)
+TF32_REL = 1e-4
 
 # (M, N, K, threshold): one token (vector-unit products) and tl.dot tiles (16 rows and more), K
 # not a multiple of the tile, K under one tile, no outlier threshold; thresholds that bf16 holds
@@ -86,7 +90,7 @@ def test_every_tile_and_split_gives_the_reference(block_m, split_k):
     want = reference.matmul_int8_outlier(x, cb, scb, 3.0, b)
     cfg = C.MatmulConfig(block_m, 32, 64, split_k, 4, 2)
     got = T.matmul_int8_outlier(x, cb, scb, 3.0, b, cfg=cfg)
-    assert rel_err(got, want) <= FP32_REL
+    assert rel_err(got, want) <= (TF32_REL if DEVICE == "cuda" and block_m >= 16 else FP32_REL)
 
 
 def test_ties_round_half_to_even_as_the_reference():
