@@ -140,23 +140,56 @@ def test_launch_config_whose_k_tile_spans_groups_is_an_error():
         T.matmul_group_ordered(torch.randn(1, 128).to(DEVICE, torch.float16), layout, cfg=cfg)
 
 
+@pytest.mark.parametrize("one_launch", [True, False], ids=["one-launch", "torch"])
 @pytest.mark.parametrize("split,m,n", [(2, 1, 33), (16, 1, 1100), (4, 3, 70), (8, 17, 64)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
-def test_split_k_sum_is_one_launch_equal_to_torch(split, m, n, dtype, bias):
-    """The split-K reduction (partials summed, bias added, cast) against torch's sum, add and cast;
-    sizes straddle its 512-output blocks."""
+def test_split_k_sum_equals_torch(split, m, n, dtype, bias, one_launch):
+    """The split-K reduction (partials summed, bias added, cast), in one Triton launch (sizes
+    straddle its 512-output blocks) or through PyTorch, against torch's sum, add and cast."""
     gen = torch.Generator().manual_seed(split * 1000 + m * n)
     partials = torch.randn(split, m, n, generator=gen).to(DEVICE)
     b = torch.randn(n, generator=gen).to(DEVICE, dtype) if bias else None
     cfg = C.MatmulConfig(1, 64, 128, split, 2, 3)
     want = (partials.sum(0) + (b.float() if bias else 0)).to(dtype)
-    got = C.finish_split_k(partials, cfg, b, dtype)
+    got = C.finish_split_k(partials, cfg, b, dtype, one_launch=one_launch)
     assert got.dtype == dtype and got.shape == (m, n)
     # fp16 rounds exactly as torch; fp32 sums may differ in order; the interpreter's fp32 -> bf16
     # cast truncates where torch rounds to nearest, hence one unit in the last place for bf16
     tol = {torch.float16: (0, 0), torch.bfloat16: (torch.finfo(dtype).eps, 0), torch.float32: (1e-6, 1e-5)}[dtype]
     torch.testing.assert_close(got, want, rtol=tol[0], atol=tol[1])
+
+
+@pytest.mark.gpu
+def test_split_k_sum_is_one_launch_only_in_a_cuda_graph(monkeypatch):
+    """Eagerly the partials go through PyTorch; captured in a CUDA graph, through the one Triton
+    launch; the replay gives the eager result."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA/ROCm GPU")
+    launches = []
+    kernel = C._split_k_sum_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(C, "_split_k_sum_kernel", Counting())
+    partials = torch.randn(4, 3, 700, device="cuda")
+    b = torch.randn(700, device="cuda", dtype=torch.float16)
+    cfg = C.MatmulConfig(1, 64, 128, 4, 2, 3)
+    eager = C.finish_split_k(partials, cfg, b, torch.float16)
+    assert not launches
+    C.finish_split_k(partials, cfg, b, torch.float16, one_launch=True)  # compiled outside the capture
+    launches.clear()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = C.finish_split_k(partials, cfg, b, torch.float16)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert len(launches) == 1
+    # the same fp32 partials summed in another order, then rounded to fp16: at most one unit apart
+    torch.testing.assert_close(captured, eager, rtol=torch.finfo(torch.float16).eps, atol=1e-3)
 
 
 def test_split_k_fills_the_gpu_for_a_single_token():

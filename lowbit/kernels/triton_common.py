@@ -193,11 +193,25 @@ SPLIT_K_SUM_BLOCK = 512
 """Outputs per program of the split-K sum: 4 warps, four contiguous fp32 per thread."""
 
 
-def finish_split_k(y: torch.Tensor, cfg: MatmulConfig, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """Sum split-K partials ``[SPLIT_K, M, N]`` and add the bias in one launch, into ``[M, N]`` of
-    ``dtype`` (with ``split_k == 1`` the matmul kernel has already done both: ``y`` is returned)."""
+def finish_split_k(y: torch.Tensor, cfg: MatmulConfig, bias: torch.Tensor | None, dtype: torch.dtype,
+                   one_launch: bool | None = None) -> torch.Tensor:
+    """Sum split-K partials ``[SPLIT_K, M, N]`` and add the bias, into ``[M, N]`` of ``dtype`` (with
+    ``split_k == 1`` the matmul kernel has already done both: ``y`` is returned).
+
+    ``one_launch`` (None: on a GPU only while a CUDA graph is being captured, always under the
+    interpreter): one Triton launch does the sum, the bias and the cast; otherwise PyTorch's sum,
+    add and cast. In a graph the one launch is faster; called eagerly, Triton's launcher costs more
+    than the three PyTorch launches (on the H100 machine, a w4g128 one-token call took 102 µs
+    eagerly with it against 62 µs without; ``docs/performance.md``)."""
     if cfg.split_k == 1:
         return y
+    if one_launch is None:
+        one_launch = not y.is_cuda or torch.cuda.is_current_stream_capturing()
+    if not one_launch:
+        out = y.sum(0)
+        if bias is not None:
+            out += bias.float()
+        return out.to(dtype)
     _, m, n = y.shape
     out = torch.empty(m, n, device=y.device, dtype=dtype)
     _split_k_sum_kernel[(cdiv(m * n, SPLIT_K_SUM_BLOCK),)](
