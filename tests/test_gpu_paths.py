@@ -1,8 +1,8 @@
 """Whole models on a GPU: what ``kernel="auto"`` picks there gives the CPU reference's logits.
 
 A tiny Llama is quantized on the CPU with each method, then run on the CPU (reference kernels,
-fp32) and on the GPU in fp16 (Triton kernels; ``torch._int_mm`` for LLM.int8 at more than 16
-rows, Triton below). The logits agree to fp16 rounding of activations through the model. Skipped without a GPU.
+fp32) and on the GPU in fp16 (Triton kernels; for LLM.int8 above
+``int8_outlier.TRITON_MAX_ROWS`` rows, ``torch._int_mm``). The logits agree to fp16 rounding of activations through the model. Skipped without a GPU.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from conftest import calib_ids, tiny_llama_model
 
 import lowbit
 from lowbit.config import AqlmConfig, BitsAndBytesConfig, GPTQConfig, RtnConfig
+from lowbit.formats import int8_outlier
 from lowbit.formats.base import QuantLinear
 from lowbit.kernels import select_kernel
 
@@ -30,7 +31,7 @@ CONFIGS = {
                            kmeans_iterations=2, codebook_steps=4),
 }
 WANT_KERNEL = {"rtn4-g32": "triton", "gptq4-act": "triton", "gptq3": "triton", "nf4-dq": "triton",
-               "int8": "int_mm", "aqlm-2x6": "triton"}
+               "int8": "triton", "aqlm-2x6": "triton"}
 
 
 def _fp16_activations(model: torch.nn.Module) -> torch.nn.Module:
@@ -47,7 +48,7 @@ def _fp16_activations(model: torch.nn.Module) -> torch.nn.Module:
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_quantized_model_on_gpu_matches_cpu_reference(name):
     model = lowbit.quantize(tiny_llama_model(), CONFIGS[name], calib_ids(), progress=False)
-    ids = calib_ids(2, 24, seed=3)  # 48 rows: int8 takes torch._int_mm
+    ids = calib_ids(2, 24, seed=3)  # 48 rows
     with torch.no_grad():
         want = model(ids).logits
         gpu = _fp16_activations(copy.deepcopy(model).cuda())
@@ -61,17 +62,21 @@ def test_quantized_model_on_gpu_matches_cpu_reference(name):
     assert rel < (3e-2 if name == "int8" else 1e-2), rel
 
 
-def test_int8_single_token_takes_the_triton_kernel():
-    """One token at a time (decode): LLM.int8 on the GPU takes the Triton kernel (``torch._int_mm``
-    needs more than 16 rows) and gives the CPU reference's logits."""
+@pytest.mark.parametrize("batch,seq,kernel", [(1, 1, "triton"), (int8_outlier.TRITON_MAX_ROWS // 256 + 1, 256, "int_mm")],
+                         ids=["one-token", "above-triton-rows"])
+def test_int8_kernel_by_rows(batch, seq, kernel):
+    """LLM.int8 on the GPU: one token (decode) takes the Triton kernel (``torch._int_mm`` needs more
+    than 16 rows), more than :data:`~lowbit.formats.int8_outlier.TRITON_MAX_ROWS` rows
+    ``torch._int_mm``; each gives the CPU reference's logits."""
     model = lowbit.quantize(tiny_llama_model(), CONFIGS["int8"], calib_ids(), progress=False)
-    ids = calib_ids(1, 1, seed=4)
+    ids = calib_ids(batch, seq, seed=4)
     with torch.no_grad():
         want = model(ids).logits
         gpu = _fp16_activations(copy.deepcopy(model).cuda())
         got = gpu(ids.cuda()).logits.float().cpu()
     layer = next(m for m in gpu.modules() if isinstance(m, QuantLinear))
-    assert select_kernel(layer, torch.randn(1, layer.in_features, device="cuda", dtype=torch.float16)).name == "triton"
+    x = torch.randn(batch, seq, layer.in_features, device="cuda", dtype=torch.float16)
+    assert select_kernel(layer, x).name == kernel
     assert ((got - want).norm() / want.norm()).item() < 3e-2
 
 

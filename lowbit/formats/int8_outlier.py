@@ -111,6 +111,15 @@ def _int_mm_forward(x: torch.Tensor, m: Int8Linear) -> torch.Tensor:
     return _Int8Matmul.apply(x, m.weight, m.SCB, m.bias, m.threshold, int_mm)
 
 
+TRITON_MAX_ROWS = 2048
+"""The most rows the Triton kernel takes when ``torch._int_mm`` also applies: the most it was timed
+at. On an H100 (``bench/kernels.py``, ``docs/performance.md``; 4096x4096, called eagerly) it
+took 173, 258 and 595 µs at 128, 512 and 2048 rows against 568, 827 and 817 µs for the
+decomposition around ``torch._int_mm``, which also synchronizes with the host on the outlier
+columns (so it cannot be captured in a CUDA graph). Above, ``torch._int_mm``'s better scaling
+should win; that is not measured yet."""
+
+
 def _int_mm_supported(m: Int8Linear, x: torch.Tensor) -> bool:
     """CUDA only (on CPU ``torch._int_mm`` is slower than the reference's exact fp32 chunks); it
     needs M > 16 and K, N multiples of 8."""
@@ -120,9 +129,11 @@ def _int_mm_supported(m: Int8Linear, x: torch.Tensor) -> bool:
 
 
 def _triton_supports(m: Int8Linear, x: torch.Tensor) -> bool:
-    """fp16/bf16 on a GPU where ``torch._int_mm`` does not apply: up to 16 rows (decode), or odd
-    K or N. Above 16 rows cuBLAS' int8 product keeps the work until a GPU bench compares the two."""
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and not _int_mm_supported(m, x)
+    """fp16/bf16 on a GPU, up to :data:`TRITON_MAX_ROWS` rows or where ``torch._int_mm`` does not
+    apply (odd K or N)."""
+    rows = x.numel() // x.shape[-1]
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+            and (rows <= TRITON_MAX_ROWS or not _int_mm_supported(m, x)))
 
 
 def _triton_forward(x: torch.Tensor, m: Int8Linear) -> torch.Tensor:
