@@ -6,9 +6,10 @@ For each Llama-7B layer shape (K x N) and M = 1, 16, 128 it times, with CUDA gra
 * ``lowbit w4g128`` and ``lowbit w4g128 act`` (act-order, rows reordered at load), and lowbit's
   NF4 kernel (blocks of 64, double quant) on the bitsandbytes layout, its AQLM kernel
   (2x8 and 1x16, groups of 8 inputs, about 2 bits per weight), and its LLM.int8 kernel
-  (threshold 6, one outlier input column);
+  (threshold 6, one outlier input column; above 16 rows also with the activations quantized in a
+  launch of their own, with default and with 128x128 tiles);
 * ``int_mm``: LLM.int8 through the reference's decomposition with ``torch._int_mm`` (what lowbit
-  runs above 16 rows): it synchronizes with the host on the outlier columns, as bitsandbytes'
+  runs above 2,048 rows): it synchronizes with the host on the outlier columns, as bitsandbytes'
   ``Linear8bitLt`` does, so these two are timed eagerly only (a failed capture would leave the
   CUDA generator unusable for every later row);
 * peers importable here: PyTorch's tinygemm int4 (``aten._weight_int4pack_mm``, what torchao's
@@ -231,11 +232,15 @@ def random_int8(n: int, k: int, m: int) -> tuple:
     return cb, scb, x
 
 
-def lowbit_int8_row(m, k, n, sets, int_mm=False):
-    """lowbit's LLM.int8: the Triton kernel, or (``int_mm``) the reference's decomposition with
+def lowbit_int8_row(m, k, n, sets, int_mm=False, prequantize=None, tiles=None):
+    """lowbit's LLM.int8: the Triton kernel (``prequantize``, ``tiles``: its variant and
+    ``MatmulConfig`` fields, None the defaults), or (``int_mm``) the reference's decomposition with
     ``torch._int_mm``."""
     from lowbit.formats.int8_outlier import int_mm as int_mm_fn
     from lowbit.kernels import triton_int8 as I
+    from lowbit.kernels.triton_common import MatmulConfig
+
+    cfg = MatmulConfig(*tiles) if tiles else None
 
     calls, err = [], 0.0
     for i in range(sets):
@@ -243,7 +248,7 @@ def lowbit_int8_row(m, k, n, sets, int_mm=False):
         if int_mm:
             fn = lambda x=x, cb=cb, scb=scb: reference.matmul_int8_outlier(x, cb, scb, 6.0, int_matmul=int_mm_fn)
         else:
-            fn = lambda x=x, cb=cb, scb=scb: I.matmul_int8_outlier(x, cb, scb, 6.0)
+            fn = lambda x=x, cb=cb, scb=scb: I.matmul_int8_outlier(x, cb, scb, 6.0, prequantize=prequantize, cfg=cfg)
         if i == 0:
             err = rel_err(fn(), reference.matmul_int8_outlier(x.float(), cb, scb, 6.0))
         calls.append(fn)
@@ -362,6 +367,12 @@ def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str], n
         "lowbit aqlm 2x8": lambda: lowbit_aqlm_row(m, k, n, sets2, 2, 8),
         "lowbit aqlm 1x16": lambda: lowbit_aqlm_row(m, k, n, sets2, 1, 16),
         "lowbit int8 (LLM.int8)": lambda: lowbit_int8_row(m, k, n, sets8),
+        # the kernel's variants for batches: x quantized once in a launch of its own, and with
+        # 128x128 tiles (8 warps) instead of the grouped-int heuristic's
+        **({"lowbit int8 prequantized": lambda: lowbit_int8_row(m, k, n, sets8, prequantize=True),
+            "lowbit int8 prequantized 128x128": lambda: lowbit_int8_row(
+                m, k, n, sets8, prequantize=True, tiles=(128, 128, 128, 1, 8, 3))}
+           if m > 16 else {}),
         # torch._int_mm needs more than 16 rows
         **({"int_mm int8 (LLM.int8, lowbit's decomposition)": lambda: lowbit_int8_row(m, k, n, sets8, int_mm=True)}
            if m > 16 else {}),

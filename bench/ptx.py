@@ -34,6 +34,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from lowbit.kernels import triton_blockwise4 as B  # noqa: E402
 from lowbit.kernels import triton_codebook as A  # noqa: E402
+from lowbit.kernels import triton_int8 as I  # noqa: E402
 from lowbit.kernels import triton_int_grouped as G  # noqa: E402
 
 MEMORY = r"\b(ld\.global[\.\w]*|st\.global[\.\w]*|ld\.shared[\.\w]*|st\.shared[\.\w]*|shfl\.sync[\.\w]*|bar\.sync)"
@@ -55,7 +56,8 @@ NF4_SIGNATURE = {"x_ptr": "*fp16", "w_ptr": "*u8", "absmax_ptr": "*u8", "qmap_pt
 
 def cases() -> list[Case]:
     """The one-token kernels and the standalone dequantize kernels, each as its wrapper launches it
-    on a 4096x4096 weight on an H100 (split-K as the wrappers choose there)."""
+    on a 4096x4096 weight on an H100 (split-K as the wrappers choose there), and LLM.int8's batch
+    tile with and without its activations quantized beforehand."""
     out = []
     int_sig = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "perm_ptr": "*i32",
                "b_ptr": "*fp16", "y_ptr": "*fp32", **{n: "i32" for n in ("M", "N", "K", "stride_xm", "stride_ym",
@@ -90,6 +92,14 @@ def cases() -> list[Case]:
                             A._dequantize_kernel, deq_sig,
                             dict(C=2, SIZE=256, IG=8, BLOCK_N=32, BLOCK_K=64, TABLE=table, WHOLE_WORDS=words),
                             4, 32 * 64))
+    int8_sig = {"x_ptr": "*fp16", "ca_ptr": "*i8", "w_ptr": "*i8", "scb_ptr": "*fp32", "outlier_ptr": "*u8",
+                "part_ptr": "*fp32", "b_ptr": "*fp16", "y_ptr": "*fp16",
+                **{n: "i32" for n in ("M", "N", "K", "stride_xm", "stride_wn", "stride_ym", "n_parts")}}
+    for pre in (False, True):  # a 64x64 output tile of 64 or more rows, as the heuristic launches it
+        out.append(Case(f"LLM.int8 64x64 tile, {'codes loaded' if pre else 'x quantized in the program'}",
+                        I._matmul_kernel, int8_sig,
+                        dict(HAS_OUTLIERS=False, HAS_BIAS=False, PREQUANTIZED=pre, BLOCK_M=64, BLOCK_N=64,
+                             BLOCK_K=128, SPLIT_K=1, DOT_FP32=False), 4, 128 * 64))
     return out
 
 

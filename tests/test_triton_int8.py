@@ -93,6 +93,36 @@ def test_every_tile_and_split_gives_the_reference(block_m, split_k):
     assert rel_err(got, want) <= (TF32_REL if DEVICE == "cuda" and block_m >= 16 else FP32_REL)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("m,k,threshold", [(17, 300, 2.5), (40, 1100, 0.0), (3, 64, 3.0)])
+def test_prequantized_codes_are_the_references(m, k, threshold, dtype):
+    """The quantize kernel's int8 codes (across its 16 x 256 blocks, K not a multiple) are the
+    reference's ``round(x * 127 / absmax)`` with the outlier columns 0."""
+    x = random_case(m, 8, k, seed=m + k, threshold=threshold)[0].to(dtype)
+    outliers, part = T.activation_stats(x, threshold)
+    got = T.quantize_activations(x, outliers, part)
+    xf = x.float()
+    mask = (xf.abs() >= threshold).any(0) if threshold else torch.zeros(k, dtype=torch.bool, device=x.device)
+    xi = xf.masked_fill(mask, 0.0)
+    want = torch.round(xi * (127.0 / xi.abs().amax(1).clamp(min=1e-30)).unsqueeze(1)).to(torch.int8)
+    assert got.dtype == torch.int8 and torch.equal(got, want)
+    assert int(mask.sum()) == (2 if threshold else 0) and got[:, mask].eq(0).all()
+
+
+@pytest.mark.parametrize("block_m,split_k", [(1, 2), (16, 1), (32, 3)])
+@pytest.mark.parametrize("threshold", [0.0, 3.0])
+def test_prequantized_product_equals_the_fused_one(block_m, split_k, threshold):
+    """Codes written once and loaded give the same integer sums, outlier products and output, bit
+    for bit, as codes made in every program."""
+    x, cb, scb, b = random_case(20, 40, 700, seed=block_m + split_k, threshold=threshold)
+    x = x.half()
+    cfg = C.MatmulConfig(block_m, 32, 64, split_k, 4, 2)
+    fused = T.matmul_int8_outlier(x, cb, scb, threshold, b, cfg=cfg, prequantize=False)
+    pre = T.matmul_int8_outlier(x, cb, scb, threshold, b, cfg=cfg, prequantize=True)
+    assert torch.equal(pre, fused)
+    assert rel_err(pre, reference.matmul_int8_outlier(x.float(), cb, scb, threshold, b)) <= MATMUL_REL[torch.float16]
+
+
 def test_ties_round_half_to_even_as_the_reference():
     """Rows whose absmax is 127 scale by exactly 1, so ``x = j + 0.5`` sits on a tie between two
     codes: the kernel must round as ``torch.round`` (half to even), and the test can tell."""
@@ -161,13 +191,13 @@ def test_module_forward_through_the_kernel_matches_reference(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("m,prequantize", [(1, False), (16, False), (128, False), (128, True), (600, True)])
 @pytest.mark.parametrize("k,n", [(4096, 4096), (4096, 11008), (11008, 4096)])
-def test_model_sizes_on_gpu(m, k, n):
+def test_model_sizes_on_gpu(m, k, n, prequantize):
     gen = torch.Generator().manual_seed(m + k)
     cb, scb = quantize_rows(torch.randn(n, k, generator=gen).half())
     x = torch.randn(m, k, generator=gen).half()
     x[:, 7] = 20.0  # one outlier column
     want = reference.matmul_int8_outlier(x.float(), cb, scb, 6.0)
-    got = T.matmul_int8_outlier(x.cuda(), cb.cuda(), scb.cuda(), 6.0).cpu()
+    got = T.matmul_int8_outlier(x.cuda(), cb.cuda(), scb.cuda(), 6.0, prequantize=prequantize).cpu()
     assert rel_err(got, want) <= MATMUL_REL[torch.float16]

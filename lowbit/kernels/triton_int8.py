@@ -6,7 +6,7 @@ columns holding any ``|x| >= threshold`` are outliers; every other column is qua
 the weight codes ``CB`` in int32, and scaled by ``absmax_row * SCB / 127**2``; the outlier columns
 are multiplied with ``CB`` in fp32 and scaled by ``SCB / 127``.
 
-Two launches (three with split-K). The first reduces the activations to the statistics the
+Two launches, and the split-K sum where the K dimension is split. The first reduces the activations to the statistics the
 product needs: which columns are outliers, and each row's absmax over the others. Up to
 :data:`STATS_ROWS` rows (decode) that is :func:`_stats_kernel`, one program per block of columns
 writing its partial row maxima; for more rows, a few PyTorch reductions, whose launches matter
@@ -15,7 +15,9 @@ less there. The matmul kernel then takes each row's maximum over the partials an
 tile once, quantizes the matching ``x`` tile to int8 in registers, and multiplies in integers:
 ``tl.dot`` on int8 tiles of 16 rows or more, integer multiply-sums on the vector units below (one
 token). A tile that holds an outlier column also multiplies those columns of ``x`` with the codes
-in fp32; tiles without one skip that product. Nothing depends on the data's shape and nothing
+in fp32; tiles without one skip that product. With ``prequantize`` a launch between the two
+writes x's int8 codes once (:func:`quantize_activations`), and the matmul loads them instead of
+quantizing in every program. Nothing depends on the data's shape and nothing
 waits for the host, so the launches record in a CUDA graph (the reference gathers the outlier
 columns, which synchronizes).
 
@@ -79,38 +81,81 @@ def _stats_kernel(x_ptr, outlier_ptr, part_ptr, M, K, stride_xm, threshold,
 
 
 @triton.jit
+def _row_absmax(part_ptr, n_parts, offs_m, mask_m, M, BLOCK_M: tl.constexpr):
+    """fp32 ``[BLOCK_M]``: each row's absmax, the largest of its partials ``part[n_parts, M]``."""
+    row = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for j in range(0, n_parts):
+        row = tl.maximum(row, tl.load(part_ptr + j * M + offs_m, mask=mask_m, other=0.0))
+    return row
+
+
+@triton.jit
+def _codes(x, row):
+    """``round(x * 127 / row)`` of an ``x [BM, BK]`` tile as fp32 integers in [-127, 127], half to
+    even; ``127 / row`` computed as PyTorch's ``127.0 / t`` is (``127 * (1 / t)``)."""
+    one = tl.full(row.shape, 1.0, tl.float32)
+    inv = 127.0 * tl.div_rn(one, tl.maximum(row, 1e-30))
+    return (x.to(tl.float32) * inv[:, None] + ROUND_MAGIC) - ROUND_MAGIC
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, outlier_ptr, part_ptr, ca_ptr, M, K, stride_xm, n_parts,
+                     HAS_OUTLIERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``CA[M, K]`` int8 (row-major): :func:`_codes` of ``x``, 0 in the outlier columns."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask = mask_m[:, None] & (offs_k < K)[None, :]
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0)
+    ca = _codes(x, _row_absmax(part_ptr, n_parts, offs_m, mask_m, M, BLOCK_M))
+    if HAS_OUTLIERS:
+        outlier = tl.load(outlier_ptr + offs_k, mask=offs_k < K, other=0) != 0
+        ca = tl.where(outlier[None, :], 0.0, ca)
+    tl.store(ca_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :], ca.to(tl.int8), mask=mask)
+
+
+@triton.jit
 def _matmul_kernel(
-    x_ptr, w_ptr, scb_ptr, outlier_ptr, part_ptr, b_ptr, y_ptr,
+    x_ptr, ca_ptr, w_ptr, scb_ptr, outlier_ptr, part_ptr, b_ptr, y_ptr,
     M, N, K, stride_xm, stride_wn, stride_ym, n_parts,
-    HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr, PREQUANTIZED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
     """``y[M, N] = x[M, K] @ W.T (+ bias)``, W = ``CB * SCB / 127``; with ``SPLIT_K > 1``, fp32
-    partials ``y[SPLIT_K, M, N]``. Each row's absmax is the largest of ``part[n_parts, M]``."""
+    partials ``y[SPLIT_K, M, N]``. Each row's absmax is the largest of ``part[n_parts, M]``.
+
+    ``PREQUANTIZED``: x's codes were written once by :func:`_quantize_kernel` to ``CA[M, K]`` and
+    are loaded as int8; x itself is read only in K tiles that hold an outlier column. Otherwise
+    every program quantizes its x tiles in registers (``ca_ptr`` unused)."""
     offs_m, offs_n = _output_tile(M, N, BLOCK_M, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    row = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for j in range(0, n_parts):
-        row = tl.maximum(row, tl.load(part_ptr + j * M + offs_m, mask=mask_m, other=0.0))
-    one = tl.full((BLOCK_M,), 1.0, tl.float32)
-    inv = 127.0 * tl.div_rn(one, tl.maximum(row, 1e-30))  # [BM], as PyTorch's 127.0 / row
+    row = _row_absmax(part_ptr, n_parts, offs_m, mask_m, M, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     acc_out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(tl.program_id(1) * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
+        x_at = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+        mask_x = mask_m[:, None] & mask_k[None, :]
         cb = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
                      mask=mask_k[:, None] & mask_n[None, :], other=0)  # int8 [BK, BN]
-        ca = (x.to(tl.float32) * inv[:, None] + ROUND_MAGIC) - ROUND_MAGIC  # integers in [-127, 127]
+        if PREQUANTIZED:  # outlier columns are already 0
+            ca = tl.load(ca_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :], mask=mask_x, other=0)
+        else:
+            x = tl.load(x_at, mask=mask_x, other=0.0)  # [BM, BK]
+            ca = _codes(x, row)  # integers in [-127, 127]
         if HAS_OUTLIERS:
             outlier = tl.load(outlier_ptr + offs_k, mask=mask_k, other=0) != 0  # [BK]
-            ca = tl.where(outlier[None, :], 0.0, ca)
+            if not PREQUANTIZED:
+                ca = tl.where(outlier[None, :], 0.0, ca)
             if tl.max(outlier.to(tl.int32), axis=0) > 0:
-                xo = tl.where(outlier[None, :], x, tl.zeros_like(x))
+                if PREQUANTIZED:
+                    xt = tl.load(x_at, mask=mask_x, other=0.0)
+                else:
+                    xt = x
+                xo = tl.where(outlier[None, :], xt, tl.zeros_like(xt))
                 acc_out += _product(xo, cb.to(tl.float32), BLOCK_M, DOT_FP32)
         if BLOCK_M >= 16:
             acc += tl.dot(ca.to(tl.int8), cb)
@@ -150,13 +195,39 @@ def activation_stats(x2: torch.Tensor, threshold: float) -> tuple[torch.Tensor |
     return outliers, part
 
 
+QUANTIZE_BLOCK = (16, 256)
+"""Rows and columns of x per program of :func:`_quantize_kernel`."""
+
+
+def quantize_activations(x2: torch.Tensor, outliers: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    """int8 ``CA [M, K]`` of ``x2 [M, K]`` with the statistics of :func:`activation_stats`: each
+    row scaled by 127 / its absmax and rounded half to even, the outlier columns 0 (the codes the
+    reference multiplies)."""
+    m, k = x2.shape
+    codes = torch.empty(m, k, device=x2.device, dtype=torch.int8)
+    bm, bk = QUANTIZE_BLOCK
+    _quantize_kernel[(cdiv(m, bm), cdiv(k, bk))](
+        x2, outliers if outliers is not None else codes, part, codes, m, k, x2.stride(0), part.shape[0],
+        HAS_OUTLIERS=outliers is not None, BLOCK_M=bm, BLOCK_K=bk, enable_fp_fusion=False, num_warps=4)
+    return codes
+
+
+DEFAULT_PREQUANTIZE = False
+"""Whether :func:`matmul_int8_outlier` quantizes the activations in a launch of their own (once per
+call) rather than in every program that reads them. Each program then loads int8 codes instead of
+quantizing an fp16 tile on the vector units for every N tile it covers, which at 128 rows and
+more is most of its work. Off until ``bench/kernels.py`` (row ``lowbit int8 prequantized``) times
+it on a GPU; it applies from :data:`STATS_ROWS` + 1 rows (fewer rows save the launch instead)."""
+
+
 def block_k_for(k: int) -> int:
     """K tile: up to 128, at least 32 (int8 ``tl.dot``'s minimum)."""
     return min(BLOCK_K_CAP, max(32, next_power_of_2(k)))
 
 
 def matmul_int8_outlier(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor, threshold: float,
-                        bias: torch.Tensor | None = None, cfg: MatmulConfig | None = None) -> torch.Tensor:
+                        bias: torch.Tensor | None = None, cfg: MatmulConfig | None = None,
+                        prequantize: bool | None = None) -> torch.Tensor:
     """LLM.int8 ``x @ W.T + bias``.
 
     Args:
@@ -165,6 +236,8 @@ def matmul_int8_outlier(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor
         threshold: outlier threshold (0: no outlier columns).
         bias: ``[N]`` or None.
         cfg: launch configuration (None: the heuristic's; benches pass others to compare).
+        prequantize: quantize x in a launch of its own (None: :data:`DEFAULT_PREQUANTIZE` above
+            :data:`STATS_ROWS` rows).
     Returns:
         ``[..., N]`` in x's dtype, accumulated in int32 and fp32.
     """
@@ -177,17 +250,20 @@ def matmul_int8_outlier(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor
     if m == 0:
         return x.new_empty(*x.shape[:-1], n)
     outliers, part = activation_stats(x2, threshold)
+    if prequantize is None:
+        prequantize = DEFAULT_PREQUANTIZE and m > STATS_ROWS
     block_k = block_k_for(k)
     if cfg is None:
         cfg = launch_config(m, n, k, block_k, x.device)
     elif cfg.block_k < 32:
         raise ValueError(f"block_k {cfg.block_k} is under 32, int8 tl.dot's minimum")
     y = output_buffer(cfg, m, n, x)
+    codes = quantize_activations(x2, outliers, part) if prequantize else None
     _matmul_kernel[cfg.grid(m, n)](
-        x2, weight, scb, outliers if outliers is not None else weight, part,
+        x2, codes if codes is not None else weight, weight, scb, outliers if outliers is not None else weight, part,
         bias if bias is not None else scb, y,
         m, n, k, x2.stride(0), weight.stride(0), n, part.shape[0],
-        HAS_OUTLIERS=outliers is not None, HAS_BIAS=bias is not None, enable_fp_fusion=False,
-        **cfg.kernel_options(x.dtype),
+        HAS_OUTLIERS=outliers is not None, HAS_BIAS=bias is not None, PREQUANTIZED=codes is not None,
+        enable_fp_fusion=False, **cfg.kernel_options(x.dtype),
     )
     return finish_split_k(y, cfg, bias, x.dtype).reshape(*x.shape[:-1], n)
