@@ -10,11 +10,19 @@
 What is timed is the Python and PyTorch work an eager call adds to a kernel's graph-replay time,
 less Triton's own launcher. Runs on any machine; needs Triton importable.
 
+3. With ``--gpu``, on a CUDA or ROCm GPU: the same wrappers with their real kernels, called
+   eagerly (CPU µs per call), a launch of an empty Triton kernel (Triton's own floor there), and
+   a ``cProfile`` of each call's functions, to show where an eager call's time goes.
+
     python bench/dispatch.py
+    python bench/dispatch.py --gpu
 """
 
 from __future__ import annotations
 
+import argparse
+import cProfile
+import pstats
 import time
 
 import torch
@@ -40,32 +48,43 @@ class _NoLaunch:
         return lambda *args, **options: None
 
 
-def wrapper_table(k: int, n: int) -> None:
-    """Part 2: each format's matmul wrapper for one token, its kernels stubbed."""
+def wrapper_cases(k: int, n: int, device: str) -> list:
+    """(name, call) for each format's matmul wrapper on one fp16 token of a random ``[n, k]`` weight."""
     from lowbit.formats.blockwise4 import Blockwise4Linear
     from lowbit.formats.codebook import pack_codes
     from lowbit.formats.group_order import GroupOrdered
     from lowbit.formats.int8_outlier import quantize_rows
 
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=gen).half()
+    x = torch.randn(1, 1, k, generator=gen).half().to(device)
+    words = lambda *shape: torch.randint(-2**31, 2**31 - 1, shape, generator=gen, dtype=torch.int32).to(device)
+    grouped = GroupOrdered(words(k // 8, n), torch.rand(k // 128, n, generator=gen).half().to(device),
+                           words(k // 128, n // 8), None, 4, 128)
+    nf4 = Blockwise4Linear.from_linear(w, None, quant_type="nf4", blocksize=64, double_quant=True).to(device)
+    nf4_args = (nf4.weight, nf4.absmax, nf4.quant_map, 64, (n, k), nf4.nested_absmax, nf4.nested_quant_map,
+                nf4.nested_offset)
+    codes = pack_codes(torch.randint(0, 256, (n, k // 8, 2), generator=gen), 8).to(device)
+    books = torch.randn(2, 256, 1, 8, generator=gen).half().to(device)
+    scales = torch.rand(n, 1, 1, 1, generator=gen).half().to(device)
+    cb, scb = (t.to(device) for t in quantize_rows(w))
+    return [("grouped int w4 g128", lambda: triton_int_grouped.matmul_group_ordered(x, grouped)),
+            ("nf4 double quant", lambda: triton_blockwise4.matmul_blockwise4(x, *nf4_args)),
+            ("aqlm 2x8", lambda: triton_codebook.matmul_codebook(x, codes, books, scales)),
+            ("LLM.int8 (threshold 6)", lambda: triton_int8.matmul_int8_outlier(x, cb, scb, 6.0))]
+
+
+def wrapper_table(k: int, n: int) -> None:
+    """Part 2: each format's matmul wrapper for one token, its kernels stubbed."""
     for mod in KERNEL_MODULES:
         for name in dir(mod):
             if name.endswith("_kernel") and not name.startswith("__"):
                 setattr(mod, name, _NoLaunch())
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randn(n, k, generator=gen).half()
-    x = torch.randn(1, 1, k, generator=gen).half()
-    grouped = GroupOrdered(torch.zeros(k // 8, n, dtype=torch.int32), torch.rand(k // 128, n).half(),
-                           torch.zeros(k // 128, n // 8, dtype=torch.int32), None, 4, 128)
-    nf4 = Blockwise4Linear.from_linear(w, None, quant_type="nf4", blocksize=64, double_quant=True)
-    nf4_args = (nf4.weight, nf4.absmax, nf4.quant_map, 64, (n, k), nf4.nested_absmax, nf4.nested_quant_map,
-                nf4.nested_offset)
-    codes = pack_codes(torch.randint(0, 256, (n, k // 8, 2), generator=gen), 8)
-    books, scales = torch.randn(2, 256, 1, 8, generator=gen).half(), torch.rand(n, 1, 1, 1, generator=gen).half()
-    cb, scb = quantize_rows(w)
-    cases = [("grouped int w4 g128", lambda: triton_int_grouped.matmul_group_ordered(x, grouped)),
-             ("nf4 double quant", lambda: triton_blockwise4.matmul_blockwise4(x, *nf4_args)),
-             ("aqlm 2x8", lambda: triton_codebook.matmul_codebook(x, codes, books, scales)),
-             ("LLM.int8 (threshold 6)", lambda: triton_int8.matmul_int8_outlier(x, cb, scb, 6.0))]
+    # AQLM's one-token path tabulates codeword products with a small matmul first: one cuBLAS
+    # launch on a GPU, but a slow fp16 matmul on a CPU, so it is stubbed here too
+    triton_codebook.codeword_products = lambda x2, books: torch.empty(
+        x2.shape[0], x2.shape[1] // books.shape[3], books.shape[0] * books.shape[1], dtype=x2.dtype)
+    cases = wrapper_cases(k, n, "cpu")
     print("\n| format, one token, fp16 | wrapper µs (kernels stubbed) |")
     print("|---|---|")
     for name, call in cases:
@@ -73,8 +92,59 @@ def wrapper_table(k: int, n: int) -> None:
             print(f"| {name} | {per_call_us(call):.1f} |", flush=True)
 
 
+def gpu_table(k: int, n: int, calls: int = 2000) -> None:
+    """Part 3: the wrappers with their kernels on the GPU, called eagerly; an empty Triton kernel's
+    launch; and the functions each call spends its time in (cProfile, per call)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _empty_kernel(p_ptr, n, BLOCK: tl.constexpr):
+        pass
+
+    buf = torch.empty(1, device="cuda")
+    cases = [("empty Triton kernel (one pointer, one int)", lambda: _empty_kernel[(1,)](buf, 1, BLOCK=64)),
+             ("torch.add (one PyTorch launch)", lambda: torch.add(buf, 1.0)),
+             *wrapper_cases(k, n, "cuda")]
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
+          f"CPU µs per eager call over {calls} calls (then synchronized)\n")
+    print("| call | µs per call |")
+    print("|---|---|")
+    with torch.inference_mode():
+        for name, call in cases:
+            for _ in range(20):
+                call()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                call()
+            torch.cuda.synchronize()
+            print(f"| {name} | {(time.perf_counter() - start) / calls * 1e6:.1f} |", flush=True)
+        for name, call in cases[2:]:
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(calls // 4):
+                call()
+            prof.disable()
+            torch.cuda.synchronize()
+            print(f"\n{name}: the 12 functions with the most time of their own, µs per call")
+            stats = pstats.Stats(prof).stats
+            top = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:12]
+            for (path, line, func), (_, ncalls, tottime, cumtime, _) in top:
+                print(f"  {tottime / (calls // 4) * 1e6:7.2f} own, {cumtime / (calls // 4) * 1e6:7.2f} with callees, "
+                      f"{ncalls / (calls // 4):4.1f}x  {func} ({path.rsplit('/', 2)[-1]}:{line})")
+
+
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gpu", action="store_true", help="time and profile the real kernels' eager calls on a GPU")
+    args = p.parse_args()
     k, n = 4096, 4096
+    if args.gpu:
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu needs a CUDA or ROCm GPU")
+        gpu_table(k, n)
+        return
     saved = (triton_int_grouped.matmul_group_ordered, triton_blockwise4.matmul_blockwise4,
              triton_codebook.matmul_codebook)
     triton_int_grouped.matmul_group_ordered = lambda x, w, bias=None: x.new_empty(x.shape[0], n)

@@ -3,7 +3,7 @@
 # environment, the kernel and model tests compiled on the GPU, the kernel bench against fp16 and
 # peers, the launch-configuration sweep and the end-to-end decode bench. Logs and JSON go to $OUT.
 #
-#   STEPS=env,lookup,tests,kernels,sweep,e2e,peers bash bench/gpu_check.sh
+#   STEPS=env,lookup,tests,kernels,sweep,dispatch,e2e,peers bash bench/gpu_check.sh
 #   (KERNEL_ROWS / KERNEL_ARGS / SWEEP_ARGS pass --rows, other options, --quick to the benches;
 #   TEST_ARGS, e.g. "-m gpu", selects tests, TEST_TIMEOUT bounds them)
 #
@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/.whl/site${PYTHONPATH:+:$PYTHONP
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
 OUT=${OUT:-/tmp/lowbit-gpu}
 mkdir -p "$OUT"
-STEPS=${STEPS:-env,lookup,tests,kernels,sweep,e2e,peers}
+STEPS=${STEPS:-env,lookup,tests,kernels,sweep,dispatch,e2e,peers}
 step() { [[ ",$STEPS," == *",$1,"* ]] && echo "=== $1 $(date +%T)"; }
 
 if step env; then
@@ -41,7 +41,7 @@ fi
 if step tests; then
     timeout ${TEST_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider -n 8 ${TEST_ARGS:-} \
         tests/test_triton_int_grouped.py tests/test_triton_blockwise4.py tests/test_triton_codebook.py tests/test_triton_int8.py \
-        tests/test_gpu_paths.py tests/test_gptq.py::test_gptq_on_gpu_matches_cpu \
+        tests/test_gpu_paths.py tests/test_ops.py tests/test_gptq.py::test_gptq_on_gpu_matches_cpu \
         tests/test_memory_bounded.py::test_gpu_working_memory_does_not_grow_with_depth \
         --deselect tests/test_triton_int_grouped.py::test_kernels_compile_for_every_target \
         >"$OUT/tests.log" 2>&1
@@ -63,6 +63,12 @@ if step sweep; then
     wait
     grep -l -i "error\|Traceback" /tmp/warm*.log | head -3 | xargs -r tail -5
     timeout 120 python3 bench/sweep.py ${SWEEP_ARGS:-} --json "$OUT/sweep.json" 2>&1 | tail -20
+fi
+
+if step dispatch; then  # where an eager call's time goes (Triton's launch floor, cProfile per call)
+    timeout 90 python3 bench/dispatch.py --gpu >"$OUT/dispatch.log" 2>&1
+    echo "dispatch exit $?"
+    grep -E "^\|" "$OUT/dispatch.log"
 fi
 
 if step e2e; then
