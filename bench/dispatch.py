@@ -11,8 +11,10 @@ What is timed is the Python and PyTorch work an eager call adds to a kernel's gr
 less Triton's own launcher. Runs on any machine; needs Triton importable.
 
 3. With ``--gpu``, on a CUDA or ROCm GPU: the same wrappers with their real kernels, called
-   eagerly (CPU µs per call), a launch of an empty Triton kernel (Triton's own floor there), and
-   a ``cProfile`` of each call's functions, to show where an eager call's time goes.
+   eagerly (CPU µs per call); a launch of an empty Triton kernel (Triton's own floor there); each
+   kernel those wrappers launch, through Triton's ``JITFunction.run`` and from the compiled kernel
+   that call returned (what a launch cache would save); and a ``cProfile`` of each call's
+   functions, to show where an eager call's time goes.
 
     python bench/dispatch.py
     python bench/dispatch.py --gpu
@@ -92,9 +94,72 @@ def wrapper_table(k: int, n: int) -> None:
             print(f"| {name} | {per_call_us(call):.1f} |", flush=True)
 
 
+class _Recorder:
+    """Stands in for a ``@triton.jit`` kernel: launches it and keeps the last launch (grid,
+    arguments, options and the compiled kernel Triton returns)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.last = kernel, None
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            compiled = self.kernel[grid](*args, **kwargs)
+            self.last = (grid, args, kwargs, compiled)
+            return compiled
+
+        return launch
+
+
+def held_launches() -> list[tuple[str, object, object]]:
+    """Each Triton kernel the one-token wrappers launch, as (name, launch through Triton's
+    ``JITFunction.run``, launch of the compiled kernel Triton returned, with the same arguments):
+    the second skips the argument binding, specialization and cache lookup an eager call repeats,
+    which is what a launch cache held by a module would save. Each pair is checked to write the
+    same output."""
+    import inspect
+
+    recorders = []
+    for mod in KERNEL_MODULES:
+        for attr in dir(mod):
+            kernel = getattr(mod, attr)
+            if attr.endswith("_kernel") and hasattr(kernel, "arg_names"):
+                recorders.append((mod, attr, _Recorder(kernel)))
+                setattr(mod, attr, recorders[-1][2])
+    with torch.inference_mode():
+        for _, call in wrapper_cases(4096, 4096, "cuda"):
+            call()
+    torch.cuda.synchronize()
+    for mod, attr, rec in recorders:
+        setattr(mod, attr, rec.kernel)
+    out = []
+    for mod, attr, rec in recorders:
+        name = f"{mod.__name__.rsplit('.', 1)[-1]}.{attr}"
+        if rec.last is None:
+            continue
+        grid, args, kwargs, compiled = rec.last
+        bound = inspect.signature(rec.kernel.fn).bind(
+            *args, **{key: value for key, value in kwargs.items() if key in rec.kernel.arg_names})
+        bound.apply_defaults()
+        every = tuple(bound.arguments.values())
+        runner = compiled[tuple(grid) + (1,) * (3 - len(grid))]
+        via_run = (lambda kernel=rec.kernel, grid=grid, args=args, kwargs=kwargs: kernel[grid](*args, **kwargs))
+        held = (lambda runner=runner, every=every: runner(*every))
+        written = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()][-1]  # the output
+        via_run()
+        want = written.clone()
+        written.fill_(float("nan"))
+        held()
+        torch.cuda.synchronize()
+        if not torch.equal(written, want):
+            raise AssertionError(f"{name}: the held compiled kernel wrote another output")
+        out.append((name, via_run, held))
+    return out
+
+
 def gpu_table(k: int, n: int, calls: int = 2000) -> None:
     """Part 3: the wrappers with their kernels on the GPU, called eagerly; an empty Triton kernel's
-    launch; and the functions each call spends its time in (cProfile, per call)."""
+    launch; each kernel's launch through Triton and from its held compiled kernel; and the
+    functions each call spends its time in (cProfile, per call)."""
     import triton
     import triton.language as tl
 
@@ -103,9 +168,11 @@ def gpu_table(k: int, n: int, calls: int = 2000) -> None:
         pass
 
     buf = torch.empty(1, device="cuda")
+    held = [(f"{name}, {way}", fn) for name, via_run, from_held in held_launches()
+            for way, fn in (("through JITFunction.run", via_run), ("held compiled kernel", from_held))]
     cases = [("empty Triton kernel (one pointer, one int)", lambda: _empty_kernel[(1,)](buf, 1, BLOCK=64)),
              ("torch.add (one PyTorch launch)", lambda: torch.add(buf, 1.0)),
-             *wrapper_cases(k, n, "cuda")]
+             *held, *wrapper_cases(k, n, "cuda")]
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
           f"CPU µs per eager call over {calls} calls (then synchronized)\n")
     print("| call | µs per call |")
@@ -120,7 +187,7 @@ def gpu_table(k: int, n: int, calls: int = 2000) -> None:
                 call()
             torch.cuda.synchronize()
             print(f"| {name} | {(time.perf_counter() - start) / calls * 1e6:.1f} |", flush=True)
-        for name, call in cases[2:]:
+        for name, call in cases[2 + len(held):]:
             prof = cProfile.Profile()
             prof.enable()
             for _ in range(calls // 4):
