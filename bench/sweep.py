@@ -5,6 +5,10 @@ protocol as ``bench/kernels.py`` (CUDA graphs over input sets that read 4x the L
 fp16 ``F.linear``, and prints the best configuration per shape against the heuristic's
 (:func:`lowbit.kernels.triton_common.matmul_config`). What it finds goes into the heuristic.
 
+``--kernel int8`` sweeps LLM.int8's kernel instead (threshold 6, one outlier column) at M = 16,
+128, 512, 2048; ``--kernel int8-prequantized`` its variant whose activations are quantized in a
+launch of their own (``triton_int8.quantize_activations``).
+
 Compiling a few hundred variants is most of the cost, so ``--warm PART/PARTS`` only compiles
 (and checks against the reference) every PARTS-th variant from PART into Triton's on-disk
 cache; running several such processes at once, then one timing run, compiles in parallel::
@@ -29,12 +33,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from kernels import copies_for, fp16_row, l2_bytes, random_w4, rel_err, time_graph  # noqa: E402
 
 from lowbit.formats.group_order import to_group_ordered  # noqa: E402
+from lowbit.formats.int8_outlier import quantize_rows  # noqa: E402
 from lowbit.kernels import reference  # noqa: E402
+from lowbit.kernels import triton_int8 as I  # noqa: E402
 from lowbit.kernels import triton_int_grouped as T  # noqa: E402
 from lowbit.kernels.triton_common import MatmulConfig, launch_config  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # K x N
-MS = (1, 16, 128)
+MS = {"w4g128": (1, 16, 128), "int8": (16, 128, 512, 2048), "int8-prequantized": (16, 128, 512, 2048)}
 
 
 def configs(m: int, quick: bool = False) -> list[MatmulConfig]:
@@ -66,13 +72,26 @@ def configs(m: int, quick: bool = False) -> list[MatmulConfig]:
     return out
 
 
-def operands(k: int, n: int, m: int, sets: int):
-    layouts, xs = [], []
+def operands(kernel: str, k: int, n: int, m: int, sets: int):
+    """``sets`` weights and ``[m, k]`` inputs; ``want(m)``, the fp32 reference on the first set's
+    first ``m`` rows; ``call(x, weight, cfg)``; the kernel's K tile."""
+    weights, xs = [], []
+    gen = torch.Generator(device="cuda").manual_seed(0)
     for i in range(sets):
-        qw, s, qz, g = random_w4(k, n, 128, False, seed=i)
-        layouts.append((to_group_ordered(qw, s, qz, g, 4), (qw, s, qz, g)))
-        xs.append(torch.randn(m, k, device="cuda", dtype=torch.float16))
-    return layouts, xs
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
+        if kernel == "w4g128":
+            qw, s, qz, g = random_w4(k, n, 128, False, seed=i)
+            weights.append((to_group_ordered(qw, s, qz, g, 4), (qw, s, qz, g)))
+        else:
+            x[:, 7] = 8.0  # one outlier column at threshold 6
+            weights.append(quantize_rows(torch.randn(n, k, device="cuda", dtype=torch.float16, generator=gen)))
+        xs.append(x)
+    if kernel == "w4g128":
+        return (weights, xs, lambda m: reference.matmul_int_grouped(xs[0][:m].float(), *weights[0][1], 4),
+                lambda x, w, cfg: T.matmul_group_ordered(x, w[0], cfg=cfg), 128)
+    pre = kernel == "int8-prequantized"
+    return (weights, xs, lambda m: reference.matmul_int8_outlier(xs[0][:m].float(), *weights[0], 6.0),
+            lambda x, w, cfg: I.matmul_int8_outlier(x, *w, 6.0, cfg=cfg, prequantize=pre), I.block_k_for(k))
 
 
 def main() -> None:
@@ -80,16 +99,19 @@ def main() -> None:
     p.add_argument("--warm", default=None, help="PART/PARTS: only compile and check that share of the variants")
     p.add_argument("--json", default=None)
     p.add_argument("--quick", action="store_true", help="a few dozen configurations per M instead of hundreds")
+    p.add_argument("--kernel", choices=list(MS), default="w4g128")
     args = p.parse_args()
+    ms = MS[args.kernel]
     part, parts = (int(v) for v in args.warm.split("/")) if args.warm else (0, 1)
     l2 = l2_bytes()
     rows, index = [], 0
     for k, n in SHAPES:
-        sets = 1 if args.warm else copies_for(k * n // 2, l2)
-        layouts, xs = operands(k, n, max(MS), sets)
-        want = {m: reference.matmul_int_grouped(xs[0][:m].float(), *layouts[0][1], 4) for m in MS}
-        for m in MS:
-            heuristic = launch_config(m, n, k, 128, torch.device("cuda"))
+        weight_bytes = k * n if args.kernel != "w4g128" else k * n // 2
+        sets = 1 if args.warm else copies_for(weight_bytes, l2)
+        weights, xs, reference_of, call, block_k = operands(args.kernel, k, n, max(ms), sets)
+        want = {m: reference_of(m) for m in ms}
+        for m in ms:
+            heuristic = launch_config(m, n, k, block_k, torch.device("cuda"))
             cands = [heuristic] + [c for c in configs(m, args.quick) if c != heuristic]
             if not args.warm:
                 calls, nbytes, _ = fp16_row(m, k, n, copies_for(2 * n * k, l2))
@@ -100,18 +122,17 @@ def main() -> None:
                     continue
                 label = repr(cfg)
                 try:
-                    err = rel_err(T.matmul_group_ordered(xs[0][:m], layouts[0][0], cfg=cfg), want[m])
+                    err = rel_err(call(xs[0][:m], weights[0], cfg), want[m])
                     if args.warm:
                         continue
-                    calls = [lambda x=x[:m], w=w[0], c=cfg: T.matmul_group_ordered(x, w, cfg=c)
-                             for x, w in zip(xs, layouts)]
+                    calls = [lambda x=x[:m], w=w, c=cfg: call(x, w, c) for x, w in zip(xs, weights)]
                     us = time_graph(calls, 10, 5)
                 except Exception as e:  # a configuration that does not compile (registers, shared memory)
                     rows.append({"K": k, "N": n, "M": m, "config": label, "error": f"{type(e).__name__}: {e}"[:160]})
                     continue
                 rows.append({"K": k, "N": n, "M": m, "config": label, "us": us, "rel_err": err,
                              "heuristic": cfg == heuristic})
-        del layouts, xs
+        del weights, xs
         torch.cuda.empty_cache()
     if args.warm:
         return
@@ -123,7 +144,7 @@ def main() -> None:
     print("| K x N | M | fp16 µs | heuristic µs | best µs | best config | best vs fp16 |")
     print("|---|---|---|---|---|---|---|")
     for k, n in SHAPES:
-        for m in MS:
+        for m in ms:
             here = [r for r in rows if (r["K"], r["N"], r["M"]) == (k, n, m) and "us" in r]
             fp = next(r["us"] for r in here if r["config"].startswith("fp16"))
             ours = [r for r in here if not r["config"].startswith("fp16") and r not in bad]
