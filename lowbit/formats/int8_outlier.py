@@ -16,8 +16,8 @@ comparison) are multiplied in floating point with the dequantized weight columns
 column is quantized per row of ``x`` to int8 and multiplied in integers with int32 accumulation.
 ``threshold = 0`` turns the decomposition off.
 
-Kernels: the reference everywhere; on a GPU, ``torch._int_mm`` for more than 16 rows and the
-Triton kernel (:mod:`lowbit.kernels.triton_int8`, no host synchronization) for up to 16.
+Kernels: the reference everywhere; on a GPU, the Triton kernel (:mod:`lowbit.kernels.triton_int8`,
+no host synchronization) up to :data:`TRITON_MAX_ROWS` rows and ``torch._int_mm`` above.
 """
 
 from __future__ import annotations
@@ -93,9 +93,7 @@ class _Int8Matmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        weight, scb = ctx.weight
-        w = reference.dequantize_int8_rows(weight, scb).to(grad.dtype)  # [N, K]
-        return grad @ w, None, None, None, None, None
+        return reference.int8_input_grad(grad, *ctx.weight), None, None, None, None, None
 
 
 def _reference_forward(x: torch.Tensor, m: Int8Linear) -> torch.Tensor:

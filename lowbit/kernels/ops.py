@@ -254,11 +254,7 @@ def _int8_outlier_setup(ctx, inputs, output):
 
 
 def _int8_outlier_backward(ctx, grad):
-    """As bitsandbytes' ``MatMul8bitLt``: the gradient of the product with the dequantized weight
-    (rounding the activations to int8 has no useful gradient)."""
-    weight, scb = ctx.weight
-    w = reference.dequantize_int8_rows(weight, scb).to(grad.dtype)  # [N, K]
-    return grad @ w, None, None, None, None
+    return reference.int8_input_grad(grad, *ctx.weight), None, None, None, None
 
 
 int8_outlier_matmul.register_autograd(_int8_outlier_backward, setup_context=_int8_outlier_setup)

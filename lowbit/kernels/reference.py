@@ -173,6 +173,26 @@ def int_matmul_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return acc
 
 
+def int8_activation_codes(xf: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LLM.int8's side of the activations ``xf`` (fp32 ``[M, K]``): the outlier columns (bool
+    ``[K]``: any ``|x| >= threshold``; none when ``threshold == 0``), each row's absmax over the
+    other columns (``[M]``), and the int8 codes ``CA = round(127 * x / absmax_row)`` (half to even,
+    outlier columns 0)."""
+    k = xf.shape[-1]
+    outliers = (xf.abs() >= threshold).any(dim=0) if threshold > 0 else torch.zeros(k, dtype=torch.bool, device=xf.device)
+    xi = xf.masked_fill(outliers, 0.0)
+    row = xi.abs().amax(dim=1)  # [M]
+    ca = torch.round(xi * (127.0 / row.clamp(min=1e-30)).unsqueeze(1)).to(torch.int8)  # [M, K]
+    return outliers, row, ca
+
+
+def int8_input_grad(grad: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
+    """The gradient of LLM.int8's product with respect to its input, as bitsandbytes' ``MatMul8bitLt``
+    takes it: ``grad @ W`` with the dequantized weight (rounding the activations to int8 has no
+    useful gradient)."""
+    return grad @ dequantize_int8_rows(weight, scb).to(grad.dtype)
+
+
 def matmul_int8_outlier(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -197,12 +217,8 @@ def matmul_int8_outlier(
     Returns:
         ``[..., N]`` in x's dtype.
     """
-    k = x.shape[-1]
-    xf = x.reshape(-1, k).float()  # [M, K]
-    outliers = (xf.abs() >= threshold).any(dim=0) if threshold > 0 else torch.zeros(k, dtype=torch.bool, device=x.device)
-    xi = xf.masked_fill(outliers, 0.0)
-    row = xi.abs().amax(dim=1)  # [M]
-    ca = torch.round(xi * (127.0 / row.clamp(min=1e-30)).unsqueeze(1)).to(torch.int8)  # [M, K]
+    xf = x.reshape(-1, x.shape[-1]).float()  # [M, K]
+    outliers, row, ca = int8_activation_codes(xf, threshold)
     acc = int_matmul(ca, weight).float()  # [M, N]
     out = acc * (row.unsqueeze(1) * scb.unsqueeze(0)) / (127.0 * 127.0)
     if torch.compiler.is_compiling():
