@@ -45,17 +45,23 @@ def _fp16_activations(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_quantized_model_on_gpu_matches_cpu_reference(name):
+def _cpu_and_gpu(name: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Method ``name`` on the tiny Llama: the CPU reference's logits for ``ids``, the fp16 GPU
+    model's, and the kernel ``kernel="auto"`` picks for its first quantized layer at that shape."""
     model = lowbit.quantize(tiny_llama_model(), CONFIGS[name], calib_ids(), progress=False)
-    ids = calib_ids(2, 24, seed=3)  # 48 rows
     with torch.no_grad():
         want = model(ids).logits
         gpu = _fp16_activations(copy.deepcopy(model).cuda())
         got = gpu(ids.cuda()).logits.float().cpu()
     layer = next(m for m in gpu.modules() if isinstance(m, QuantLinear))
-    x = torch.randn(2, 24, layer.in_features, device="cuda", dtype=torch.float16)
-    assert select_kernel(layer, x).name == WANT_KERNEL[name]
+    x = torch.randn(*ids.shape, layer.in_features, device="cuda", dtype=torch.float16)
+    return want, got, select_kernel(layer, x).name
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_quantized_model_on_gpu_matches_cpu_reference(name):
+    want, got, kernel = _cpu_and_gpu(name, calib_ids(2, 24, seed=3))  # 48 rows
+    assert kernel == WANT_KERNEL[name]
     rel = ((got - want).norm() / want.norm()).item()
     # fp16 activations through two blocks; LLM.int8 also rounds activations to int8 per row, so a
     # small input difference can move a code by one step (~1% of the row's largest value)
@@ -68,15 +74,8 @@ def test_int8_kernel_by_rows(batch, seq, kernel):
     """LLM.int8 on the GPU: one token (decode) takes the Triton kernel (``torch._int_mm`` needs more
     than 16 rows), more than :data:`~lowbit.formats.int8_outlier.TRITON_MAX_ROWS` rows
     ``torch._int_mm``; each gives the CPU reference's logits."""
-    model = lowbit.quantize(tiny_llama_model(), CONFIGS["int8"], calib_ids(), progress=False)
-    ids = calib_ids(batch, seq, seed=4)
-    with torch.no_grad():
-        want = model(ids).logits
-        gpu = _fp16_activations(copy.deepcopy(model).cuda())
-        got = gpu(ids.cuda()).logits.float().cpu()
-    layer = next(m for m in gpu.modules() if isinstance(m, QuantLinear))
-    x = torch.randn(batch, seq, layer.in_features, device="cuda", dtype=torch.float16)
-    assert select_kernel(layer, x).name == kernel
+    want, got, picked = _cpu_and_gpu("int8", calib_ids(batch, seq, seed=4))
+    assert picked == kernel
     assert ((got - want).norm() / want.norm()).item() < 3e-2
 
 
