@@ -110,8 +110,8 @@ class _Recorder:
         return launch
 
 
-def held_launches() -> list[tuple[str, object, object]]:
-    """Each Triton kernel the one-token wrappers launch, as (name, launch through Triton's
+def held_launches(cases: list) -> list[tuple[str, object, object]]:
+    """Each Triton kernel the wrapper ``cases`` launch, as (name, launch through Triton's
     ``JITFunction.run``, launch of the compiled kernel Triton returned, with the same arguments):
     the second skips the argument binding, specialization and cache lookup an eager call repeats,
     which is what a launch cache held by a module would save. Each pair is checked to write the
@@ -126,7 +126,7 @@ def held_launches() -> list[tuple[str, object, object]]:
                 recorders.append((mod, attr, _Recorder(kernel)))
                 setattr(mod, attr, recorders[-1][2])
     with torch.inference_mode():
-        for _, call in wrapper_cases(4096, 4096, "cuda"):
+        for _, call in cases:
             call()
     torch.cuda.synchronize()
     for mod, attr, rec in recorders:
@@ -165,14 +165,15 @@ def gpu_table(k: int, n: int, calls: int = 2000) -> None:
 
     @triton.jit
     def _empty_kernel(p_ptr, n, BLOCK: tl.constexpr):
-        pass
+        """Does nothing: its eager launch is Triton's own cost."""
 
     buf = torch.empty(1, device="cuda")
-    held = [(f"{name}, {way}", fn) for name, via_run, from_held in held_launches()
+    wrappers = wrapper_cases(k, n, "cuda")
+    held = [(f"{name}, {way}", fn) for name, via_run, from_held in held_launches(wrappers)
             for way, fn in (("through JITFunction.run", via_run), ("held compiled kernel", from_held))]
     cases = [("empty Triton kernel (one pointer, one int)", lambda: _empty_kernel[(1,)](buf, 1, BLOCK=64)),
              ("torch.add (one PyTorch launch)", lambda: torch.add(buf, 1.0)),
-             *held, *wrapper_cases(k, n, "cuda")]
+             *held, *wrappers]
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
           f"CPU µs per eager call over {calls} calls (then synchronized)\n")
     print("| call | µs per call |")

@@ -221,15 +221,19 @@ def lowbit_aqlm_row(m, k, n, sets, n_codebooks, nbits, batch_path=None):
     return calls, code_bytes + books.numel() * 2 + 2 * n + 2 * m * (k + n), err
 
 
+def int8_input(m: int, k: int) -> torch.Tensor:
+    """``x [m, k]`` fp16 with one outlier column for threshold 6 (LLM activations hold a few)."""
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    x[:, 7] = 8.0
+    return x
+
+
 def random_int8(n: int, k: int, m: int) -> tuple:
-    """LLM.int8 codes and scales of a random ``[n, k]`` weight, and ``x [m, k]`` with one outlier
-    column for threshold 6 (LLM activations hold a few)."""
+    """LLM.int8 codes and scales of a random ``[n, k]`` weight, and :func:`int8_input` ``[m, k]``."""
     from lowbit.formats.int8_outlier import quantize_rows
 
     cb, scb = quantize_rows(torch.randn(n, k, device="cuda", dtype=torch.float16))
-    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-    x[:, 7] = 8.0
-    return cb, scb, x
+    return cb, scb, int8_input(m, k)
 
 
 def lowbit_int8_row(m, k, n, sets, int_mm=False, prequantize=None, tiles=None):
@@ -265,7 +269,7 @@ def bnb_int8_row(m, k, n, sets):
         lin = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=6.0)
         lin.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
         lin = lin.cuda()
-        _cb, _scb, x = random_int8(n, k, m)
+        x = int8_input(m, k)
         if i == 0:
             want = reference.matmul_int8_outlier(x.float(), lin.weight.CB, lin.weight.SCB, 6.0)
             err = rel_err(lin(x), want)
@@ -367,14 +371,13 @@ def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str], n
         "lowbit aqlm 2x8": lambda: lowbit_aqlm_row(m, k, n, sets2, 2, 8),
         "lowbit aqlm 1x16": lambda: lowbit_aqlm_row(m, k, n, sets2, 1, 16),
         "lowbit int8 (LLM.int8)": lambda: lowbit_int8_row(m, k, n, sets8),
-        # the kernel's variants for batches: x quantized once in a launch of its own, and with
-        # 128x128 tiles (8 warps) instead of the grouped-int heuristic's
+        # above 16 rows: the kernel's variants for batches (x quantized once in a launch of its own,
+        # also with 128x128 tiles and 8 warps instead of the grouped-int heuristic's), and the
+        # torch._int_mm path (it needs more than 16 rows)
         **({"lowbit int8 prequantized": lambda: lowbit_int8_row(m, k, n, sets8, prequantize=True),
             "lowbit int8 prequantized 128x128": lambda: lowbit_int8_row(
-                m, k, n, sets8, prequantize=True, tiles=(128, 128, 128, 1, 8, 3))}
-           if m > 16 else {}),
-        # torch._int_mm needs more than 16 rows
-        **({"int_mm int8 (LLM.int8, lowbit's decomposition)": lambda: lowbit_int8_row(m, k, n, sets8, int_mm=True)}
+                m, k, n, sets8, prequantize=True, tiles=(128, 128, 128, 1, 8, 3)),
+            "int_mm int8 (LLM.int8, lowbit's decomposition)": lambda: lowbit_int8_row(m, k, n, sets8, int_mm=True)}
            if m > 16 else {}),
         # both paths for batches (16 rows or more); the rows above take the default's
         **({"lowbit nf4 double-quant (tiled)": lambda: lowbit_nf4_row(m, k, n, sets4, "tiled"),

@@ -30,10 +30,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import copies_for, fp16_row, l2_bytes, random_w4, rel_err, time_graph  # noqa: E402
+from kernels import copies_for, fp16_row, l2_bytes, random_int8, random_w4, rel_err, time_graph  # noqa: E402
 
 from lowbit.formats.group_order import to_group_ordered  # noqa: E402
-from lowbit.formats.int8_outlier import quantize_rows  # noqa: E402
 from lowbit.kernels import reference  # noqa: E402
 from lowbit.kernels import triton_int8 as I  # noqa: E402
 from lowbit.kernels import triton_int_grouped as T  # noqa: E402
@@ -76,16 +75,15 @@ def operands(kernel: str, k: int, n: int, m: int, sets: int):
     """``sets`` weights and ``[m, k]`` inputs; ``want(m)``, the fp32 reference on the first set's
     first ``m`` rows; ``call(x, weight, cfg)``; the kernel's K tile."""
     weights, xs = [], []
-    gen = torch.Generator(device="cuda").manual_seed(0)
     for i in range(sets):
-        x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
         if kernel == "w4g128":
             qw, s, qz, g = random_w4(k, n, 128, False, seed=i)
             weights.append((to_group_ordered(qw, s, qz, g, 4), (qw, s, qz, g)))
-        else:
-            x[:, 7] = 8.0  # one outlier column at threshold 6
-            weights.append(quantize_rows(torch.randn(n, k, device="cuda", dtype=torch.float16, generator=gen)))
-        xs.append(x)
+            xs.append(torch.randn(m, k, device="cuda", dtype=torch.float16))
+        else:  # one outlier input column at threshold 6
+            cb, scb, x = random_int8(n, k, m)
+            weights.append((cb, scb))
+            xs.append(x)
     if kernel == "w4g128":
         return (weights, xs, lambda m: reference.matmul_int_grouped(xs[0][:m].float(), *weights[0][1], 4),
                 lambda x, w, cfg: T.matmul_group_ordered(x, w[0], cfg=cfg), 128)
