@@ -12,6 +12,7 @@ group parameters of :mod:`lowbit.methods.affine`; it never sees a storage layout
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -92,8 +93,132 @@ def inverse_hessian_factor(H: torch.Tensor, damp_percent: float) -> tuple[torch.
     )
 
 
+def checked_hessian(name: str, stats: HessianStats | None, in_features: int) -> torch.Tensor:
+    """The Hessian ``stats`` gathered for layer ``name``; ``ValueError`` if it saw no inputs, and a
+    warning if fewer input rows than columns leave only the dampening to make it invertible."""
+    if stats is None or stats.nsamples == 0:
+        raise ValueError(f"{name}: GPTQ got no calibration inputs for this layer")
+    if stats.nsamples < in_features:
+        log.warning("%s: %d calibration rows for %d inputs: the Hessian is rank-deficient and only "
+                    "the dampening holds it up; give more calibration tokens", name, stats.nsamples, in_features)
+    return stats.H
+
+
 def _group_bounds(k: int, group_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + group_size, k)) for start in range(0, k, group_size)]
+
+
+Pending = Callable[[int], torch.Tensor]
+"""``pending(end)``: the error-updated weights ``[N, end - col]`` of the columns the solve meets
+from the current one up to (not including) position ``end``."""
+
+RoundColumn = Callable[[int, int, torch.Tensor, Pending], tuple[torch.Tensor, torch.Tensor]]
+"""``round_column(col, k, w, pending) -> (codes [N], w_hat [N])``: round column ``k`` (the
+solve's ``col``-th) whose error-updated weights are ``w`` fp32 ``[N]``; ``w_hat`` is what the
+codes dequantize to."""
+
+
+def gptq_solve(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    round_column: RoundColumn,
+    *,
+    order: torch.Tensor | None = None,
+    damp_percent: float = 0.1,
+    block_size: int = 128,
+) -> tuple[torch.Tensor, float]:
+    """GPTQ's error feedback with any rounding: the solver behind :func:`gptq_quantize`, and
+    behind grids fixed before the solve (LLM.int8's row scales, NF4's block absmax).
+
+    Columns are rounded one at a time in ``order`` (default: left to right); each column's
+    rounding error, divided by its pivot of the inverse Hessian's Cholesky factor, is pushed
+    onto the columns not yet rounded.
+
+    Args:
+        W: fp ``[N, K]`` weight (not modified).
+        H: fp32 ``[K, K]`` input Hessian from :class:`HessianStats` (not modified). Columns
+            whose inputs were always 0 (``H[k, k] == 0``) are solved as weights of 0.
+        round_column: rounds one column (see :data:`RoundColumn`).
+        order: int64 ``[K]`` permutation: the original column the solve meets at each position.
+        block_size: columns per lazy-batch block (the error reaches later blocks in one matmul).
+
+    Returns:
+        ``(codes int32 [N, K] in the original column order, damp)``, ``damp`` the dampening that
+        made H invertible.
+    """
+    n, k = W.shape
+    W = W.detach().to(torch.float32).clone()  # [N, K]
+    H = H.detach().to(device=W.device, dtype=torch.float32).clone()  # [K, K]
+    if not torch.isfinite(W).all():
+        raise ValueError("weights contain NaN or Inf")
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = torch.arange(k, device=W.device) if order is None else order.to(W.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    U, damp = inverse_hessian_factor(H, damp_percent)
+    del H
+
+    Q = torch.zeros_like(W, dtype=torch.int32)  # [N, K] in solve order
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        W1 = W[:, i1:i2].clone()  # [N, B]
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]  # [B, B]
+        for i in range(i2 - i1):
+            col = i1 + i
+
+            def pending(end: int) -> torch.Tensor:
+                # the rest of this block, then later columns with the error this block has made so
+                # far applied (the lazy update is still pending)
+                later = W[:, i2:end] - Err1[:, :i] @ U[i1:col, i2:end]  # [N, end-i2] (empty if end <= i2)
+                return torch.cat([W1[:, i : i + (end - col)], later], dim=1)  # [N, end-col]
+
+            w = W1[:, i]  # [N]
+            q, w_hat = round_column(col, int(perm[col]), w, pending)  # [N], [N]
+            Q[:, col] = q
+            err = (w - w_hat) / U1[i, i]  # [N]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]  # rank-1 update of the rest of the block
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy batch update of later blocks
+    return Q[:, torch.argsort(perm)], damp
+
+
+def act_order(H: torch.Tensor) -> torch.Tensor:
+    """Act-order: columns by decreasing ``diag(H)`` (int64 ``[K]``), a dead column's 0 read as
+    the 1 the solve gives it (GPTQ's reference sorts after that fix)."""
+    d = torch.diag(H)
+    return torch.argsort(torch.where(d == 0, 1.0, d), descending=True)
+
+
+class _GroupRounding:
+    """GPTQ's own grid: affine groups whose scale and zero are chosen when the solve reaches a
+    group's first column (or up front, ``static``); remembers which group each column used."""
+
+    def __init__(self, k: int, group_size: int, bits: int, sym: bool, zero_min: int,
+                 static: list[tuple[torch.Tensor, torch.Tensor]] | None, device: torch.device) -> None:
+        self.k, self.group_size, self.bits, self.sym, self.zero_min = k, group_size, bits, sym, zero_min
+        self.static = static
+        self.scales: list[torch.Tensor] = []  # per group, in the order the solve meets them
+        self.zeros: list[torch.Tensor] = []
+        self.col_params = torch.empty(k, dtype=torch.int64, device=device)  # which (scale, zero) each solve column used
+        self.scale = self.zero = None
+
+    def __call__(self, col: int, k: int, w: torch.Tensor, pending: Pending) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.static is not None:
+            g = k // self.group_size
+            self.scale, self.zero = self.static[g]
+            self.col_params[col] = g
+        elif col % self.group_size == 0:
+            cols = pending(min(col + self.group_size, self.k))  # the group's current weights
+            self.scale, self.zero = choose_qparams(cols, self.bits, self.sym, zero_min=self.zero_min)
+            self.scales.append(self.scale)
+            self.zeros.append(self.zero)
+            self.col_params[col] = len(self.scales) - 1
+        else:
+            self.col_params[col] = self.col_params[col - 1]
+        q = quantize(w, self.scale, self.zero, self.bits)  # [N]
+        return q, dequantize(q, self.scale, self.zero)
 
 
 def gptq_quantize(
@@ -127,64 +252,20 @@ def gptq_quantize(
     """
     n, k = W.shape
     group_size = k if group_size == -1 else group_size
-    W = W.detach().to(torch.float32).clone()  # [N, K]
-    H = H.detach().to(device=W.device, dtype=torch.float32).clone()  # [K, K]
     if not torch.isfinite(W).all():
         raise ValueError("weights contain NaN or Inf")
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-
     static = None
     if static_groups:
-        static = [choose_qparams(W[:, a:b], bits, sym, zero_min=zero_min) for a, b in _group_bounds(k, group_size)]
-
-    perm = torch.argsort(torch.diag(H), descending=True) if desc_act else torch.arange(k, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
-    U, damp = inverse_hessian_factor(H, damp_percent)
-    del H
-
-    Q = torch.zeros_like(W, dtype=torch.int32)  # [N, K] in solve order
-    scales, zeros = [], []  # per group, in the order the solve meets them
-    col_params = torch.empty(k, dtype=torch.int64, device=W.device)  # which (scale, zero) each column used
-    scale = zero = None
-    for i1 in range(0, k, block_size):
-        i2 = min(i1 + block_size, k)
-        W1 = W[:, i1:i2].clone()  # [N, B]
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]  # [B, B]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if static is not None:
-                g = int(perm[col]) // group_size
-                scale, zero = static[g]
-                col_params[col] = g
-            elif col % group_size == 0:
-                # the group's current weights: the rest of this block, then later columns with
-                # the error this block has made so far applied (the lazy update is still pending)
-                end = min(col + group_size, k)
-                later = W[:, i2:end] - Err1[:, :i] @ U[i1:col, i2:end]  # [N, end-i2] (empty if end <= i2)
-                cols = torch.cat([W1[:, i : i + (end - col)], later], dim=1)  # [N, end-col]
-                scale, zero = choose_qparams(cols, bits, sym, zero_min=zero_min)
-                scales.append(scale)
-                zeros.append(zero)
-                col_params[col] = len(scales) - 1
-            else:
-                col_params[col] = col_params[col - 1]
-            w = W1[:, i]  # [N]
-            q = quantize(w, scale, zero, bits)  # [N]
-            Q[:, col] = q
-            err = (w - dequantize(q, scale, zero)) / U1[i, i]  # [N]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]  # rank-1 update of the rest of the block
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy batch update of later blocks
-
-    inv = torch.argsort(perm)
-    if static is not None:
-        scales = [s for s, _ in static]
-        zeros = [z for _, z in static]
-    g_idx = col_params[inv].to(torch.int32)  # group of each original column
-    return GptqResult(Q[:, inv], torch.stack(scales), torch.stack(zeros), g_idx, damp)
+        Wf = W.detach().float().clone()
+        Wf[:, torch.diag(H).to(W.device) == 0] = 0.0  # as the solve sees dead columns
+        static = [choose_qparams(Wf[:, a:b], bits, sym, zero_min=zero_min) for a, b in _group_bounds(k, group_size)]
+    order = act_order(H.to(W.device)) if desc_act else None
+    rounding = _GroupRounding(k, group_size, bits, sym, zero_min, static, W.device)
+    q, damp = gptq_solve(W, H, rounding, order=order, damp_percent=damp_percent, block_size=block_size)
+    perm = torch.arange(k, device=W.device) if order is None else order
+    g_idx = rounding.col_params[torch.argsort(perm)].to(torch.int32)  # group of each original column
+    scales, zeros = (zip(*static) if static is not None else (rounding.scales, rounding.zeros))
+    return GptqResult(q, torch.stack(list(scales)), torch.stack(list(zeros)), g_idx, damp)
 
 
 @QUANTIZERS.register("gptq")
@@ -208,13 +289,9 @@ class GptqQuantizer(IntGroupedQuantizer[GPTQConfig]):
     def quantize_layer(self, name: str, linear: nn.Module, stats: HessianStats | None) -> IntGroupedLinear:
         cfg = self.config
         w = self.checked_weight(name, linear)  # [N, K]
-        if stats is None or stats.nsamples == 0:
-            raise ValueError(f"{name}: GPTQ got no calibration inputs for this layer")
-        if stats.nsamples < w.shape[1]:
-            log.warning("%s: %d calibration rows for %d inputs: the Hessian is rank-deficient and only "
-                        "the dampening holds it up; give more calibration tokens", name, stats.nsamples, w.shape[1])
+        H = checked_hessian(name, stats, w.shape[1])
         try:
-            r = gptq_quantize(w, stats.H, bits=cfg.bits, group_size=self.group_size(w.shape[1]), sym=cfg.sym,
+            r = gptq_quantize(w, H, bits=cfg.bits, group_size=self.group_size(w.shape[1]), sym=cfg.sym,
                               desc_act=cfg.desc_act, static_groups=cfg.static_groups,
                               damp_percent=cfg.damp_percent, block_size=cfg.block_size, zero_min=self.zero_min())
         except ValueError as e:
