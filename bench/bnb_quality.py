@@ -6,6 +6,11 @@ through transformers + bitsandbytes; scores each on the same WikiText-2 test tok
 markdown table: perplexity, ratio to the original, quantization time, and how many of the
 quantized tensors are bit-identical between the two tools.
 
+Rows with lowbit's own settings have no transformers twin: "GPTQ rounding" (``rounding="gptq"``,
+calibrated on ``--nsamples`` windows of WikiText-2 valid) and "weight-only"
+(``int8_activations=False``). Their transformers + bitsandbytes column is lowbit's saved
+checkpoint loaded by transformers, and "identical" counts the tensors it loaded unchanged.
+
     python bench/bnb_quality.py --tokens 16384 --dtype float32
 """
 
@@ -13,13 +18,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 import lowbit
 from lowbit.checkpoint.loading import load_tokenizer
-from lowbit.eval.data import wikitext2
+from lowbit.eval.data import calibration_batch, calibration_texts, wikitext2
 from lowbit.eval.perplexity import text_perplexity
 from lowbit.models import default_causal_lm_path
 
@@ -29,7 +36,13 @@ ROWS = [  # label, BitsAndBytesConfig kwargs (field names shared by lowbit and t
     ("NF4 double quant", dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)),
     ("FP4", dict(load_in_4bit=True, bnb_4bit_quant_type="fp4")),
     ("FP4 double quant", dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True)),
+    ("LLM.int8, GPTQ rounding", dict(load_in_8bit=True, rounding="gptq")),
+    ("NF4, GPTQ rounding", dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", rounding="gptq")),
+    ("NF4 double quant, GPTQ rounding", dict(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_use_double_quant=True, rounding="gptq")),
+    ("LLM.int8 weight-only (activations in fp32)", dict(load_in_8bit=True, int8_activations=False)),
 ]
+LOWBIT_ONLY = ("rounding", "int8_activations")  # fields transformers' BitsAndBytesConfig lacks
 
 
 def _quantized_tensors(model) -> dict[str, torch.Tensor]:
@@ -45,6 +58,8 @@ def main() -> None:
     p.add_argument("--ppl-seqlen", type=int, default=512)
     p.add_argument("--dtype", default="float32", help="dtype the model is loaded and quantized in")
     p.add_argument("--only", default=None, help="comma-separated row numbers to run (1-based)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows of the GPTQ-rounded rows")
+    p.add_argument("--seqlen", type=int, default=512, help="calibration window length in tokens")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
     peer = importlib.util.find_spec("bitsandbytes") is not None
@@ -66,18 +81,25 @@ def main() -> None:
     for i, (label, kw) in enumerate(ROWS, 1):
         if only and i not in only:
             continue
+        rounded = kw.get("rounding") == "gptq"
+        calib = calibration_batch(tok, calibration_texts(None), args.nsamples, args.seqlen) if rounded else None
         t0 = time.perf_counter()
         ours = lowbit.from_pretrained(folder, dtype=dtype, quantization_config=lowbit.BitsAndBytesConfig(**kw),
-                                      progress=False)
+                                      calib=calib, progress=False)
         qsec = time.perf_counter() - t0
         ours_ppl = ppl(ours)
         cells = ["bitsandbytes not installed", "-", "-"]
         if peer:
             from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-            theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
-                                                          quantization_config=BitsAndBytesConfig(**kw)).eval()
-            theirs_ppl = ppl(theirs)
+            with tempfile.TemporaryDirectory() as tmp:
+                if any(f in kw for f in LOWBIT_ONLY):  # transformers + bitsandbytes load lowbit's checkpoint
+                    lowbit.save_quantized(ours, Path(tmp) / "q")
+                    theirs = AutoModelForCausalLM.from_pretrained(Path(tmp) / "q", dtype=dtype).eval()
+                else:
+                    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
+                                                                  quantization_config=BitsAndBytesConfig(**kw)).eval()
+                theirs_ppl = ppl(theirs)
             a, b = _quantized_tensors(ours), _quantized_tensors(theirs)
             same = sum(torch.equal(a[n], b[n]) for n in a if n in b)
             cells = [f"{theirs_ppl:.3f}", f"{theirs_ppl / base:.3f}", f"{same}/{len(a)}"]

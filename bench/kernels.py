@@ -7,7 +7,8 @@ For each Llama-7B layer shape (K x N) and M = 1, 16, 128 it times, with CUDA gra
   NF4 kernel (blocks of 64, double quant) on the bitsandbytes layout, its AQLM kernel
   (2x8 and 1x16, groups of 8 inputs, about 2 bits per weight), and its LLM.int8 kernel
   (threshold 6, one outlier input column; above 16 rows also with the activations quantized in a
-  launch of their own, with default and with 128x128 tiles);
+  launch of their own, with default and with 128x128 tiles), and the same int8 weights with the
+  activations left in fp16 (``int8_activations=False``, weight-only);
 * ``int_mm``: LLM.int8 through the reference's decomposition with ``torch._int_mm`` (what lowbit
   runs above 2,048 rows): it synchronizes with the host on the outlier columns, as bitsandbytes'
   ``Linear8bitLt`` does, so these two are timed eagerly only (a failed capture would leave the
@@ -236,10 +237,10 @@ def random_int8(n: int, k: int, m: int) -> tuple:
     return cb, scb, int8_input(m, k)
 
 
-def lowbit_int8_row(m, k, n, sets, int_mm=False, prequantize=None, tiles=None):
+def lowbit_int8_row(m, k, n, sets, int_mm=False, prequantize=None, tiles=None, weight_only=False):
     """lowbit's LLM.int8: the Triton kernel (``prequantize``, ``tiles``: its variant and
-    ``MatmulConfig`` fields, None the defaults), or (``int_mm``) the reference's decomposition with
-    ``torch._int_mm``."""
+    ``MatmulConfig`` fields, None the defaults; ``weight_only``: activations left in fp16), or
+    (``int_mm``) the reference's decomposition with ``torch._int_mm``."""
     from lowbit.formats.int8_outlier import int_mm as int_mm_fn
     from lowbit.kernels import triton_int8 as I
     from lowbit.kernels.triton_common import MatmulConfig
@@ -252,9 +253,12 @@ def lowbit_int8_row(m, k, n, sets, int_mm=False, prequantize=None, tiles=None):
         if int_mm:
             fn = lambda x=x, cb=cb, scb=scb: reference.matmul_int8_outlier(x, cb, scb, 6.0, int_matmul=int_mm_fn)
         else:
-            fn = lambda x=x, cb=cb, scb=scb: I.matmul_int8_outlier(x, cb, scb, 6.0, prequantize=prequantize, cfg=cfg)
+            fn = lambda x=x, cb=cb, scb=scb: I.matmul_int8_outlier(x, cb, scb, 6.0, prequantize=prequantize, cfg=cfg,
+                                                                   weight_only=weight_only)
         if i == 0:
-            err = rel_err(fn(), reference.matmul_int8_outlier(x.float(), cb, scb, 6.0))
+            want = (reference.matmul_int8_weight_only(x.float(), cb, scb) if weight_only
+                    else reference.matmul_int8_outlier(x.float(), cb, scb, 6.0))
+            err = rel_err(fn(), want)
         calls.append(fn)
     return calls, n * k + 4 * n + 2 * m * (k + n), err
 
@@ -371,6 +375,7 @@ def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str], n
         "lowbit aqlm 2x8": lambda: lowbit_aqlm_row(m, k, n, sets2, 2, 8),
         "lowbit aqlm 1x16": lambda: lowbit_aqlm_row(m, k, n, sets2, 1, 16),
         "lowbit int8 (LLM.int8)": lambda: lowbit_int8_row(m, k, n, sets8),
+        "lowbit int8 weight-only": lambda: lowbit_int8_row(m, k, n, sets8, weight_only=True),
         # above 16 rows: the kernel's variants for batches (x quantized once in a launch of its own,
         # also with 128x128 tiles and 8 warps instead of the grouped-int heuristic's), and the
         # torch._int_mm path (it needs more than 16 rows)

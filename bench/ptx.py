@@ -98,7 +98,8 @@ def cases() -> list[Case]:
     for pre in (False, True):  # a 64x64 output tile of 64 or more rows, as the heuristic launches it
         out.append(Case(f"LLM.int8 64x64 tile, {'codes loaded' if pre else 'x quantized in the program'}",
                         I._matmul_kernel, int8_sig,
-                        dict(HAS_OUTLIERS=False, HAS_BIAS=False, PREQUANTIZED=pre, BLOCK_M=64, BLOCK_N=64,
+                        dict(HAS_OUTLIERS=False, HAS_BIAS=False, PREQUANTIZED=pre, WEIGHT_ONLY=False,
+                             BLOCK_M=64, BLOCK_N=64,
                              BLOCK_K=128, SPLIT_K=1, DOT_FP32=False), 4, 128 * 64))
     return out
 

@@ -26,11 +26,15 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric range (zero points)")
     p.add_argument("--desc-act", action="store_true", default=None, help="gptq: act-order (columns by decreasing Hessian diagonal)")
     p.add_argument("--static-groups", action="store_true", default=None, help="gptq: group parameters fixed before the solve")
-    p.add_argument("--damp-percent", type=float, default=None, help="gptq: Hessian dampening, fraction of its mean diagonal")
+    p.add_argument("--damp-percent", type=float, default=None,
+                   help="gptq, aqlm, bitsandbytes --rounding gptq: Hessian dampening, fraction of its mean diagonal")
     p.add_argument("--format", default=None, help="gptq: checkpoint format, gptq (v1, default) or gptq_v2")
     p.add_argument("--quant-type", default=None, help="bitsandbytes 4-bit: nf4 or fp4 (default: fp4, as transformers)")
     p.add_argument("--double-quant", action="store_true", default=None, help="bitsandbytes 4-bit: quantize the absmax too")
     p.add_argument("--threshold", type=float, default=None, help="bitsandbytes 8-bit: outlier threshold (default: 6.0)")
+    p.add_argument("--rounding", default=None,
+                   help="bitsandbytes: nearest (default, no data) or gptq (codes by GPTQ's error feedback on "
+                        "calibration text; the same format)")
     p.add_argument("--scheme", default=None,
                    help="aqlm: codebooks x bits per codebook, e.g. 2x8 or 1x16 (default: 1x16, as transformers)")
     p.add_argument("--in-group-size", type=int, default=None, help="aqlm: input columns per codeword (default: 8)")
@@ -39,7 +43,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="aqlm: most alternations of codebook and code updates (default: 8)")
     p.add_argument("--finetune-steps", type=int, default=None,
                    help="aqlm: Adam steps tuning each block's codebooks and scales to the original block (default: 0)")
-    p.add_argument("--calib", default=None, help="gptq/awq/aqlm: calibration text file (default: embedded WikiText-2 valid)")
+    p.add_argument("--calib", default=None, help="gptq/awq/aqlm, bitsandbytes --rounding gptq: calibration text file "
+                        "(default: embedded WikiText-2 valid)")
     p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default: 128)")
     p.add_argument("--seqlen", type=int, default=None, help="calibration window length in tokens (default: 512)")
 
@@ -155,7 +160,7 @@ def config_from_args(args: argparse.Namespace):
              "nsamples": args.nsamples, "model_seqlen": args.seqlen, "quant_type": args.quant_type,
              "double_quant": args.double_quant, "threshold": args.threshold, "scheme": args.scheme,
              "in_group_size": args.in_group_size, "beam_size": args.beam_size, "max_iterations": args.max_iterations,
-             "finetune_steps": args.finetune_steps}
+             "finetune_steps": args.finetune_steps, "rounding": args.rounding}
     given = FLAG_FIELDS.get(args.method, _same_names)(given)
     if given.get("bits", 0) is None and any(f.name == "bits" and f.default is MISSING for f in fields(cls)):
         given["bits"] = 4  # GPTQConfig requires bits; the CLI's default is 4
@@ -265,7 +270,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 QUANT_FLAGS = ("bits", "group_size", "sym", "desc_act", "static_groups", "damp_percent", "format", "quant_type",
                "double_quant", "threshold", "calib", "nsamples", "seqlen", "scheme", "in_group_size", "beam_size",
-               "max_iterations", "finetune_steps")
+               "max_iterations", "finetune_steps", "rounding")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

@@ -34,7 +34,8 @@ def test_quantize_gptq_from_the_command_line(tiny_model_dir, tmp_path, capsys):
 @pytest.mark.parametrize("flags,label", [
     (["--bits", "4", "--quant-type", "nf4", "--double-quant"], "bnb nf4 double-quant"),
     (["--bits", "8", "--threshold", "4"], "bnb int8 t4"),
-], ids=["nf4", "int8"])
+    (["--bits", "8", "--rounding", "gptq", "--nsamples", "4", "--seqlen", "64"], "bnb int8 t6 gptq-rounded"),
+], ids=["nf4", "int8", "int8-gptq-rounded"])
 def test_quantize_bitsandbytes_from_the_command_line(tiny_model_dir, tmp_path, capsys, flags, label):
     out = tmp_path / "b"
     assert main(["quantize", str(tiny_model_dir), "--method", "bitsandbytes", *flags, "--out", str(out)]) == 0
@@ -80,9 +81,13 @@ def test_quantize_aqlm_from_the_command_line(tiny_model_dir, tmp_path, capsys):
     (["quantize", "{model}", "--method", "bitsandbytes", "--group-size", "64", "--out", "{out}"],
      "--group-size does not apply"),
     (["quantize", "{model}", "--quant-type", "nf4", "--out", "{out}"], "--quant-type does not apply to method 'rtn'"),
+    (["quantize", "{model}", "--rounding", "gptq", "--out", "{out}"], "--rounding does not apply to method 'rtn'"),
+    (["quantize", "{model}", "--method", "bitsandbytes", "--rounding", "stochastic", "--out", "{out}"],
+     "rounding='stochastic'"),
 ], ids=["unknown-method", "aqlm-scheme", "aqlm-nbits", "aqlm-group", "scheme-rtn", "bits", "group-negative", "group-zero", "quantize-missing", "eval-missing",
         "flag-not-for-method", "device-absent", "device-unknown", "desc-act-rtn", "finetune-rtn", "damp", "gptq-format",
-        "calib-missing", "bnb-bits", "bnb-quant-type", "bnb-group-size", "quant-type-rtn"])
+        "calib-missing", "bnb-bits", "bnb-quant-type", "bnb-group-size", "quant-type-rtn", "rounding-rtn",
+        "bnb-rounding"])
 def test_bad_input_one_line_error(tiny_model_dir, tmp_path, capsys, argv, msg):
     (tmp_path / "missing").mkdir()
     fill = {"model": str(tiny_model_dir), "out": str(tmp_path / "out"), "missing": str(tmp_path / "missing")}

@@ -48,7 +48,8 @@ NON_DEFAULTS = {
     ),
     "bnb8": BitsAndBytesConfig(
         load_in_8bit=True, llm_int8_threshold=4, llm_int8_skip_modules=["lm_head"],
-        llm_int8_enable_fp32_cpu_offload=True, llm_int8_has_fp16_weight=True,
+        llm_int8_enable_fp32_cpu_offload=True, llm_int8_has_fp16_weight=True, rounding="gptq", damp_percent=0.05,
+        nsamples=16, model_seqlen=256,
     ),
     "bnb4": BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4",
@@ -161,6 +162,10 @@ BAD_VALUES = [
     ("bnb-compute_dtype", BitsAndBytesConfig, {"load_in_4bit": True, "bnb_4bit_compute_dtype": "int8"}, r"bnb_4bit_compute_dtype='int8' .*'bfloat16'"),
     ("bnb-compute_dtype-typo", BitsAndBytesConfig, {"load_in_4bit": True, "bnb_4bit_compute_dtype": "fp16"}, r"bnb_4bit_compute_dtype='fp16'"),
     ("bnb-storage", BitsAndBytesConfig, {"load_in_4bit": True, "bnb_4bit_quant_storage": torch.int32}, r"bnb_4bit_quant_storage=torch\.int32"),
+    ("bnb-rounding", BitsAndBytesConfig, {"load_in_8bit": True, "rounding": "stochastic"}, r"rounding='stochastic' .*'gptq'"),
+    ("bnb-damp", BitsAndBytesConfig, {"load_in_8bit": True, "damp_percent": 0.0}, r"damp_percent=0\.0 .*0 < damp_percent < 1"),
+    ("bnb-nsamples", BitsAndBytesConfig, {"load_in_4bit": True, "nsamples": 0}, r"BitsAndBytesConfig\.nsamples=0"),
+    ("bnb-seqlen", BitsAndBytesConfig, {"load_in_4bit": True, "model_seqlen": 1}, r"BitsAndBytesConfig\.model_seqlen=1"),
     ("aqlm-in_group_size", AqlmConfig, {"in_group_size": 0}, r"AqlmConfig\.in_group_size=0 .*>= 1"),
     ("aqlm-out_group_size", AqlmConfig, {"out_group_size": 0}, r"AqlmConfig\.out_group_size=0"),
     ("aqlm-num_codebooks", AqlmConfig, {"num_codebooks": 0}, r"AqlmConfig\.num_codebooks=0"),
@@ -361,6 +366,9 @@ TRANSFORMERS_CASES = {
     "bnb-8bit": (BitsAndBytesConfig, "BitsAndBytesConfig", {
         "load_in_8bit": True, "llm_int8_threshold": 4.0, "llm_int8_skip_modules": ["lm_head"],
         "llm_int8_enable_fp32_cpu_offload": True, "llm_int8_has_fp16_weight": True,
+    }),
+    "bnb-4bit-gptq-rounded": (BitsAndBytesConfig, "BitsAndBytesConfig", {
+        "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "rounding": "gptq", "nsamples": 16,
     }),
     "aqlm-default": (AqlmConfig, "AqlmConfig", {}),
     "aqlm-custom": (AqlmConfig, "AqlmConfig", {

@@ -120,6 +120,25 @@ def test_prequantized_product_equals_the_fused_one(block_m, split_k, threshold):
     assert rel_err(pre, reference.matmul_int8_outlier(x.float(), cb, scb, threshold, b)) <= MATMUL_REL[torch.float16]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("block_m,split_k", [(None, None), (1, 3), (16, 1), (32, 2)])
+@pytest.mark.parametrize("m,n,k", [(1, 33, 71), (5, 17, 300), (20, 40, 700)])
+def test_weight_only_product_matches_the_reference(m, n, k, block_m, split_k, dtype):
+    """``weight_only``: x in floating point times the codes, scaled by SCB / 127 -- the product with
+    the dequantized weight, with or without outliers in x (they are not treated apart)."""
+    if dtype == torch.float32 and DEVICE == "cuda" and block_m != 1:
+        pytest.skip("fp32 tl.dot tiles run in tf32 on a GPU")
+    x, cb, scb, b = random_case(m, n, k, seed=m * k + n, threshold=3.0)
+    x = x.to(dtype)
+    want = reference.matmul_int8_weight_only(x.float(), cb, scb, b)  # fp32: the kernel's error alone
+    cfg = None if block_m is None else C.MatmulConfig(block_m, 32, 64, split_k, 4, 2)
+    got = T.matmul_int8_outlier(x, cb, scb, 3.0, b, cfg=cfg, weight_only=True)
+    assert got.dtype == dtype and got.shape == (m, n) and torch.isfinite(got).all()
+    assert rel_err(got, want) <= MATMUL_REL[dtype]
+    if dtype == torch.float32:  # and it is not LLM.int8's product, whose activation rounding shows
+        assert rel_err(reference.matmul_int8_outlier(x, cb, scb, 3.0, b), want) > 10 * MATMUL_REL[dtype]
+
+
 def test_ties_round_half_to_even_as_the_reference():
     """Rows whose absmax is 127 scale by exactly 1, so ``x = j + 0.5`` sits on a tie between two
     codes: the kernel must round as ``torch.round`` (half to even), and the test can tell."""
@@ -165,12 +184,13 @@ def test_bad_launch_inputs_are_refused():
         T.matmul_int8_outlier(x, cb, scb, 6.0, cfg=C.MatmulConfig(1, 32, 16, 1, 4, 2))
 
 
-def test_module_forward_through_the_kernel_matches_reference(monkeypatch):
+@pytest.mark.parametrize("int8_activations", [True, False], ids=["int8-activations", "weight-only"])
+def test_module_forward_through_the_kernel_matches_reference(monkeypatch, int8_activations):
     """The ``Int8Linear`` forward through its registered Triton implementation (made available on
     this device) equals the reference forward, and passes the gradient to the input."""
     gen = torch.Generator().manual_seed(5)
     mod = Int8Linear.from_linear(torch.randn(48, 80, generator=gen), torch.randn(48, generator=gen),
-                                 threshold=2.5).to(DEVICE)
+                                 threshold=2.5, int8_activations=int8_activations).to(DEVICE)
     x = torch.randn(2, 80, generator=gen).to(DEVICE)
     with torch.no_grad():
         want = mod(x)  # the reference on CPU; on a GPU, 2 fp32 rows also take the reference
@@ -188,13 +208,19 @@ def test_module_forward_through_the_kernel_matches_reference(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,prequantize", [(1, False), (16, False), (128, False), (128, True), (600, True)])
+@pytest.mark.parametrize("m,prequantize,weight_only", [(1, False, False), (16, False, False), (128, False, False),
+                                                       (128, True, False), (600, True, False), (1, False, True),
+                                                       (128, False, True)])
 @pytest.mark.parametrize("k,n", [(4096, 4096), (4096, 11008), (11008, 4096)])
-def test_model_sizes_on_gpu(m, k, n, prequantize):
+def test_model_sizes_on_gpu(m, k, n, prequantize, weight_only):
     gen = torch.Generator().manual_seed(m + k)
     cb, scb = quantize_rows(torch.randn(n, k, generator=gen).half())
     x = torch.randn(m, k, generator=gen).half()
     x[:, 7] = 20.0  # one outlier column
-    want = reference.matmul_int8_outlier(x.float(), cb, scb, 6.0)
-    got = T.matmul_int8_outlier(x.cuda(), cb.cuda(), scb.cuda(), 6.0, prequantize=prequantize).cpu()
+    if weight_only:
+        want = reference.matmul_int8_weight_only(x.float(), cb, scb)
+    else:
+        want = reference.matmul_int8_outlier(x.float(), cb, scb, 6.0)
+    got = T.matmul_int8_outlier(x.cuda(), cb.cuda(), scb.cuda(), 6.0, prequantize=prequantize,
+                                weight_only=weight_only).cpu()
     assert rel_err(got, want) <= MATMUL_REL[torch.float16]

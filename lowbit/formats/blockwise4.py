@@ -142,14 +142,20 @@ def quantize_4bit(w: torch.Tensor, quant_type: str, blocksize: int = 64, double_
     check_geometry(w.numel(), quant_type, blocksize, quant_storage)
     table = code_table(quant_type).to(w.device)
     codes, absmax = quantize_blocks(w, table, blocksize)
-    zero_code = int(nearest_code(torch.zeros(1, device=w.device), table))
-    packed = pack_nibbles(codes, pad=zero_code).view(quant_storage).unsqueeze(1)
+    packed = pack_codes(codes, table, quant_storage)
     if not double_quant:
         return Quantized4(packed, absmax, table, None, None, None)
     offset = absmax.mean()
     nested_map = dynamic_map().to(w.device)
     absmax_codes, nested_absmax = quantize_blocks(absmax - offset, nested_map, NESTED_BLOCKSIZE)
     return Quantized4(packed, absmax_codes.to(torch.uint8), table, nested_absmax, nested_map, offset)
+
+
+def pack_codes(codes: torch.Tensor, table: torch.Tensor, quant_storage: torch.dtype = torch.uint8) -> torch.Tensor:
+    """4-bit codes ``[L]`` (indices into ``table``) -> the packed ``weight``
+    ``[ceil(L/2)/itemsize, 1]`` of ``quant_storage``; an odd length is padded with the code of 0.0."""
+    zero_code = int(nearest_code(torch.zeros(1, device=codes.device), table.to(codes.device)))
+    return pack_nibbles(codes.reshape(-1), pad=zero_code).view(quant_storage).unsqueeze(1)
 
 
 def check_geometry(numel: int, quant_type: str, blocksize: int, quant_storage: torch.dtype) -> None:

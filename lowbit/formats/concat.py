@@ -8,7 +8,7 @@ layout cannot be joined without changing numbers refuse with ``ValueError``:
 - grouped int (GPTQ, AWQ, RTN): bits, group size, scale dtype and ``g_idx`` must match (q/k/v of
   an act-order checkpoint share ``g_idx``: they see the same inputs); zero points are repacked
   along N.
-- LLM.int8: the same outlier threshold.
+- LLM.int8: the same outlier threshold, and all with int8 activations or all weight-only.
 - NF4/FP4: the same code table, block size and storage; every part but the last must hold whole
   blocks (and whole storage elements). Double-quantized parts must also share the absmax offset
   (``nested_offset``, the mean of each layer's block maxima, is one per layer) and hold whole
@@ -122,6 +122,7 @@ def _split_int_grouped(fused: IntGroupedLinear, parts: Sequence[Part]) -> list[I
 
 def _concat_int8(mods: Sequence[Int8Linear], names: Sequence[str]) -> Int8Linear:
     _same(mods, names, "threshold")
+    _same(mods, names, "int8_activations")
     bias = _joined_bias(mods, names)
     fused = _empty_int8(mods[0], _widths(mods), bias)
     fused.weight = torch.cat([m.weight for m in mods])  # [N, K] int8
@@ -133,7 +134,7 @@ def _concat_int8(mods: Sequence[Int8Linear], names: Sequence[str]) -> Int8Linear
 
 def _empty_int8(like: Int8Linear, out_features: int, bias: torch.Tensor | None) -> Int8Linear:
     return Int8Linear(like.in_features, out_features, threshold=like.threshold, bias=bias is not None,
-                      device="meta", **_dtype(bias))
+                      int8_activations=like.int8_activations, device="meta", **_dtype(bias))
 
 
 def _split_int8(fused: Int8Linear, parts: Sequence[Part]) -> list[Int8Linear]:

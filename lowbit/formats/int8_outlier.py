@@ -14,7 +14,9 @@ bias           model    ``[N]``    optional
 Forward (Dettmers et al. 2022): input columns holding any ``|x| >= threshold`` (bitsandbytes'
 comparison) are multiplied in floating point with the dequantized weight columns; every other
 column is quantized per row of ``x`` to int8 and multiplied in integers with int32 accumulation.
-``threshold = 0`` turns the decomposition off.
+``threshold = 0`` turns the decomposition off. With ``int8_activations=False`` (lowbit's own
+option, not in the checkpoint) the activations stay in floating point and multiply the dequantized
+weight ``CB * SCB / 127``: int8 weights only, as bitsandbytes' CPU path computes.
 
 Kernels: the reference everywhere; on a GPU, the Triton kernel (:mod:`lowbit.kernels.triton_int8`,
 no host synchronization) up to :data:`TRITON_MAX_ROWS` rows and ``torch._int_mm`` above.
@@ -48,11 +50,13 @@ class Int8Linear(QuantLinear):
     format = "int8_outlier"
 
     def __init__(self, in_features: int, out_features: int, *, threshold: float = 6.0, bias: bool = False,
-                 bias_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+                 bias_dtype: torch.dtype = torch.float32, int8_activations: bool = True,
+                 device: torch.device | str | None = None) -> None:
         super().__init__(in_features, out_features)
         if threshold < 0:
             raise ValueError(f"llm_int8_threshold={threshold} must be >= 0 (0 turns outlier decomposition off)")
         self.threshold = float(threshold)
+        self.int8_activations = bool(int8_activations)
         kw = {"device": device}
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, **kw))
         self.register_buffer("SCB", torch.zeros(out_features, dtype=torch.float32, **kw))
@@ -60,14 +64,15 @@ class Int8Linear(QuantLinear):
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, **kw) if bias else None)
 
     @classmethod
-    def from_linear(cls, w: torch.Tensor, bias: torch.Tensor | None, *, threshold: float = 6.0) -> "Int8Linear":
+    def from_linear(cls, w: torch.Tensor, bias: torch.Tensor | None, *, threshold: float = 6.0,
+                    int8_activations: bool = True) -> "Int8Linear":
         """Quantize a weight ``w [N, K]`` (and keep ``bias [N]`` in its dtype).
 
         The weight is rounded to float16 first, as bitsandbytes does whatever the model's dtype,
         so the codes and ``SCB`` are bitsandbytes' bit for bit.
         """
         n, k = w.shape
-        mod = cls(k, n, threshold=threshold, bias=bias is not None,
+        mod = cls(k, n, threshold=threshold, bias=bias is not None, int8_activations=int8_activations,
                   bias_dtype=bias.dtype if bias is not None else torch.float32, device="meta")
         mod.weight, mod.SCB = quantize_rows(w.to(torch.float16))
         mod.weight_format = torch.tensor(ROW_FORMAT, dtype=torch.uint8, device=w.device)
@@ -78,6 +83,8 @@ class Int8Linear(QuantLinear):
         return reference.dequantize_int8_rows(self.weight, self.SCB)
 
     def extra_repr(self) -> str:
+        if not self.int8_activations:
+            return f"{super().extra_repr()}, weight-only"
         return f"{super().extra_repr()}, threshold={self.threshold}"
 
 
@@ -97,6 +104,8 @@ class _Int8Matmul(torch.autograd.Function):
 
 
 def _reference_forward(x: torch.Tensor, m: Int8Linear) -> torch.Tensor:
+    if not m.int8_activations:
+        return reference.matmul_int8_weight_only(x, m.weight, m.SCB, m.bias)
     return _Int8Matmul.apply(x, m.weight, m.SCB, m.bias, m.threshold, reference.int_matmul_exact)
 
 
@@ -122,20 +131,20 @@ def _int_mm_supported(m: Int8Linear, x: torch.Tensor) -> bool:
     """CUDA only (on CPU ``torch._int_mm`` is slower than the reference's exact fp32 chunks); it
     needs M > 16 and K, N multiples of 8."""
     rows = x.numel() // x.shape[-1]
-    return (x.is_floating_point() and x.device.type == "cuda" and rows > 16
+    return (m.int8_activations and x.is_floating_point() and x.device.type == "cuda" and rows > 16
             and m.in_features % 8 == 0 and m.out_features % 8 == 0)
 
 
 def _triton_supports(m: Int8Linear, x: torch.Tensor) -> bool:
     """fp16/bf16 on a GPU, up to :data:`TRITON_MAX_ROWS` rows or where ``torch._int_mm`` does not
-    apply (odd K or N)."""
+    apply (odd K or N, or weight-only)."""
     rows = x.numel() // x.shape[-1]
     return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
             and (rows <= TRITON_MAX_ROWS or not _int_mm_supported(m, x)))
 
 
 def _triton_forward(x: torch.Tensor, m: Int8Linear) -> torch.Tensor:
-    return ops.int8_outlier_linear(x, m.weight, m.SCB, m.bias, m.threshold)
+    return ops.int8_outlier_linear(x, m.weight, m.SCB, m.bias, m.threshold, not m.int8_activations)
 
 
 register_kernel(

@@ -125,14 +125,15 @@ def _codebook_variants() -> list[Variant]:
 
 def _int8_variants() -> list[Variant]:
     out = []
-    # (block_m, split_k, outliers, prequantized, dtype): one-token GEMV with split-K, int8 tl.dot
-    # tiles, no outliers, codes written by the quantize kernel
-    for bm, split, outliers, pre, dt in ((1, 8, True, False, "fp16"), (16, 2, True, False, "bf16"),
-                                         (64, 1, False, False, "fp16"), (64, 1, True, True, "fp16")):
+    # (block_m, split_k, outliers, prequantized, weight-only, dtype): one-token GEMV with split-K,
+    # int8 tl.dot tiles, no outliers, codes written by the quantize kernel, weight-only GEMV and tiles
+    for bm, split, outliers, pre, wo, dt in ((1, 8, True, False, False, "fp16"), (16, 2, True, False, False, "bf16"),
+                                             (64, 1, False, False, False, "fp16"), (64, 1, True, True, False, "fp16"),
+                                             (1, 8, False, False, True, "fp16"), (64, 1, False, False, True, "bf16")):
         sig = {"x_ptr": f"*{dt}", "ca_ptr": "*i8", "w_ptr": "*i8", "scb_ptr": "*fp32", "outlier_ptr": "*u8",
                "part_ptr": "*fp32", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}" if split == 1 else "*fp32", "M": "i32",
                "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32", "n_parts": "i32"}
-        consts = dict(HAS_OUTLIERS=outliers, HAS_BIAS=split == 1, PREQUANTIZED=pre, BLOCK_M=bm,
+        consts = dict(HAS_OUTLIERS=outliers, HAS_BIAS=split == 1, PREQUANTIZED=pre, WEIGHT_ONLY=wo, BLOCK_M=bm,
                       BLOCK_N=64 if bm < 64 else 128, BLOCK_K=128, SPLIT_K=split, DOT_FP32=False)
         out.append(Variant("triton_int8", "_matmul_kernel", sig, consts, (("enable_fp_fusion", False),)))
     for outliers, dt in ((True, "fp16"), (False, "bf16")):

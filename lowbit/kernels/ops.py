@@ -226,35 +226,37 @@ codebook_matmul.register_autograd(_codebook_backward, setup_context=_codebook_se
 # --- LLM.int8 ------------------------------------------------------------------------------
 
 
-def _int8_outlier_matmul(x: Tensor, weight: Tensor, scb: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
+def _int8_outlier_matmul(x: Tensor, weight: Tensor, scb: Tensor, bias: Tensor | None, threshold: float,
+                         weight_only: bool = False) -> Tensor:
     """LLM.int8 ``x @ W.T + bias`` (the buffers of :class:`~lowbit.formats.int8_outlier.Int8Linear`);
-    ``[..., N]`` in x's dtype."""
+    ``weight_only``: x stays in floating point (``threshold`` unused). ``[..., N]`` in x's dtype."""
     from lowbit.kernels import triton_int8
 
-    return triton_int8.matmul_int8_outlier(x, weight, scb, threshold, bias)
+    return triton_int8.matmul_int8_outlier(x, weight, scb, threshold, bias, weight_only=weight_only)
 
 
 int8_outlier_matmul = torch.library.custom_op("lowbit::int8_outlier_matmul", _int8_outlier_matmul, mutates_args=())
 
 
-def int8_outlier_linear(x: Tensor, weight: Tensor, scb: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
+def int8_outlier_linear(x: Tensor, weight: Tensor, scb: Tensor, bias: Tensor | None, threshold: float,
+                        weight_only: bool = False) -> Tensor:
     """:func:`int8_outlier_matmul`, through the dispatcher only where needed (:func:`dispatch_free`)."""
-    args = (x, weight, scb, bias, threshold)
+    args = (x, weight, scb, bias, threshold, weight_only)
     return _int8_outlier_matmul(*args) if dispatch_free(x) else int8_outlier_matmul(*args)
 
 
 @int8_outlier_matmul.register_fake
-def _(x, weight, scb, bias, threshold):
+def _(x, weight, scb, bias, threshold, weight_only=False):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def _int8_outlier_setup(ctx, inputs, output):
-    _x, weight, scb, _bias, _threshold = inputs
+    _x, weight, scb, _bias, _threshold, _weight_only = inputs
     ctx.weight = (weight, scb)
 
 
 def _int8_outlier_backward(ctx, grad):
-    return reference.int8_input_grad(grad, *ctx.weight), None, None, None, None
+    return reference.int8_input_grad(grad, *ctx.weight), None, None, None, None, None
 
 
 int8_outlier_matmul.register_autograd(_int8_outlier_backward, setup_context=_int8_outlier_setup)

@@ -88,6 +88,19 @@ def dequantize_blockwise8(codes: torch.Tensor, absmax: torch.Tensor, code: torch
     return v * absmax.repeat_interleave(blocksize)[: v.numel()]
 
 
+def blockwise4_absmax(
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None = None,
+    nested_quant_map: torch.Tensor | None = None,
+    nested_offset: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The blocks' absmax as dequantization uses it: fp32 ``[B]``, decoded from its 8-bit codes
+    when double-quantized (see :func:`dequantize_blockwise4` for the arguments)."""
+    if nested_absmax is None:
+        return absmax.float()
+    return dequantize_blockwise8(absmax, nested_absmax, nested_quant_map, 256) + nested_offset
+
+
 def dequantize_blockwise4(
     weight: torch.Tensor,
     absmax: torch.Tensor,
@@ -112,8 +125,7 @@ def dequantize_blockwise4(
     Returns:
         fp32 ``[N, K]``.
     """
-    if nested_absmax is not None:
-        absmax = dequantize_blockwise8(absmax, nested_absmax, nested_quant_map, 256) + nested_offset
+    absmax = blockwise4_absmax(absmax, nested_absmax, nested_quant_map, nested_offset)
     n = shape[0] * shape[1]
     data = weight.reshape(-1).view(torch.uint8)  # [ceil(N*K/2)]
     # byte -> (value of its high nibble, value of its low nibble): one lookup per byte, the same
@@ -154,6 +166,15 @@ def dequantize_int8_rows(weight: torch.Tensor, scb: torch.Tensor) -> torch.Tenso
         scb: fp32 ``[N]``, absmax of each row.
     """
     return weight.float() * (scb / 127.0).unsqueeze(1)
+
+
+def matmul_int8_weight_only(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor,
+                            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """LLM.int8's weights with floating-point activations: ``x @ W.T + bias`` with the dequantized
+    weight ``W = CB * SCB / 127`` (:func:`dequantize_int8_rows`) cast to x's dtype, as
+    bitsandbytes' CPU path multiplies. ``[..., N]`` in x's dtype."""
+    w = dequantize_int8_rows(weight, scb).to(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
 EXACT_FP32_K = 1024

@@ -118,7 +118,7 @@ def _quantize_kernel(x_ptr, outlier_ptr, part_ptr, ca_ptr, M, K, stride_xm, n_pa
 def _matmul_kernel(
     x_ptr, ca_ptr, w_ptr, scb_ptr, outlier_ptr, part_ptr, b_ptr, y_ptr,
     M, N, K, stride_xm, stride_wn, stride_ym, n_parts,
-    HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr, PREQUANTIZED: tl.constexpr,
+    HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr, PREQUANTIZED: tl.constexpr, WEIGHT_ONLY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
@@ -127,11 +127,18 @@ def _matmul_kernel(
 
     ``PREQUANTIZED``: x's codes were written once by :func:`_quantize_kernel` to ``CA[M, K]`` and
     are loaded as int8; x itself is read only in K tiles that hold an outlier column. Otherwise
-    every program quantizes its x tiles in registers (``ca_ptr`` unused)."""
+    every program quantizes its x tiles in registers (``ca_ptr`` unused).
+
+    ``WEIGHT_ONLY``: x is not quantized: each x tile multiplies the codes (as x's dtype, which
+    holds them exactly) with fp32 accumulation, scaled by ``SCB / 127`` at the end (``ca_ptr``,
+    ``outlier_ptr`` and ``part_ptr`` unused)."""
     offs_m, offs_n = _output_tile(M, N, BLOCK_M, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    row = _row_absmax(part_ptr, n_parts, offs_m, mask_m, M, BLOCK_M)
+    if WEIGHT_ONLY:
+        row = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    else:
+        row = _row_absmax(part_ptr, n_parts, offs_m, mask_m, M, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     acc_out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(tl.program_id(1) * BLOCK_K, K, BLOCK_K * SPLIT_K):
@@ -141,30 +148,36 @@ def _matmul_kernel(
         mask_x = mask_m[:, None] & mask_k[None, :]
         cb = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
                      mask=mask_k[:, None] & mask_n[None, :], other=0)  # int8 [BK, BN]
-        if PREQUANTIZED:  # outlier columns are already 0
-            ca = tl.load(ca_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :], mask=mask_x, other=0)
+        if WEIGHT_ONLY:
+            acc_out += _product(tl.load(x_at, mask=mask_x, other=0.0), cb.to(tl.float32), BLOCK_M, DOT_FP32)
         else:
-            x = tl.load(x_at, mask=mask_x, other=0.0)  # [BM, BK]
-            ca = _codes(x, row)  # integers in [-127, 127]
-        if HAS_OUTLIERS:
-            outlier = tl.load(outlier_ptr + offs_k, mask=mask_k, other=0) != 0  # [BK]
-            if not PREQUANTIZED:
-                ca = tl.where(outlier[None, :], 0.0, ca)
-            if tl.max(outlier.to(tl.int32), axis=0) > 0:
-                if PREQUANTIZED:
-                    xt = tl.load(x_at, mask=mask_x, other=0.0)
-                else:
-                    xt = x
-                xo = tl.where(outlier[None, :], xt, tl.zeros_like(xt))
-                acc_out += _product(xo, cb.to(tl.float32), BLOCK_M, DOT_FP32)
-        if BLOCK_M >= 16:
-            acc += tl.dot(ca.to(tl.int8), cb)
-        else:
-            acc += tl.sum(ca.to(tl.int32)[:, :, None] * cb.to(tl.int32)[None, :, :], axis=1)
+            if PREQUANTIZED:  # outlier columns are already 0
+                ca = tl.load(ca_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :], mask=mask_x, other=0)
+            else:
+                x = tl.load(x_at, mask=mask_x, other=0.0)  # [BM, BK]
+                ca = _codes(x, row)  # integers in [-127, 127]
+            if HAS_OUTLIERS:
+                outlier = tl.load(outlier_ptr + offs_k, mask=mask_k, other=0) != 0  # [BK]
+                if not PREQUANTIZED:
+                    ca = tl.where(outlier[None, :], 0.0, ca)
+                if tl.max(outlier.to(tl.int32), axis=0) > 0:
+                    if PREQUANTIZED:
+                        xt = tl.load(x_at, mask=mask_x, other=0.0)
+                    else:
+                        xt = x
+                    xo = tl.where(outlier[None, :], xt, tl.zeros_like(xt))
+                    acc_out += _product(xo, cb.to(tl.float32), BLOCK_M, DOT_FP32)
+            if BLOCK_M >= 16:
+                acc += tl.dot(ca.to(tl.int8), cb)
+            else:
+                acc += tl.sum(ca.to(tl.int32)[:, :, None] * cb.to(tl.int32)[None, :, :], axis=1)
     scb = tl.load(scb_ptr + offs_n, mask=mask_n, other=0.0)
-    out = acc.to(tl.float32) * (row[:, None] * scb[None, :]) / 16129.0
-    if HAS_OUTLIERS:
-        out += acc_out * (scb / 127.0)[None, :]
+    if WEIGHT_ONLY:
+        out = acc_out * (scb / 127.0)[None, :]
+    else:
+        out = acc.to(tl.float32) * (row[:, None] * scb[None, :]) / 16129.0
+        if HAS_OUTLIERS:
+            out += acc_out * (scb / 127.0)[None, :]
     _store_output(y_ptr, b_ptr, out, offs_m, offs_n, M, N, stride_ym, HAS_BIAS, SPLIT_K)
 
 
@@ -227,7 +240,7 @@ def block_k_for(k: int) -> int:
 
 def matmul_int8_outlier(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor, threshold: float,
                         bias: torch.Tensor | None = None, cfg: MatmulConfig | None = None,
-                        prequantize: bool | None = None) -> torch.Tensor:
+                        prequantize: bool | None = None, weight_only: bool = False) -> torch.Tensor:
     """LLM.int8 ``x @ W.T + bias``.
 
     Args:
@@ -238,6 +251,9 @@ def matmul_int8_outlier(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor
         cfg: launch configuration (None: the heuristic's; benches pass others to compare).
         prequantize: quantize x in a launch of its own (None: :data:`DEFAULT_PREQUANTIZE` above
             :data:`STATS_ROWS` rows).
+        weight_only: leave x in floating point (the twin of
+            :func:`~lowbit.kernels.reference.matmul_int8_weight_only`; one launch, ``threshold``
+            and ``prequantize`` unused).
     Returns:
         ``[..., N]`` in x's dtype, accumulated in int32 and fp32.
     """
@@ -249,7 +265,10 @@ def matmul_int8_outlier(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor
     m = x2.shape[0]
     if m == 0:
         return x.new_empty(*x.shape[:-1], n)
-    outliers, part = activation_stats(x2, threshold)
+    if weight_only:
+        outliers, part, prequantize = None, scb.view(1, -1), False  # part: a placeholder, unread
+    else:
+        outliers, part = activation_stats(x2, threshold)
     if prequantize is None:
         prequantize = DEFAULT_PREQUANTIZE and m > STATS_ROWS
     block_k = block_k_for(k)
@@ -264,6 +283,6 @@ def matmul_int8_outlier(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor
         bias if bias is not None else scb, y,
         m, n, k, x2.stride(0), weight.stride(0), n, part.shape[0],
         HAS_OUTLIERS=outliers is not None, HAS_BIAS=bias is not None, PREQUANTIZED=codes is not None,
-        enable_fp_fusion=False, **cfg.kernel_options(x.dtype),
+        WEIGHT_ONLY=weight_only, enable_fp_fusion=False, **cfg.kernel_options(x.dtype),
     )
     return finish_split_k(y, cfg, bias, x.dtype).reshape(*x.shape[:-1], n)

@@ -1,7 +1,11 @@
 """bitsandbytes-style quantization: LLM.int8 (``load_in_8bit``) and NF4/FP4 (``load_in_4bit``).
 
-Both are data-free: each linear is quantized from its own weight, in the dtype the model holds
-it (bitsandbytes quantizes the weight as loaded, so a float16 model gives float16-derived codes).
+By default both are data-free, as bitsandbytes is: each linear is quantized from its own weight,
+in the dtype the model holds it (bitsandbytes quantizes the weight as loaded, so a float16 model
+gives float16-derived codes). With ``rounding="gptq"`` the grid is the same (LLM.int8's row
+scales, NF4/FP4's block absmax, chosen from the weight as above), but each code is chosen by
+GPTQ's error feedback (:func:`lowbit.methods.gptq.gptq_solve`) from the layer's input Hessian,
+so the checkpoint is an ordinary bitsandbytes one with a smaller output error.
 """
 
 from __future__ import annotations
@@ -11,10 +15,12 @@ from torch import nn
 
 from lowbit.config import BitsAndBytesConfig
 from lowbit.formats.base import QuantLinear
-from lowbit.formats.blockwise4 import Blockwise4Linear, check_geometry
+from lowbit.formats.blockwise4 import Blockwise4Linear, check_geometry, nearest_code, pack_codes
 from lowbit.formats.int8_outlier import Int8Linear
+from lowbit.kernels import reference
 from lowbit.methods.base import QUANTIZERS, Quantizer, Stats
-from lowbit.methods.walk import default_skips, linear_shape
+from lowbit.methods.gptq import HessianStats, Pending, RoundColumn, checked_hessian, gptq_solve
+from lowbit.methods.walk import default_skips, linear_shape, linear_weight
 
 BLOCKSIZE = 64
 """bitsandbytes' 4-bit block size (transformers' config has no field for it; checkpoints say theirs)."""
@@ -27,9 +33,14 @@ def dtype_named(name: str | None, default: torch.dtype | None = None) -> torch.d
 
 @QUANTIZERS.register("bitsandbytes")
 class BnbQuantizer(Quantizer[BitsAndBytesConfig]):
-    """Swaps linears for :class:`Int8Linear` or :class:`Blockwise4Linear`; needs no data."""
+    """Swaps linears for :class:`Int8Linear` or :class:`Blockwise4Linear`; needs calibration data
+    only for ``rounding="gptq"``, which then quantizes true-sequentially (as GPTQ does)."""
 
-    requires_calibration = False
+    true_sequential = True
+
+    @property
+    def requires_calibration(self) -> bool:  # type: ignore[override]
+        return self.config.rounding == "gptq"
 
     def validate_environment(self, device: torch.device) -> None:
         if self.config.llm_int8_has_fp16_weight:
@@ -54,16 +65,36 @@ class BnbQuantizer(Quantizer[BitsAndBytesConfig]):
     def storage_dtype(self) -> torch.dtype:
         return dtype_named(self.config.bnb_4bit_quant_storage, torch.uint8)
 
+    def collect(self, name: str, linear: nn.Module) -> HessianStats | None:
+        if not self.requires_calibration:
+            return None
+        k, _ = linear_shape(linear)
+        return HessianStats(k, device=linear_weight(linear).device)
+
     def quantize_layer(self, name: str, linear: nn.Module, stats: Stats | None) -> QuantLinear:
         w = self.checked_weight(name, linear)  # [N, K]
         bias = None if linear.bias is None else linear.bias.data
         cfg = self.config
         if cfg.load_in_8bit:
-            return Int8Linear.from_linear(w, bias, threshold=cfg.llm_int8_threshold)
-        return Blockwise4Linear.from_linear(
-            w, bias, quant_type=cfg.bnb_4bit_quant_type, blocksize=BLOCKSIZE,
-            double_quant=cfg.bnb_4bit_use_double_quant, quant_storage=self.storage_dtype(),
-            compute_dtype=dtype_named(cfg.bnb_4bit_compute_dtype))
+            mod = Int8Linear.from_linear(w, bias, threshold=cfg.llm_int8_threshold,
+                                         int8_activations=cfg.int8_activations)
+        else:
+            mod = Blockwise4Linear.from_linear(
+                w, bias, quant_type=cfg.bnb_4bit_quant_type, blocksize=BLOCKSIZE,
+                double_quant=cfg.bnb_4bit_use_double_quant, quant_storage=self.storage_dtype(),
+                compute_dtype=dtype_named(cfg.bnb_4bit_compute_dtype))
+        if cfg.rounding == "gptq":
+            H = checked_hessian(name, stats, w.shape[1])
+            try:
+                if isinstance(mod, Int8Linear):
+                    codes, _ = gptq_solve(w, H, int8_rounding(mod.SCB), damp_percent=cfg.damp_percent)
+                    mod.weight = codes.to(torch.int8)
+                else:
+                    codes, _ = gptq_solve(w, H, blockwise4_rounding(mod), damp_percent=cfg.damp_percent)
+                    mod.weight = pack_codes(codes, mod.quant_map, mod.weight.dtype)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+        return mod
 
     def empty_module(self, name: str, linear: nn.Module, dtype: torch.dtype) -> QuantLinear:
         """The module as this config would make it; the bitsandbytes layout rebuilds 4-bit modules
@@ -72,8 +103,42 @@ class BnbQuantizer(Quantizer[BitsAndBytesConfig]):
         cfg = self.config
         has_bias = linear.bias is not None
         if cfg.load_in_8bit:
-            return Int8Linear(k, n, threshold=cfg.llm_int8_threshold, bias=has_bias, bias_dtype=dtype, device="meta")
+            return Int8Linear(k, n, threshold=cfg.llm_int8_threshold, bias=has_bias, bias_dtype=dtype,
+                              int8_activations=cfg.int8_activations, device="meta")
         return Blockwise4Linear(
             k, n, quant_type=cfg.bnb_4bit_quant_type, blocksize=BLOCKSIZE, double_quant=cfg.bnb_4bit_use_double_quant,
             bias=has_bias, bias_dtype=dtype, quant_storage=self.storage_dtype(), weight_dtype=dtype,
             compute_dtype=dtype_named(cfg.bnb_4bit_compute_dtype), device="meta")
+
+
+def int8_rounding(scb: torch.Tensor) -> RoundColumn:
+    """LLM.int8's grid for :func:`gptq_solve`: row ``n``'s codes are ``round(w * 127 / SCB[n])``
+    clamped to [-127, 127] (the nearest one, as :func:`~lowbit.formats.int8_outlier.quantize_rows`
+    computes it; an all-zero row, ``SCB = 0``, stays 0)."""
+    scb = scb.float()  # [N]
+    inv = torch.where(scb > 0, 127.0 / scb, 0.0)  # [N]
+    step = scb / 127.0  # [N]
+
+    def round_column(col: int, k: int, w: torch.Tensor, pending: Pending) -> tuple[torch.Tensor, torch.Tensor]:
+        q = torch.clamp(torch.round(w * inv), -127, 127)  # [N]
+        return q.to(torch.int32), q * step
+
+    return round_column
+
+
+def blockwise4_rounding(mod: Blockwise4Linear) -> RoundColumn:
+    """NF4/FP4's grid for :func:`gptq_solve`: weight ``(n, k)`` takes the nearest entry of the code
+    table to ``w / absmax`` of its block (blocks run over the row-major weight), with the absmax
+    as dequantization reads it (decoded, under double quant), times its reciprocal as
+    :func:`~lowbit.formats.blockwise4.quantize_blocks` scales full blocks."""
+    n, k = mod.out_features, mod.in_features
+    absmax = reference.blockwise4_absmax(mod.absmax, mod.nested_absmax, mod.nested_quant_map, mod.nested_offset)
+    scale = absmax.repeat_interleave(mod.blocksize)[: n * k].view(n, k)  # [N, K]
+    inv = torch.where(scale > 0, 1.0 / scale, 0.0)  # [N, K]
+    table = mod.quant_map.float()  # [16]
+
+    def round_column(col: int, k: int, w: torch.Tensor, pending: Pending) -> tuple[torch.Tensor, torch.Tensor]:
+        q = nearest_code((w * inv[:, k]).clamp(-1, 1), table)  # [N]
+        return q, table[q] * scale[:, k]
+
+    return round_column
