@@ -5,7 +5,8 @@
    replaced by stubs that return an empty tensor of the output's shape.
 2. The wrappers themselves (launch configuration, output buffers, the activation statistics of
    LLM.int8, the split-K sum's launch), with every Triton kernel replaced by a stub whose launch
-   does nothing, on CPU tensors of Llama-7B's 4096 x 4096 shape.
+   does nothing, on CPU tensors of Llama-7B's 4096 x 4096 shape; and again through lowbit's
+   launch cache (``triton_common.launch`` with ``LAUNCH_CACHE``), whose key it then adds.
 
 What is timed is the Python and PyTorch work an eager call adds to a kernel's graph-replay time,
 less Triton's own launcher. Runs on any machine; needs Triton importable.
@@ -13,7 +14,8 @@ less Triton's own launcher. Runs on any machine; needs Triton importable.
 3. With ``--gpu``, on a CUDA or ROCm GPU: the same wrappers with their real kernels, called
    eagerly (CPU µs per call); a launch of an empty Triton kernel (Triton's own floor there); each
    kernel those wrappers launch, through Triton's ``JITFunction.run`` and from the compiled kernel
-   that call returned (what a launch cache would save); and a ``cProfile`` of each call's
+   that call returned (what a launch cache would save); the wrappers again with lowbit's launch
+   cache (``LOWBIT_LAUNCH_CACHE=1``, ``triton_common.launch``); and a ``cProfile`` of each call's
    functions, to show where an eager call's time goes.
 
     python bench/dispatch.py
@@ -44,10 +46,17 @@ def per_call_us(fn, calls: int = 20000) -> float:
 
 
 class _NoLaunch:
-    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **options)`` does nothing."""
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **options)`` does nothing,
+    and returns a compiled kernel whose launches do nothing either (for the launch cache)."""
+
+    def __init__(self, kernel) -> None:
+        self.arg_names, self.fn = kernel.arg_names, kernel.fn
 
     def __getitem__(self, grid):
-        return lambda *args, **options: None
+        return lambda *args, **options: self
+
+    def __call__(self, *every) -> None:
+        return None
 
 
 def wrapper_cases(k: int, n: int, device: str) -> list:
@@ -81,17 +90,22 @@ def wrapper_table(k: int, n: int) -> None:
     for mod in KERNEL_MODULES:
         for name in dir(mod):
             if name.endswith("_kernel") and not name.startswith("__"):
-                setattr(mod, name, _NoLaunch())
+                setattr(mod, name, _NoLaunch(getattr(mod, name)))
     # AQLM's one-token path tabulates codeword products with a small matmul first: one cuBLAS
     # launch on a GPU, but a slow fp16 matmul on a CPU, so it is stubbed here too
     triton_codebook.codeword_products = lambda x2, books: torch.empty(
         x2.shape[0], x2.shape[1] // books.shape[3], books.shape[0] * books.shape[1], dtype=x2.dtype)
     cases = wrapper_cases(k, n, "cpu")
-    print("\n| format, one token, fp16 | wrapper µs (kernels stubbed) |")
-    print("|---|---|")
+    print("\n| format, one token, fp16 | wrapper µs (kernels stubbed) | with the launch cache |")
+    print("|---|---|---|")
     for name, call in cases:
         with torch.inference_mode():
-            print(f"| {name} | {per_call_us(call):.1f} |", flush=True)
+            triton_common.LAUNCH_CACHE = False
+            plain = per_call_us(call)
+            triton_common.LAUNCH_CACHE = True
+            held = per_call_us(call)
+            triton_common.LAUNCH_CACHE = False
+            print(f"| {name} | {plain:.1f} | {held:.1f} |", flush=True)
 
 
 class _Recorder:
@@ -118,6 +132,7 @@ def held_launches(cases: list) -> list[tuple[str, object, object]]:
     same output."""
     import inspect
 
+    triton_common.LAUNCH_CACHE = False  # every launch through kernel[grid], where the recorders sit
     recorders = []
     for mod in KERNEL_MODULES:
         for attr in dir(mod):
@@ -178,16 +193,24 @@ def gpu_table(k: int, n: int, calls: int = 2000) -> None:
           f"CPU µs per eager call over {calls} calls (then synchronized)\n")
     print("| call | µs per call |")
     print("|---|---|")
+
+    def timed(name, call):
+        for _ in range(20):
+            call()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+        print(f"| {name} | {(time.perf_counter() - start) / calls * 1e6:.1f} |", flush=True)
+
     with torch.inference_mode():
-        for name, call in cases:
-            for _ in range(20):
-                call()
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(calls):
-                call()
-            torch.cuda.synchronize()
-            print(f"| {name} | {(time.perf_counter() - start) / calls * 1e6:.1f} |", flush=True)
+        cached = triton_common.LAUNCH_CACHE
+        for on in (False, True):  # the wrappers, then the wrappers with held launches
+            triton_common.LAUNCH_CACHE = on
+            for name, call in cases if not on else wrappers:
+                timed(f"{name}, launch cache" if on else name, call)
+        triton_common.LAUNCH_CACHE = cached
         for name, call in cases[2 + len(held):]:
             prof = cProfile.Profile()
             prof.enable()

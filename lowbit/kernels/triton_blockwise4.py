@@ -25,6 +25,7 @@ from lowbit.kernels.triton_common import (
     device_sms,
     finish_split_k,
     input_rows,
+    launch,
     launch_config,
     output_buffer,
 )
@@ -228,7 +229,7 @@ def dequantize_blockwise4(weight, absmax, quant_map, blocksize, shape, nested_ab
     numel = shape[0] * shape[1]
     out = torch.empty(shape, device=w.device, dtype=dtype)
     blocks = max(1, 2048 // blocksize)  # blocksize: a power of two (BLOCKSIZES)
-    _dequantize_kernel[(cdiv(numel, blocks * blocksize),)](
+    launch(_dequantize_kernel, (cdiv(numel, blocks * blocksize),),
         w, absmax, quant_map, *nested_ptrs, out, numel, BLOCKSIZE=blocksize, NESTED=nested, BLOCKS=blocks,
         LOOKUP=table_lookup, num_warps=4)
     return out
@@ -292,14 +293,14 @@ def matmul_blockwise4(x, weight, absmax, quant_map, blocksize, shape, nested_abs
         step = gemv_step_blocks(blocksize)
         cfg = _gemv_config(n, k, blocksize, x.device, step)
         y = output_buffer(cfg, m, n, x2)
-        _gemv_kernel[cfg.grid(m, n)](
+        launch(_gemv_kernel, cfg.grid(m, n),
             x2, w, absmax, quant_map, *nested_ptrs, bias if bias is not None else quant_map, y, n, k,
             BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n,
             SPLIT_K=cfg.split_k, LOOKUP=lookup_index(lookup, "gemv"), STEP_BLOCKS=step, num_warps=cfg.num_warps)
     else:
         cfg = launch_config(m, n, k, blocksize if row_blocks else 64, x.device)
         y = output_buffer(cfg, m, n, x2)
-        _matmul_kernel[cfg.grid(m, n)](
+        launch(_matmul_kernel, cfg.grid(m, n),
             x2, w, absmax, quant_map, *nested_ptrs, bias if bias is not None else quant_map, y,
             m, n, k, x2.stride(0),
             BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, ROW_BLOCKS=row_blocks,

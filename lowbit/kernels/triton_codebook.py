@@ -29,6 +29,7 @@ from lowbit.kernels.triton_common import (
     device_sms,
     finish_split_k,
     input_rows,
+    launch,
     launch_config,
     next_power_of_2,
     output_buffer,
@@ -214,7 +215,7 @@ def dequantize_codebook(codes, codebooks, scales, dtype: torch.dtype = torch.flo
     block_n, block_k = 32, 64
     ig = codebooks.shape[3]
     words = (DEFAULT_WHOLE_WORDS if whole_words is None else whole_words) and ig & (ig - 1) == 0 and ig <= block_k
-    _dequantize_kernel[(cdiv(k, block_k), cdiv(n, block_n))](
+    launch(_dequantize_kernel, (cdiv(k, block_k), cdiv(n, block_n)),
         codes.contiguous(), codebooks.contiguous(), scales.contiguous(), out, n, k, gi,
         C=n_codebooks, SIZE=size, IG=ig, BLOCK_N=block_n, BLOCK_K=block_k,
         TABLE=gather_table(codebooks, DEFAULT_DEQUANT_GATHER if gather is None else gather), WHOLE_WORDS=words,
@@ -308,7 +309,7 @@ def _matmul_lut(x2, codes, codebooks, scales, bias, n: int, gi: int) -> torch.Te
     lut = codeword_products(x2, codebooks)
     cfg = _lut_config(m, n, gi * n_codebooks, x2.device)
     y = output_buffer(cfg, m, n, x2)
-    _lut_gemv_kernel[(cdiv(n, cfg.block_n), cfg.split_k, m)](
+    launch(_lut_gemv_kernel, (cdiv(n, cfg.block_n), cfg.split_k, m),
         codes.contiguous(), lut, scales.contiguous(), bias if bias is not None else scales, y, n, gi,
         C=n_codebooks, SIZE=size, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_J=cfg.block_k,
         SPLIT_K=cfg.split_k, num_warps=cfg.num_warps)
@@ -339,7 +340,7 @@ def matmul_codebook(x, codes, codebooks, scales, bias=None, batch_path: str | No
     ig = codebooks.shape[3]
     cfg = launch_config(m, n, k, block_k, x.device)
     y = output_buffer(cfg, m, n, x2)
-    _matmul_kernel[cfg.grid(m, n)](
+    launch(_matmul_kernel, cfg.grid(m, n),
         x2, codes.contiguous(), codebooks.contiguous(), scales.contiguous(),
         bias if bias is not None else scales, y, m, n, k, gi, x2.stride(0),
         C=n_codebooks, SIZE=size, IG=ig, HAS_BIAS=bias is not None,

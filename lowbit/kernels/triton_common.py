@@ -22,6 +22,67 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 """Kernels run under the Triton interpreter (CPU tensors; the tests use it)."""
 
 
+LAUNCH_CACHE = os.environ.get("LOWBIT_LAUNCH_CACHE", "0") not in ("", "0")
+"""Whether :func:`launch` holds each compiled kernel and launches it directly after its first call
+(``LOWBIT_LAUNCH_CACHE=1``). Off until a GPU times it: ``bench/dispatch.py --gpu`` measures what
+the held launch saves, ``tests/test_gpu_paths.py`` runs the kernels with it."""
+
+
+class _HeldLaunches:
+    """The compiled launches of one ``@triton.jit`` kernel, keyed by the arguments.
+
+    Triton's ``kernel[grid](*args, **kwargs)`` binds the arguments, derives their specialization
+    and looks the compiled kernel up on every call. Here the first call of a key goes through it,
+    and the :class:`CompiledKernel` it returns is launched directly for later calls of that key.
+    The key holds the grid, every value that is not a tensor (ints, floats, constexprs, launch
+    options: finer than Triton's own specialization, which looks only at an int's equality to 1,
+    divisibility by 16 and range), and for each tensor what Triton specializes it on: dtype,
+    device and 16-byte alignment. Tensors must be passed by position.
+    """
+
+    MAX_KEYS = 4096
+    """Held launches per kernel before they are dropped (a new grid or M is a new key: prefill
+    lengths vary)."""
+
+    def __init__(self, kernel) -> None:
+        import inspect
+
+        self.kernel = kernel
+        self.names = list(kernel.arg_names)  # every parameter, constexprs included, in order
+        self.defaults = {name: p.default for name, p in inspect.signature(kernel.fn).parameters.items()
+                         if p.default is not inspect.Parameter.empty}
+        self.runners: dict[tuple, object] = {}
+
+    def __call__(self, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
+        key = (grid, tuple(kwargs.items()),
+               *[(a.dtype, a.get_device(), not a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args])
+        runner = self.runners.get(key)
+        if runner is not None:
+            runner(*args, *(kwargs[name] if name in kwargs else self.defaults[name]
+                            for name in self.names[len(args):]))
+            return
+        compiled = self.kernel[grid](*args, **kwargs)
+        if len(self.runners) >= self.MAX_KEYS:
+            self.runners.clear()
+        self.runners[key] = compiled[tuple(grid) + (1,) * (3 - len(grid))]
+
+
+_HELD: dict[object, _HeldLaunches] = {}
+
+
+def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``; with :data:`LAUNCH_CACHE` on a GPU, through the held
+    compiled kernel after the first call with the same specialization (:class:`_HeldLaunches`).
+    Constexprs and launch options must be passed by name."""
+    if not LAUNCH_CACHE or INTERPRET:
+        kernel[grid](*args, **kwargs)
+        return
+    held = _HELD.get(kernel)
+    if held is None:
+        held = _HELD[kernel] = _HeldLaunches(kernel)
+    held(grid, args, kwargs)
+
+
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for positive ints. The wrappers use this, not ``triton.cdiv``: Triton 3.9
     wraps that in a constexpr-function object whose call costs about 1.4 µs on a CPU core, several
@@ -214,7 +275,7 @@ def finish_split_k(y: torch.Tensor, cfg: MatmulConfig, bias: torch.Tensor | None
         return out.to(dtype)
     _, m, n = y.shape
     out = torch.empty(m, n, device=y.device, dtype=dtype)
-    _split_k_sum_kernel[(cdiv(m * n, SPLIT_K_SUM_BLOCK),)](
+    launch(_split_k_sum_kernel, (cdiv(m * n, SPLIT_K_SUM_BLOCK),),
         y, bias if bias is not None else y, out, m * n, n, SPLIT_K=cfg.split_k, HAS_BIAS=bias is not None,
         BLOCK=SPLIT_K_SUM_BLOCK, num_warps=4)
     return out

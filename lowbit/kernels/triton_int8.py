@@ -43,6 +43,7 @@ from lowbit.kernels.triton_common import (
     cdiv,
     finish_split_k,
     input_rows,
+    launch,
     launch_config,
     next_power_of_2,
     output_buffer,
@@ -202,7 +203,7 @@ def activation_stats(x2: torch.Tensor, threshold: float) -> tuple[torch.Tensor |
     parts = cdiv(k, STATS_BLOCK_K)
     outliers = torch.empty(k, device=x2.device, dtype=torch.uint8) if threshold > 0 else None
     part = torch.empty(parts, m, device=x2.device, dtype=torch.float32)
-    _stats_kernel[(parts,)](
+    launch(_stats_kernel, (parts,),
         x2, outliers if outliers is not None else part, part, m, k, x2.stride(0), float(threshold),
         HAS_OUTLIERS=outliers is not None, BLOCK_M=next_power_of_2(m), BLOCK_K=STATS_BLOCK_K, num_warps=4)
     return outliers, part
@@ -219,7 +220,7 @@ def quantize_activations(x2: torch.Tensor, outliers: torch.Tensor | None, part: 
     m, k = x2.shape
     codes = torch.empty(m, k, device=x2.device, dtype=torch.int8)
     bm, bk = QUANTIZE_BLOCK
-    _quantize_kernel[(cdiv(m, bm), cdiv(k, bk))](
+    launch(_quantize_kernel, (cdiv(m, bm), cdiv(k, bk)),
         x2, outliers if outliers is not None else codes, part, codes, m, k, x2.stride(0), part.shape[0],
         HAS_OUTLIERS=outliers is not None, BLOCK_M=bm, BLOCK_K=bk, enable_fp_fusion=False, num_warps=4)
     return codes
@@ -278,7 +279,7 @@ def matmul_int8_outlier(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor
         raise ValueError(f"block_k {cfg.block_k} is under 32, int8 tl.dot's minimum")
     y = output_buffer(cfg, m, n, x)
     codes = quantize_activations(x2, outliers, part) if prequantize else None
-    _matmul_kernel[cfg.grid(m, n)](
+    launch(_matmul_kernel, cfg.grid(m, n),
         x2, codes if codes is not None else weight, weight, scb, outliers if outliers is not None else weight, part,
         bias if bias is not None else scb, y,
         m, n, k, x2.stride(0), weight.stride(0), n, part.shape[0],

@@ -31,6 +31,7 @@ from lowbit.kernels.triton_common import (
     cdiv,
     finish_split_k,
     input_rows,
+    launch,
     launch_config,
     next_power_of_2,
     output_buffer,
@@ -195,7 +196,7 @@ def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | 
     perm = w.perm
     if perm is not None and m > 1:
         x2, perm = x2.index_select(1, perm), None
-    _matmul_kernel[cfg.grid(m, n)](
+    launch(_matmul_kernel, cfg.grid(m, n),
         x2, w.qweight, w.scales, w.qzeros, perm if perm is not None else w.qweight,
         bias if bias is not None else w.scales, y,
         m, n, k, x2.stride(0), n, w.qweight.shape[0], w.qzeros.shape[1],
@@ -211,7 +212,7 @@ def dequantize_group_ordered(w: GroupOrdered, k: int, dtype: torch.dtype = torch
     out = torch.empty(n, k, device=w.qweight.device, dtype=dtype)
     block_n, block_k = 64, 64
     grid = (cdiv(k, block_k), cdiv(n, block_n))
-    _dequantize_kernel[grid](
+    launch(_dequantize_kernel, grid,
         w.qweight, w.scales, w.qzeros, w.perm if w.perm is not None else w.qweight, out,
         n, k, w.qweight.shape[0], w.qzeros.shape[1],
         BITS=w.bits, GROUP=w.group_size, HAS_PERM=w.perm is not None,
