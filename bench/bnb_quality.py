@@ -11,6 +11,9 @@ calibrated on ``--nsamples`` windows of WikiText-2 valid) and "weight-only"
 (``int8_activations=False``). Their transformers + bitsandbytes column is lowbit's saved
 checkpoint loaded by transformers, and "identical" counts the tensors it loaded unchanged.
 
+``--activation-thresholds 6,3`` adds rows that keep the fp32 weights and round only the
+activations as LLM.int8 does at each threshold (what the activation rounding alone costs).
+
     python bench/bnb_quality.py --tokens 16384 --dtype float32
 """
 
@@ -52,6 +55,30 @@ def _quantized_tensors(model) -> dict[str, torch.Tensor]:
             if k.endswith("_proj.weight") and not t.is_floating_point()}
 
 
+def round_activations_only(model, threshold: float) -> list[int]:
+    """Make every linear of ``model``'s blocks multiply its own fp weight with the activations as
+    LLM.int8 rounds them (outlier columns kept, the rest int8 per row; reference.int8_activation_codes).
+    Returns a counter ``[outlier columns, columns]`` summed over the calls that follow."""
+    import torch.nn.functional as F
+
+    from lowbit.kernels.reference import int8_activation_codes
+    from lowbit.methods.walk import default_skips, find_linears
+
+    counts = [0, 0]
+
+    def forward(self, x):
+        xf = x.reshape(-1, x.shape[-1]).float()
+        outliers, row, ca = int8_activation_codes(xf, threshold)
+        counts[0] += int(outliers.sum())
+        counts[1] += outliers.numel()
+        xq = torch.where(outliers, xf, ca.float() * (row / 127.0).unsqueeze(1))
+        return F.linear(xq.to(x.dtype), self.weight, self.bias).reshape(*x.shape[:-1], -1)
+
+    for lin in find_linears(model, default_skips(model)).values():
+        lin.forward = forward.__get__(lin)
+    return counts
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=16384, help="WikiText-2 test tokens scored")
@@ -60,6 +87,8 @@ def main() -> None:
     p.add_argument("--only", default=None, help="comma-separated row numbers to run (1-based)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows of the GPTQ-rounded rows")
     p.add_argument("--seqlen", type=int, default=512, help="calibration window length in tokens")
+    p.add_argument("--activation-thresholds", default="", help="comma-separated thresholds: rows with fp32 "
+                   "weights and only the activations rounded as LLM.int8 rounds them")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
     peer = importlib.util.find_spec("bitsandbytes") is not None
@@ -107,6 +136,13 @@ def main() -> None:
         print(f"| {label} | {ours_ppl:.3f} | {ours_ppl / base:.3f} | {qsec:.1f} | " + " | ".join(cells) + " |",
               flush=True)
         del ours
+    for threshold in (float(t) for t in args.activation_thresholds.split(",") if t):
+        model = lowbit.from_pretrained(folder, dtype=dtype)
+        counts = round_activations_only(model, threshold)
+        p = ppl(model)
+        print(f"| fp32 weights, LLM.int8 activations (threshold {threshold:g}; "
+              f"{100 * counts[0] / counts[1]:.1f} % of input columns kept as outliers) | {p:.3f} | {p / base:.3f} | "
+              "- | - | - | - |", flush=True)
 
 
 if __name__ == "__main__":

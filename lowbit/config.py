@@ -353,13 +353,13 @@ class BitsAndBytesConfig(QuantConfig):
 
     The last five fields are lowbit's own. ``int8_activations=False`` keeps LLM.int8's weights
     and checkpoint but leaves the activations in floating point: the product is with the
-    dequantized weight ``CB * SCB / 127`` (as bitsandbytes' CPU path computes it), so
-    ``llm_int8_threshold`` has no effect. On SmolLM2-135M the int8 activations cost 1.4 % of
-    perplexity and the int8 weights 0.1 % (docs/quality.md). ``rounding="gptq"`` keeps the format (the same row
-    scales or block absmax, the same kernels, a checkpoint transformers + bitsandbytes loads) but
-    picks each code with GPTQ's error feedback instead of the nearest one, from the layers'
-    Hessians on calibration text (``nsamples`` windows of ``model_seqlen`` tokens, None: 512;
-    ``damp_percent`` of the mean diagonal dampens the Hessian). ``"nearest"`` is bitsandbytes'
+    dequantized weight ``CB * SCB / 127``, so ``llm_int8_threshold`` has no effect (on
+    SmolLM2-135M the int8 activations cost 1.4 % of perplexity, the int8 weights 0.1 %:
+    docs/quality.md). ``rounding="gptq"`` keeps the format (the same row scales or block absmax,
+    the same kernels, a checkpoint transformers + bitsandbytes loads) but picks each code with
+    GPTQ's error feedback instead of the nearest one, from the layers' Hessians on calibration
+    text (``nsamples`` windows of ``model_seqlen`` tokens, None: 512; ``damp_percent`` of the
+    mean diagonal dampens the Hessian). ``"nearest"`` is bitsandbytes'
     own rounding and needs no data.
     """
 

@@ -16,7 +16,7 @@ comparison) are multiplied in floating point with the dequantized weight columns
 column is quantized per row of ``x`` to int8 and multiplied in integers with int32 accumulation.
 ``threshold = 0`` turns the decomposition off. With ``int8_activations=False`` (lowbit's own
 option, not in the checkpoint) the activations stay in floating point and multiply the dequantized
-weight ``CB * SCB / 127``: int8 weights only, as bitsandbytes' CPU path computes.
+weight ``CB * SCB / 127``: int8 weights only.
 
 Kernels: the reference everywhere; on a GPU, the Triton kernel (:mod:`lowbit.kernels.triton_int8`,
 no host synchronization) up to :data:`TRITON_MAX_ROWS` rows and ``torch._int_mm`` above.

@@ -171,8 +171,9 @@ def dequantize_int8_rows(weight: torch.Tensor, scb: torch.Tensor) -> torch.Tenso
 def matmul_int8_weight_only(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor,
                             bias: torch.Tensor | None = None) -> torch.Tensor:
     """LLM.int8's weights with floating-point activations: ``x @ W.T + bias`` with the dequantized
-    weight ``W = CB * SCB / 127`` (:func:`dequantize_int8_rows`) cast to x's dtype, as
-    bitsandbytes' CPU path multiplies. ``[..., N]`` in x's dtype."""
+    weight ``W = CB * SCB / 127`` (:func:`dequantize_int8_rows`) cast to x's dtype (what
+    bitsandbytes' ``MatMul8bitFp`` computes, which it runs only while training on a CPU).
+    ``[..., N]`` in x's dtype."""
     w = dequantize_int8_rows(weight, scb).to(x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
