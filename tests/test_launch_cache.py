@@ -101,7 +101,7 @@ def test_held_launches_are_bounded(cache_on, monkeypatch):
     x = torch.zeros(64)
     for n in range(5):
         C.launch(k, (4,), x, n, 0.5)
-    assert len(C._HELD[k].runners) == 2  # dropped at the fourth key, then two added
+    assert len(C._HELD[id(k)].runners) == 2  # dropped at the fourth key, then two added
 
 
 def test_off_or_interpreted_goes_through_triton_every_time(monkeypatch):

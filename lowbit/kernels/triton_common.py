@@ -67,7 +67,7 @@ class _HeldLaunches:
         self.runners[key] = compiled[tuple(grid) + (1,) * (3 - len(grid))]
 
 
-_HELD: dict[object, _HeldLaunches] = {}
+_HELD: dict[int, _HeldLaunches] = {}  # by id of the kernel (a JITFunction hashes through a property)
 
 
 def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
@@ -77,9 +77,9 @@ def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
     if not LAUNCH_CACHE or INTERPRET:
         kernel[grid](*args, **kwargs)
         return
-    held = _HELD.get(kernel)
-    if held is None:
-        held = _HELD[kernel] = _HeldLaunches(kernel)
+    held = _HELD.get(id(kernel))
+    if held is None or held.kernel is not kernel:
+        held = _HELD[id(kernel)] = _HeldLaunches(kernel)
     held(grid, args, kwargs)
 
 
