@@ -24,7 +24,9 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric range")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric range (zero points)")
-    p.add_argument("--desc-act", action="store_true", default=None, help="gptq: act-order (columns by decreasing Hessian diagonal)")
+    p.add_argument("--desc-act", action="store_true", default=None,
+                   help="gptq: act-order (columns by decreasing Hessian diagonal; bitsandbytes --rounding gptq "
+                        "uses it by default)")
     p.add_argument("--static-groups", action="store_true", default=None, help="gptq: group parameters fixed before the solve")
     p.add_argument("--damp-percent", type=float, default=None,
                    help="gptq, aqlm, bitsandbytes --rounding gptq: Hessian dampening, fraction of its mean diagonal")

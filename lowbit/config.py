@@ -351,7 +351,7 @@ class BitsAndBytesConfig(QuantConfig):
     are stored as names (``None`` means transformers' defaults, float32 and uint8). ``to_dict``
     also writes transformers' ``_load_in_4bit``/``_load_in_8bit``, which are accepted on input.
 
-    The last five fields are lowbit's own. ``int8_activations=False`` keeps LLM.int8's weights
+    The last six fields are lowbit's own. ``int8_activations=False`` keeps LLM.int8's weights
     and checkpoint but leaves the activations in floating point: the product is with the
     dequantized weight ``CB * SCB / 127``, so ``llm_int8_threshold`` has no effect (on
     SmolLM2-135M the int8 activations cost 1.4 % of perplexity, the int8 weights 0.1 %:
@@ -359,8 +359,10 @@ class BitsAndBytesConfig(QuantConfig):
     the same kernels, a checkpoint transformers + bitsandbytes loads) but picks each code with
     GPTQ's error feedback instead of the nearest one, from the layers' Hessians on calibration
     text (``nsamples`` windows of ``model_seqlen`` tokens, None: 512; ``damp_percent`` of the
-    mean diagonal dampens the Hessian). ``"nearest"`` is bitsandbytes'
-    own rounding and needs no data.
+    mean diagonal dampens the Hessian). ``desc_act`` solves the columns in decreasing Hessian
+    diagonal (act-order); the grid does not depend on the order, so unlike GPTQ's grouped ints
+    it costs nothing at run time, hence on by default (NF4 on SmolLM2: perplexity 1.108 of fp32
+    with it, 1.137 without). ``"nearest"`` is bitsandbytes' own rounding and needs no data.
     """
 
     quant_method: ClassVar[str] = "bitsandbytes"
@@ -379,13 +381,14 @@ class BitsAndBytesConfig(QuantConfig):
     bnb_4bit_quant_storage: str | None = None
     int8_activations: bool = True
     rounding: str = "nearest"
+    desc_act: bool = True
     damp_percent: float = 0.01
     nsamples: int = 128
     model_seqlen: int | None = None
 
     def _validate(self) -> None:
         for name in ("load_in_8bit", "load_in_4bit", "llm_int8_enable_fp32_cpu_offload",
-                     "llm_int8_has_fp16_weight", "bnb_4bit_use_double_quant", "int8_activations"):
+                     "llm_int8_has_fp16_weight", "bnb_4bit_use_double_quant", "int8_activations", "desc_act"):
             check_bool(self, name)
         if self.load_in_8bit == self.load_in_4bit:
             raise ValueError(

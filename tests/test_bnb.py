@@ -228,12 +228,18 @@ def _grid(mod):
     return [t for n in names if (t := getattr(mod, n)) is not None]
 
 
+# measured on these data (seeds 0-2, every format): 0.25-0.29 of the nearest rounding's output
+# error in act-order, 0.51-0.62 in column order
+ERROR_BOUND = {True: 0.4, False: 0.75}
+
+
+@pytest.mark.parametrize("desc_act", [True, False], ids=["act-order", "column-order"])
 @pytest.mark.parametrize("name", list(ROUNDED))
-def test_gptq_rounding_keeps_the_grid_and_cuts_the_output_error(name):
+def test_gptq_rounding_keeps_the_grid_and_cuts_the_output_error(name, desc_act):
     lin, x = _layer()
     H = 2 * x.t() @ x / x.shape[0]
     nearest = _quantize_layer(ROUNDED[name], lin, H)
-    rounded = _quantize_layer({**ROUNDED[name], "rounding": "gptq"}, lin, H)
+    rounded = _quantize_layer({**ROUNDED[name], "rounding": "gptq", "desc_act": desc_act}, lin, H)
     assert type(rounded) is type(nearest) and rounded.weight.dtype == nearest.weight.dtype
     assert all(torch.equal(a, b) for a, b in zip(_grid(rounded), _grid(nearest)))
     assert not torch.equal(rounded.weight, nearest.weight)
@@ -241,8 +247,7 @@ def test_gptq_rounding_keeps_the_grid_and_cuts_the_output_error(name):
         assert rounded.weight.abs().max() <= 127  # the grid's range: -128 is never written
     w = lin.weight.detach()
     err = lambda m: ((x @ (w - m.dequantize()).t()) ** 2).sum().item()  # noqa: E731
-    # measured: 0.51-0.62 of the nearest rounding's error on these data (seeds 0-2, every format)
-    assert err(rounded) < 0.75 * err(nearest)
+    assert err(rounded) < ERROR_BOUND[desc_act] * err(nearest)
 
 
 @pytest.mark.parametrize("name", ["int8", "nf4", "fp4"])

@@ -49,7 +49,7 @@ NON_DEFAULTS = {
     "bnb8": BitsAndBytesConfig(
         load_in_8bit=True, llm_int8_threshold=4, llm_int8_skip_modules=["lm_head"],
         llm_int8_enable_fp32_cpu_offload=True, llm_int8_has_fp16_weight=True, rounding="gptq", damp_percent=0.05,
-        nsamples=16, model_seqlen=256,
+        nsamples=16, model_seqlen=256, desc_act=False, int8_activations=False,
     ),
     "bnb4": BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4",
@@ -196,6 +196,9 @@ BAD_TYPES = [
     ("gptq-checkpoint_format", GPTQConfig, {"bits": 4, "checkpoint_format": 2}, r"GPTQConfig\.checkpoint_format must be a str"),
     ("awq-zero_point", AwqConfig, {"zero_point": "true"}, r"AwqConfig\.zero_point must be a bool"),
     ("awq-modules_to_fuse", AwqConfig, {"modules_to_fuse": "all"}, r"AwqConfig\.modules_to_fuse must be a dict"),
+    ("bnb-desc_act", BitsAndBytesConfig, {"load_in_4bit": True, "desc_act": 1}, r"BitsAndBytesConfig\.desc_act must be a bool"),
+    ("bnb-int8_activations", BitsAndBytesConfig, {"load_in_8bit": True, "int8_activations": "no"},
+     r"BitsAndBytesConfig\.int8_activations must be a bool"),
     ("bnb-load_in_4bit-int", BitsAndBytesConfig, {"load_in_4bit": 1}, r"BitsAndBytesConfig\.load_in_4bit must be a bool"),
     ("bnb-skip-str", BitsAndBytesConfig, {"load_in_8bit": True, "llm_int8_skip_modules": "lm_head"}, r"llm_int8_skip_modules must be a list of str"),
     ("bnb-dtype-obj", BitsAndBytesConfig, {"load_in_4bit": True, "bnb_4bit_compute_dtype": 16}, r"bnb_4bit_compute_dtype must be a torch\.dtype"),

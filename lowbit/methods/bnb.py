@@ -19,7 +19,7 @@ from lowbit.formats.blockwise4 import Blockwise4Linear, check_geometry, nearest_
 from lowbit.formats.int8_outlier import Int8Linear
 from lowbit.kernels import reference
 from lowbit.methods.base import QUANTIZERS, Quantizer, Stats
-from lowbit.methods.gptq import HessianStats, Pending, RoundColumn, checked_hessian, gptq_solve
+from lowbit.methods.gptq import HessianStats, Pending, RoundColumn, act_order, checked_hessian, gptq_solve
 from lowbit.methods.walk import default_skips, linear_shape, linear_weight
 
 BLOCKSIZE = 64
@@ -85,12 +85,13 @@ class BnbQuantizer(Quantizer[BitsAndBytesConfig]):
                 compute_dtype=dtype_named(cfg.bnb_4bit_compute_dtype))
         if cfg.rounding == "gptq":
             H = checked_hessian(name, stats, w.shape[1])
+            solve = dict(order=act_order(H) if cfg.desc_act else None, damp_percent=cfg.damp_percent)
             try:
                 if isinstance(mod, Int8Linear):
-                    codes, _ = gptq_solve(w, H, int8_rounding(mod.SCB), damp_percent=cfg.damp_percent)
+                    codes, _ = gptq_solve(w, H, int8_rounding(mod.SCB), **solve)
                     mod.weight = codes.to(torch.int8)
                 else:
-                    codes, _ = gptq_solve(w, H, blockwise4_rounding(mod), damp_percent=cfg.damp_percent)
+                    codes, _ = gptq_solve(w, H, blockwise4_rounding(mod), **solve)
                     mod.weight = pack_codes(codes, mod.quant_map, mod.weight.dtype)
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
