@@ -4,8 +4,9 @@ By default both are data-free, as bitsandbytes is: each linear is quantized from
 in the dtype the model holds it (bitsandbytes quantizes the weight as loaded, so a float16 model
 gives float16-derived codes). With ``rounding="gptq"`` the grid is the same (LLM.int8's row
 scales, NF4/FP4's block absmax, chosen from the weight as above), but each code is chosen by
-GPTQ's error feedback (:func:`lowbit.methods.gptq.gptq_solve`) from the layer's input Hessian,
-so the checkpoint is an ordinary bitsandbytes one with a smaller output error.
+GPTQ's error feedback (:func:`lowbit.methods.gptq.gptq_solve`, in act-order unless
+``desc_act=False``) from the layer's input Hessian, so the checkpoint is an ordinary bitsandbytes
+one with a smaller output error.
 """
 
 from __future__ import annotations
