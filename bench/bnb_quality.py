@@ -44,6 +44,7 @@ ROWS = [  # label, BitsAndBytesConfig kwargs (field names shared by lowbit and t
     ("NF4 double quant, GPTQ rounding", dict(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                              bnb_4bit_use_double_quant=True, rounding="gptq")),
     ("LLM.int8 weight-only (activations in fp32)", dict(load_in_8bit=True, int8_activations=False)),
+    ("FP4, GPTQ rounding", dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", rounding="gptq")),
 ]
 LOWBIT_ONLY = ("rounding", "int8_activations")  # fields transformers' BitsAndBytesConfig lacks
 
