@@ -34,7 +34,7 @@ from lowbit.formats.codebook import AqlmLinear, check_geometry
 from lowbit.methods.base import QUANTIZERS, Quantizer
 from lowbit.methods.gptq import HessianStats
 from lowbit.methods.kmeans import chunk_rows, min_last, weighted_kmeans
-from lowbit.methods.walk import find_linears, linear_shape, linear_weight
+from lowbit.methods.walk import find_linears, linear_shape
 
 log = logging.getLogger(__name__)
 
@@ -410,8 +410,7 @@ class AqlmQuantizer(Quantizer[AqlmConfig]):
             raise ValueError(f"{name}: {e}") from None
 
     def collect(self, name: str, linear: nn.Module) -> HessianStats:
-        k, _ = linear_shape(linear)
-        return HessianStats(k, device=linear_weight(linear).device)
+        return HessianStats.for_linear(linear)
 
     def tunes_blocks(self) -> bool:
         return self.config.finetune_steps > 0

@@ -21,7 +21,7 @@ from lowbit.formats.int8_outlier import Int8Linear
 from lowbit.kernels import reference
 from lowbit.methods.base import QUANTIZERS, Quantizer, Stats
 from lowbit.methods.gptq import HessianStats, Pending, RoundColumn, act_order, checked_hessian, gptq_solve
-from lowbit.methods.walk import default_skips, linear_shape, linear_weight
+from lowbit.methods.walk import default_skips, linear_shape
 
 BLOCKSIZE = 64
 """bitsandbytes' 4-bit block size (transformers' config has no field for it; checkpoints say theirs)."""
@@ -67,10 +67,7 @@ class BnbQuantizer(Quantizer[BitsAndBytesConfig]):
         return dtype_named(self.config.bnb_4bit_quant_storage, torch.uint8)
 
     def collect(self, name: str, linear: nn.Module) -> HessianStats | None:
-        if not self.requires_calibration:
-            return None
-        k, _ = linear_shape(linear)
-        return HessianStats(k, device=linear_weight(linear).device)
+        return HessianStats.for_linear(linear) if self.requires_calibration else None
 
     def quantize_layer(self, name: str, linear: nn.Module, stats: Stats | None) -> QuantLinear:
         w = self.checked_weight(name, linear)  # [N, K]

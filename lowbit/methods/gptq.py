@@ -37,6 +37,12 @@ class HessianStats:
         self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.nsamples = 0
 
+    @classmethod
+    def for_linear(cls, linear: nn.Module) -> HessianStats:
+        """Empty statistics for ``linear``'s inputs, on its weight's device."""
+        k, _ = linear_shape(linear)
+        return cls(k, device=linear_weight(linear).device)
+
     def add_batch(self, inputs: torch.Tensor) -> None:
         """Fold in ``inputs`` ``[..., K]`` (every leading index is one row)."""
         x = inputs.reshape(-1, inputs.shape[-1]).to(self.H.device, torch.float32)  # [R, K]
@@ -283,8 +289,7 @@ class GptqQuantizer(IntGroupedQuantizer[GPTQConfig]):
         return 1 if self.config.format == "gptq" and not self.config.sym else 0
 
     def collect(self, name: str, linear: nn.Module) -> HessianStats:
-        k, _ = linear_shape(linear)
-        return HessianStats(k, device=linear_weight(linear).device)
+        return HessianStats.for_linear(linear)
 
     def quantize_layer(self, name: str, linear: nn.Module, stats: HessianStats | None) -> IntGroupedLinear:
         cfg = self.config
