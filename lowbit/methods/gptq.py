@@ -199,7 +199,7 @@ def act_order(H: torch.Tensor) -> torch.Tensor:
 
 class _GroupRounding:
     """GPTQ's own grid: affine groups whose scale and zero are chosen when the solve reaches a
-    group's first column (or up front, ``static``); remembers which group each column used."""
+    group's first column (or up front, ``static``); ``g_idx`` records each original column's group."""
 
     def __init__(self, k: int, group_size: int, bits: int, sym: bool, zero_min: int,
                  static: list[tuple[torch.Tensor, torch.Tensor]] | None, device: torch.device) -> None:
@@ -207,22 +207,21 @@ class _GroupRounding:
         self.static = static
         self.scales: list[torch.Tensor] = []  # per group, in the order the solve meets them
         self.zeros: list[torch.Tensor] = []
-        self.col_params = torch.empty(k, dtype=torch.int64, device=device)  # which (scale, zero) each solve column used
+        self.g_idx = torch.empty(k, dtype=torch.int32, device=device)  # group of each original column
+        self.group = -1  # the group of the column being rounded
         self.scale = self.zero = None
 
     def __call__(self, col: int, k: int, w: torch.Tensor, pending: Pending) -> tuple[torch.Tensor, torch.Tensor]:
         if self.static is not None:
-            g = k // self.group_size
-            self.scale, self.zero = self.static[g]
-            self.col_params[col] = g
+            self.group = k // self.group_size
+            self.scale, self.zero = self.static[self.group]
         elif col % self.group_size == 0:
             cols = pending(min(col + self.group_size, self.k))  # the group's current weights
             self.scale, self.zero = choose_qparams(cols, self.bits, self.sym, zero_min=self.zero_min)
             self.scales.append(self.scale)
             self.zeros.append(self.zero)
-            self.col_params[col] = len(self.scales) - 1
-        else:
-            self.col_params[col] = self.col_params[col - 1]
+            self.group = len(self.scales) - 1
+        self.g_idx[k] = self.group
         q = quantize(w, self.scale, self.zero, self.bits)  # [N]
         return q, dequantize(q, self.scale, self.zero)
 
@@ -258,20 +257,16 @@ def gptq_quantize(
     """
     n, k = W.shape
     group_size = k if group_size == -1 else group_size
-    if not torch.isfinite(W).all():
-        raise ValueError("weights contain NaN or Inf")
     static = None
-    if static_groups:
+    if static_groups:  # choose_qparams refuses NaN or Inf weights; otherwise gptq_solve does
         Wf = W.detach().float().clone()
         Wf[:, torch.diag(H).to(W.device) == 0] = 0.0  # as the solve sees dead columns
         static = [choose_qparams(Wf[:, a:b], bits, sym, zero_min=zero_min) for a, b in _group_bounds(k, group_size)]
     order = act_order(H.to(W.device)) if desc_act else None
     rounding = _GroupRounding(k, group_size, bits, sym, zero_min, static, W.device)
     q, damp = gptq_solve(W, H, rounding, order=order, damp_percent=damp_percent, block_size=block_size)
-    perm = torch.arange(k, device=W.device) if order is None else order
-    g_idx = rounding.col_params[torch.argsort(perm)].to(torch.int32)  # group of each original column
     scales, zeros = (zip(*static) if static is not None else (rounding.scales, rounding.zeros))
-    return GptqResult(q, torch.stack(list(scales)), torch.stack(list(zeros)), g_idx, damp)
+    return GptqResult(q, torch.stack(list(scales)), torch.stack(list(zeros)), rounding.g_idx, damp)
 
 
 @QUANTIZERS.register("gptq")
