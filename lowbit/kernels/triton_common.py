@@ -25,7 +25,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 LAUNCH_CACHE = os.environ.get("LOWBIT_LAUNCH_CACHE", "0") not in ("", "0")
 """Whether :func:`launch` holds each compiled kernel and launches it directly after its first call
 (``LOWBIT_LAUNCH_CACHE=1``). Off until a GPU times it: ``bench/dispatch.py --gpu`` measures what
-the held launch saves, ``tests/test_gpu_paths.py`` runs the kernels with it."""
+the held launch saves, ``tests/test_launch_cache.py`` runs real kernels through it on a GPU."""
 
 
 class _HeldLaunches:
