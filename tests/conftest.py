@@ -32,6 +32,16 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
+def correlated_layer(n: int, k: int, rows: int = 512, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight ``[n, k]`` and ``rows`` correlated inputs ``[rows, k]`` with uneven channel scales,
+    like a real layer's (the data the GPTQ-style solver tests hold their error bounds on)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    mix = torch.randn(k, k, generator=g) / k**0.5
+    x = (torch.randn(rows, k, generator=g) @ mix) * torch.logspace(-1, 0.5, k)[torch.randperm(k, generator=g)]
+    return w, x
+
+
 def calib_ids(nsamples: int = 4, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
     """Random calibration tokens for the tiny byte-vocabulary models: int64 ``[nsamples, seqlen]``."""
     return torch.randint(0, 256, (nsamples, seqlen), generator=torch.Generator().manual_seed(seed))

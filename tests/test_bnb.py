@@ -22,7 +22,7 @@ from lowbit.formats.int8_outlier import Int8Linear, int_mm, quantize_rows
 from lowbit.formats.packing import pack_nibbles, unpack_nibbles
 from lowbit.kernels import reference
 
-from conftest import tiny_llama_model
+from conftest import correlated_layer, tiny_llama_model
 
 QUANT_TYPES = ["nf4", "fp4"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -203,13 +203,11 @@ ROUNDED = {
 
 
 def _layer(n=48, k=128, rows=512, seed=0):
-    """A linear and correlated inputs with uneven channel scales, like a real layer's."""
-    g = torch.Generator().manual_seed(seed)
+    """A linear (fp16-representable weights) and its correlated inputs (conftest.correlated_layer)."""
+    w, x = correlated_layer(n, k, rows, seed)
     lin = torch.nn.Linear(k, n, bias=False)
     with torch.no_grad():
-        lin.weight.copy_((torch.randn(n, k, generator=g) * 0.05).half().float())  # fp16-representable
-    mix = torch.randn(k, k, generator=g) / k**0.5
-    x = (torch.randn(rows, k, generator=g) @ mix) * torch.logspace(-1, 0.5, k)[torch.randperm(k, generator=g)]
+        lin.weight.copy_(w.half().float())
     return lin, x
 
 

@@ -12,16 +12,11 @@ from lowbit.methods.calibration import input_groups
 from lowbit.methods.gptq import GptqQuantizer, HessianStats, gptq_quantize, inverse_hessian_factor
 from lowbit.methods.walk import find_blocks
 
-from conftest import tiny_llama_model
+from conftest import correlated_layer, tiny_llama_model
 
 
 def _layer_data(n=24, k=96, rows=512, seed=0):
-    """A weight and correlated inputs with uneven channel scales, like a real layer's."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) * 0.05
-    mix = torch.randn(k, k, generator=g) / k**0.5
-    x = (torch.randn(rows, k, generator=g) @ mix) * torch.logspace(-1, 0.5, k)[torch.randperm(k, generator=g)]
-    return w, x
+    return correlated_layer(n, k, rows, seed)
 
 
 def _hessian(x):
