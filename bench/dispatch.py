@@ -130,8 +130,6 @@ def held_launches(cases: list) -> list[tuple[str, object, object]]:
     the second skips the argument binding, specialization and cache lookup an eager call repeats,
     which is what a launch cache held by a module would save. Each pair is checked to write the
     same output."""
-    import inspect
-
     triton_common.LAUNCH_CACHE = False  # every launch through kernel[grid], where the recorders sit
     recorders = []
     for mod in KERNEL_MODULES:
@@ -152,11 +150,8 @@ def held_launches(cases: list) -> list[tuple[str, object, object]]:
         if rec.last is None:
             continue
         grid, args, kwargs, compiled = rec.last
-        bound = inspect.signature(rec.kernel.fn).bind(
-            *args, **{key: value for key, value in kwargs.items() if key in rec.kernel.arg_names})
-        bound.apply_defaults()
-        every = tuple(bound.arguments.values())
-        runner = compiled[tuple(grid) + (1,) * (3 - len(grid))]
+        every = triton_common._HeldLaunches(rec.kernel).every_argument(args, kwargs)
+        runner = triton_common.held_runner(compiled, grid)
         via_run = (lambda kernel=rec.kernel, grid=grid, args=args, kwargs=kwargs: kernel[grid](*args, **kwargs))
         held = (lambda runner=runner, every=every: runner(*every))
         written = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()][-1]  # the output

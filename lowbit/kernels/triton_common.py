@@ -58,13 +58,22 @@ class _HeldLaunches:
                *[(a.dtype, a.get_device(), not a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args])
         runner = self.runners.get(key)
         if runner is not None:
-            runner(*args, *(kwargs[name] if name in kwargs else self.defaults[name]
-                            for name in self.names[len(args):]))
+            runner(*self.every_argument(args, kwargs))
             return
         compiled = self.kernel[grid](*args, **kwargs)
         if len(self.runners) >= self.MAX_KEYS:
             self.runners.clear()
-        self.runners[key] = compiled[tuple(grid) + (1,) * (3 - len(grid))]
+        self.runners[key] = held_runner(compiled, grid)
+
+    def every_argument(self, args: tuple, kwargs: dict) -> tuple:
+        """Every parameter's value in order, constexprs and defaults included (what a compiled
+        kernel's launch takes; launch options left out)."""
+        return (*args, *(kwargs[name] if name in kwargs else self.defaults[name] for name in self.names[len(args):]))
+
+
+def held_runner(compiled, grid: tuple[int, ...]):
+    """The launch of a ``CompiledKernel`` over ``grid``: ``runner(*every_argument)``."""
+    return compiled[tuple(grid) + (1,) * (3 - len(grid))]
 
 
 _HELD: dict[int, _HeldLaunches] = {}  # by id of the kernel (a JITFunction hashes through a property)
