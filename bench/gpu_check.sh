@@ -3,7 +3,7 @@
 # environment, the kernel and model tests compiled on the GPU, the kernel bench against fp16 and
 # peers, the launch-configuration sweep and the end-to-end decode bench. Logs and JSON go to $OUT.
 #
-#   STEPS=env,lookup,tests,kernels,sweep,dispatch,e2e,peers bash bench/gpu_check.sh
+#   STEPS=env,lookup,tests,kernels,sweep,dispatch,int8,eager,e2e,peers bash bench/gpu_check.sh
 #   (KERNEL_ROWS / KERNEL_ARGS / SWEEP_ARGS pass --rows, other options, --quick to the benches;
 #   TEST_ARGS, e.g. "-m gpu", selects tests, TEST_TIMEOUT bounds them)
 #
@@ -69,6 +69,24 @@ if step dispatch; then  # where an eager call's time goes (Triton's launch floor
     timeout 90 python3 bench/dispatch.py --gpu >"$OUT/dispatch.log" 2>&1
     echo "dispatch exit $?"
     grep -E "^\|" "$OUT/dispatch.log"
+fi
+
+if step int8; then  # LLM.int8's variants (weight-only, prequantized x) against fp16 and torch._int_mm
+    timeout ${INT8_TIMEOUT:-150} python3 bench/kernels.py --rows fp16,lowbit,int_mm --names int8,fp16 \
+        --shapes 4096x4096,4096x11008 --m 1,16,128,512,2048 --no-dequantize --json "$OUT/int8.json" \
+        >"$OUT/int8.log" 2>&1
+    echo "int8 exit $?"
+    grep "^|" "$OUT/int8.log"
+fi
+
+if step eager; then  # one-token calls, eager and in a graph, without and with the launch cache
+    for cache in 0 1; do
+        LOWBIT_LAUNCH_CACHE=$cache timeout ${EAGER_TIMEOUT:-90} python3 bench/kernels.py --rows fp16,lowbit \
+            --names "fp16,w4g128,nf4 double-quant" --shapes 4096x4096,4096x11008 --m 1 --no-dequantize \
+            >"$OUT/eager$cache.log" 2>&1
+        echo "eager (LOWBIT_LAUNCH_CACHE=$cache) exit $?"
+        grep "^|" "$OUT/eager$cache.log"
+    done
 fi
 
 if step e2e; then
