@@ -155,10 +155,11 @@ def held_launches(cases: list) -> list[tuple[str, object, object]]:
         via_run = (lambda kernel=rec.kernel, grid=grid, args=args, kwargs=kwargs: kernel[grid](*args, **kwargs))
         held = (lambda runner=runner, every=every: runner(*every))
         written = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()][-1]  # the output
-        via_run()
-        want = written.clone()
-        written.fill_(float("nan"))
-        held()
+        with torch.inference_mode():  # the recorded tensors were made in inference mode
+            via_run()
+            want = written.clone()
+            written.fill_(float("nan"))
+            held()
         torch.cuda.synchronize()
         if not torch.equal(written, want):
             raise AssertionError(f"{name}: the held compiled kernel wrote another output")
@@ -172,6 +173,8 @@ def gpu_table(k: int, n: int, calls: int = 2000) -> None:
     functions each call spends its time in (cProfile, per call)."""
     import triton
     import triton.language as tl
+
+    globals()["tl"] = tl  # the kernel's annotations resolve in this module's globals, not this scope
 
     @triton.jit
     def _empty_kernel(p_ptr, n, BLOCK: tl.constexpr):

@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import statistics
+import traceback
 from collections.abc import Callable
 
 import torch
@@ -409,9 +410,9 @@ def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str], n
                 if eager:
                     row["eager_us"] = time_eager(calls)
             row["GBps"] = nbytes / (row["us"] or row["eager_us"]) / 1e3
-        except Exception as e:
+        except Exception as e:  # a lowbit row's failure also fails the run, after the table (main)
             if name.startswith("lowbit"):
-                raise
+                traceback.print_exc()
             row = {"K": k, "N": n, "M": m, "kernel": name, "error": f"{type(e).__name__}: {e}"[:200]}
         rows.append(row)
         del build
@@ -510,6 +511,9 @@ def main() -> None:
         if args.json:  # after every shape, so a run cut short keeps what it measured
             write_rows(args.json, rows)
     print_table(rows)
+    failed = [r["kernel"] for r in rows if "error" in r and r["kernel"].startswith("lowbit")]
+    if failed:
+        raise SystemExit(f"{len(failed)} lowbit rows failed: {', '.join(sorted(set(failed)))}")
 
 
 if __name__ == "__main__":

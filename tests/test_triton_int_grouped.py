@@ -140,56 +140,84 @@ def test_launch_config_whose_k_tile_spans_groups_is_an_error():
         T.matmul_group_ordered(torch.randn(1, 128).to(DEVICE, torch.float16), layout, cfg=cfg)
 
 
-@pytest.mark.parametrize("one_launch", [True, False], ids=["one-launch", "torch"])
-@pytest.mark.parametrize("split,m,n", [(2, 1, 33), (16, 1, 1100), (4, 3, 70), (8, 17, 64)])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def _split_counters(device) -> torch.Tensor:
+    return C.split_k_counters(torch.device(device), 1)
+
+
+@pytest.mark.parametrize("split,m,n,k", [(2, 1, 33, 256), (16, 1, 200, 2048), (4, 3, 70, 512), (8, 17, 64, 1024)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
-def test_split_k_sum_equals_torch(split, m, n, dtype, bias, one_launch):
-    """The split-K reduction (partials summed, bias added, cast), in one Triton launch (sizes
-    straddle its 512-output blocks) or through PyTorch, against torch's sum, add and cast."""
-    gen = torch.Generator().manual_seed(split * 1000 + m * n)
-    partials = torch.randn(split, m, n, generator=gen).to(DEVICE)
+def test_serial_split_k(split, m, n, k, dtype, bias):
+    """The K splits of each output tile meet in the fp32 workspace and the last one to arrive writes
+    the output: against the reference (the matmul tolerance), and against one split (the same sums
+    in another order: two fp16/bf16 units at most); a second call gives the first bit for bit, and
+    every arrival counter is back at 0 after each launch."""
+    mod = random_module(n, k, 4, 64, False, seed=split + m, dtype=dtype).to(DEVICE)
+    layout = mod.group_ordered()
+    gen = torch.Generator().manual_seed(split * 100 + m)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
     b = torch.randn(n, generator=gen).to(DEVICE, dtype) if bias else None
-    cfg = C.MatmulConfig(1, 64, 128, split, 2, 3)
-    want = (partials.sum(0) + (b.float() if bias else 0)).to(dtype)
-    got = C.finish_split_k(partials, cfg, b, dtype, one_launch=one_launch)
+    bm = 1 if m < 16 else 16
+    one = T.matmul_group_ordered(x, layout, b, cfg=C.MatmulConfig(bm, 32, 64, 1, 2, 3))
+    cfg = C.MatmulConfig(bm, 32, 64, split, 2, 3)
+    got = T.matmul_group_ordered(x, layout, b, cfg=cfg)
+    assert not _split_counters(DEVICE).any()
+    again = T.matmul_group_ordered(x, layout, b, cfg=cfg)
+    assert not _split_counters(DEVICE).any()
+    want = reference.matmul_int_grouped(x.float(), mod.qweight, mod.scales, mod.qzeros, mod.g_idx, 4,
+                                        b.float() if bias else None)
     assert got.dtype == dtype and got.shape == (m, n)
-    # fp16 rounds exactly as torch; fp32 sums may differ in order; the interpreter's fp32 -> bf16
-    # cast truncates where torch rounds to nearest, hence one unit in the last place for bf16
-    tol = {torch.float16: (0, 0), torch.bfloat16: (torch.finfo(dtype).eps, 0), torch.float32: (1e-6, 1e-5)}[dtype]
-    torch.testing.assert_close(got, want, rtol=tol[0], atol=tol[1])
+    assert rel_err(got, want) <= MATMUL_REL[dtype]
+    torch.testing.assert_close(got, one, rtol=2 * torch.finfo(dtype).eps, atol=2 * torch.finfo(dtype).eps)
+    assert torch.equal(got, again)
+
+
+def test_split_k_counters_grow_and_are_kept():
+    """The counters are allocated once per device and stream, zeroed, and grown when a launch has
+    more output tiles than they hold."""
+    device = torch.device(DEVICE)
+    first = C.split_k_counters(device, 10)
+    assert first.dtype == torch.int32 and first.numel() >= 10 and not first.any()
+    assert C.split_k_counters(device, 10) is first
+    bigger = C.split_k_counters(device, first.numel() + 1)
+    assert bigger.numel() > first.numel() and not bigger.any()
+    assert C.split_k_counters(device, 10) is bigger
 
 
 @pytest.mark.gpu
-def test_split_k_sum_is_one_launch_only_in_a_cuda_graph(monkeypatch):
-    """Eagerly the partials go through PyTorch; captured in a CUDA graph, through the one Triton
-    launch; the replay gives the eager result."""
+def test_serial_split_k_on_gpu_repeats_in_streams_and_graphs():
+    """On a GPU, where the splits of a tile run at the same time on different multiprocessors: one
+    token with 16 splits, 200 calls give the first call's output bit for bit; a second stream has
+    its own counters; a CUDA graph captured on a fresh stream holds no counter fill and its replays
+    give the eager output."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA/ROCm GPU")
-    launches = []
-    kernel = C._split_k_sum_kernel
-
-    class Counting:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(C, "_split_k_sum_kernel", Counting())
-    partials = torch.randn(4, 3, 700, device="cuda")
-    b = torch.randn(700, device="cuda", dtype=torch.float16)
-    cfg = C.MatmulConfig(1, 64, 128, 4, 2, 3)
-    eager = C.finish_split_k(partials, cfg, b, torch.float16)
-    assert not launches
-    C.finish_split_k(partials, cfg, b, torch.float16, one_launch=True)  # compiled outside the capture
-    launches.clear()
+    mod = random_module(4096, 4096, 4, 128, False, seed=3).to("cuda")
+    layout = mod.group_ordered()
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    b = torch.randn(4096, device="cuda", dtype=torch.float16)
+    cfg = C.MatmulConfig(1, 64, 128, 16, 4, 3)
+    first = T.matmul_group_ordered(x, layout, b, cfg=cfg)
+    want = reference.matmul_int_grouped(x.float(), mod.qweight, mod.scales, mod.qzeros, mod.g_idx, 4, b.float())
+    assert rel_err(first, want) <= MATMUL_REL[torch.float16]
+    outs = [T.matmul_group_ordered(x, layout, b, cfg=cfg) for _ in range(200)]
+    assert all(torch.equal(o, first) for o in outs)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side = T.matmul_group_ordered(x, layout, b, cfg=cfg)
+        side_counters = C.split_k_counters(x.device, 1)
+    torch.cuda.current_stream().wait_stream(side)
+    assert side_counters.data_ptr() != C.split_k_counters(x.device, 1).data_ptr()
+    assert torch.equal(on_side, first)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = C.finish_split_k(partials, cfg, b, torch.float16)
-    graph.replay()
+        captured = T.matmul_group_ordered(x, layout, b, cfg=cfg)
+    for _ in range(50):
+        graph.replay()
     torch.cuda.synchronize()
-    assert len(launches) == 1
-    # the same fp32 partials summed in another order, then rounded to fp16: at most one unit apart
-    torch.testing.assert_close(captured, eager, rtol=torch.finfo(torch.float16).eps, atol=1e-3)
+    assert torch.equal(captured, first)
+    assert not C.split_k_counters(x.device, 1).any() and not side_counters.any()
 
 
 def test_split_k_fills_the_gpu_for_a_single_token():

@@ -37,6 +37,16 @@ class Variant:
         return f"{self.module}.{self.kernel}[{', '.join(f'{k}={v}' for k, v in self.constants.items())}]"
 
 
+def _with_split_outputs(sig: dict) -> dict:
+    """``sig`` with the split-K partials (fp32) and arrival counters (int32) after ``y_ptr``."""
+    out = {}
+    for name, kind in sig.items():
+        out[name] = kind
+        if name == "y_ptr":
+            out.update(ws_ptr="*fp32", lock_ptr="*i32")
+    return out
+
+
 def _matmul_variants() -> list[Variant]:
     ptrs = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "perm_ptr": "*i32",
             "b_ptr": "*fp16", "y_ptr": "*fp16"}
@@ -54,7 +64,7 @@ def _matmul_variants() -> list[Variant]:
         sig = dict(ptrs, **ints)
         for name in ("x_ptr", "s_ptr", "b_ptr"):
             sig[name] = f"*{dt}"
-        sig["y_ptr"] = f"*{dt}" if split == 1 else "*fp32"
+        sig = _with_split_outputs(sig)
         consts = dict(BITS=bits, GROUP=group, HAS_PERM=perm, HAS_BIAS=split == 1, BLOCK_M=bm, BLOCK_N=bn,
                       BLOCK_K=bk, SPLIT_K=split, TILE_IN_GROUP=in_group, DOT_FP32=False)
         out.append(Variant("triton_int_grouped", "_matmul_kernel", sig, consts))
@@ -76,15 +86,17 @@ def _blockwise4_variants() -> list[Variant]:
                                           (True, 16, 2, "fp16", 1), (False, 64, 1, "bf16", 0)):
         sig = {"x_ptr": f"*{dt}", "w_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "qmap_ptr": "*fp32",
                "nabs_ptr": "*fp32", "nmap_ptr": "*fp32", "noff_ptr": "*fp32", "b_ptr": f"*{dt}",
-               "y_ptr": f"*{dt}" if split == 1 else "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32"}
-        consts = dict(BLOCKSIZE=64, NESTED=nested, HAS_BIAS=split == 1, BLOCK_M=bm, BLOCK_N=64 if bm < 64 else 128,
+               "y_ptr": f"*{dt}", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32"}
+        sig = _with_split_outputs(sig)
+        consts = dict(BLOCKSIZE=64, NESTED=nested, HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=64 if bm < 64 else 128,
                       BLOCK_K=64, SPLIT_K=split, DOT_FP32=False, ROW_BLOCKS=nested, LOOKUP=lookup)
         out.append(Variant("triton_blockwise4", "_matmul_kernel", sig, consts))
     for nested, split, dt, lookup in ((True, 16, "fp16", 1), (False, 1, "bf16", 0)):
         sig = {"x_ptr": f"*{dt}", "w_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "qmap_ptr": "*fp32",
                "nabs_ptr": "*fp32", "nmap_ptr": "*fp32", "noff_ptr": "*fp32", "b_ptr": f"*{dt}",
-               "y_ptr": f"*{dt}" if split == 1 else "*fp32", "N": "i32", "K": "i32"}
-        consts = dict(BLOCKSIZE=64, NESTED=nested, HAS_BIAS=split == 1, BLOCK_N=64, SPLIT_K=split, LOOKUP=lookup,
+               "y_ptr": f"*{dt}", "N": "i32", "K": "i32"}
+        sig = _with_split_outputs(sig)
+        consts = dict(BLOCKSIZE=64, NESTED=nested, HAS_BIAS=split > 1, BLOCK_N=64, SPLIT_K=split, LOOKUP=lookup,
                       STEP_BLOCKS=4)
         out.append(Variant("triton_blockwise4", "_gemv_kernel", sig, consts))
     for nested, blocksize, lookup in ((False, 64, 0), (True, 64, 1), (False, 4096, 0)):
@@ -102,8 +114,9 @@ def _codebook_variants() -> list[Variant]:
     for c, size, ig, bm, split, dt in ((2, 256, 8, 1, 8, "fp16"), (1, 65536, 8, 1, 8, "bf16"),
                                         (2, 256, 8, 16, 2, "fp16"), (1, 65536, 16, 64, 1, "fp16")):
         sig = {"x_ptr": f"*{dt}", "codes_ptr": "*i8" if size <= 256 else "*i16", "books_ptr": f"*{dt}",
-               "scales_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}" if split == 1 else "*fp32",
+               "scales_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}",
                "M": "i32", "N": "i32", "K": "i32", "GI": "i32", "stride_xm": "i32"}
+        sig = _with_split_outputs(sig)
         consts = dict(C=c, SIZE=size, IG=ig, HAS_BIAS=split == 1, BLOCK_M=bm, BLOCK_N=64 if bm < 64 else 128,
                       BLOCK_K=128, SPLIT_K=split, DOT_FP32=False, WHOLE_WORDS=True,
                       TABLE=c * size * ig if c * size * ig <= 4096 else 0)  # 2x8 gathers from a held table
@@ -117,9 +130,9 @@ def _codebook_variants() -> list[Variant]:
                            dict(C=c, SIZE=size, IG=8, BLOCK_N=32, BLOCK_K=64, TABLE=table, WHOLE_WORDS=words)))
     for split, lut in ((1, "fp16"), (4, "fp32")):  # 2x8 through tabulated codeword products
         sig = {"codes_ptr": "*i8", "lut_ptr": f"*{lut}", "scales_ptr": "*fp16", "b_ptr": "*fp16",
-               "y_ptr": "*fp16" if split == 1 else "*fp32", "N": "i32", "GI": "i32"}
-        out.append(Variant("triton_codebook", "_lut_gemv_kernel", sig,
-                           dict(C=2, SIZE=256, HAS_BIAS=split == 1, BLOCK_N=16, BLOCK_J=64, SPLIT_K=split)))
+               "y_ptr": "*fp16", "N": "i32", "GI": "i32"}
+        out.append(Variant("triton_codebook", "_lut_gemv_kernel", _with_split_outputs(sig),
+                           dict(C=2, SIZE=256, HAS_BIAS=split > 1, BLOCK_N=16, BLOCK_J=64, SPLIT_K=split)))
     return out
 
 
@@ -129,13 +142,15 @@ def _int8_variants() -> list[Variant]:
     # int8 tl.dot tiles, no outliers, codes written by the quantize kernel, weight-only GEMV and tiles
     for bm, split, outliers, pre, wo, dt in ((1, 8, True, False, False, "fp16"), (16, 2, True, False, False, "bf16"),
                                              (64, 1, False, False, False, "fp16"), (64, 1, True, True, False, "fp16"),
-                                             (1, 8, False, False, True, "fp16"), (64, 1, False, False, True, "bf16")):
+                                             (128, 1, True, True, False, "fp16"), (1, 8, False, False, True, "fp16"),
+                                             (64, 1, False, False, True, "bf16")):
         sig = {"x_ptr": f"*{dt}", "ca_ptr": "*i8", "w_ptr": "*i8", "scb_ptr": "*fp32", "outlier_ptr": "*u8",
-               "part_ptr": "*fp32", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}" if split == 1 else "*fp32", "M": "i32",
+               "part_ptr": "*fp32", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", "M": "i32",
                "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32", "n_parts": "i32"}
         consts = dict(HAS_OUTLIERS=outliers, HAS_BIAS=split == 1, PREQUANTIZED=pre, WEIGHT_ONLY=wo, BLOCK_M=bm,
-                      BLOCK_N=64 if bm < 64 else 128, BLOCK_K=128, SPLIT_K=split, DOT_FP32=False)
-        out.append(Variant("triton_int8", "_matmul_kernel", sig, consts, (("enable_fp_fusion", False),)))
+                      BLOCK_N=64 if bm < 64 else 128, BLOCK_K=128, SPLIT_K=split, DOT_FP32=False)  # 128: 128^3
+        out.append(Variant("triton_int8", "_matmul_kernel", _with_split_outputs(sig), consts,
+                           (("enable_fp_fusion", False),)))
     for outliers, dt in ((True, "fp16"), (False, "bf16")):
         sig = {"x_ptr": f"*{dt}", "outlier_ptr": "*u8", "part_ptr": "*fp32", "ca_ptr": "*i8", "M": "i32", "K": "i32",
                "stride_xm": "i32", "n_parts": "i32"}
@@ -149,17 +164,10 @@ def _int8_variants() -> list[Variant]:
     return out
 
 
-def _split_k_sum_variants() -> list[Variant]:
-    return [Variant("triton_common", "_split_k_sum_kernel",
-                    {"p_ptr": "*fp32", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", "MN": "i32", "N": "i32"},
-                    dict(SPLIT_K=split, HAS_BIAS=bias, BLOCK=512))
-            for split, bias, dt in ((16, False, "fp16"), (2, True, "bf16"), (4, True, "fp32"))]
-
-
 def variants() -> list[Variant]:
     """Every kernel variant the check compiles."""
     return (_matmul_variants() + _dequantize_variants() + _blockwise4_variants() + _codebook_variants()
-            + _int8_variants() + _split_k_sum_variants())
+            + _int8_variants())
 
 
 def compile_variant(v: Variant, target: tuple) -> str:

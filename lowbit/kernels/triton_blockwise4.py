@@ -23,11 +23,10 @@ from lowbit.kernels.triton_common import (
     cdiv,
     check_batch_path,
     device_sms,
-    finish_split_k,
     input_rows,
     launch,
     launch_config,
-    output_buffer,
+    output_buffers,
 )
 
 
@@ -99,13 +98,13 @@ def _row_codes(w_ptr, row, k0, K, mask_n, BLOCK_K: tl.constexpr, BLOCK_N: tl.con
 
 @triton.jit
 def _matmul_kernel(
-    x_ptr, w_ptr, absmax_ptr, qmap_ptr, nabs_ptr, nmap_ptr, noff_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, absmax_ptr, qmap_ptr, nabs_ptr, nmap_ptr, noff_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
     M, N, K, stride_xm,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT_FP32: tl.constexpr, ROW_BLOCKS: tl.constexpr, LOOKUP: tl.constexpr,
 ):
-    """``y[M, N] = x[M, K] @ W.T (+ bias)``; with ``SPLIT_K > 1``, fp32 partials ``y[SPLIT_K, M, N]``.
+    """``y[M, N] = x[M, K] @ W.T (+ bias)``; with ``SPLIT_K > 1`` the splits meet in ``ws`` and the last one writes y (``_store_output``).
 
     ``ROW_BLOCKS``: ``K`` is a multiple of ``BLOCKSIZE == BLOCK_K``, so each tile column is one
     block: codes are read a byte at a time and the block's scale multiplies after the product.
@@ -132,17 +131,17 @@ def _matmul_kernel(
             w = _values(w_ptr, absmax_ptr, qmap_ptr, table, nabs_ptr, nmap_ptr, noff_ptr, i,
                         mask_k[:, None] & mask_n[None, :], BLOCKSIZE, NESTED, LOOKUP)
             acc += _product(x, w, BLOCK_M, DOT_FP32)
-    _store_output(y_ptr, b_ptr, acc, offs_m, offs_n, M, N, N, HAS_BIAS, SPLIT_K)
+    _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, acc, offs_m, offs_n, M, N, N, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, absmax_ptr, qmap_ptr, nabs_ptr, nmap_ptr, noff_ptr, b_ptr, y_ptr, N, K,
+    x_ptr, w_ptr, absmax_ptr, qmap_ptr, nabs_ptr, nmap_ptr, noff_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, N, K,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, LOOKUP: tl.constexpr, STEP_BLOCKS: tl.constexpr,
 ):
     """``y[N] = W @ x[K] (+ bias)`` for one token, ``K`` a multiple of ``BLOCKSIZE`` (each row a
-    whole number of blocks); with ``SPLIT_K > 1``, fp32 partials ``y[SPLIT_K, N]``.
+    whole number of blocks); with ``SPLIT_K > 1`` the splits meet in ``ws`` and the last one writes y.
 
     A program walks ``BLOCK_N`` rows ``STEP_BLOCKS`` blocks at a time: a row's ``STEP_BLOCKS *
     BLOCKSIZE / 2`` bytes are one contiguous load, x's matching inputs one contiguous load split
@@ -173,7 +172,7 @@ def _gemv_kernel(
                              mask_n[:, None] & (blk < blocks_per_row)[None, :], NESTED)  # [BN, NB]
         acc += tl.reshape(v, (BLOCK_N, STEP_BLOCKS, HALF)) * scale[:, :, None]
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
-    _store_output(y_ptr, b_ptr, y[None, :], tl.arange(0, 1), offs_n, 1, N, N, HAS_BIAS, SPLIT_K)
+    _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, y[None, :], tl.arange(0, 1), offs_n, 1, N, N, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -292,18 +291,18 @@ def matmul_blockwise4(x, weight, absmax, quant_map, blocksize, shape, nested_abs
     if m == 1 and row_blocks:
         step = gemv_step_blocks(blocksize)
         cfg = _gemv_config(n, k, blocksize, x.device, step)
-        y = output_buffer(cfg, m, n, x2)
+        y, ws, locks = output_buffers(cfg, m, n, x2)
         launch(_gemv_kernel, cfg.grid(m, n),
-            x2, w, absmax, quant_map, *nested_ptrs, bias if bias is not None else quant_map, y, n, k,
+            x2, w, absmax, quant_map, *nested_ptrs, bias if bias is not None else quant_map, y, ws, locks, n, k,
             BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n,
             SPLIT_K=cfg.split_k, LOOKUP=lookup_index(lookup, "gemv"), STEP_BLOCKS=step, num_warps=cfg.num_warps)
     else:
         cfg = launch_config(m, n, k, blocksize if row_blocks else 64, x.device)
-        y = output_buffer(cfg, m, n, x2)
+        y, ws, locks = output_buffers(cfg, m, n, x2)
         launch(_matmul_kernel, cfg.grid(m, n),
-            x2, w, absmax, quant_map, *nested_ptrs, bias if bias is not None else quant_map, y,
+            x2, w, absmax, quant_map, *nested_ptrs, bias if bias is not None else quant_map, y, ws, locks,
             m, n, k, x2.stride(0),
             BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, ROW_BLOCKS=row_blocks,
             LOOKUP=lookup_index(lookup, "tiled"), **cfg.kernel_options(dtype),
         )
-    return finish_split_k(y, cfg, bias, dtype).to(x.dtype).reshape(*x.shape[:-1], n)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)

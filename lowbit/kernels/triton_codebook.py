@@ -23,16 +23,16 @@ from lowbit.kernels.triton_common import (
     MatmulConfig,
     _output_tile,
     _product,
+    _split_total,
     _store_output,
     cdiv,
     check_batch_path,
     device_sms,
-    finish_split_k,
     input_rows,
     launch,
     launch_config,
     next_power_of_2,
-    output_buffer,
+    output_buffers,
 )
 
 
@@ -97,13 +97,13 @@ def _codeword_rows(codes_ptr, books_ptr, table, offs_n, k0, mask_n, GI,
 
 @triton.jit
 def _matmul_kernel(
-    x_ptr, codes_ptr, books_ptr, scales_ptr, b_ptr, y_ptr,
+    x_ptr, codes_ptr, books_ptr, scales_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
     M, N, K, GI, stride_xm,
     C: tl.constexpr, SIZE: tl.constexpr, IG: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT_FP32: tl.constexpr, WHOLE_WORDS: tl.constexpr, TABLE: tl.constexpr,
 ):
-    """``y[M, N] = x[M, K] @ W.T (+ bias)``; with ``SPLIT_K > 1``, fp32 partials ``y[SPLIT_K, M, N]``.
+    """``y[M, N] = x[M, K] @ W.T (+ bias)``; with ``SPLIT_K > 1`` the splits meet in ``ws`` and the last one writes y (``_store_output``).
 
     ``WHOLE_WORDS``: ``IG`` is a power of two dividing ``BLOCK_K`` (see :func:`_codeword_tile`).
     ``TABLE``: the codebooks' element count ``C * SIZE * IG`` to hold them in the program and
@@ -128,7 +128,7 @@ def _matmul_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
         acc += _product(x, w, BLOCK_M, DOT_FP32)
     s = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    _store_output(y_ptr, b_ptr, acc * s[None, :], offs_m, offs_n, M, N, N, HAS_BIAS, SPLIT_K)
+    _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, acc * s[None, :], offs_m, offs_n, M, N, N, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -158,7 +158,7 @@ def _dequantize_kernel(codes_ptr, books_ptr, scales_ptr, out_ptr, N, K, GI,
 
 
 @triton.jit
-def _lut_gemv_kernel(codes_ptr, lut_ptr, scales_ptr, b_ptr, y_ptr, N, GI,
+def _lut_gemv_kernel(codes_ptr, lut_ptr, scales_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, N, GI,
                      C: tl.constexpr, SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr):
     """``y[m, n] = scales[n] * sum_(g, c) lut[m, g, c, codes[n, g, c]]`` for the rows ``m`` of axis 2.
@@ -167,7 +167,8 @@ def _lut_gemv_kernel(codes_ptr, lut_ptr, scales_ptr, b_ptr, y_ptr, N, GI,
     codebook ``c`` (:func:`codeword_products`), so each code costs one lookup and one add instead
     of a codeword's worth of lookups and multiply-adds. A row's codes ``[GI, C]`` are contiguous;
     ``j = g * C + c`` walks them ``BLOCK_J`` at a time, and ``lut[m].flatten()[j * SIZE + code]`` is
-    the entry. With ``SPLIT_K > 1`` this program's fp32 partial sums go to ``y[pid_k, M, N]``.
+    the entry. With ``SPLIT_K > 1`` the splits of output tile ``(m, program_id(0))`` meet in
+    ``ws[SPLIT_K, M, N]`` and the last one writes y (:func:`_split_total`).
     """
     m = tl.program_id(2)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -183,12 +184,14 @@ def _lut_gemv_kernel(codes_ptr, lut_ptr, scales_ptr, b_ptr, y_ptr, N, GI,
         acc += tl.load(lut_row + offs_j[None, :] * SIZE + code, mask=mask, other=0.0).to(tl.float32)
     s = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     y = tl.sum(acc, axis=1) * s
-    if SPLIT_K == 1:
+    last = True
+    if SPLIT_K > 1:
+        last, y = _split_total(ws_ptr, lock_ptr, m * tl.num_programs(0) + tl.program_id(0), y,
+                               ws_ptr + m * N + offs_n, mask_n, tl.num_programs(2) * N, SPLIT_K)
+    if last:
         if HAS_BIAS:
             y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         tl.store(y_ptr + m * N + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
-    else:
-        tl.store(y_ptr + (tl.program_id(1) * tl.num_programs(2) + m) * N + offs_n, y, mask=mask_n)
 
 
 def supports(codebooks: torch.Tensor) -> bool:
@@ -308,12 +311,12 @@ def _matmul_lut(x2, codes, codebooks, scales, bias, n: int, gi: int) -> torch.Te
     n_codebooks, size = codebooks.shape[:2]
     lut = codeword_products(x2, codebooks)
     cfg = _lut_config(m, n, gi * n_codebooks, x2.device)
-    y = output_buffer(cfg, m, n, x2)
+    y, ws, locks = output_buffers(cfg, m, n, x2, tiles=cdiv(n, cfg.block_n) * m)
     launch(_lut_gemv_kernel, (cdiv(n, cfg.block_n), cfg.split_k, m),
-        codes.contiguous(), lut, scales.contiguous(), bias if bias is not None else scales, y, n, gi,
+        codes.contiguous(), lut, scales.contiguous(), bias if bias is not None else scales, y, ws, locks, n, gi,
         C=n_codebooks, SIZE=size, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_J=cfg.block_k,
         SPLIT_K=cfg.split_k, num_warps=cfg.num_warps)
-    return finish_split_k(y, cfg, bias, x2.dtype)
+    return y
 
 
 def matmul_codebook(x, codes, codebooks, scales, bias=None, batch_path: str | None = None,
@@ -339,12 +342,12 @@ def matmul_codebook(x, codes, codebooks, scales, bias=None, batch_path: str | No
     block_k = min(128, max(16, next_power_of_2(k)))
     ig = codebooks.shape[3]
     cfg = launch_config(m, n, k, block_k, x.device)
-    y = output_buffer(cfg, m, n, x2)
+    y, ws, locks = output_buffers(cfg, m, n, x2)
     launch(_matmul_kernel, cfg.grid(m, n),
         x2, codes.contiguous(), codebooks.contiguous(), scales.contiguous(),
-        bias if bias is not None else scales, y, m, n, k, gi, x2.stride(0),
+        bias if bias is not None else scales, y, ws, locks, m, n, k, gi, x2.stride(0),
         C=n_codebooks, SIZE=size, IG=ig, HAS_BIAS=bias is not None,
         WHOLE_WORDS=ig & (ig - 1) == 0 and ig <= block_k, TABLE=gather_table(codebooks, gather),
         **cfg.kernel_options(x.dtype),
     )
-    return finish_split_k(y, cfg, bias, x.dtype).reshape(*x.shape[:-1], n)
+    return y.reshape(*x.shape[:-1], n)

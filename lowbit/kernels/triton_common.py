@@ -111,12 +111,18 @@ def _product(x, w, BLOCK_M: tl.constexpr, DOT_FP32: tl.constexpr):
     ``BLOCK_M >= 16`` uses ``tl.dot`` (tensor cores); smaller tiles multiply and sum on the
     vector units. ``DOT_FP32`` makes the dot's operands fp32: only for bf16 under the Triton
     interpreter, whose bf16 dot and int-to-bf16 casts are wrong.
+
+    One ``return`` after a full if/else: Triton generates the code that follows a constexpr branch's
+    early ``return`` too, and the vector product of a 128x128x128 tile is over its tensor size limit.
     """
     if BLOCK_M >= 16:
         if DOT_FP32:
-            return tl.dot(x.to(tl.float32), w.to(x.dtype).to(tl.float32))
-        return tl.dot(x, w.to(x.dtype))
-    return tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
+            out = tl.dot(x.to(tl.float32), w.to(x.dtype).to(tl.float32))
+        else:
+            out = tl.dot(x, w.to(x.dtype))
+    else:
+        out = tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
+    return out
 
 
 @triton.jit
@@ -130,16 +136,44 @@ def _output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _store_output(y_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym,
+def _split_total(ws_ptr, lock_ptr, tile, acc, ws_at, mask, stride_split, SPLIT_K: tl.constexpr):
+    """Serial split-K: store this split's fp32 ``acc`` at ``ws_at + split * stride_split`` and count
+    its arrival on ``lock_ptr[tile]``. Returns whether this program arrived last, and then the sum
+    of every split's partials in split order (so the result does not depend on which one is last);
+    the last program also sets the counter back to 0 for the next launch.
+
+    The barrier before the count makes every thread's partial visible before the (acquire-release,
+    device-scope) atomic publishes it; the last program reads the partials from L2 (``.cg``).
+    """
+    tl.store(ws_at + tl.program_id(1) * stride_split, acc, mask=mask)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    last = arrived == SPLIT_K - 1
+    total = acc
+    if last:
+        tl.debug_barrier()
+        total = tl.load(ws_at, mask=mask, other=0.0, cache_modifier=".cg")
+        for s in tl.static_range(1, SPLIT_K):
+            total += tl.load(ws_at + s * stride_split, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(lock_ptr + tile, 0, sem="relaxed", scope="gpu")
+    return last, total
+
+
+@triton.jit
+def _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym,
                   HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Write the fp32 tile: ``+ bias`` in y's dtype, or this split's fp32 partials ``y[pid_k, M, N]``."""
+    """Write the fp32 tile ``+ bias`` in y's dtype. With ``SPLIT_K > 1`` the partials of output tile
+    ``program_id(0)`` meet in ``ws[SPLIT_K, M, N]`` and the last split to finish writes y
+    (:func:`_split_total`): one launch, no zero-filled output, no reduction kernel after it."""
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    if SPLIT_K == 1:
+    last = True
+    if SPLIT_K > 1:
+        last, acc = _split_total(ws_ptr, lock_ptr, tl.program_id(0), acc, ws_ptr + offs_m[:, None] * N + offs_n[None, :],
+                                 mask, M * N, SPLIT_K)
+    if last:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(y_ptr + tl.program_id(1) * M * N + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
 
 
 @dataclass(frozen=True)
@@ -238,53 +272,42 @@ def check_batch_path(batch_path: str | None) -> None:
         raise ValueError(f"batch_path must be 'tiled' or 'dequantize', not {batch_path!r}")
 
 
-def output_buffer(cfg: MatmulConfig, m: int, n: int, x: torch.Tensor) -> torch.Tensor:
-    """``[M, N]`` in x's dtype, or fp32 partials ``[SPLIT_K, M, N]``; never zero-filled."""
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+"""Split-K arrival counters, by (device, stream): zero between launches (:func:`_split_total`)."""
+
+
+def split_k_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """At least ``tiles`` zeroed int32 counters for a split-K launch on ``device``'s current stream.
+
+    Every launch leaves them zero again, so they are allocated once, not filled per call. Launches
+    on one stream run in order and share them; another stream has its own. A CUDA graph captured
+    on a stream without counters uses counters already made on that device (its replays run in
+    order with the eager launches of the stream they replay on), so the graph holds no fill.
+    """
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        key = (index, torch._C._cuda_getCurrentRawStream(index))
+    else:  # the interpreter's CPU tensors: programs run one after another
+        key = (device.type, 0)
+    counters = _COUNTERS.get(key)
+    if counters is not None and counters.numel() >= tiles:
+        return counters
+    counters = None
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        counters = next((c for k, c in _COUNTERS.items() if k[0] == key[0] and c.numel() >= tiles), None)
+    if counters is None:
+        counters = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+    _COUNTERS[key] = counters
+    return counters
+
+
+def output_buffers(cfg: MatmulConfig, m: int, n: int, x: torch.Tensor, tiles: int | None = None,
+                   dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a matmul kernel writes: ``y [M, N]`` in ``dtype`` (None: x's), never zero-filled, and for
+    ``cfg.split_k > 1`` the fp32 partials ``[SPLIT_K, M, N]`` and the arrival counters of its
+    ``tiles`` output tiles (None: ``cfg.grid``'s); with one split both are ``y`` (unread)."""
+    y = torch.empty(m, n, device=x.device, dtype=dtype or x.dtype)
     if cfg.split_k == 1:
-        return torch.empty(m, n, device=x.device, dtype=x.dtype)
-    return torch.empty(cfg.split_k, m, n, device=x.device, dtype=torch.float32)
-
-
-@triton.jit
-def _split_k_sum_kernel(p_ptr, b_ptr, y_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        BLOCK: tl.constexpr):
-    """``y[i] = sum_s p[s, i] (+ bias[i % N])`` over the flat ``[M * N]`` outputs, in fp32, stored in y's dtype."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MN
-    acc = tl.load(p_ptr + offs, mask=mask, other=0.0)
-    for s in tl.static_range(1, SPLIT_K):
-        acc += tl.load(p_ptr + s * MN + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-SPLIT_K_SUM_BLOCK = 512
-"""Outputs per program of the split-K sum: 4 warps, four contiguous fp32 per thread."""
-
-
-def finish_split_k(y: torch.Tensor, cfg: MatmulConfig, bias: torch.Tensor | None, dtype: torch.dtype,
-                   one_launch: bool | None = None) -> torch.Tensor:
-    """Sum split-K partials ``[SPLIT_K, M, N]`` and add the bias, into ``[M, N]`` of ``dtype`` (with
-    ``split_k == 1`` the matmul kernel has already done both: ``y`` is returned).
-
-    ``one_launch`` (None: on a GPU only while a CUDA graph is being captured, always under the
-    interpreter): one Triton launch does the sum, the bias and the cast; otherwise PyTorch's sum,
-    add and cast. In a graph the one launch is faster; called eagerly, Triton's launcher costs more
-    than the three PyTorch launches (on the H100 machine, a w4g128 one-token call took 102 µs
-    eagerly with it against 62 µs without; ``docs/performance.md``)."""
-    if cfg.split_k == 1:
-        return y
-    if one_launch is None:
-        one_launch = not y.is_cuda or torch.cuda.is_current_stream_capturing()
-    if not one_launch:
-        out = y.sum(0)
-        if bias is not None:
-            out += bias.float()
-        return out.to(dtype)
-    _, m, n = y.shape
-    out = torch.empty(m, n, device=y.device, dtype=dtype)
-    launch(_split_k_sum_kernel, (cdiv(m * n, SPLIT_K_SUM_BLOCK),),
-        y, bias if bias is not None else y, out, m * n, n, SPLIT_K=cfg.split_k, HAS_BIAS=bias is not None,
-        BLOCK=SPLIT_K_SUM_BLOCK, num_warps=4)
-    return out
+        return y, y, y
+    ws = torch.empty(cfg.split_k, m, n, device=x.device, dtype=torch.float32)
+    return y, ws, split_k_counters(x.device, tiles if tiles is not None else cfg.grid(m, n)[0])

@@ -41,12 +41,11 @@ from lowbit.kernels.triton_common import (
     _product,
     _store_output,
     cdiv,
-    finish_split_k,
     input_rows,
     launch,
     launch_config,
     next_power_of_2,
-    output_buffer,
+    output_buffers,
 )
 
 ROUND_MAGIC = tl.constexpr(12582912.0)
@@ -117,14 +116,14 @@ def _quantize_kernel(x_ptr, outlier_ptr, part_ptr, ca_ptr, M, K, stride_xm, n_pa
 
 @triton.jit
 def _matmul_kernel(
-    x_ptr, ca_ptr, w_ptr, scb_ptr, outlier_ptr, part_ptr, b_ptr, y_ptr,
+    x_ptr, ca_ptr, w_ptr, scb_ptr, outlier_ptr, part_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
     M, N, K, stride_xm, stride_wn, stride_ym, n_parts,
     HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr, PREQUANTIZED: tl.constexpr, WEIGHT_ONLY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
-    """``y[M, N] = x[M, K] @ W.T (+ bias)``, W = ``CB * SCB / 127``; with ``SPLIT_K > 1``, fp32
-    partials ``y[SPLIT_K, M, N]``. Each row's absmax is the largest of ``part[n_parts, M]``.
+    """``y[M, N] = x[M, K] @ W.T (+ bias)``, W = ``CB * SCB / 127``; with ``SPLIT_K > 1`` the splits meet in ``ws`` and the last one writes y (``_store_output``).
+    Each row's absmax is the largest of ``part[n_parts, M]``.
 
     ``PREQUANTIZED``: x's codes were written once by :func:`_quantize_kernel` to ``CA[M, K]`` and
     are loaded as int8; x itself is read only in K tiles that hold an outlier column. Otherwise
@@ -179,7 +178,7 @@ def _matmul_kernel(
         out = acc.to(tl.float32) * (row[:, None] * scb[None, :]) / 16129.0
         if HAS_OUTLIERS:
             out += acc_out * (scb / 127.0)[None, :]
-    _store_output(y_ptr, b_ptr, out, offs_m, offs_n, M, N, stride_ym, HAS_BIAS, SPLIT_K)
+    _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, out, offs_m, offs_n, M, N, stride_ym, HAS_BIAS, SPLIT_K)
 
 
 def activation_stats(x2: torch.Tensor, threshold: float) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -277,13 +276,13 @@ def matmul_int8_outlier(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor
         cfg = launch_config(m, n, k, block_k, x.device)
     elif cfg.block_k < 32:
         raise ValueError(f"block_k {cfg.block_k} is under 32, int8 tl.dot's minimum")
-    y = output_buffer(cfg, m, n, x)
+    y, ws, locks = output_buffers(cfg, m, n, x)
     codes = quantize_activations(x2, outliers, part) if prequantize else None
     launch(_matmul_kernel, cfg.grid(m, n),
         x2, codes if codes is not None else weight, weight, scb, outliers if outliers is not None else weight, part,
-        bias if bias is not None else scb, y,
+        bias if bias is not None else scb, y, ws, locks,
         m, n, k, x2.stride(0), weight.stride(0), n, part.shape[0],
         HAS_OUTLIERS=outliers is not None, HAS_BIAS=bias is not None, PREQUANTIZED=codes is not None,
         WEIGHT_ONLY=weight_only, enable_fp_fusion=False, **cfg.kernel_options(x.dtype),
     )
-    return finish_split_k(y, cfg, bias, x.dtype).reshape(*x.shape[:-1], n)
+    return y.reshape(*x.shape[:-1], n)

@@ -10,8 +10,9 @@ act-order weights take the same path as plain ones. The reference twins are
 The matmul has two inner products chosen by a compile-time flag: ``tl.dot`` on tiles of at least
 16 rows (prefill, batched decode), and a broadcast multiply-sum for ``BLOCK_M < 16`` (single-token
 decode, where the tensor cores would idle on padding). ``SPLIT_K > 1`` spreads K over programs so
-that a skinny product still fills the GPU; each split writes fp32 partial sums that one reduction
-adds (deterministic, and the output needs no zero-fill).
+that a skinny product still fills the GPU; each split writes fp32 partial sums, and the last split
+of each output tile to finish adds them in split order and writes the output (serial split-K:
+deterministic, one launch, and the output needs no zero-fill).
 
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors; the tests use that.
 """
@@ -29,12 +30,11 @@ from lowbit.kernels.triton_common import (
     _product,
     _store_output,
     cdiv,
-    finish_split_k,
     input_rows,
     launch,
     launch_config,
     next_power_of_2,
-    output_buffer,
+    output_buffers,
 )
 
 
@@ -78,13 +78,13 @@ def _unpack_rows(base, k0, offs_n, stride_word, n_words, mask_n, BITS: tl.conste
 
 @triton.jit
 def _matmul_kernel(
-    x_ptr, qw_ptr, s_ptr, qz_ptr, perm_ptr, b_ptr, y_ptr,
+    x_ptr, qw_ptr, s_ptr, qz_ptr, perm_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
     M, N, K, stride_xm, stride_ym, qw_words, qz_words,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     TILE_IN_GROUP: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """``y[M, N] = x[M, K] @ W.T (+ bias)``; with ``SPLIT_K > 1``, fp32 partials ``y[SPLIT_K, M, N]``."""
+    """``y[M, N] = x[M, K] @ W.T (+ bias)``; with ``SPLIT_K > 1`` the splits meet in ``ws`` and the last one writes y (``_store_output``)."""
     offs_m, offs_n = _output_tile(M, N, BLOCK_M, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -115,7 +115,7 @@ def _matmul_kernel(
             s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask_kn, other=0.0)
             z = _unpack(qz_ptr, offs_n[None, :], g[:, None], 1, qz_words, qz_words, mask_kn, BITS)
             acc += _product(x, (q - z).to(tl.float32) * s.to(tl.float32), BLOCK_M, DOT_FP32)
-    _store_output(y_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS, SPLIT_K)
+    _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -192,18 +192,18 @@ def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | 
         cfg = launch_config(m, n, k, block_k, x.device)
     elif cfg.block_k != block_k:
         raise ValueError(f"block_k {cfg.block_k} does not fit group size {w.group_size} (use {block_k})")
-    y = output_buffer(cfg, m, n, x)
+    y, ws, locks = output_buffers(cfg, m, n, x)
     perm = w.perm
     if perm is not None and m > 1:
         x2, perm = x2.index_select(1, perm), None
     launch(_matmul_kernel, cfg.grid(m, n),
         x2, w.qweight, w.scales, w.qzeros, perm if perm is not None else w.qweight,
-        bias if bias is not None else w.scales, y,
+        bias if bias is not None else w.scales, y, ws, locks,
         m, n, k, x2.stride(0), n, w.qweight.shape[0], w.qzeros.shape[1],
         BITS=w.bits, GROUP=w.group_size, HAS_PERM=perm is not None, HAS_BIAS=bias is not None,
         TILE_IN_GROUP=in_group, **cfg.kernel_options(x.dtype),
     )
-    return finish_split_k(y, cfg, bias, x.dtype).reshape(*x.shape[:-1], n)
+    return y.reshape(*x.shape[:-1], n)
 
 
 def dequantize_group_ordered(w: GroupOrdered, k: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
