@@ -5,7 +5,7 @@
 #
 #   STEPS=env,lookup,tests,kernels,sweep,dispatch,int8,eager,e2e,peers bash bench/gpu_check.sh
 #   (KERNEL_ROWS / KERNEL_ARGS / SWEEP_ARGS pass --rows, other options, --quick to the benches;
-#   TEST_ARGS, e.g. "-m gpu", selects tests, TEST_TIMEOUT bounds them)
+#   TEST_ARGS, e.g. "-m gpu", selects tests, TEST_TIMEOUT bounds them; EAGER_NAMES picks the eager rows)
 #
 # Peers (bitsandbytes, gemlite) are read from .whl/site when present (unpacked wheels; see
 # docs/performance.md). Each step has its own time limit, so one that hangs leaves the rest.
@@ -82,7 +82,7 @@ fi
 if step eager; then  # one-token calls, eager and in a graph, without and with the launch cache
     for cache in 0 1; do
         LOWBIT_LAUNCH_CACHE=$cache timeout ${EAGER_TIMEOUT:-90} python3 bench/kernels.py --rows fp16,lowbit \
-            --names "fp16,w4g128,nf4 double-quant" --shapes 4096x4096,4096x11008 --m 1 --no-dequantize \
+            --names "${EAGER_NAMES:-fp16,w4g128,nf4 double-quant}" --shapes 4096x4096,4096x11008 --m 1 --no-dequantize \
             >"$OUT/eager$cache.log" 2>&1
         echo "eager (LOWBIT_LAUNCH_CACHE=$cache) exit $?"
         grep "^|" "$OUT/eager$cache.log"
