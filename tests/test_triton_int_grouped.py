@@ -173,8 +173,8 @@ def test_serial_split_k(split, m, n, k, dtype, bias):
 
 
 def test_split_k_counters_grow_and_are_kept():
-    """The counters are allocated once per device and stream, zeroed, and grown when a launch has
-    more output tiles than they hold."""
+    """The held counters are allocated once per device, zeroed, and grown when a launch has more
+    output tiles than they hold."""
     device = torch.device(DEVICE)
     first = C.split_k_counters(device, 10)
     assert first.dtype == torch.int32 and first.numel() >= 10 and not first.any()
@@ -187,9 +187,10 @@ def test_split_k_counters_grow_and_are_kept():
 @pytest.mark.gpu
 def test_serial_split_k_on_gpu_repeats_in_streams_and_graphs():
     """On a GPU, where the splits of a tile run at the same time on different multiprocessors: one
-    token with 16 splits, 200 calls give the first call's output bit for bit; a second stream has
-    its own counters; a CUDA graph captured on a fresh stream holds no counter fill and its replays
-    give the eager output."""
+    token with 16 splits, 200 eager calls give the first call's output bit for bit and leave the
+    held counters at zero; a side stream gets counters of its own for each call; a CUDA graph
+    captured on a side stream uses the held counters (no fill in the graph) and its replays give
+    the eager output."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA/ROCm GPU")
     mod = random_module(4096, 4096, 4, 128, False, seed=3).to("cuda")
@@ -202,22 +203,23 @@ def test_serial_split_k_on_gpu_repeats_in_streams_and_graphs():
     assert rel_err(first, want) <= MATMUL_REL[torch.float16]
     outs = [T.matmul_group_ordered(x, layout, b, cfg=cfg) for _ in range(200)]
     assert all(torch.equal(o, first) for o in outs)
+    held = C.split_k_counters(x.device, 1)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         on_side = T.matmul_group_ordered(x, layout, b, cfg=cfg)
-        side_counters = C.split_k_counters(x.device, 1)
+        assert C.split_k_counters(x.device, 1).data_ptr() != held.data_ptr()
     torch.cuda.current_stream().wait_stream(side)
-    assert side_counters.data_ptr() != C.split_k_counters(x.device, 1).data_ptr()
     assert torch.equal(on_side, first)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
+        assert C.split_k_counters(x.device, 1) is held
         captured = T.matmul_group_ordered(x, layout, b, cfg=cfg)
     for _ in range(50):
         graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, first)
-    assert not C.split_k_counters(x.device, 1).any() and not side_counters.any()
+    assert not held.any()
 
 
 def test_split_k_fills_the_gpu_for_a_single_token():
