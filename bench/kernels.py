@@ -6,9 +6,10 @@ For each Llama-7B layer shape (K x N) and M = 1, 16, 128 it times, with CUDA gra
 * ``lowbit w4g128`` and ``lowbit w4g128 act`` (act-order, rows reordered at load), and lowbit's
   NF4 kernel (blocks of 64, double quant) on the bitsandbytes layout, its AQLM kernel
   (2x8 and 1x16, groups of 8 inputs, about 2 bits per weight), and its LLM.int8 kernel
-  (threshold 6, one outlier input column; above 16 rows also with the activations quantized in a
-  launch of their own, with default and with 128x128 tiles), and the same int8 weights with the
-  activations left in fp16 (``int8_activations=False``, weight-only);
+  (threshold 6, one outlier input column, at its defaults; above 16 rows also with the
+  activations quantized in every program, and quantized in a launch of their own with the shared
+  tile heuristic and with 128x128 tiles), and the same int8 weights with the activations left in
+  fp16 (``int8_activations=False``, weight-only);
 * ``int_mm``: LLM.int8 through the reference's decomposition with ``torch._int_mm`` (what lowbit
   runs above 2,048 rows): it synchronizes with the host on the outlier columns, as bitsandbytes'
   ``Linear8bitLt`` does, so these two are timed eagerly only (a failed capture would leave the
@@ -240,13 +241,17 @@ def random_int8(n: int, k: int, m: int) -> tuple:
 
 def lowbit_int8_row(m, k, n, sets, int_mm=False, prequantize=None, tiles=None, weight_only=False):
     """lowbit's LLM.int8: the Triton kernel (``prequantize``, ``tiles``: its variant and
-    ``MatmulConfig`` fields, None the defaults; ``weight_only``: activations left in fp16), or
-    (``int_mm``) the reference's decomposition with ``torch._int_mm``."""
+    ``MatmulConfig`` fields or ``"heuristic"`` for the shared heuristic's, None the defaults;
+    ``weight_only``: activations left in fp16), or (``int_mm``) the reference's decomposition with
+    ``torch._int_mm``."""
     from lowbit.formats.int8_outlier import int_mm as int_mm_fn
     from lowbit.kernels import triton_int8 as I
-    from lowbit.kernels.triton_common import MatmulConfig
+    from lowbit.kernels.triton_common import MatmulConfig, launch_config
 
-    cfg = MatmulConfig(*tiles) if tiles else None
+    if tiles == "heuristic":
+        cfg = launch_config(m, n, k, I.block_k_for(k), torch.device("cuda"))
+    else:
+        cfg = MatmulConfig(*tiles) if tiles else None
 
     calls, err = [], 0.0
     for i in range(sets):
@@ -377,10 +382,12 @@ def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str], n
         "lowbit aqlm 1x16": lambda: lowbit_aqlm_row(m, k, n, sets2, 1, 16),
         "lowbit int8 (LLM.int8)": lambda: lowbit_int8_row(m, k, n, sets8),
         "lowbit int8 weight-only": lambda: lowbit_int8_row(m, k, n, sets8, weight_only=True),
-        # above 16 rows: the kernel's variants for batches (x quantized once in a launch of its own,
-        # also with 128x128 tiles and 8 warps instead of the grouped-int heuristic's), and the
-        # torch._int_mm path (it needs more than 16 rows)
-        **({"lowbit int8 prequantized": lambda: lowbit_int8_row(m, k, n, sets8, prequantize=True),
+        # above 16 rows: the kernel's variants for batches (x quantized in every program; x
+        # quantized once in a launch of its own, with the shared heuristic's tiles and with 128x128
+        # tiles and 8 warps), and the torch._int_mm path (it needs more than 16 rows)
+        **({"lowbit int8 codes in every program": lambda: lowbit_int8_row(m, k, n, sets8, prequantize=False),
+            "lowbit int8 prequantized, heuristic tiles": lambda: lowbit_int8_row(
+                m, k, n, sets8, prequantize=True, tiles="heuristic"),
             "lowbit int8 prequantized 128x128": lambda: lowbit_int8_row(
                 m, k, n, sets8, prequantize=True, tiles=(128, 128, 128, 1, 8, 3)),
             "int_mm int8 (LLM.int8, lowbit's decomposition)": lambda: lowbit_int8_row(m, k, n, sets8, int_mm=True)}

@@ -93,6 +93,32 @@ def test_every_tile_and_split_gives_the_reference(block_m, split_k):
     assert rel_err(got, want) <= (TF32_REL if DEVICE == "cuda" and block_m >= 16 else FP32_REL)
 
 
+def test_wide_tiles_give_the_reference():
+    """The 128x128 tiles, 8 warps, that prequantized launches of many rows take on CUDA, on a
+    problem smaller than one tile in M and N and two tiles in K."""
+    x, cb, scb, b = random_case(40, 50, 200, seed=7, threshold=3.0)
+    x = x.half()
+    got = T.matmul_int8_outlier(x, cb, scb, 3.0, b, cfg=T.WIDE_TILES, prequantize=True)
+    assert rel_err(got, reference.matmul_int8_outlier(x.float(), cb, scb, 3.0, b)) <= MATMUL_REL[torch.float16]
+
+
+def test_wide_tiles_only_for_prequantized_launches_of_many_rows_on_cuda(monkeypatch):
+    """``int8_config``: the wide tiles from WIDE_TILES_ROWS rows, prequantized, 128-wide K tiles, on
+    CUDA; the shared heuristic otherwise (fewer rows, codes made in every program, the CPU, ROCm)."""
+    cuda, cpu, rows = torch.device("cuda", 0), torch.device("cpu"), T.WIDE_TILES_ROWS
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert T.int8_config(rows, 4096, 4096, 128, cuda, True) is T.WIDE_TILES
+    assert T.int8_config(4 * rows, 11008, 4096, 128, cuda, True) is T.WIDE_TILES
+    monkeypatch.setattr(C, "launch_config", lambda *a: "heuristic")
+    monkeypatch.setattr(T, "launch_config", lambda *a: "heuristic")
+    assert T.int8_config(rows - 1, 4096, 4096, 128, cuda, True) == "heuristic"
+    assert T.int8_config(rows, 4096, 4096, 128, cuda, False) == "heuristic"
+    assert T.int8_config(rows, 4096, 64, 64, cuda, True) == "heuristic"
+    assert T.int8_config(rows, 4096, 4096, 128, cpu, True) == "heuristic"
+    monkeypatch.setattr(torch.version, "hip", "6.4")
+    assert T.int8_config(rows, 4096, 4096, 128, cuda, True) == "heuristic"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("m,k,threshold", [(17, 300, 2.5), (40, 1100, 0.0), (3, 64, 3.0)])
 def test_prequantized_codes_are_the_references(m, k, threshold, dtype):

@@ -225,12 +225,31 @@ def quantize_activations(x2: torch.Tensor, outliers: torch.Tensor | None, part: 
     return codes
 
 
-DEFAULT_PREQUANTIZE = False
+DEFAULT_PREQUANTIZE = True
 """Whether :func:`matmul_int8_outlier` quantizes the activations in a launch of their own (once per
-call) rather than in every program that reads them. Each program then loads int8 codes instead of
-quantizing an fp16 tile on the vector units for every N tile it covers: by ``bench/ptx.py``, a
-64x64 tile's K step issues 102 instructions per thread instead of 581. Off until ``bench/kernels.py`` (row ``lowbit int8 prequantized``) times
-it on a GPU; it applies from :data:`STATS_ROWS` + 1 rows (fewer rows save the launch instead)."""
+call) rather than in every program that reads them, above :data:`STATS_ROWS` rows (fewer rows save
+the launch instead). Each program then loads int8 codes instead of quantizing an fp16 tile on the
+vector units for every N tile it covers (by ``bench/ptx.py``, a 64x64 tile's K step issues 102
+instructions per thread instead of 581). On the H100 (``docs/performance.md``, 2026-11-27) it was
+1.2-2.2x faster at 128, 512 and 2,048 rows on 4096x4096 and 4096x11008."""
+
+WIDE_TILES_ROWS = 512
+"""From this many rows a prequantized launch on CUDA takes :data:`WIDE_TILES` instead of the shared
+heuristic's tiles: on the H100 they were 1.15-1.25x faster at 512 and 2,048 rows, and slower on
+4096x4096 at 128 rows (``docs/performance.md``, 2026-11-27). Untimed on AMD, which keeps the
+heuristic."""
+
+WIDE_TILES = MatmulConfig(128, 128, 128, 1, 8, 3)
+
+
+def int8_config(m: int, n: int, k: int, block_k: int, device: torch.device, prequantized: bool) -> MatmulConfig:
+    """The launch of :func:`matmul_int8_outlier`'s kernel: :data:`WIDE_TILES` for a prequantized
+    launch of :data:`WIDE_TILES_ROWS` rows or more on CUDA with 128-wide K tiles, else the shared
+    heuristic's."""
+    if prequantized and m >= WIDE_TILES_ROWS and block_k == WIDE_TILES.block_k and device.type == "cuda" \
+            and torch.version.hip is None:
+        return WIDE_TILES
+    return launch_config(m, n, k, block_k, device)
 
 
 def block_k_for(k: int) -> int:
@@ -273,7 +292,7 @@ def matmul_int8_outlier(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor
         prequantize = DEFAULT_PREQUANTIZE and m > STATS_ROWS
     block_k = block_k_for(k)
     if cfg is None:
-        cfg = launch_config(m, n, k, block_k, x.device)
+        cfg = int8_config(m, n, k, block_k, x.device, prequantize)
     elif cfg.block_k < 32:
         raise ValueError(f"block_k {cfg.block_k} is under 32, int8 tl.dot's minimum")
     y, ws, locks = output_buffers(cfg, m, n, x)
