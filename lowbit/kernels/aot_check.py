@@ -1,8 +1,10 @@
 """Ahead-of-time compilation of every Triton kernel for NVIDIA sm_90 (H100), AMD CDNA gfx942 (MI300)
 and AMD RDNA3 gfx1100 (RX 7900 class).
 
-RDNA2 (gfx1030, RX 6800 XT class) is not a target: Triton's AMD backend (3.9) refuses it
-("unsupported target"), so no Triton kernel runs there; such GPUs take the reference path.
+RDNA2 (gfx1030, RX 6800 XT class) is not a target: Triton's AMD backend (3.9) cannot compile for
+it (even a one-line kernel fails in its ``ConvertWarpPipeline`` pass), so no Triton kernel runs
+there; such GPUs take the reference path. The check compiles one kernel for it as well and fails
+if that starts to work, so that RDNA2 becomes a target when Triton supports it.
 
 Runs on a machine without a GPU: ``triton.compile`` lowers each kernel variant through the
 target's whole pipeline (PTX and cubin for CUDA, AMDGCN and hsaco for HIP, with the HIP
@@ -21,6 +23,9 @@ from dataclasses import dataclass
 
 TARGETS = (("cuda", 90, 32), ("hip", "gfx942", 64), ("hip", "gfx1100", 32))
 """(backend, architecture, warp size) of each target."""
+
+REFUSED = (("hip", "gfx1030", 32),)
+"""Targets Triton cannot compile for: RDNA2 (see above)."""
 
 
 @dataclass(frozen=True)
@@ -206,6 +211,15 @@ def main() -> int:
             except Exception as e:  # report every failing variant, not only the first
                 failed += 1
                 print(f"FAIL  {target[0]}:{target[1]}  {v.label()}: {type(e).__name__}: {str(e)[:400]}")
+    probe = variants()[0]
+    for target in REFUSED:
+        try:
+            compile_variant(probe, target)
+        except Exception as e:
+            print(f"refused  {target[0]}:{target[1]}  {probe.label()}: {type(e).__name__}")
+        else:  # the backend learned this target: make it one (TARGETS, hip_options, triton_gpu_available)
+            failed += 1
+            print(f"FAIL  {target[0]}:{target[1]}  {probe.label()} compiles now: add it to TARGETS")
     return 1 if failed else 0
 
 
