@@ -305,4 +305,4 @@ def matmul_blockwise4(x, weight, absmax, quant_map, blocksize, shape, nested_abs
             BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, ROW_BLOCKS=row_blocks,
             LOOKUP=lookup_index(lookup, "tiled"), **cfg.kernel_options(dtype),
         )
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    return (y if y.dtype == x.dtype else y.to(x.dtype)).reshape(*x.shape[:-1], n)

@@ -263,7 +263,9 @@ def launch_config(m: int, n: int, k: int, block_k: int, device: torch.device) ->
 
 def input_rows(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``x [..., K]`` as ``[M, K]`` rows in ``dtype`` (default: x's), unit stride along K (a view where possible)."""
-    x2 = x.reshape(-1, x.shape[-1]).to(dtype or x.dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    if dtype is not None and dtype != x.dtype:  # a same-dtype .to() returns x, but costs a call
+        x2 = x2.to(dtype)
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
