@@ -9,6 +9,9 @@ does), so launch overhead does not hide the kernels.
     python bench/e2e.py --model llama7b --layers 8 --graphs --fuse
 
 ``--fuse`` adds a row with q/k/v and gate/up joined into one quantized matmul each (:mod:`lowbit.fusion`).
+``--compile`` traces every model's decode step with ``torch.compile`` (inductor, ``fullgraph``)
+before the graph capture: the small ops between the matmuls (norms, rotary embedding, residual
+adds), one kernel each otherwise, are fused.
 """
 
 from __future__ import annotations
@@ -39,16 +42,28 @@ def build(model_name: str, layers: int):
     return model
 
 
-class Decoder:
-    """One-token decode steps over a static KV cache, optionally replayed from a CUDA graph."""
+def synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
-    def __init__(self, model, max_len: int, graphs: bool) -> None:
+
+class Decoder:
+    """One-token decode steps over a static KV cache, optionally through ``torch.compile`` (the
+    step traced whole, ``fullgraph=True``: inductor fuses the norms, rotary embedding and other
+    small ops between the matmuls into few kernels, as gpt-fast does) and replayed from a CUDA
+    graph. ``reset()`` empties the cache in place for another run over the same graph."""
+
+    def __init__(self, model, max_len: int, graphs: bool, compile_backend: str | None = None,
+                 device: str = "cuda") -> None:
         from transformers import StaticCache
 
         self.model = model
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
-        self.ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
-        self.pos = torch.zeros(1, dtype=torch.long, device="cuda")
+        self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.forward = self._forward
+        if compile_backend:
+            self.forward = torch.compile(self._forward, fullgraph=True, dynamic=False, backend=compile_backend)
         self.graph = None
         if graphs:
             self.logits = self._step()  # allocate the cache and compile kernels before capture
@@ -61,10 +76,16 @@ class Decoder:
             with torch.cuda.graph(self.graph):
                 self.logits = self._step()
 
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, past_key_values=self.cache, cache_position=pos, use_cache=True).logits
+
     @torch.inference_mode()
     def _step(self) -> torch.Tensor:
-        out = self.model(input_ids=self.ids, past_key_values=self.cache, cache_position=self.pos, use_cache=True)
-        return out.logits
+        return self.forward(self.ids, self.pos)
+
+    @torch.inference_mode()  # the cache's tensors are made in the first step, in inference mode
+    def reset(self) -> None:
+        self.cache.reset()
 
     def step(self, token: torch.Tensor, position: int) -> torch.Tensor:
         self.ids.copy_(token.view(1, 1))
@@ -75,19 +96,32 @@ class Decoder:
         return self.logits
 
 
-def decode_tokens_per_s(model, new_tokens: int, graphs: bool, trials: int = 3) -> float:
-    """Median tokens/s of ``new_tokens`` greedy batch-1 decode steps after 4 warm-up steps."""
+def greedy_tokens(dec: Decoder, steps: int, device: str = "cuda") -> list[int]:
+    """The tokens of ``steps`` greedy decode steps from token 1 at position 0 (the cache reset first)."""
+    dec.reset()
+    token, out = torch.ones(1, dtype=torch.long, device=device), []
+    for i in range(steps):
+        token = dec.step(token, i)[0, -1].argmax().view(1)
+        out.append(int(token))
+    return out
+
+
+def decode_tokens_per_s(model, new_tokens: int, graphs: bool, trials: int = 3, compile_backend: str | None = None,
+                        device: str = "cuda") -> float:
+    """Median tokens/s of ``new_tokens`` greedy batch-1 decode steps after 4 warm-up steps, over
+    ``trials`` runs of one decoder (one compilation, one graph)."""
+    dec = Decoder(model, new_tokens + 8, graphs, compile_backend, device)
     rates = []
     for _ in range(trials):
-        dec = Decoder(model, new_tokens + 8, graphs)
-        token = torch.ones(1, dtype=torch.long, device="cuda")
+        dec.reset()
+        token = torch.ones(1, dtype=torch.long, device=device)
         for i in range(4):  # warm-up
             dec.step(token, i)
-        torch.cuda.synchronize()
+        synchronize(device)
         t = time.perf_counter()
         for i in range(4, 4 + new_tokens):
             token = dec.step(token, i)[0, -1].argmax().view(1)
-        torch.cuda.synchronize()
+        synchronize(device)
         rates.append(new_tokens / (time.perf_counter() - t))
     return statistics.median(rates)
 
@@ -114,6 +148,8 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--graphs", action="store_true", help="replay each decode step from a CUDA graph")
     p.add_argument("--fuse", action="store_true", help="also time the 4-bit model with fused q/k/v and gate/up")
+    p.add_argument("--compile", action="store_true",
+                   help="trace each decode step with torch.compile (inductor, fullgraph) for every model")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/e2e.py needs a CUDA or ROCm GPU")
@@ -124,17 +160,19 @@ def main() -> None:
             lowbit.quantize(model, RtnConfig(bits=4, group_size=128), device="cuda", progress=False,
                             fuse=label.endswith("fused"))
         graphs = args.graphs
+        backend = "inductor" if args.compile else None
         try:
-            decode = decode_tokens_per_s(model, args.new_tokens, graphs)
+            decode = decode_tokens_per_s(model, args.new_tokens, graphs, compile_backend=backend)
         except RuntimeError as e:  # a forward that cannot be captured still gets an eager number
             print(f"{label}: CUDA graph capture failed ({str(e).splitlines()[0][:200]}); timing eager decode")
             graphs = False
-            decode = decode_tokens_per_s(model, args.new_tokens, graphs)
+            decode = decode_tokens_per_s(model, args.new_tokens, graphs, compile_backend=backend)
         results[label] = (decode, prefill_tokens_per_s(model, args.prompt_len), graphs)
         del model
         torch.cuda.empty_cache()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, model {args.model}"
-          f"{f' ({args.layers} layers)' if args.model == 'llama7b' else ''}")
+          f"{f' ({args.layers} layers)' if args.model == 'llama7b' else ''}"
+          f"{', decode steps compiled (inductor, fullgraph)' if args.compile else ''}")
     print("| model | decode tok/s (batch 1) | graphs | prefill tok/s | decode vs fp16 | prefill vs fp16 |")
     print("|---|---|---|---|---|---|")
     base_dec, base_pre, _ = results["fp16"]

@@ -5,7 +5,8 @@
 #
 #   STEPS=env,lookup,tests,kernels,sweep,dispatch,int8,eager,e2e,peers bash bench/gpu_check.sh
 #   (KERNEL_ROWS / KERNEL_ARGS / SWEEP_ARGS pass --rows, other options, --quick to the benches;
-#   TEST_ARGS, e.g. "-m gpu", selects tests, TEST_TIMEOUT bounds them; EAGER_NAMES picks the eager rows)
+#   TEST_ARGS, e.g. "-m gpu", selects tests, TEST_TIMEOUT bounds them; EAGER_NAMES picks the eager rows;
+#   E2E_ARGS, e.g. --compile, and E2E_TIMEOUT go to the end-to-end step)
 #
 # Peers (bitsandbytes, gemlite) are read from .whl/site when present (unpacked wheels; see
 # docs/performance.md). Each step has its own time limit, so one that hangs leaves the rest.
@@ -91,7 +92,7 @@ if step eager; then  # one-token calls, eager and in a graph, without and with t
 fi
 
 if step e2e; then
-    timeout 150 python3 bench/e2e.py --model llama7b --layers 8 --graphs --fuse 2>&1 | tail -12
+    timeout ${E2E_TIMEOUT:-150} python3 bench/e2e.py --model llama7b --layers 8 --graphs --fuse ${E2E_ARGS:-} 2>&1 | tail -12
 fi
 
 if step peers; then  # gemlite may autotune shapes its shipped tuning lacks: last, on its own limit

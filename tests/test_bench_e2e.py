@@ -61,3 +61,49 @@ def test_unknown_bench_is_a_usage_error(argv):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
+
+
+def _bench_e2e():
+    """``bench/e2e.py`` (a script, not a package module)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_e2e", Path(__file__).parents[1] / "bench" / "e2e.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_decoder_traced_whole_matches_eager():
+    """``bench/e2e.py --compile``'s decode step, traced whole (``fullgraph``; the aot_eager backend
+    here, no C++ compiler), over a static cache: a fused 4-bit model's logits at every step equal
+    the eager decoder's, the graphs of the first run serve every later position and run, and a
+    reset starts a run over."""
+    import torch
+
+    import lowbit
+
+    bench = _bench_e2e()
+    model = lowbit.quantize(tiny_llama_model(), lowbit.RtnConfig(bits=4, group_size=32), progress=False, fuse=True)
+
+    def run(dec, steps=6):
+        dec.reset()
+        token, logits = torch.tensor([3]), []
+        for i in range(steps):
+            out = dec.step(token, i)[0, -1]
+            logits.append(out.clone())
+            token = (out.argmax() + i).remainder(256).view(1)  # vary the input: the model repeats itself
+        return torch.stack(logits)
+
+    want = run(bench.Decoder(model, 16, False, None, "cpu"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    dec = bench.Decoder(model, 16, False, "aot_eager", "cpu")
+    got = run(dec)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    again = run(dec)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(again, got)
+    # the first step, which makes the cache's tensors, and every later one: two graphs, none after
+    assert graphs <= 2 and torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert want.std(0).max() > 0  # the steps differ: positions and tokens reach the logits
