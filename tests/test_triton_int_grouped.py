@@ -184,6 +184,40 @@ def test_split_k_counters_grow_and_are_kept():
     assert C.split_k_counters(device, 10) is bigger
 
 
+def test_split_k_counters_by_stream_and_capture(monkeypatch):
+    """Which counters a launch on a CUDA device gets (the stream, the capture state and the
+    allocation faked, so this runs anywhere): the default stream's are made once and held; a side
+    stream gets fresh zeroed ones each call, and so does a capture before any are held; a capture
+    after that uses the held ones; a capture never holds what it allocated."""
+    zeros = torch.zeros
+    made = []
+
+    def fake_zeros(n, dtype, device):
+        made.append(n)
+        return zeros(n, dtype=dtype)
+
+    state = {"stream": 0, "capturing": False}
+    monkeypatch.setattr(C, "_COUNTERS", {})
+    monkeypatch.setattr(torch, "zeros", fake_zeros)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: state["stream"], raising=False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: state["capturing"])
+    cuda = torch.device("cuda", 0)
+
+    def counters(stream, capturing, tiles=8):
+        state.update(stream=stream, capturing=capturing)
+        return C.split_k_counters(cuda, tiles)
+
+    early_capture = counters(77, True)
+    assert made == [8] and C._COUNTERS == {}  # fresh for the call, not held
+    side = [counters(55, False) for _ in range(2)]
+    assert side[0] is not side[1] and made == [8, 8, 8]
+    held = counters(0, False)
+    assert made[-1] == 4096 and counters(0, False) is held and len(made) == 4
+    assert counters(77, True) is held and len(made) == 4
+    assert counters(55, False) is not held and counters(0, False, tiles=5000) is not held
+    assert early_capture.numel() == 8 and C._COUNTERS[0].numel() == 5000
+
+
 @pytest.mark.gpu
 def test_serial_split_k_on_gpu_repeats_in_streams_and_graphs():
     """On a GPU, where the splits of a tile run at the same time on different multiprocessors: one
