@@ -54,8 +54,11 @@ def test_working_memory_does_not_grow_with_depth():
     grown_model = deep["model_bytes"] - shallow["model_bytes"]
     grown_work = deep["working_bytes"] - shallow["working_bytes"]
     assert grown_model > 50 * 2**20
-    # 8x the blocks: the model grows by ~60 MB; the working memory by a small fraction of that
-    assert grown_work < 0.25 * grown_model, (shallow, deep)
+    # 8x the blocks: the model grows by ~60 MB. What this guards against grows the working memory
+    # by about that much or more (a copy of the model; every block's Hessians, ~5 MB a block). The
+    # same run at one depth measured 42-59 MB of working memory over six runs on the 2-core
+    # development machine, so the least of two per depth can still differ by ~15 MB: the bound is half.
+    assert grown_work < 0.5 * grown_model, (shallow, deep)
 
 
 @pytest.mark.gpu
