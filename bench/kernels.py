@@ -158,13 +158,19 @@ def fp16_row(m, k, n, sets):
     return [lambda x=x, w=w: F.linear(x, w) for x, w in zip(xs, ws)], 2 * n * k + 2 * m * (k + n), 0.0
 
 
-def lowbit_row(m, k, n, sets, act_order, group=128):
+def lowbit_row(m, k, n, sets, act_order, group=128, perm_dtype=None):
+    """lowbit's grouped-int matmul, w4 (``perm_dtype``: the act-order indices cast to it, e.g.
+    int16, a variant the kernel reads as given; None keeps the layout's int32)."""
+    import dataclasses
+
     from lowbit.kernels import triton_int_grouped as T
 
     calls, err = [], 0.0
     for i in range(sets):
         qw, s, qz, g = random_w4(k, n, group, act_order, seed=i)
         layout = to_group_ordered(qw, s, qz, g, 4)
+        if perm_dtype is not None:
+            layout = dataclasses.replace(layout, perm=layout.perm.to(perm_dtype))
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         if i == 0:
             err = rel_err(T.matmul_group_ordered(x, layout), reference.matmul_int_grouped(x.float(), qw, s, qz, g, 4))
@@ -377,6 +383,10 @@ def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str], n
         "fp16 F.linear": lambda: fp16_row(m, k, n, copies_for(2 * n * k, l2)),
         "lowbit w4g128": lambda: lowbit_row(m, k, n, sets4, act_order=False),
         "lowbit w4g128 act-order": lambda: lowbit_row(m, k, n, sets4, act_order=True),
+        # one token gathers x through perm in every program: the same with 2-byte indices
+        **({"lowbit w4g128 act-order, int16 perm": lambda: lowbit_row(m, k, n, sets4, act_order=True,
+                                                                       perm_dtype=torch.int16)}
+           if m == 1 and k < 2**15 else {}),
         "lowbit nf4 double-quant": lambda: lowbit_nf4_row(m, k, n, sets4),
         "lowbit aqlm 2x8": lambda: lowbit_aqlm_row(m, k, n, sets2, 2, 8),
         "lowbit aqlm 1x16": lambda: lowbit_aqlm_row(m, k, n, sets2, 1, 16),
