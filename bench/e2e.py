@@ -96,16 +96,6 @@ class Decoder:
         return self.logits
 
 
-def greedy_tokens(dec: Decoder, steps: int, device: str = "cuda") -> list[int]:
-    """The tokens of ``steps`` greedy decode steps from token 1 at position 0 (the cache reset first)."""
-    dec.reset()
-    token, out = torch.ones(1, dtype=torch.long, device=device), []
-    for i in range(steps):
-        token = dec.step(token, i)[0, -1].argmax().view(1)
-        out.append(int(token))
-    return out
-
-
 def decode_tokens_per_s(model, new_tokens: int, graphs: bool, trials: int = 3, compile_backend: str | None = None,
                         device: str = "cuda") -> float:
     """Median tokens/s of ``new_tokens`` greedy batch-1 decode steps after 4 warm-up steps, over
