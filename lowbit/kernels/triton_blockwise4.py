@@ -131,7 +131,7 @@ def _matmul_kernel(
             w = _values(w_ptr, absmax_ptr, qmap_ptr, table, nabs_ptr, nmap_ptr, noff_ptr, i,
                         mask_k[:, None] & mask_n[None, :], BLOCKSIZE, NESTED, LOOKUP)
             acc += _product(x, w, BLOCK_M, DOT_FP32)
-    _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, acc, offs_m, offs_n, M, N, N, HAS_BIAS, SPLIT_K)
+    _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, acc, offs_m, offs_n, M, N, N, tl.program_id(0), HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -172,7 +172,8 @@ def _gemv_kernel(
                              mask_n[:, None] & (blk < blocks_per_row)[None, :], NESTED)  # [BN, NB]
         acc += tl.reshape(v, (BLOCK_N, STEP_BLOCKS, HALF)) * scale[:, :, None]
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
-    _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, y[None, :], tl.arange(0, 1), offs_n, 1, N, N, HAS_BIAS, SPLIT_K)
+    _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, y[None, :], tl.arange(0, 1), offs_n, 1, N, N, tl.program_id(0),
+                  HAS_BIAS, SPLIT_K)
 
 
 @triton.jit

@@ -23,7 +23,6 @@ from lowbit.kernels.triton_common import (
     MatmulConfig,
     _output_tile,
     _product,
-    _split_total,
     _store_output,
     cdiv,
     check_batch_path,
@@ -128,7 +127,8 @@ def _matmul_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
         acc += _product(x, w, BLOCK_M, DOT_FP32)
     s = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, acc * s[None, :], offs_m, offs_n, M, N, N, HAS_BIAS, SPLIT_K)
+    _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, acc * s[None, :], offs_m, offs_n, M, N, N, tl.program_id(0), HAS_BIAS,
+                  SPLIT_K)
 
 
 @triton.jit
@@ -168,7 +168,7 @@ def _lut_gemv_kernel(codes_ptr, lut_ptr, scales_ptr, b_ptr, y_ptr, ws_ptr, lock_
     of a codeword's worth of lookups and multiply-adds. A row's codes ``[GI, C]`` are contiguous;
     ``j = g * C + c`` walks them ``BLOCK_J`` at a time, and ``lut[m].flatten()[j * SIZE + code]`` is
     the entry. With ``SPLIT_K > 1`` the splits of output tile ``(m, program_id(0))`` meet in
-    ``ws[SPLIT_K, M, N]`` and the last one writes y (:func:`_split_total`).
+    ``ws[SPLIT_K, M, N]`` and the last one writes y (:func:`_store_output`).
     """
     m = tl.program_id(2)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -184,14 +184,9 @@ def _lut_gemv_kernel(codes_ptr, lut_ptr, scales_ptr, b_ptr, y_ptr, ws_ptr, lock_
         acc += tl.load(lut_row + offs_j[None, :] * SIZE + code, mask=mask, other=0.0).to(tl.float32)
     s = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     y = tl.sum(acc, axis=1) * s
-    last = True
-    if SPLIT_K > 1:
-        last, y = _split_total(ws_ptr, lock_ptr, m * tl.num_programs(0) + tl.program_id(0), y,
-                               ws_ptr + m * N + offs_n, mask_n, tl.num_programs(2) * N, SPLIT_K)
-    if last:
-        if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        tl.store(y_ptr + m * N + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+    # row m of the [M, N] output, M the programs along axis 2; output tile (m, program_id(0))
+    _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, y[None, :], m + tl.arange(0, 1), offs_n, tl.num_programs(2), N, N,
+                  m * tl.num_programs(0) + tl.program_id(0), HAS_BIAS, SPLIT_K)
 
 
 def supports(codebooks: torch.Tensor) -> bool:

@@ -161,15 +161,16 @@ def _split_total(ws_ptr, lock_ptr, tile, acc, ws_at, mask, stride_split, SPLIT_K
 
 
 @triton.jit
-def _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym,
+def _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, tile,
                   HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
     """Write the fp32 tile ``+ bias`` in y's dtype. With ``SPLIT_K > 1`` the partials of output tile
-    ``program_id(0)`` meet in ``ws[SPLIT_K, M, N]`` and the last split to finish writes y
-    (:func:`_split_total`): one launch, no zero-filled output, no reduction kernel after it."""
+    ``tile`` (this program's index among the output tiles, its K split being ``program_id(1)``)
+    meet in ``ws[SPLIT_K, M, N]`` and the last split to finish writes y (:func:`_split_total`):
+    one launch, no zero-filled output, no reduction kernel after it."""
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     last = True
     if SPLIT_K > 1:
-        last, acc = _split_total(ws_ptr, lock_ptr, tl.program_id(0), acc, ws_ptr + offs_m[:, None] * N + offs_n[None, :],
+        last, acc = _split_total(ws_ptr, lock_ptr, tile, acc, ws_ptr + offs_m[:, None] * N + offs_n[None, :],
                                  mask, M * N, SPLIT_K)
     if last:
         if HAS_BIAS:

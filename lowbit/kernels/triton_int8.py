@@ -178,7 +178,8 @@ def _matmul_kernel(
         out = acc.to(tl.float32) * (row[:, None] * scb[None, :]) / 16129.0
         if HAS_OUTLIERS:
             out += acc_out * (scb / 127.0)[None, :]
-    _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, out, offs_m, offs_n, M, N, stride_ym, HAS_BIAS, SPLIT_K)
+    _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, out, offs_m, offs_n, M, N, stride_ym, tl.program_id(0), HAS_BIAS,
+                  SPLIT_K)
 
 
 def activation_stats(x2: torch.Tensor, threshold: float) -> tuple[torch.Tensor | None, torch.Tensor]:

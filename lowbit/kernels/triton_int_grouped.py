@@ -115,7 +115,8 @@ def _matmul_kernel(
             s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask_kn, other=0.0)
             z = _unpack(qz_ptr, offs_n[None, :], g[:, None], 1, qz_words, qz_words, mask_kn, BITS)
             acc += _product(x, (q - z).to(tl.float32) * s.to(tl.float32), BLOCK_M, DOT_FP32)
-    _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS, SPLIT_K)
+    _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, tl.program_id(0), HAS_BIAS,
+                  SPLIT_K)
 
 
 @triton.jit
