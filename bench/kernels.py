@@ -246,18 +246,18 @@ def random_int8(n: int, k: int, m: int) -> tuple:
 
 
 def lowbit_int8_row(m, k, n, sets, int_mm=False, prequantize=None, tiles=None, weight_only=False):
-    """lowbit's LLM.int8: the Triton kernel (``prequantize``, ``tiles``: its variant and
-    ``MatmulConfig`` fields or ``"heuristic"`` for the shared heuristic's, None the defaults;
-    ``weight_only``: activations left in fp16), or (``int_mm``) the reference's decomposition with
-    ``torch._int_mm``."""
+    """lowbit's LLM.int8: the Triton kernel (``prequantize``, ``tiles``: its variant and launch
+    configuration, ``"heuristic"`` for the shared heuristic's, ``"wide"`` for the kernel's
+    :data:`~lowbit.kernels.triton_int8.WIDE_TILES`, None the defaults; ``weight_only``: activations
+    left in fp16), or (``int_mm``) the reference's decomposition with ``torch._int_mm``."""
     from lowbit.formats.int8_outlier import int_mm as int_mm_fn
     from lowbit.kernels import triton_int8 as I
-    from lowbit.kernels.triton_common import MatmulConfig, launch_config
+    from lowbit.kernels.triton_common import launch_config
 
     if tiles == "heuristic":
         cfg = launch_config(m, n, k, I.block_k_for(k), torch.device("cuda"))
     else:
-        cfg = MatmulConfig(*tiles) if tiles else None
+        cfg = I.WIDE_TILES if tiles == "wide" else None
 
     calls, err = [], 0.0
     for i in range(sets):
@@ -399,7 +399,7 @@ def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str], n
             "lowbit int8 prequantized, heuristic tiles": lambda: lowbit_int8_row(
                 m, k, n, sets8, prequantize=True, tiles="heuristic"),
             "lowbit int8 prequantized 128x128": lambda: lowbit_int8_row(
-                m, k, n, sets8, prequantize=True, tiles=(128, 128, 128, 1, 8, 3)),
+                m, k, n, sets8, prequantize=True, tiles="wide"),
             "int_mm int8 (LLM.int8, lowbit's decomposition)": lambda: lowbit_int8_row(m, k, n, sets8, int_mm=True)}
            if m > 16 else {}),
         # both paths for batches (16 rows or more); the rows above take the default's
