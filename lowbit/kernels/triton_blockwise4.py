@@ -104,7 +104,8 @@ def _matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT_FP32: tl.constexpr, ROW_BLOCKS: tl.constexpr, LOOKUP: tl.constexpr,
 ):
-    """``y[M, N] = x[M, K] @ W.T (+ bias)``; with ``SPLIT_K > 1`` the splits meet in ``ws`` and the last one writes y (``_store_output``).
+    """``y[M, N] = x[M, K] @ W.T (+ bias)``; with ``SPLIT_K > 1`` the splits meet in ``ws`` and the
+    last one writes y (``_store_output``).
 
     ``ROW_BLOCKS``: ``K`` is a multiple of ``BLOCKSIZE == BLOCK_K``, so each tile column is one
     block: codes are read a byte at a time and the block's scale multiplies after the product.

@@ -102,7 +102,8 @@ def _matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT_FP32: tl.constexpr, WHOLE_WORDS: tl.constexpr, TABLE: tl.constexpr,
 ):
-    """``y[M, N] = x[M, K] @ W.T (+ bias)``; with ``SPLIT_K > 1`` the splits meet in ``ws`` and the last one writes y (``_store_output``).
+    """``y[M, N] = x[M, K] @ W.T (+ bias)``; with ``SPLIT_K > 1`` the splits meet in ``ws`` and the
+    last one writes y (``_store_output``).
 
     ``WHOLE_WORDS``: ``IG`` is a power of two dividing ``BLOCK_K`` (see :func:`_codeword_tile`).
     ``TABLE``: the codebooks' element count ``C * SIZE * IG`` to hold them in the program and

@@ -122,8 +122,9 @@ def _matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
-    """``y[M, N] = x[M, K] @ W.T (+ bias)``, W = ``CB * SCB / 127``; with ``SPLIT_K > 1`` the splits meet in ``ws`` and the last one writes y (``_store_output``).
-    Each row's absmax is the largest of ``part[n_parts, M]``.
+    """``y[M, N] = x[M, K] @ W.T (+ bias)``, W = ``CB * SCB / 127``; with ``SPLIT_K > 1`` the splits
+    meet in ``ws`` and the last one writes y (``_store_output``). Each row's absmax is the largest
+    of ``part[n_parts, M]``.
 
     ``PREQUANTIZED``: x's codes were written once by :func:`_quantize_kernel` to ``CA[M, K]`` and
     are loaded as int8; x itself is read only in K tiles that hold an outlier column. Otherwise
