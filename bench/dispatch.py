@@ -4,9 +4,9 @@
    entry points (``lowbit/kernels/ops.py``), which skip the op in plain eager. The wrappers are
    replaced by stubs that return an empty tensor of the output's shape.
 2. The wrappers themselves (launch configuration, output buffers, the activation statistics of
-   LLM.int8, the split-K sum's launch), with every Triton kernel replaced by a stub whose launch
-   does nothing, on CPU tensors of Llama-7B's 4096 x 4096 shape; and again through lowbit's
-   launch cache (``triton_common.launch`` with ``LAUNCH_CACHE``), whose key it then adds.
+   LLM.int8), with every Triton kernel replaced by a stub whose launch does nothing, on CPU
+   tensors of Llama-7B's 4096 x 4096 shape; and again through lowbit's launch cache
+   (``triton_common.launch`` with ``LAUNCH_CACHE``), whose key it then adds.
 
 What is timed is the Python and PyTorch work an eager call adds to a kernel's graph-replay time,
 less Triton's own launcher. Runs on any machine; needs Triton importable.
@@ -30,10 +30,17 @@ import pstats
 import time
 
 import torch
+import triton
+import triton.language as tl
 
 from lowbit.kernels import ops, triton_blockwise4, triton_codebook, triton_common, triton_int8, triton_int_grouped
 
 KERNEL_MODULES = (triton_int_grouped, triton_blockwise4, triton_codebook, triton_int8, triton_common)
+
+
+@triton.jit
+def _empty_kernel(p_ptr, n, BLOCK: tl.constexpr):
+    """Does nothing: its eager launch is Triton's own cost."""
 
 
 def per_call_us(fn, calls: int = 20000) -> float:
@@ -172,15 +179,6 @@ def gpu_table(k: int, n: int, calls: int = 2000) -> None:
     """Part 3: the wrappers with their kernels on the GPU, called eagerly; an empty Triton kernel's
     launch; each kernel's launch through Triton and from its held compiled kernel; and the
     functions each call spends its time in (cProfile, per call)."""
-    import triton
-    import triton.language as tl
-
-    globals()["tl"] = tl  # the kernel's annotations resolve in this module's globals, not this scope
-
-    @triton.jit
-    def _empty_kernel(p_ptr, n, BLOCK: tl.constexpr):
-        """Does nothing: its eager launch is Triton's own cost."""
-
     buf = torch.empty(1, device="cuda")
     wrappers = wrapper_cases(k, n, "cuda")
     held = [(f"{name}, {way}", fn) for name, via_run, from_held in held_launches(wrappers)
