@@ -158,12 +158,20 @@ def fp16_row(m, k, n, sets):
     return [lambda x=x, w=w: F.linear(x, w) for x, w in zip(xs, ws)], 2 * n * k + 2 * m * (k + n), 0.0
 
 
-def lowbit_row(m, k, n, sets, act_order, group=128, perm_dtype=None):
+def lowbit_row(m, k, n, sets, act_order, group=128, perm_dtype=None, k_major=True):
     """lowbit's grouped-int matmul, w4 (``perm_dtype``: the act-order indices cast to it, e.g.
-    int16, a variant the kernel reads as given; None keeps the layout's int32)."""
+    int16, a variant the kernel reads as given; None keeps the layout's int32; ``k_major=False``:
+    ``tl.dot`` tiles dequantized ``[BLOCK_K, BLOCK_N]``, the layout before ``DOT_K_MAJOR``)."""
     import dataclasses
 
     from lowbit.kernels import triton_int_grouped as T
+
+    def call(x, layout):
+        T.DOT_K_MAJOR = k_major  # read at each call, so the graph capture and eager calls see it
+        try:
+            return T.matmul_group_ordered(x, layout)
+        finally:
+            T.DOT_K_MAJOR = True
 
     calls, err = [], 0.0
     for i in range(sets):
@@ -173,8 +181,8 @@ def lowbit_row(m, k, n, sets, act_order, group=128, perm_dtype=None):
             layout = dataclasses.replace(layout, perm=layout.perm.to(perm_dtype))
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         if i == 0:
-            err = rel_err(T.matmul_group_ordered(x, layout), reference.matmul_int_grouped(x.float(), qw, s, qz, g, 4))
-        calls.append(lambda x=x, layout=layout: T.matmul_group_ordered(x, layout))
+            err = rel_err(call(x, layout), reference.matmul_int_grouped(x.float(), qw, s, qz, g, 4))
+        calls.append(lambda x=x, layout=layout: call(x, layout))
     nbytes = k * n // 2 + (k // group) * n * (2 + 0.5) + 2 * m * (k + n)
     return calls, nbytes, err
 
@@ -383,6 +391,10 @@ def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str], n
         "fp16 F.linear": lambda: fp16_row(m, k, n, copies_for(2 * n * k, l2)),
         "lowbit w4g128": lambda: lowbit_row(m, k, n, sets4, act_order=False),
         "lowbit w4g128 act-order": lambda: lowbit_row(m, k, n, sets4, act_order=True),
+        # from 16 rows: the tl.dot tiles dequantized as before DOT_K_MAJOR, [BLOCK_K, BLOCK_N]
+        **({"lowbit w4g128, N-contiguous dot tiles": lambda: lowbit_row(m, k, n, sets4, act_order=False,
+                                                                         k_major=False)}
+           if m >= 16 else {}),
         # one token gathers x through perm in every program: the same with 2-byte indices
         **({"lowbit w4g128 act-order, int16 perm": lambda: lowbit_row(m, k, n, sets4, act_order=True,
                                                                        perm_dtype=torch.int16)}

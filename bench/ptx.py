@@ -36,6 +36,7 @@ from lowbit.kernels import triton_blockwise4 as B  # noqa: E402
 from lowbit.kernels import triton_codebook as A  # noqa: E402
 from lowbit.kernels import triton_int8 as I  # noqa: E402
 from lowbit.kernels import triton_int_grouped as G  # noqa: E402
+from lowbit.kernels.aot_check import _with_split_outputs as split_outputs  # noqa: E402
 
 MEMORY = r"\b(ld\.global[\.\w]*|st\.global[\.\w]*|ld\.shared[\.\w]*|st\.shared[\.\w]*|shfl\.sync[\.\w]*|bar\.sync)"
 
@@ -50,8 +51,9 @@ class Case:
     weights: int  # weights one loop step (or, without a loop, one program) covers
 
 
-NF4_SIGNATURE = {"x_ptr": "*fp16", "w_ptr": "*u8", "absmax_ptr": "*u8", "qmap_ptr": "*fp32", "nabs_ptr": "*fp32",
-                 "nmap_ptr": "*fp32", "noff_ptr": "*fp32", "b_ptr": "*fp16", "y_ptr": "*fp32", "N": "i32", "K": "i32"}
+NF4_SIGNATURE = split_outputs({"x_ptr": "*fp16", "w_ptr": "*u8", "absmax_ptr": "*u8", "qmap_ptr": "*fp32",
+                               "nabs_ptr": "*fp32", "nmap_ptr": "*fp32", "noff_ptr": "*fp32", "b_ptr": "*fp16",
+                               "y_ptr": "*fp16", "N": "i32", "K": "i32"})
 
 
 def cases() -> list[Case]:
@@ -59,25 +61,31 @@ def cases() -> list[Case]:
     on a 4096x4096 weight on an H100 (split-K as the wrappers choose there), and LLM.int8's batch
     tile with and without its activations quantized beforehand."""
     out = []
-    int_sig = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "perm_ptr": "*i32",
-               "b_ptr": "*fp16", "y_ptr": "*fp32", **{n: "i32" for n in ("M", "N", "K", "stride_xm", "stride_ym",
-                                                                          "qw_words", "qz_words")}}
+    int_sig = split_outputs({"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32",
+                             "perm_ptr": "*i32", "b_ptr": "*fp16", "y_ptr": "*fp16",
+                             **{n: "i32" for n in ("M", "N", "K", "stride_xm", "stride_ym", "qw_words", "qz_words")}})
+    int4 = dict(BITS=4, GROUP=128, HAS_PERM=False, HAS_BIAS=False, BLOCK_K=128, TILE_IN_GROUP=True, DOT_FP32=False,
+                K_MAJOR=True)
     out.append(Case("int4 g128 GEMV (calibration: 74-90 % of the read probe)", G._matmul_kernel, int_sig,
-                     dict(BITS=4, GROUP=128, HAS_PERM=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=64, BLOCK_K=128,
-                          SPLIT_K=16, TILE_IN_GROUP=True, DOT_FP32=False), 2, 64 * 128))
+                    dict(int4, BLOCK_M=1, BLOCK_N=64, SPLIT_K=16), 2, 64 * 128))
+    for bm, split in ((16, 8), (64, 2)):  # tl.dot tiles of 16 and 128 rows, as the heuristic launches them
+        for k_major in (True, False):
+            out.append(Case(f"int4 g128 {bm}x64 tile, {'K' if k_major else 'N'}-contiguous", G._matmul_kernel,
+                            int_sig, dict(int4, BLOCK_M=bm, BLOCK_N=64, SPLIT_K=split, K_MAJOR=k_major), 4, 64 * 128))
     nf4 = dict(BLOCKSIZE=64, NESTED=True, HAS_BIAS=False, BLOCK_N=64, SPLIT_K=16)
     step = B.gemv_step_blocks(64)
     for lookup in B.LOOKUPS:
         out.append(Case(f"nf4 GEMV, {lookup}", B._gemv_kernel, NF4_SIGNATURE,
                         dict(nf4, LOOKUP=B.LOOKUPS.index(lookup), STEP_BLOCKS=step), 4, 64 * 64 * step))
-    aqlm_sig = {"x_ptr": "*fp16", "codes_ptr": "*i8", "books_ptr": "*fp16", "scales_ptr": "*fp16", "b_ptr": "*fp16",
-                "y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "GI": "i32", "stride_xm": "i32"}
+    aqlm_sig = split_outputs({"x_ptr": "*fp16", "codes_ptr": "*i8", "books_ptr": "*fp16", "scales_ptr": "*fp16",
+                              "b_ptr": "*fp16", "y_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32", "GI": "i32",
+                              "stride_xm": "i32"})
     for table in (0, 4096):
         out.append(Case(f"aqlm 2x8 GEMV, {'gather' if table else 'global'}", A._matmul_kernel, aqlm_sig,
                         dict(C=2, SIZE=256, IG=8, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=64, BLOCK_K=128, SPLIT_K=8,
                              DOT_FP32=False, WHOLE_WORDS=True, TABLE=table), 4, 64 * 128))
-    lut_sig = {"codes_ptr": "*i8", "lut_ptr": "*fp16", "scales_ptr": "*fp16", "b_ptr": "*fp16", "y_ptr": "*fp32",
-               "N": "i32", "GI": "i32"}
+    lut_sig = split_outputs({"codes_ptr": "*i8", "lut_ptr": "*fp16", "scales_ptr": "*fp16", "b_ptr": "*fp16",
+                             "y_ptr": "*fp16", "N": "i32", "GI": "i32"})
     out.append(Case("aqlm 2x8 GEMV, lut (table matmul not counted)", A._lut_gemv_kernel, lut_sig,
                     dict(C=2, SIZE=256, HAS_BIAS=False, BLOCK_N=16, BLOCK_J=64, SPLIT_K=1), 4, 16 * 32 * 8))
     nf4_deq = {"w_ptr": "*u8", "absmax_ptr": "*u8", "qmap_ptr": "*fp32", "nabs_ptr": "*fp32", "nmap_ptr": "*fp32",
@@ -92,9 +100,10 @@ def cases() -> list[Case]:
                             A._dequantize_kernel, deq_sig,
                             dict(C=2, SIZE=256, IG=8, BLOCK_N=32, BLOCK_K=64, TABLE=table, WHOLE_WORDS=words),
                             4, 32 * 64))
-    int8_sig = {"x_ptr": "*fp16", "ca_ptr": "*i8", "w_ptr": "*i8", "scb_ptr": "*fp32", "outlier_ptr": "*u8",
-                "part_ptr": "*fp32", "b_ptr": "*fp16", "y_ptr": "*fp16",
-                **{n: "i32" for n in ("M", "N", "K", "stride_xm", "stride_wn", "stride_ym", "n_parts")}}
+    int8_sig = split_outputs({"x_ptr": "*fp16", "ca_ptr": "*i8", "w_ptr": "*i8", "scb_ptr": "*fp32",
+                              "outlier_ptr": "*u8", "part_ptr": "*fp32", "b_ptr": "*fp16", "y_ptr": "*fp16",
+                              **{n: "i32" for n in ("M", "N", "K", "stride_xm", "stride_wn", "stride_ym",
+                                                    "n_parts")}})
     for pre in (False, True):  # a 64x64 output tile of 64 or more rows, as the heuristic launches it
         out.append(Case(f"LLM.int8 64x64 tile, {'codes loaded' if pre else 'x quantized in the program'}",
                         I._matmul_kernel, int8_sig,

@@ -19,6 +19,7 @@ from lowbit.kernels import reference, select_kernel
 from test_group_order import random_module
 
 triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 T = pytest.importorskip("lowbit.kernels.triton_int_grouped")
 C = pytest.importorskip("lowbit.kernels.triton_common")
 
@@ -323,3 +324,53 @@ def test_launch_arithmetic_equals_tritons():
         assert C.next_power_of_2(a) == triton.next_power_of_2(a)
         for b in (1, 3, 16, 64, 128, 512):
             assert C.cdiv(a, b) == triton.cdiv(a, b)
+
+
+@triton.jit
+def _both_unpacks(qw_ptr, rows_ptr, cols_ptr, k0, N, qw_words,
+                  BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = T._unpack_rows(qw_ptr, k0, offs_n, N, qw_words, mask_n, BITS, BLOCK_K, BLOCK_N)  # [BK, BN]
+    cols = T._unpack_cols(qw_ptr, k0, offs_n, N, qw_words, mask_n, BITS, BLOCK_K, BLOCK_N)  # [BN, BK]
+    tl.store(rows_ptr + offs_k[:, None] * BLOCK_N + offs_n[None, :], rows)
+    tl.store(cols_ptr + offs_n[:, None] * BLOCK_K + offs_k[None, :], cols)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="helper kernel checked under the interpreter")
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("k0", [0, 32, 96], ids=["first", "k0-32", "last-partial"])
+def test_unpack_cols_is_unpack_rows_transposed(bits, k0):
+    """The tensor-core path's K-contiguous unpack gives exactly the canonical values, in K order,
+    padding rows past the last word with 0 (the 128-row weight ends inside the tile at k0=96)."""
+    from lowbit.formats.packing import pack_int, unpack_int
+
+    n, k, block_k, block_n = 24, 112, 32, 32
+    q = torch.randint(0, 2**bits, (k, n), generator=torch.Generator().manual_seed(bits + k0))
+    qw = pack_int(q, bits, dim=0)  # [K * bits / 32, N]
+    assert torch.equal(unpack_int(qw, bits, k, dim=0), q)
+    rows = torch.full((block_k, block_n), -1, dtype=torch.int32)
+    cols = torch.full((block_n, block_k), -1, dtype=torch.int32)
+    _both_unpacks[(1,)](qw, rows, cols, k0, n, qw.shape[0], BITS=bits, BLOCK_K=block_k, BLOCK_N=block_n)
+    want = torch.zeros(block_k, block_n, dtype=torch.int32)
+    stop = min(k, k0 + block_k)
+    want[:stop - k0, :n] = q[k0:stop].to(torch.int32)
+    assert torch.equal(rows, want)
+    assert torch.equal(cols, want.T)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_dot_tile_layouts_agree(monkeypatch, bits):
+    """Both dequantized layouts of the ``tl.dot`` tiles (``DOT_K_MAJOR``; the bench times the two)
+    match the reference, and each other to the accumulation order's rounding."""
+    m, n, k, gs = 20, 70, 256, 64
+    mod = random_module(n, k, bits, gs, act_order=False, seed=bits).to(DEVICE)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(bits)).to(DEVICE, torch.float16)
+    want = reference.matmul_int_grouped(x.float(), mod.qweight, mod.scales, mod.qzeros, mod.g_idx, bits)
+    got = {}
+    for k_major in (True, False):
+        monkeypatch.setattr(T, "DOT_K_MAJOR", k_major)
+        got[k_major] = T.matmul_int_grouped(x, mod.qweight, mod.scales, mod.qzeros, mod.g_idx, bits)
+        assert rel_err(got[k_major], want) <= MATMUL_REL[torch.float16]
+    assert rel_err(got[True], got[False].float()) <= MATMUL_REL[torch.float16]

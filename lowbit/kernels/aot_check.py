@@ -71,8 +71,10 @@ def _matmul_variants() -> list[Variant]:
             sig[name] = f"*{dt}"
         sig = _with_split_outputs(sig)
         consts = dict(BITS=bits, GROUP=group, HAS_PERM=perm, HAS_BIAS=split == 1, BLOCK_M=bm, BLOCK_N=bn,
-                      BLOCK_K=bk, SPLIT_K=split, TILE_IN_GROUP=in_group, DOT_FP32=False)
+                      BLOCK_K=bk, SPLIT_K=split, TILE_IN_GROUP=in_group, DOT_FP32=False, K_MAJOR=True)
         out.append(Variant("triton_int_grouped", "_matmul_kernel", sig, consts))
+        if bm == 64:  # the dot tile dequantized [BLOCK_K, BLOCK_N] (the bench's comparison row)
+            out.append(Variant("triton_int_grouped", "_matmul_kernel", sig, dict(consts, K_MAJOR=False)))
     return out
 
 

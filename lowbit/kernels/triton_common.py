@@ -127,6 +127,18 @@ def _product(x, w, BLOCK_M: tl.constexpr, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
+def _dot_t(x, w_t, DOT_FP32: tl.constexpr):
+    """``x [BM, BK] @ w_t.T`` in fp32 with ``tl.dot`` (``BM >= 16``); ``w_t [BN, BK]`` holds fp32
+    values, rounded to x's dtype. For a weight tile dequantized with K contiguous in each thread,
+    which ``tl.dot`` then reads as a K-major operand. ``DOT_FP32`` as in :func:`_product`."""
+    if DOT_FP32:
+        out = tl.dot(x.to(tl.float32), tl.trans(w_t.to(x.dtype).to(tl.float32)))
+    else:
+        out = tl.dot(x, tl.trans(w_t.to(x.dtype)))
+    return out
+
+
+@triton.jit
 def _output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """This program's output rows and columns: program 0 walks the ``[M, N]`` tiles, N fastest."""
     pid = tl.program_id(0)

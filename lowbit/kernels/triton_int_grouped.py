@@ -26,6 +26,7 @@ import triton.language as tl
 from lowbit.formats.group_order import GroupOrdered, to_group_ordered
 from lowbit.kernels.triton_common import (
     MatmulConfig,
+    _dot_t,
     _output_tile,
     _product,
     _store_output,
@@ -77,15 +78,82 @@ def _unpack_rows(base, k0, offs_n, stride_word, n_words, mask_n, BITS: tl.conste
 
 
 @triton.jit
+def _unpack_tile(base, k0, offs_k, offs_n, stride_word, n_words, mask_kn, mask_n, BITS: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows ``offs_k = k0 + arange(BLOCK_K)`` of columns ``offs_n`` as int32 ``[BLOCK_K, BLOCK_N]``:
+    a word at a time (:func:`_unpack_rows`), or a value at a time for 3 bits (values straddle words)."""
+    if BITS == 3:
+        q = _unpack(base, offs_k[:, None], offs_n[None, :], stride_word, 1, n_words, mask_kn, BITS)
+    else:
+        q = _unpack_rows(base, k0, offs_n, stride_word, n_words, mask_n, BITS, BLOCK_K, BLOCK_N)
+    return q
+
+
+@triton.jit
+def _field(u, i: tl.constexpr, BITS: tl.constexpr):
+    """Value ``i`` of the uint32 words ``u`` (``32 % BITS == 0``)."""
+    return (u >> (i * BITS)) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _fields2(u, s: tl.constexpr, step: tl.constexpr, BITS: tl.constexpr):
+    """Values ``s`` and ``s + step`` of each word, as a new last dimension of 2."""
+    return tl.join(_field(u, s, BITS), _field(u, s + step, BITS))
+
+
+@triton.jit
+def _fields4(u, s: tl.constexpr, step: tl.constexpr, BITS: tl.constexpr):
+    """Values ``s + step * i`` for ``i < 4``, as new last dimensions ``[2, 2]`` that flatten to ``i``."""
+    return tl.join(_fields2(u, s, 2 * step, BITS), _fields2(u, s + step, 2 * step, BITS))
+
+
+@triton.jit
+def _fields8(u, s: tl.constexpr, step: tl.constexpr, BITS: tl.constexpr):
+    return tl.join(_fields4(u, s, 2 * step, BITS), _fields4(u, s + step, 2 * step, BITS))
+
+
+@triton.jit
+def _fields16(u, s: tl.constexpr, step: tl.constexpr, BITS: tl.constexpr):
+    return tl.join(_fields8(u, s, 2 * step, BITS), _fields8(u, s + step, 2 * step, BITS))
+
+
+@triton.jit
+def _unpack_cols(base, k0, offs_n, stride_word, n_words, mask_n, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """:func:`_unpack_rows` transposed: ``[BLOCK_N, BLOCK_K]`` int32 (``BITS`` 2, 4 or 8).
+
+    Each word's values are split by ``tl.join`` (:func:`_fields8`), which keeps them in the
+    thread that loaded the word, in K order. So the thread holds ``32 // BITS`` consecutive K
+    values of one column, and a dequantized fp16 tile goes to the K-contiguous shared memory
+    ``tl.dot`` reads in 16-byte stores; splitting with a broadcast shift (``_unpack_rows``) spreads
+    a word's values over threads, and the sm_90 PTX stored that tile 2 bytes at a time (64
+    ``st.shared.b16`` per thread and K step for a 64x128 tile, against 8 ``st.shared.v4.b32``).
+    """
+    PER: tl.constexpr = 32 // BITS
+    rows = k0 // PER + tl.arange(0, BLOCK_K // PER)
+    mask = mask_n[:, None] & (rows < n_words)[None, :]
+    words = tl.load(base + rows[None, :] * stride_word + offs_n[:, None], mask=mask, other=0)  # [BN, BK/PER]
+    u = words.to(tl.uint32, bitcast=True)
+    if PER == 16:
+        v = _fields16(u, 0, 1, BITS)
+    elif PER == 8:
+        v = _fields8(u, 0, 1, BITS)
+    else:
+        v = _fields4(u, 0, 1, BITS)  # [BN, BK/PER, 2, ..., 2]
+    return tl.reshape(v, (BLOCK_N, BLOCK_K)).to(tl.int32)
+
+
+@triton.jit
 def _matmul_kernel(
     x_ptr, qw_ptr, s_ptr, qz_ptr, perm_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
     M, N, K, stride_xm, stride_ym, qw_words, qz_words,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    TILE_IN_GROUP: tl.constexpr, DOT_FP32: tl.constexpr,
+    TILE_IN_GROUP: tl.constexpr, DOT_FP32: tl.constexpr, K_MAJOR: tl.constexpr,
 ):
     """``y[M, N] = x[M, K] @ W.T (+ bias)``; with ``SPLIT_K > 1`` the splits meet in ``ws`` and the
-    last one writes y (``_store_output``)."""
+    last one writes y (``_store_output``). ``K_MAJOR``: ``tl.dot`` tiles (2, 4 and 8 bits, one group
+    a tile) are dequantized K-contiguous (:func:`_unpack_cols`), else as ``[BLOCK_K, BLOCK_N]``."""
     offs_m, offs_n = _output_tile(M, N, BLOCK_M, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -100,18 +168,20 @@ def _matmul_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + src_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
         mask_kn = mask_k[:, None] & mask_n[None, :]
-        if BITS == 3:
-            q = _unpack(qw_ptr, offs_k[:, None], offs_n[None, :], N, 1, qw_words, mask_kn, BITS)  # [BK, BN]
-        else:
-            q = _unpack_rows(qw_ptr, k0, offs_n, N, qw_words, mask_n, BITS, BLOCK_K, BLOCK_N)  # [BK, BN]
         if TILE_IN_GROUP:
             # one group per tile: one scale and zero per column, applied after the product
             g = k0 // GROUP
             s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # [BN]
             z = _unpack(qz_ptr + g * qz_words, offs_n, 0, 1, 0, qz_words, mask_n, BITS)  # [BN]
-            w = (q - z[None, :]).to(tl.float32)  # |q - z| < 256: exact in fp16 and bf16
-            acc += _product(x, w, BLOCK_M, DOT_FP32) * s[None, :]
+            if K_MAJOR and BLOCK_M >= 16 and BITS != 3:  # tensor cores: the tile dequantized K-contiguous
+                q = _unpack_cols(qw_ptr, k0, offs_n, N, qw_words, mask_n, BITS, BLOCK_K, BLOCK_N)  # [BN, BK]
+                acc += _dot_t(x, (q - z[:, None]).to(tl.float32), DOT_FP32) * s[None, :]
+            else:
+                q = _unpack_tile(qw_ptr, k0, offs_k, offs_n, N, qw_words, mask_kn, mask_n, BITS, BLOCK_K, BLOCK_N)
+                w = (q - z[None, :]).to(tl.float32)  # |q - z| < 256: exact in fp16 and bf16
+                acc += _product(x, w, BLOCK_M, DOT_FP32) * s[None, :]
         else:
+            q = _unpack_tile(qw_ptr, k0, offs_k, offs_n, N, qw_words, mask_kn, mask_n, BITS, BLOCK_K, BLOCK_N)
             g = offs_k // GROUP  # [BK]
             s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask_kn, other=0.0)
             z = _unpack(qz_ptr, offs_n[None, :], g[:, None], 1, qz_words, qz_words, mask_kn, BITS)
@@ -150,6 +220,12 @@ def _dequantize_kernel(
 
 
 # --- launch configuration ----------------------------------------------------------------
+
+DOT_K_MAJOR = True
+"""Whether the ``tl.dot`` tiles (16 rows or more) dequantize the weight K-contiguous
+(:func:`_unpack_cols`). In the sm_90 PTX of a 64x64 tile that takes the dequantized tile's
+shared-memory stores from 64 ``st.shared.b16`` to 8 ``st.shared.v4.b32`` per thread and K step, and
+the loop from 553 to 469 instructions (``bench/ptx.py``); ``bench/kernels.py`` times both layouts."""
 
 def block_k_for(group: int, k: int, cap: int = 128) -> tuple[int, bool]:
     """The K tile and whether each tile lies inside one group.
@@ -203,7 +279,7 @@ def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | 
         bias if bias is not None else w.scales, y, ws, locks,
         m, n, k, x2.stride(0), n, w.qweight.shape[0], w.qzeros.shape[1],
         BITS=w.bits, GROUP=w.group_size, HAS_PERM=perm is not None, HAS_BIAS=bias is not None,
-        TILE_IN_GROUP=in_group, **cfg.kernel_options(x.dtype),
+        TILE_IN_GROUP=in_group, K_MAJOR=DOT_K_MAJOR, **cfg.kernel_options(x.dtype),
     )
     return y.reshape(*x.shape[:-1], n)
 
