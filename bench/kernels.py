@@ -167,11 +167,11 @@ def lowbit_row(m, k, n, sets, act_order, group=128, perm_dtype=None, k_major=Tru
     from lowbit.kernels import triton_int_grouped as T
 
     def call(x, layout):
-        T.DOT_K_MAJOR = k_major  # read at each call, so the graph capture and eager calls see it
+        saved, T.DOT_K_MAJOR = T.DOT_K_MAJOR, k_major  # read at each call: the capture and eager calls see it
         try:
             return T.matmul_group_ordered(x, layout)
         finally:
-            T.DOT_K_MAJOR = True
+            T.DOT_K_MAJOR = saved
 
     calls, err = [], 0.0
     for i in range(sets):
@@ -222,18 +222,28 @@ def lowbit_nf4_row(m, k, n, sets, batch_path=None):
     return calls, k * n // 2 + k * n // 64 + 2 * m * (k + n), err
 
 
-def lowbit_aqlm_row(m, k, n, sets, n_codebooks, nbits, batch_path=None):
-    """lowbit's AQLM kernel (groups of 8 inputs) on random codes over the whole index range."""
+def lowbit_aqlm_row(m, k, n, sets, n_codebooks, nbits, batch_path=None, lut_step=None):
+    """lowbit's AQLM kernel (groups of 8 inputs) on random codes over the whole index range
+    (``lut_step``: the tabulated GEMV's (codes a step, prefetch), None for its defaults)."""
     from lowbit.kernels import triton_codebook as A
+
+    def call(x, c, b, s):
+        if lut_step is None:
+            return A.matmul_codebook(x, c, b, s, batch_path=batch_path)
+        saved = A.LUT_BLOCK_J, A.LUT_PREFETCH
+        A.LUT_BLOCK_J, A.LUT_PREFETCH = lut_step  # read at each call: the capture and eager calls see it
+        try:
+            return A.matmul_codebook(x, c, b, s, batch_path=batch_path)
+        finally:
+            A.LUT_BLOCK_J, A.LUT_PREFETCH = saved
 
     calls, err = [], 0.0
     for i in range(sets):
         codes, books, scales = random_codebook(n, k, n_codebooks, nbits, seed=i)
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         if i == 0:
-            err = rel_err(A.matmul_codebook(x, codes, books, scales, batch_path=batch_path),
-                          reference.matmul_codebook(x.float(), codes, books, scales))
-        calls.append(lambda x=x, c=codes, b=books, s=scales: A.matmul_codebook(x, c, b, s, batch_path=batch_path))
+            err = rel_err(call(x, codes, books, scales), reference.matmul_codebook(x.float(), codes, books, scales))
+        calls.append(lambda x=x, c=codes, b=books, s=scales: call(x, c, b, s))
     code_bytes = n * (k // 8) * n_codebooks * (1 if nbits <= 8 else 2)
     return calls, code_bytes + books.numel() * 2 + 2 * n + 2 * m * (k + n), err
 
@@ -401,6 +411,9 @@ def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str], n
            if m == 1 and k < 2**15 else {}),
         "lowbit nf4 double-quant": lambda: lowbit_nf4_row(m, k, n, sets4),
         "lowbit aqlm 2x8": lambda: lowbit_aqlm_row(m, k, n, sets2, 2, 8),
+        # the tabulated GEMV (up to 4 rows) as first written: 64 codes a step, no prefetch
+        **({"lowbit aqlm 2x8, lut 64-code steps": lambda: lowbit_aqlm_row(m, k, n, sets2, 2, 8, lut_step=(64, False))}
+           if m <= 4 else {}),
         "lowbit aqlm 1x16": lambda: lowbit_aqlm_row(m, k, n, sets2, 1, 16),
         "lowbit int8 (LLM.int8)": lambda: lowbit_int8_row(m, k, n, sets8),
         "lowbit int8 weight-only": lambda: lowbit_int8_row(m, k, n, sets8, weight_only=True),

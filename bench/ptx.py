@@ -86,8 +86,11 @@ def cases() -> list[Case]:
                              DOT_FP32=False, WHOLE_WORDS=True, TABLE=table), 4, 64 * 128))
     lut_sig = split_outputs({"codes_ptr": "*i8", "lut_ptr": "*fp16", "scales_ptr": "*fp16", "b_ptr": "*fp16",
                              "y_ptr": "*fp16", "N": "i32", "GI": "i32"})
-    out.append(Case("aqlm 2x8 GEMV, lut (table matmul not counted)", A._lut_gemv_kernel, lut_sig,
-                    dict(C=2, SIZE=256, HAS_BIAS=False, BLOCK_N=16, BLOCK_J=64, SPLIT_K=1), 4, 16 * 32 * 8))
+    for block_j, prefetch in ((64, False), (256, True)):  # the first version's step, and the default
+        out.append(Case(f"aqlm 2x8 GEMV, lut, {block_j} codes a step{', prefetch' if prefetch else ''} "
+                        "(table matmul not counted)", A._lut_gemv_kernel, lut_sig,
+                        dict(C=2, SIZE=256, HAS_BIAS=False, BLOCK_N=16, BLOCK_J=block_j, SPLIT_K=1,
+                             PREFETCH=prefetch), 4, 16 * block_j // 2 * 8))
     nf4_deq = {"w_ptr": "*u8", "absmax_ptr": "*u8", "qmap_ptr": "*fp32", "nabs_ptr": "*fp32", "nmap_ptr": "*fp32",
                "noff_ptr": "*fp32", "out_ptr": "*fp16", "numel": "i32"}
     out.append(Case("nf4 dequantize, global (calibration: 86 % of the copy probe)", B._dequantize_kernel, nf4_deq,

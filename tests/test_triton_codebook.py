@@ -105,6 +105,33 @@ def test_tabulated_products_match_reference(m, n, k, ig, scheme, dtype):
     assert rel_err(nobias, reference.matmul_codebook(x.float(), *args(mod))) <= MATMUL_REL[dtype]
 
 
+@pytest.mark.parametrize("block_j,prefetch", [(64, False), (64, True), (256, True), (256, False)],
+                         ids=["64", "64-prefetch", "256-prefetch", "256"])
+@pytest.mark.parametrize("m,n,k", [(1, 8, 4096), (2, 200, 1024), (1, 33, 200)],
+                         ids=["split-2-steps-each", "unsplit-4-steps", "partial-step"])
+def test_tabulated_steps_and_prefetch(monkeypatch, block_j, prefetch, m, n, k):
+    """Each step size, with and without the next codes loaded ahead, gives the reference's product
+    over K splits of several steps, unsplit rows of several steps, and a last step past the codes."""
+    monkeypatch.setattr(T, "LUT_BLOCK_J", block_j)
+    monkeypatch.setattr(T, "LUT_PREFETCH", prefetch)
+    mod = random_module(n, k, 8, 2, 8, seed=n + block_j)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(DEVICE, torch.float16)
+    cfg = T._lut_config(m, n, k // 8 * 2, torch.device(DEVICE))
+    assert cfg.block_k == block_j
+    got = T.matmul_codebook(x, *args(mod), bias=mod.bias, lut=True)
+    assert rel_err(got, reference.matmul_codebook(x.float(), *args(mod), bias=mod.bias)) <= MATMUL_REL[torch.float16]
+
+
+def test_lut_split_keeps_a_step_per_split():
+    """The K split of the tabulated GEMV never leaves a split without codes to read."""
+    for n in (8, 64, 4096, 11008):
+        for j in (64, 200, 1024, 2752):
+            for block_j in (64, 256):
+                cfg = T._lut_config(1, n, j, torch.device(DEVICE), block_j)
+                assert cfg.split_k == 1 or T.cdiv(j, block_j) >= cfg.split_k
+    assert T._lut_config(1, 8, 1024, torch.device(DEVICE), 64).split_k > 1  # few rows, long K: split
+
+
 def test_codeword_products_table():
     mod = random_module(8, 48, 8, 2, 8, seed=3, dtype=torch.float32)
     x = torch.randn(2, 48, generator=torch.Generator().manual_seed(2)).to(DEVICE)

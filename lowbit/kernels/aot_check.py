@@ -135,11 +135,14 @@ def _codebook_variants() -> list[Variant]:
                "out_ptr": "*fp16", "N": "i32", "K": "i32", "GI": "i32"}
         out.append(Variant("triton_codebook", "_dequantize_kernel", sig,
                            dict(C=c, SIZE=size, IG=8, BLOCK_N=32, BLOCK_K=64, TABLE=table, WHOLE_WORDS=words)))
-    for split, lut in ((1, "fp16"), (4, "fp32")):  # 2x8 through tabulated codeword products
+    # 2x8 through tabulated codeword products: the default step with the next codes loaded ahead,
+    # and the first version's (64 codes, no prefetch)
+    for split, lut, block_j, prefetch in ((1, "fp16", 256, True), (4, "fp32", 64, False)):
         sig = {"codes_ptr": "*i8", "lut_ptr": f"*{lut}", "scales_ptr": "*fp16", "b_ptr": "*fp16",
                "y_ptr": "*fp16", "N": "i32", "GI": "i32"}
         out.append(Variant("triton_codebook", "_lut_gemv_kernel", _with_split_outputs(sig),
-                           dict(C=2, SIZE=256, HAS_BIAS=split > 1, BLOCK_N=16, BLOCK_J=64, SPLIT_K=split)))
+                           dict(C=2, SIZE=256, HAS_BIAS=split > 1, BLOCK_N=16, BLOCK_J=block_j, SPLIT_K=split,
+                                PREFETCH=prefetch)))
     return out
 
 

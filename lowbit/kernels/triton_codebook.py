@@ -159,9 +159,18 @@ def _dequantize_kernel(codes_ptr, books_ptr, scales_ptr, out_ptr, N, K, GI,
 
 
 @triton.jit
+def _lut_codes(codes_ptr, offs_n, mask_n, j0, J, BLOCK_J: tl.constexpr):
+    """Codes ``j0 .. j0 + BLOCK_J`` of rows ``offs_n`` as int32 indices ``[BLOCK_N, BLOCK_J]`` (0 past ``J``)."""
+    offs_j = j0 + tl.arange(0, BLOCK_J)
+    mask = mask_n[:, None] & (offs_j < J)[None, :]
+    code = tl.load(codes_ptr + offs_n[:, None] * J + offs_j[None, :], mask=mask, other=0).to(tl.int32)
+    return code
+
+
+@triton.jit
 def _lut_gemv_kernel(codes_ptr, lut_ptr, scales_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, N, GI,
                      C: tl.constexpr, SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr):
     """``y[m, n] = scales[n] * sum_(g, c) lut[m, g, c, codes[n, g, c]]`` for the rows ``m`` of axis 2.
 
     ``lut[m, g, c, s]`` is the dot product of input group ``g`` of row ``m`` with codeword ``s`` of
@@ -170,19 +179,29 @@ def _lut_gemv_kernel(codes_ptr, lut_ptr, scales_ptr, b_ptr, y_ptr, ws_ptr, lock_
     ``j = g * C + c`` walks them ``BLOCK_J`` at a time, and ``lut[m].flatten()[j * SIZE + code]`` is
     the entry. With ``SPLIT_K > 1`` the splits of output tile ``(m, program_id(0))`` meet in
     ``ws[SPLIT_K, M, N]`` and the last one writes y (:func:`_store_output`).
+
+    The lookups of a step need its codes, so a step waits on two dependent loads. ``PREFETCH``
+    loads the next step's codes before this step's lookups, so that their latency overlaps.
     """
     m = tl.program_id(2)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     J = GI * C
+    STRIDE: tl.constexpr = BLOCK_J * SPLIT_K
     lut_row = lut_ptr + m.to(tl.int64) * J * SIZE
     acc = tl.zeros((BLOCK_N, BLOCK_J), dtype=tl.float32)
-    for j0 in range(tl.program_id(1) * BLOCK_J, J, BLOCK_J * SPLIT_K):
+    code = _lut_codes(codes_ptr, offs_n, mask_n, tl.program_id(1) * BLOCK_J, J, BLOCK_J)
+    for j0 in range(tl.program_id(1) * BLOCK_J, J, STRIDE):
+        if PREFETCH:
+            ahead = _lut_codes(codes_ptr, offs_n, mask_n, j0 + STRIDE, J, BLOCK_J)
+        else:
+            code = _lut_codes(codes_ptr, offs_n, mask_n, j0, J, BLOCK_J)
+            ahead = code
         offs_j = j0 + tl.arange(0, BLOCK_J)
         mask = mask_n[:, None] & (offs_j < J)[None, :]
-        code = tl.load(codes_ptr + offs_n[:, None] * J + offs_j[None, :], mask=mask, other=0).to(tl.int32)
-        code = code & (SIZE - 1)  # signed storage -> index
-        acc += tl.load(lut_row + offs_j[None, :] * SIZE + code, mask=mask, other=0.0).to(tl.float32)
+        index = offs_j[None, :] * SIZE + (code & (SIZE - 1))  # signed storage -> index
+        acc += tl.load(lut_row + index, mask=mask, other=0.0).to(tl.float32)
+        code = ahead
     s = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     y = tl.sum(acc, axis=1) * s
     # row m of the [M, N] output, M the programs along axis 2; output tile (m, program_id(0))
@@ -292,12 +311,25 @@ def codeword_products(x2: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor
     return (x2.reshape(-1, ig).to(dtype) @ books.t()).reshape(x2.shape[0], -1, n_codebooks * size)
 
 
-def _lut_config(m: int, n: int, j: int, device: torch.device) -> MatmulConfig:
-    """Launch of :func:`_lut_gemv_kernel` over ``j`` codes a row: 16 rows by 64 codes a step, 4
-    warps, K split until about 4 programs per multiprocessor or two steps per split."""
-    block_n, block_j, split = 16, 64, 1
+LUT_BLOCK_J = 256
+"""Codes a row of :func:`_lut_gemv_kernel` takes a step (``BLOCK_J``). With 16 rows a program, 256
+codes are 32 a thread: as many independent lookups in flight, and at 4 programs of 4 warps a
+multiprocessor, 16 KiB of codes, which is about what an H100 multiprocessor must have in flight to
+read at full bandwidth (3.35 TB/s over 132 multiprocessors, at ~600 ns from device memory). 64
+codes a step (8 a thread, 4 KiB a multiprocessor; the first version) leave it waiting."""
+
+LUT_PREFETCH = True
+"""Whether :func:`_lut_gemv_kernel` loads the next step's codes before this step's lookups."""
+
+
+def _lut_config(m: int, n: int, j: int, device: torch.device, block_j: int | None = None) -> MatmulConfig:
+    """Launch of :func:`_lut_gemv_kernel` over ``j`` codes a row: 16 rows by ``block_j`` codes a step
+    (None: :data:`LUT_BLOCK_J`), 4 warps, K split while the programs stay under about 4 a
+    multiprocessor and every split keeps a step."""
+    block_n, block_j, split = 16, block_j or LUT_BLOCK_J, 1
     programs = cdiv(n, block_n) * m
-    while split < 8 and programs * split * 2 <= 4 * device_sms(device) and cdiv(j, block_j * split * 2) >= 2:
+    steps = cdiv(j, block_j)
+    while split < 8 and programs * split * 2 <= 4 * device_sms(device) and steps >= split * 2:
         split *= 2
     return MatmulConfig(1, block_n, block_j, split, 4, 1)
 
@@ -311,7 +343,7 @@ def _matmul_lut(x2, codes, codebooks, scales, bias, n: int, gi: int) -> torch.Te
     launch(_lut_gemv_kernel, (cdiv(n, cfg.block_n), cfg.split_k, m),
         codes.contiguous(), lut, scales.contiguous(), bias if bias is not None else scales, y, ws, locks, n, gi,
         C=n_codebooks, SIZE=size, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_J=cfg.block_k,
-        SPLIT_K=cfg.split_k, num_warps=cfg.num_warps)
+        SPLIT_K=cfg.split_k, PREFETCH=LUT_PREFETCH, num_warps=cfg.num_warps)
     return y
 
 
