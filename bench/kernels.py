@@ -3,7 +3,9 @@
 For each Llama-7B layer shape (K x N) and M = 1, 16, 128 it times, with CUDA graphs and cold L2:
 
 * ``fp16``: ``F.linear`` with an fp16 weight (cuBLAS);
-* ``lowbit w4g128`` and ``lowbit w4g128 act`` (act-order, rows reordered at load), and lowbit's
+* ``lowbit w4g128`` and ``lowbit w4g128 act`` (act-order, rows reordered at load), from 16 rows
+  also each batch path forced (the fused kernel; dequantize + ``F.linear``) and the fused kernel
+  with its ``tl.dot`` tiles dequantized N-contiguous (the layout before K-contiguous), and lowbit's
   NF4 kernel (blocks of 64, double quant) on the bitsandbytes layout, its AQLM kernel
   (2x8 and 1x16, groups of 8 inputs, about 2 bits per weight), and its LLM.int8 kernel
   (threshold 6, one outlier input column, at its defaults; above 16 rows also with the
@@ -158,10 +160,11 @@ def fp16_row(m, k, n, sets):
     return [lambda x=x, w=w: F.linear(x, w) for x, w in zip(xs, ws)], 2 * n * k + 2 * m * (k + n), 0.0
 
 
-def lowbit_row(m, k, n, sets, act_order, group=128, perm_dtype=None, k_major=True):
+def lowbit_row(m, k, n, sets, act_order, group=128, perm_dtype=None, k_major=True, batch_path=None):
     """lowbit's grouped-int matmul, w4 (``perm_dtype``: the act-order indices cast to it, e.g.
     int16, a variant the kernel reads as given; None keeps the layout's int32; ``k_major=False``:
-    ``tl.dot`` tiles dequantized ``[BLOCK_K, BLOCK_N]``, the layout before ``DOT_K_MAJOR``)."""
+    ``tl.dot`` tiles dequantized ``[BLOCK_K, BLOCK_N]``, the layout before ``DOT_K_MAJOR``;
+    ``batch_path``: forced for 16 rows or more, None for the default)."""
     import dataclasses
 
     from lowbit.kernels import triton_int_grouped as T
@@ -169,7 +172,7 @@ def lowbit_row(m, k, n, sets, act_order, group=128, perm_dtype=None, k_major=Tru
     def call(x, layout):
         saved, T.DOT_K_MAJOR = T.DOT_K_MAJOR, k_major  # read at each call: the capture and eager calls see it
         try:
-            return T.matmul_group_ordered(x, layout)
+            return T.matmul_group_ordered(x, layout, batch_path=batch_path)
         finally:
             T.DOT_K_MAJOR = saved
 
@@ -401,9 +404,13 @@ def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str], n
         "fp16 F.linear": lambda: fp16_row(m, k, n, copies_for(2 * n * k, l2)),
         "lowbit w4g128": lambda: lowbit_row(m, k, n, sets4, act_order=False),
         "lowbit w4g128 act-order": lambda: lowbit_row(m, k, n, sets4, act_order=True),
-        # from 16 rows: the tl.dot tiles dequantized as before DOT_K_MAJOR, [BLOCK_K, BLOCK_N]
+        # from 16 rows: the tl.dot tiles dequantized as before DOT_K_MAJOR, [BLOCK_K, BLOCK_N]; and
+        # each batch path (the default fuses up to TILED_MAX_ROWS rows and dequantizes above)
         **({"lowbit w4g128, N-contiguous dot tiles": lambda: lowbit_row(m, k, n, sets4, act_order=False,
-                                                                         k_major=False)}
+                                                                         k_major=False, batch_path="tiled"),
+            "lowbit w4g128, fused kernel": lambda: lowbit_row(m, k, n, sets4, act_order=False, batch_path="tiled"),
+            "lowbit w4g128, dequantize + F.linear": lambda: lowbit_row(m, k, n, sets4, act_order=False,
+                                                                        batch_path="dequantize")}
            if m >= 16 else {}),
         # one token gathers x through perm in every program: the same with 2-byte indices
         **({"lowbit w4g128 act-order, int16 perm": lambda: lowbit_row(m, k, n, sets4, act_order=True,

@@ -374,3 +374,31 @@ def test_dot_tile_layouts_agree(monkeypatch, bits):
         got[k_major] = T.matmul_int_grouped(x, mod.qweight, mod.scales, mod.qzeros, mod.g_idx, bits)
         assert rel_err(got[k_major], want) <= MATMUL_REL[torch.float16]
     assert rel_err(got[True], got[False].float()) <= MATMUL_REL[torch.float16]
+
+
+@pytest.mark.parametrize("act", [False, True], ids=["plain", "act-order"])
+def test_batch_paths_match_reference(monkeypatch, act):
+    """Above ``TILED_MAX_ROWS`` rows the weight is dequantized (in input order) and multiplied by
+    ``F.linear``; both paths give the reference's product, with bias, and the default takes the
+    dequantize path only there."""
+    assert T.batch_path_for(T.TILED_MAX_ROWS) == "tiled" and T.batch_path_for(T.TILED_MAX_ROWS + 1) == "dequantize"
+    m, n, k, gs = T.TILED_MAX_ROWS + 3, 40, 96, 32
+    mod = random_module(n, k, 4, gs, act, seed=m).to(DEVICE)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(5)).to(DEVICE, torch.float16)
+    bias = torch.randn(n).to(DEVICE, torch.float32)  # another dtype than x: cast for F.linear
+    want = reference.matmul_int_grouped(x.float(), mod.qweight, mod.scales, mod.qzeros, mod.g_idx, 4, bias)
+    layout = T._ordered(mod.qweight, mod.scales, mod.qzeros, mod.g_idx, 4)
+    dequantized = []
+    real = T.dequantize_group_ordered
+    monkeypatch.setattr(T, "dequantize_group_ordered", lambda *a, **kw: dequantized.append(1) or real(*a, **kw))
+    for path, dequantizes in (("tiled", False), ("dequantize", True), (None, True)):
+        dequantized.clear()
+        got = T.matmul_group_ordered(x, layout, bias, batch_path=path)
+        assert got.dtype == torch.float16 and got.shape == (m, n)
+        assert rel_err(got, want) <= MATMUL_REL[torch.float16], path
+        assert bool(dequantized) == dequantizes, path
+    dequantized.clear()
+    T.matmul_group_ordered(x[:T.TILED_MAX_ROWS], layout, bias)
+    assert not dequantized
+    with pytest.raises(ValueError, match="batch_path"):
+        T.matmul_group_ordered(x, layout, batch_path="fused")

@@ -31,6 +31,7 @@ from lowbit.kernels.triton_common import (
     _product,
     _store_output,
     cdiv,
+    check_batch_path,
     input_rows,
     launch,
     launch_config,
@@ -243,21 +244,41 @@ def block_k_for(group: int, k: int, cap: int = 128) -> tuple[int, bool]:
     return (bk, True) if bk >= 16 else (32, False)
 
 
+TILED_MAX_ROWS = 256
+"""The most rows the fused kernel takes by default; more (prefill) dequantize the weight once, then
+``F.linear`` (:func:`batch_path_for`)."""
+
+
+def batch_path_for(m: int) -> str:
+    """How ``m`` rows are multiplied: ``"tiled"`` (the fused kernel) up to :data:`TILED_MAX_ROWS`,
+    ``"dequantize"`` (the weight dequantized to x's dtype, then ``F.linear``) above.
+
+    The fused kernel dequantizes every weight tile once per 64-row tile of x, so its cost grows
+    with the rows; the dequantize path's extra cost is fixed: one write and read of the fp16
+    weight (on an H100, 17.3 µs for 4096x4096 at 95 % of the copy probe, against 25.3 µs for the
+    fused kernel at 128 rows and 15.5 for fp16 ``F.linear``; ``docs/performance.md``). The
+    threshold is that model's, not a measured crossover; ``bench/kernels.py`` times both paths.
+    """
+    return "tiled" if m <= TILED_MAX_ROWS else "dequantize"
+
+
 # --- wrappers ----------------------------------------------------------------------------
 
 def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | None = None,
-                         cfg: MatmulConfig | None = None) -> torch.Tensor:
+                         cfg: MatmulConfig | None = None, batch_path: str | None = None) -> torch.Tensor:
     """``x @ W.T + bias`` from the group-ordered layout.
 
     An act-order weight's permutation is applied to the activations: gathered in the kernel for
     one token, and by one ``index_select`` before it for more (coalesced tile loads instead of a
-    scattered gather in every program).
+    scattered gather in every program). The dequantize path writes the weight in input order.
 
     Args:
         x: fp16/bf16 ``[..., K]`` (fp32 works too; its dot runs in tf32 on GPUs).
         w: the weight in group order.
         bias: ``[N]`` or None.
-        cfg: launch configuration (None: the heuristic's; benches pass others to compare).
+        cfg: launch configuration of the fused kernel (None: the heuristic's; benches pass others
+            to compare). Given, the fused kernel runs whatever ``batch_path`` says.
+        batch_path: for 16 rows or more, ``"tiled"`` or ``"dequantize"`` (None: :func:`batch_path_for`).
     Returns:
         ``[..., N]`` in x's dtype, accumulated in fp32.
     """
@@ -265,6 +286,11 @@ def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | 
     n = w.scales.shape[1]
     x2 = input_rows(x)
     m = x2.shape[0]
+    check_batch_path(batch_path)
+    if cfg is None and m >= 16 and (batch_path or batch_path_for(m)) == "dequantize":
+        weight = dequantize_group_ordered(w, k, x2.dtype)
+        b = bias.to(x2.dtype) if bias is not None else None
+        return torch.nn.functional.linear(x2, weight, b).reshape(*x.shape[:-1], n)
     block_k, in_group = block_k_for(w.group_size, k, cfg.block_k if cfg is not None else 128)
     if cfg is None:
         cfg = launch_config(m, n, k, block_k, x.device)
