@@ -271,13 +271,16 @@ def gather_table(codebooks: torch.Tensor, gather: bool | None = None) -> int:
     return numel if want and numel <= GATHER_MAX and numel & (numel - 1) == 0 else 0
 
 
-def batch_path_for(m: int, n_codebooks: int) -> str:
-    """How ``m >= 16`` rows are multiplied: ``"tiled"`` (the fused kernel) for one codebook (1x16)
-    and, for several (2x8), up to 128 rows; ``"dequantize"`` (the weight dequantized to x's dtype,
-    then ``F.linear``) above. On an H100 (``docs/performance.md``) 2x8's tiled kernel with gathered
-    codebooks took 91 µs at 128 rows of 4096x4096 against 106 µs for the dequantize alone; its
-    cost grows with the rows, the dequantize's does not."""
-    return "tiled" if n_codebooks == 1 or m <= 128 else "dequantize"
+def batch_path_for(n_codebooks: int) -> str:
+    """How 16 rows or more are multiplied: ``"tiled"`` (the fused kernel) for one codebook (1x16),
+    ``"dequantize"`` (the weight dequantized to x's dtype, then ``F.linear``) for several (2x8).
+
+    In one H100 run (``docs/performance.md``, "Kernels at the new defaults") 2x8's tiled kernel
+    took 46.7 and 87.7 µs at 16 and 128 rows of 4096x4096 (125.1 and 260.1 on 4096x11008), its
+    whole-codeword dequantize 30.5 (74.5) and fp16 ``F.linear`` 15.5-16.6 (35.9-37.8): dequantizing
+    is ahead everywhere but 16 rows of 4096x4096, where the two are within 1 %. For 1x16 the
+    tiled kernel is ahead (68.7 against 94.5 µs for its dequantize alone at 128 rows)."""
+    return "tiled" if n_codebooks == 1 else "dequantize"
 
 
 LUT_MAX_SIZE = 256
@@ -363,7 +366,7 @@ def matmul_codebook(x, codes, codebooks, scales, bias=None, batch_path: str | No
     if lut_applies(m, codebooks, lut):
         return _matmul_lut(x2, codes, codebooks, scales, bias, n, gi).reshape(*x.shape[:-1], n)
     check_batch_path(batch_path)
-    if m >= 16 and (batch_path or batch_path_for(m, n_codebooks)) == "dequantize":
+    if m >= 16 and (batch_path or batch_path_for(n_codebooks)) == "dequantize":
         w = dequantize_codebook(codes, codebooks, scales, dtype=x2.dtype, gather=gather)
         b = bias.to(x2.dtype) if bias is not None else None
         return torch.nn.functional.linear(x2, w, b).reshape(*x.shape[:-1], n)
