@@ -266,11 +266,12 @@ def random_int8(n: int, k: int, m: int) -> tuple:
     return cb, scb, int8_input(m, k)
 
 
-def lowbit_int8_row(m, k, n, sets, int_mm=False, prequantize=None, tiles=None, weight_only=False):
+def lowbit_int8_row(m, k, n, sets, int_mm=False, prequantize=None, tiles=None, weight_only=False, batch_path=None):
     """lowbit's LLM.int8: the Triton kernel (``prequantize``, ``tiles``: its variant and launch
     configuration, ``"heuristic"`` for the shared heuristic's, ``"wide"`` for the kernel's
-    :data:`~lowbit.kernels.triton_int8.WIDE_TILES`, None the defaults; ``weight_only``: activations
-    left in fp16), or (``int_mm``) the reference's decomposition with ``torch._int_mm``."""
+    :data:`~lowbit.kernels.triton_int8.WIDE_TILES`, None the defaults, a given tile always the fused
+    kernel; ``batch_path``: forced, None the default's; ``weight_only``: activations left in fp16),
+    or (``int_mm``) the reference's decomposition with ``torch._int_mm``."""
     from lowbit.formats.int8_outlier import int_mm as int_mm_fn
     from lowbit.kernels import triton_int8 as I
     from lowbit.kernels.triton_common import launch_config
@@ -287,7 +288,7 @@ def lowbit_int8_row(m, k, n, sets, int_mm=False, prequantize=None, tiles=None, w
             fn = lambda x=x, cb=cb, scb=scb: reference.matmul_int8_outlier(x, cb, scb, 6.0, int_matmul=int_mm_fn)
         else:
             fn = lambda x=x, cb=cb, scb=scb: I.matmul_int8_outlier(x, cb, scb, 6.0, prequantize=prequantize, cfg=cfg,
-                                                                   weight_only=weight_only)
+                                                                   weight_only=weight_only, batch_path=batch_path)
         if i == 0:
             want = (reference.matmul_int8_weight_only(x.float(), cb, scb) if weight_only
                     else reference.matmul_int8_outlier(x.float(), cb, scb, 6.0))
@@ -408,9 +409,9 @@ def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str], n
         # each batch path (the default fuses up to TILED_MAX_ROWS rows and dequantizes above)
         **({"lowbit w4g128, N-contiguous dot tiles": lambda: lowbit_row(m, k, n, sets4, act_order=False,
                                                                          k_major=False, batch_path="tiled"),
-            "lowbit w4g128, fused kernel": lambda: lowbit_row(m, k, n, sets4, act_order=False, batch_path="tiled"),
-            "lowbit w4g128, dequantize + F.linear": lambda: lowbit_row(m, k, n, sets4, act_order=False,
-                                                                        batch_path="dequantize")}
+            "lowbit w4g128 (tiled)": lambda: lowbit_row(m, k, n, sets4, act_order=False, batch_path="tiled"),
+            "lowbit w4g128 (dequantize)": lambda: lowbit_row(m, k, n, sets4, act_order=False,
+                                                             batch_path="dequantize")}
            if m >= 16 else {}),
         # one token gathers x through perm in every program: the same with 2-byte indices
         **({"lowbit w4g128 act-order, int16 perm": lambda: lowbit_row(m, k, n, sets4, act_order=True,
@@ -427,11 +428,18 @@ def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str], n
         # above 16 rows: the kernel's variants for batches (x quantized in every program; x
         # quantized once in a launch of its own, with the shared heuristic's tiles and with 128x128
         # tiles and 8 warps), and the torch._int_mm path (it needs more than 16 rows)
-        **({"lowbit int8 codes in every program": lambda: lowbit_int8_row(m, k, n, sets8, prequantize=False),
+        **({"lowbit int8 codes in every program": lambda: lowbit_int8_row(m, k, n, sets8, prequantize=False,
+                                                                           batch_path="tiled"),
             "lowbit int8 prequantized, heuristic tiles": lambda: lowbit_int8_row(
                 m, k, n, sets8, prequantize=True, tiles="heuristic"),
             "lowbit int8 prequantized 128x128": lambda: lowbit_int8_row(
                 m, k, n, sets8, prequantize=True, tiles="wide"),
+            "lowbit int8 (LLM.int8, tiled)": lambda: lowbit_int8_row(m, k, n, sets8, batch_path="tiled"),
+            "lowbit int8 (LLM.int8, dequantize)": lambda: lowbit_int8_row(m, k, n, sets8, batch_path="dequantize"),
+            "lowbit int8 weight-only (tiled)": lambda: lowbit_int8_row(m, k, n, sets8, weight_only=True,
+                                                                       batch_path="tiled"),
+            "lowbit int8 weight-only (dequantize)": lambda: lowbit_int8_row(m, k, n, sets8, weight_only=True,
+                                                                            batch_path="dequantize"),
             "int_mm int8 (LLM.int8, lowbit's decomposition)": lambda: lowbit_int8_row(m, k, n, sets8, int_mm=True)}
            if m > 16 else {}),
         # both paths for batches (16 rows or more); the rows above take the default's

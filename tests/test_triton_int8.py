@@ -12,7 +12,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import MATMUL_REL, rel_err
+from conftest import DEQUANT_ATOL, MATMUL_REL, rel_err
 from lowbit.formats.int8_outlier import Int8Linear, quantize_rows
 import lowbit.kernels as K
 from lowbit.kernels import reference, select_kernel
@@ -234,11 +234,12 @@ def test_module_forward_through_the_kernel_matches_reference(monkeypatch, int8_a
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,prequantize,weight_only", [(1, False, False), (16, False, False), (128, False, False),
-                                                       (128, True, False), (600, True, False), (1, False, True),
-                                                       (128, False, True)])
+@pytest.mark.parametrize("m,prequantize,weight_only,path", [
+    (1, False, False, "tiled"), (16, False, False, "tiled"), (128, False, False, "tiled"), (128, True, False, "tiled"),
+    (600, True, False, "tiled"), (600, None, False, "dequantize"), (1, False, True, "tiled"),
+    (128, False, True, "tiled"), (600, None, True, "dequantize")])
 @pytest.mark.parametrize("k,n", [(4096, 4096), (4096, 11008), (11008, 4096)])
-def test_model_sizes_on_gpu(m, k, n, prequantize, weight_only):
+def test_model_sizes_on_gpu(m, k, n, prequantize, weight_only, path):
     gen = torch.Generator().manual_seed(m + k)
     cb, scb = quantize_rows(torch.randn(n, k, generator=gen).half())
     x = torch.randn(m, k, generator=gen).half()
@@ -248,5 +249,70 @@ def test_model_sizes_on_gpu(m, k, n, prequantize, weight_only):
     else:
         want = reference.matmul_int8_outlier(x.float(), cb, scb, 6.0)
     got = T.matmul_int8_outlier(x.cuda(), cb.cuda(), scb.cuda(), 6.0, prequantize=prequantize,
-                                weight_only=weight_only).cpu()
+                                weight_only=weight_only, batch_path=path).cpu()
     assert rel_err(got, want) <= MATMUL_REL[torch.float16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_dequantized_weight_is_the_references(dtype):
+    _, cb, scb, _ = random_case(1, 70, 300, seed=2)
+    got = T.dequantize_int8_rows(cb, scb, dtype)
+    assert got.dtype == dtype
+    assert_rounded_equal(got, reference.dequantize_int8_rows(cb, scb).to(dtype))
+
+
+def assert_rounded_equal(got, want):
+    """The same fp32 values cast to the dtype: equal, but for bf16 under the interpreter, whose
+    fp32 -> bf16 cast truncates (one rounding step: the dequantize tolerance of the table)."""
+    if got.dtype == torch.bfloat16 and DEVICE == "cpu":
+        torch.testing.assert_close(got, want, atol=DEQUANT_ATOL[got.dtype], rtol=DEQUANT_ATOL[got.dtype])
+    else:
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 2.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_grid_activations_are_the_codes_values(threshold, dtype):
+    """Each column that is not an outlier holds the reference code times ``absmax_row / 127`` (as
+    fp32, cast to x's dtype); the outlier columns hold x."""
+    x, *_ = random_case(40, 8, 300, seed=3, threshold=threshold)
+    x = x.to(dtype)
+    outliers, row, ca = reference.int8_activation_codes(x.float(), threshold)
+    want = torch.where(outliers, x.float(), ca.float() * (row / 127.0).unsqueeze(1)).to(dtype)
+    got = T.grid_activations(x, *T.activation_stats(x, threshold))
+    assert got.dtype == dtype
+    assert_rounded_equal(got, want)
+
+
+@pytest.mark.parametrize("weight_only", [False, True], ids=["int8-activations", "weight-only"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_batch_paths_match_reference(monkeypatch, dtype, weight_only):
+    """Above ``TILED_MAX_ROWS`` rows the default dequantizes the weight and multiplies the grid
+    activations with ``F.linear`` (bf16: only when asked); both paths give the reference's product
+    (the dequantize path to x's dtype's rounding of the grid values and the weight: fp32 holds
+    them to 1e-6; bf16's 8 bits about double the fused kernel's error, so its bound is twice the
+    table's)."""
+    if dtype == torch.float32 and DEVICE == "cuda":
+        pytest.skip("fp32 products run in tf32 on a GPU")
+    rows = T.TILED_MAX_ROWS
+    assert T.batch_path_for(rows, dtype) == "tiled"
+    assert T.batch_path_for(rows + 1, dtype) == ("tiled" if dtype == torch.bfloat16 else "dequantize")
+    m, n, k, threshold = T.TILED_MAX_ROWS + 5, 24, 200, 2.5
+    x, cb, scb, b = random_case(m, n, k, seed=11, threshold=threshold)
+    x = x.to(dtype)
+    if weight_only:
+        want = reference.matmul_int8_weight_only(x.float(), cb, scb, b)
+    else:
+        want = reference.matmul_int8_outlier(x.float(), cb, scb, threshold, b)
+    dequantized = []
+    real = T.dequantize_int8_rows
+    monkeypatch.setattr(T, "dequantize_int8_rows", lambda *a, **kw: dequantized.append(1) or real(*a, **kw))
+    for path, dequantizes in (("tiled", False), ("dequantize", True), (None, dtype != torch.bfloat16)):
+        dequantized.clear()
+        got = T.matmul_int8_outlier(x, cb, scb, threshold, b, weight_only=weight_only, batch_path=path)
+        assert got.dtype == dtype and got.shape == (m, n)
+        bound = MATMUL_REL[dtype] * (2 if dequantizes and dtype == torch.bfloat16 else 1)
+        assert rel_err(got, want) <= bound, path
+        assert bool(dequantized) == dequantizes, path
+    with pytest.raises(ValueError, match="batch_path"):
+        T.matmul_int8_outlier(x, cb, scb, threshold, batch_path="int_mm")

@@ -161,11 +161,16 @@ def _int8_variants() -> list[Variant]:
                       BLOCK_N=64 if bm < 64 else 128, BLOCK_K=128, SPLIT_K=split, DOT_FP32=False)  # 128: 128^3
         out.append(Variant("triton_int8", "_matmul_kernel", _with_split_outputs(sig), consts,
                            (("enable_fp_fusion", False),)))
-    for outliers, dt in ((True, "fp16"), (False, "bf16")):
-        sig = {"x_ptr": f"*{dt}", "outlier_ptr": "*u8", "part_ptr": "*fp32", "ca_ptr": "*i8", "M": "i32", "K": "i32",
-               "stride_xm": "i32", "n_parts": "i32"}
-        out.append(Variant("triton_int8", "_quantize_kernel", sig, dict(HAS_OUTLIERS=outliers, BLOCK_M=16, BLOCK_K=256),
+    # the int8 codes, and (grid) the values they stand for in x's dtype, outlier columns as they are
+    for outliers, dt, grid in ((True, "fp16", False), (False, "bf16", False), (True, "bf16", True)):
+        sig = {"x_ptr": f"*{dt}", "outlier_ptr": "*u8", "part_ptr": "*fp32", "ca_ptr": f"*{dt}" if grid else "*i8",
+               "M": "i32", "K": "i32", "stride_xm": "i32", "n_parts": "i32"}
+        out.append(Variant("triton_int8", "_quantize_kernel", sig,
+                           dict(HAS_OUTLIERS=outliers, BLOCK_M=16, BLOCK_K=256, GRID=grid),
                            (("enable_fp_fusion", False),)))
+    for dt in ("fp16", "bf16"):
+        sig = {"w_ptr": "*i8", "scb_ptr": "*fp32", "out_ptr": f"*{dt}", "N": "i32", "K": "i32", "stride_wn": "i32"}
+        out.append(Variant("triton_int8", "_dequantize_kernel", sig, dict(BLOCK_N=32, BLOCK_K=128)))
     for outliers, bm, dt in ((True, 1, "fp16"), (False, 16, "bf16")):
         sig = {"x_ptr": f"*{dt}", "outlier_ptr": "*u8", "part_ptr": "*fp32", "M": "i32", "K": "i32",
                "stride_xm": "i32", "threshold": "fp32"}

@@ -21,6 +21,10 @@ quantizing in every program. Nothing depends on the data's shape and nothing
 waits for the host, so the launches record in a CUDA graph (the reference gathers the outlier
 columns, which synchronizes).
 
+Above :data:`TILED_MAX_ROWS` rows (prefill) the product is instead one ``F.linear`` of the
+activations on their int8 grid (:func:`grid_activations`, the outlier columns as they are) with
+the weight dequantized to x's dtype (:func:`batch_path_for`).
+
 The integer sums are exact, as in the reference. The scaling and the outlier sums are fp32 in
 another order, so the output matches the reference to fp32 rounding before its final cast. The
 kernel is compiled without floating-point contraction (``enable_fp_fusion=False``): a fused
@@ -41,6 +45,7 @@ from lowbit.kernels.triton_common import (
     _product,
     _store_output,
     cdiv,
+    check_batch_path,
     input_rows,
     launch,
     launch_config,
@@ -100,18 +105,36 @@ def _codes(x, row):
 
 @triton.jit
 def _quantize_kernel(x_ptr, outlier_ptr, part_ptr, ca_ptr, M, K, stride_xm, n_parts,
-                     HAS_OUTLIERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``CA[M, K]`` int8 (row-major): :func:`_codes` of ``x``, 0 in the outlier columns."""
+                     HAS_OUTLIERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GRID: tl.constexpr = False):
+    """``CA[M, K]`` int8 (row-major): :func:`_codes` of ``x``, 0 in the outlier columns. ``GRID``:
+    instead, in ``ca_ptr``'s float dtype, the value each code stands for, ``CA * absmax_row / 127``,
+    and ``x`` itself in the outlier columns (what :func:`grid_activations` returns)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask = mask_m[:, None] & (offs_k < K)[None, :]
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0)
-    ca = _codes(x, _row_absmax(part_ptr, n_parts, offs_m, mask_m, M, BLOCK_M))
+    row = _row_absmax(part_ptr, n_parts, offs_m, mask_m, M, BLOCK_M)
+    ca = _codes(x, row)
+    if GRID:
+        ca = ca * (row / 127.0)[:, None]
     if HAS_OUTLIERS:
         outlier = tl.load(outlier_ptr + offs_k, mask=offs_k < K, other=0) != 0
-        ca = tl.where(outlier[None, :], 0.0, ca)
-    tl.store(ca_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :], ca.to(tl.int8), mask=mask)
+        ca = tl.where(outlier[None, :], x.to(tl.float32) if GRID else 0.0, ca)
+    tl.store(ca_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :], ca.to(ca_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dequantize_kernel(w_ptr, scb_ptr, out_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``out[N, K] = CB * (SCB / 127)`` in fp32, stored in out's dtype (the reference's arithmetic)."""
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    cb = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :], mask=mask, other=0)
+    scale = tl.load(scb_ptr + offs_n, mask=offs_n < N, other=0.0) / 127.0
+    out = cb.to(tl.float32) * scale[:, None]
+    tl.store(out_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -227,6 +250,56 @@ def quantize_activations(x2: torch.Tensor, outliers: torch.Tensor | None, part: 
     return codes
 
 
+def grid_activations(x2: torch.Tensor, outliers: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    """``x2 [M, K]`` rounded to LLM.int8's grid, in x's dtype: each column that is not an outlier
+    holds ``CA * absmax_row / 127`` (the value its code stands for; :func:`quantize_activations`),
+    the outlier columns hold ``x``. ``grid_activations(x) @ W.T`` with the dequantized weight
+    ``W = CB * SCB / 127`` is LLM.int8's product: the int8 part and the outlier part in one matmul."""
+    m, k = x2.shape
+    out = torch.empty(m, k, device=x2.device, dtype=x2.dtype)
+    bm, bk = QUANTIZE_BLOCK
+    launch(_quantize_kernel, (cdiv(m, bm), cdiv(k, bk)),
+        x2, outliers if outliers is not None else out, part, out, m, k, x2.stride(0), part.shape[0],
+        HAS_OUTLIERS=outliers is not None, BLOCK_M=bm, BLOCK_K=bk, GRID=True, enable_fp_fusion=False, num_warps=4)
+    return out
+
+
+def dequantize_int8_rows(weight: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Twin of :func:`lowbit.kernels.reference.dequantize_int8_rows`: ``[N, K]`` in ``dtype``
+    (the same fp32 values, cast)."""
+    n, k = weight.shape
+    out = torch.empty(n, k, device=weight.device, dtype=dtype)
+    block_n, block_k = 32, 128
+    launch(_dequantize_kernel, (cdiv(k, block_k), cdiv(n, block_n)),
+        weight, scb, out, n, k, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    return out
+
+
+TILED_MAX_ROWS = 128
+"""The most rows the fused kernel takes by default (:func:`batch_path_for`)."""
+
+
+def batch_path_for(m: int, dtype: torch.dtype) -> str:
+    """How ``m`` rows in ``dtype`` are multiplied: ``"tiled"`` (the fused int8 kernel) up to
+    :data:`TILED_MAX_ROWS` and for bf16, ``"dequantize"`` above: the weight dequantized to x's dtype
+    (:func:`dequantize_int8_rows`) and multiplied by ``F.linear`` with the activations on their int8
+    grid (:func:`grid_activations`; weight-only: as they are).
+
+    On the H100 (``docs/performance.md``, 2026-11-27) the fused kernel's best variants ran at
+    0.2-0.47x fp16 ``F.linear`` from 128 rows: Triton's int8 ``tl.dot`` tiles are far from cuBLAS's
+    fp16 speed there. The dequantize path costs a pass over the weight (16 MiB read and 32 MiB
+    written for 4096x4096) and one over x, then runs at cuBLAS's speed. The threshold is that
+    estimate's, not a measured crossover; ``bench/kernels.py`` times both paths.
+
+    The dequantize path rounds the grid values and the weight to x's dtype before a floating-point
+    product (the fused kernel sums the codes exactly in int32): the difference is the dtype's
+    rounding, within the fused-matmul tolerance for fp16. bf16 keeps 8 bits of each grid value,
+    which about doubles the fused kernel's error against the exact product; it stays on the fused
+    kernel unless asked.
+    """
+    return "tiled" if m <= TILED_MAX_ROWS or dtype == torch.bfloat16 else "dequantize"
+
+
 DEFAULT_PREQUANTIZE = True
 """Whether :func:`matmul_int8_outlier` quantizes the activations in a launch of their own (once per
 call) rather than in every program that reads them, above :data:`STATS_ROWS` rows (fewer rows save
@@ -261,7 +334,8 @@ def block_k_for(k: int) -> int:
 
 def matmul_int8_outlier(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor, threshold: float,
                         bias: torch.Tensor | None = None, cfg: MatmulConfig | None = None,
-                        prequantize: bool | None = None, weight_only: bool = False) -> torch.Tensor:
+                        prequantize: bool | None = None, weight_only: bool = False,
+                        batch_path: str | None = None) -> torch.Tensor:
     """LLM.int8 ``x @ W.T + bias``.
 
     Args:
@@ -269,9 +343,11 @@ def matmul_int8_outlier(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor
         weight: int8 ``[N, K]`` (``CB``, unit stride along K); scb: fp32 ``[N]``.
         threshold: outlier threshold (0: no outlier columns).
         bias: ``[N]`` or None.
-        cfg: launch configuration (None: the heuristic's; benches pass others to compare).
+        cfg: launch configuration of the fused kernel (None: the heuristic's; benches pass others
+            to compare). Given, the fused kernel runs whatever ``batch_path`` says.
         prequantize: quantize x in a launch of its own (None: :data:`DEFAULT_PREQUANTIZE` above
             :data:`STATS_ROWS` rows).
+        batch_path: for 16 rows or more, ``"tiled"`` or ``"dequantize"`` (None: :func:`batch_path_for`).
         weight_only: leave x in floating point (the twin of
             :func:`~lowbit.kernels.reference.matmul_int8_weight_only`; one launch, ``threshold``
             and ``prequantize`` unused).
@@ -286,6 +362,12 @@ def matmul_int8_outlier(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor
     m = x2.shape[0]
     if m == 0:
         return x.new_empty(*x.shape[:-1], n)
+    check_batch_path(batch_path)
+    if cfg is None and m >= 16 and (batch_path or batch_path_for(m, x2.dtype)) == "dequantize":
+        w = dequantize_int8_rows(weight, scb, x2.dtype)
+        xin = x2 if weight_only else grid_activations(x2, *activation_stats(x2, threshold))
+        b = bias.to(x2.dtype) if bias is not None else None
+        return torch.nn.functional.linear(xin, w, b).reshape(*x.shape[:-1], n)
     if weight_only:
         outliers, part, prequantize = None, scb.view(1, -1), False  # part: a placeholder, unread
     else:
