@@ -119,12 +119,13 @@ def _int_mm_forward(x: torch.Tensor, m: Int8Linear) -> torch.Tensor:
 
 
 TRITON_MAX_ROWS = 2048
-"""The most rows the Triton kernel takes when ``torch._int_mm`` also applies: the most it was timed
-at. On an H100 (``bench/kernels.py``, ``docs/performance.md``; 4096x4096, called eagerly) it
-took 173, 258 and 595 µs at 128, 512 and 2048 rows against 568, 827 and 817 µs for the
-decomposition around ``torch._int_mm``, which also synchronizes with the host on the outlier
-columns (so it cannot be captured in a CUDA graph). Above, ``torch._int_mm``'s better scaling
-should win; that is not measured yet."""
+"""The most rows the Triton path takes when ``torch._int_mm`` also applies: the most it was timed
+at. On an H100 (``bench/kernels.py``, ``docs/performance.md``; 4096x4096, called eagerly) the
+fused kernel took 173, 258 and 595 µs at 128, 512 and 2048 rows against 568, 827 and 817 µs for
+the decomposition around ``torch._int_mm``, which also synchronizes with the host on the outlier
+columns (so it cannot be captured in a CUDA graph). Above 128 fp16 rows the Triton path now
+dequantizes the weight and runs one ``F.linear`` instead (``triton_int8.batch_path_for``), which
+is not timed yet; nor is ``torch._int_mm`` above 2,048 rows."""
 
 
 def _int_mm_supported(m: Int8Linear, x: torch.Tensor) -> bool:
