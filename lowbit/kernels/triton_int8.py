@@ -6,18 +6,17 @@ columns holding any ``|x| >= threshold`` are outliers; every other column is qua
 the weight codes ``CB`` in int32, and scaled by ``absmax_row * SCB / 127**2``; the outlier columns
 are multiplied with ``CB`` in fp32 and scaled by ``SCB / 127``.
 
-Two launches, and the split-K sum where the K dimension is split. The first reduces the activations to the statistics the
-product needs: which columns are outliers, and each row's absmax over the others. Up to
-:data:`STATS_ROWS` rows (decode) that is :func:`_stats_kernel`, one program per block of columns
-writing its partial row maxima; for more rows, a few PyTorch reductions, whose launches matter
-less there. The matmul kernel then takes each row's maximum over the partials and
-``127 / absmax`` (computed as PyTorch's ``127.0 / t`` is, ``127 * (1 / t)``), reads each weight
-tile once, quantizes the matching ``x`` tile to int8 in registers, and multiplies in integers:
-``tl.dot`` on int8 tiles of 16 rows or more, integer multiply-sums on the vector units below (one
-token). A tile that holds an outlier column also multiplies those columns of ``x`` with the codes
-in fp32; tiles without one skip that product. With ``prequantize`` a launch between the two
-writes x's int8 codes once (:func:`quantize_activations`), and the matmul loads them instead of
-quantizing in every program. Nothing depends on the data's shape and nothing
+Two launches. The first reduces the activations to the statistics the product needs: which columns
+are outliers, and each row's absmax over the others. Up to :data:`STATS_ROWS` rows (decode) that is
+:func:`_stats_kernel`, one program per block of columns writing its partial row maxima; for more
+rows, a few PyTorch reductions, whose launches matter less there. The matmul kernel then takes each
+row's maximum over the partials and ``127 / absmax`` (computed as PyTorch's ``127.0 / t`` is,
+``127 * (1 / t)``), reads each weight tile once, quantizes the matching ``x`` tile to int8 in registers,
+and multiplies in integers: ``tl.dot`` on int8 tiles of 16 rows or more, integer multiply-sums on
+the vector units below (one token). A tile that holds an outlier column also multiplies those
+columns of ``x`` with the codes in fp32; tiles without one skip that product. With ``prequantize`` a
+launch between the two writes x's int8 codes once (:func:`quantize_activations`), and the matmul
+loads them instead of quantizing in every program. Nothing depends on the data's shape and nothing
 waits for the host, so the launches record in a CUDA graph (the reference gathers the outlier
 columns, which synchronizes).
 
