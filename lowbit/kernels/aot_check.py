@@ -65,6 +65,8 @@ def _matmul_variants() -> list[Variant]:
         (3, 64, False, 16, 64, 64, 1, True, "fp16"),  # 3-bit straddling words
         (2, 32, True, 4, 32, 32, 2, True, "bf16"),
         (8, 100, False, 16, 64, 32, 1, False, "fp16"),  # tiles spanning groups
+        (2, 64, False, 16, 64, 64, 1, True, "fp16"),  # K-contiguous dot tiles of 2 and 8 bits
+        (8, 128, False, 32, 64, 128, 2, True, "bf16"),
     ):
         sig = dict(ptrs, **ints)
         for name in ("x_ptr", "s_ptr", "b_ptr"):
