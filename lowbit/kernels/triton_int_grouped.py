@@ -19,6 +19,8 @@ Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors; the tests use that.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -270,7 +272,8 @@ def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | 
 
     An act-order weight's permutation is applied to the activations: gathered in the kernel for
     one token, and by one ``index_select`` before it for more (coalesced tile loads instead of a
-    scattered gather in every program). The dequantize path writes the weight in input order.
+    scattered gather in every program). The dequantize path writes the weight in group order too
+    (contiguous stores; the standalone dequantize scatters its columns back to input order).
 
     Args:
         x: fp16/bf16 ``[..., K]`` (fp32 works too; its dot runs in tf32 on GPUs).
@@ -288,6 +291,8 @@ def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | 
     m = x2.shape[0]
     check_batch_path(batch_path)
     if cfg is None and m >= 16 and (batch_path or batch_path_for(m)) == "dequantize":
+        if w.perm is not None:  # the weight in group order (contiguous stores), x permuted to match
+            x2, w = x2.index_select(1, w.perm), dataclasses.replace(w, perm=None)
         weight = dequantize_group_ordered(w, k, x2.dtype)
         b = bias.to(x2.dtype) if bias is not None else None
         return torch.nn.functional.linear(x2, weight, b).reshape(*x.shape[:-1], n)
