@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import DEQUANT_ATOL, MATMUL_REL, rel_err
+from lowbit.formats.group_order import to_group_ordered
 from lowbit.kernels import reference, select_kernel
 from test_group_order import random_module
 
@@ -86,6 +87,24 @@ def test_batched_input_and_module_forward_path():
     # the buffers (and so a saved checkpoint) keep the canonical layout
     fresh = random_module(48, 128, 4, 32, act_order=True, seed=3)
     assert torch.equal(mod.qweight.cpu(), fresh.qweight) and torch.equal(mod.g_idx.cpu(), fresh.g_idx)
+
+
+def test_group_order_follows_in_place_writes_and_replaced_buffers():
+    """The cached layout is rebuilt when a buffer is written in place (its version moves) or
+    replaced, and kept while neither happens."""
+    mod = random_module(32, 96, 4, 32, act_order=True, seed=4).to(DEVICE)
+    other = random_module(32, 96, 4, 32, act_order=True, seed=5).to(DEVICE)
+    first = mod.group_ordered()
+    assert mod.group_ordered() is first
+    rebuilt = lambda: to_group_ordered(mod.qweight, mod.scales, mod.qzeros, mod.g_idx, 4)  # noqa: E731
+    mod.qzeros.bitwise_xor_(0x11111111)  # every zero point moves: the layout is built again
+    moved = mod.group_ordered()
+    assert moved is not first
+    mod.qweight = other.qweight.clone()
+    replaced = mod.group_ordered()
+    assert replaced is not moved and torch.equal(replaced.qweight, rebuilt().qweight)
+    assert not torch.equal(replaced.qweight, moved.qweight)
+    assert mod.group_ordered() is replaced
 
 
 def test_group_order_rebuilt_after_in_place_load():

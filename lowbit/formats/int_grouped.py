@@ -58,7 +58,7 @@ class IntGroupedLinear(QuantLinear):
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=scales_dtype, **kw))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, **kw))
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, **kw) if bias else None)
-        # (source buffers, their (pointer, version) pairs, layout built from them): see group_ordered()
+        # (source buffers, their pointers and versions, layout built from them): see group_ordered()
         self._ordered: tuple[tuple, tuple, GroupOrdered | None] | None = None
 
     @classmethod
@@ -114,11 +114,13 @@ class IntGroupedLinear(QuantLinear):
         moves to a GPU or loads a state dict, and lowbit calls it after quantizing or loading a
         model, so a model compiled before its first eager call finds it.
         """
-        bufs = (self.qweight, self.scales, self.qzeros, self.g_idx)
+        b = self._buffers  # not nn.Module.__getattr__: this runs twice in every forward
+        q, s, z, g = bufs = (b["qweight"], b["scales"], b["qzeros"], b["g_idx"])
         cached = self._ordered
         if torch.compiler.is_compiling():
             return cached[2] if cached is not None and _same_tensors(cached[0], bufs) else None
-        versions = tuple((b.data_ptr(), _version(b)) for b in bufs)
+        versions = (q.data_ptr(), _version(q), s.data_ptr(), _version(s), z.data_ptr(), _version(z),
+                    g.data_ptr(), _version(g))
         if cached is None or not _same_tensors(cached[0], bufs) or cached[1] != versions:
             self._ordered = cached = (bufs, versions, to_group_ordered(*bufs, self.bits))
         return cached[2]

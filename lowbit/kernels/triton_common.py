@@ -52,23 +52,25 @@ class _HeldLaunches:
         self.names = list(kernel.arg_names)  # every parameter, constexprs included, in order
         self.defaults = {name: p.default for name, p in inspect.signature(kernel.fn).parameters.items()
                          if p.default is not inspect.Parameter.empty}
-        self.runners: dict[tuple, object] = {}
+        self.runners: dict[tuple, tuple] = {}  # key -> (held runner, the parameters after the positional ones)
 
     def __call__(self, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
         key = (grid, tuple(kwargs.items()),
                *[(a.dtype, a.get_device(), not a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args])
-        runner = self.runners.get(key)
-        if runner is not None:
-            runner(*self.every_argument(args, kwargs))
+        held = self.runners.get(key)
+        if held is not None:
+            runner, tail = held
+            runner(*args, *tail)
             return
         compiled = self.kernel[grid](*args, **kwargs)
         if len(self.runners) >= self.MAX_KEYS:
             self.runners.clear()
-        self.runners[key] = held_runner(compiled, grid)
+        self.runners[key] = (held_runner(compiled, grid), self.every_argument(args, kwargs)[len(args):])
 
     def every_argument(self, args: tuple, kwargs: dict) -> tuple:
         """Every parameter's value in order, constexprs and defaults included (what a compiled
-        kernel's launch takes; launch options left out)."""
+        kernel's launch takes; launch options left out). The values after ``args`` are all in the
+        key, so each held launch keeps them."""
         return (*args, *(kwargs[name] if name in kwargs else self.defaults[name] for name in self.names[len(args):]))
 
 
