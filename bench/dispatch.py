@@ -6,7 +6,8 @@
 2. The wrappers themselves (launch configuration, output buffers, the activation statistics of
    LLM.int8), with every Triton kernel replaced by a stub whose launch does nothing, on CPU
    tensors of Llama-7B's 4096 x 4096 shape; and again through lowbit's launch cache
-   (``triton_common.launch`` with ``LAUNCH_CACHE``), whose key it then adds.
+   (``triton_common.launch`` with ``LAUNCH_CACHE``), whose key it then adds. Then each format's
+   whole module forward (kernel selection, the entry point, the wrapper) with the same stubs.
 
 What is timed is the Python and PyTorch work an eager call adds to a kernel's graph-replay time,
 less Triton's own launcher. Runs on any machine; needs Triton importable.
@@ -113,6 +114,57 @@ def wrapper_table(k: int, n: int) -> None:
             held = per_call_us(call)
             triton_common.LAUNCH_CACHE = False
             print(f"| {name} | {plain:.1f} | {held:.1f} |", flush=True)
+
+
+def module_table(k: int, n: int) -> None:
+    """Part 2b (after :func:`wrapper_table`'s stubs): a quantized module's whole eager forward for one
+    token, through ``select_kernel`` and the Triton path (made available on CPU tensors, its
+    ``supports`` check kept but for the device), on fp16 CPU tensors with every kernel stubbed."""
+    import dataclasses
+
+    import lowbit.kernels as K
+    from lowbit.formats.blockwise4 import Blockwise4Linear
+    from lowbit.formats.codebook import AqlmLinear
+    from lowbit.formats.int8_outlier import Int8Linear
+    from lowbit.formats.int_grouped import IntGroupedLinear
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=gen)
+    half = (torch.float16, torch.bfloat16)
+    grouped = IntGroupedLinear.from_quantized(
+        torch.randint(0, 16, (n, k), generator=gen), torch.rand(k // 128, n, generator=gen).half(),
+        torch.randint(0, 16, (k // 128, n), generator=gen), (torch.arange(k) // 128).to(torch.int32),
+        bits=4, group_size=128)
+    modules = {
+        "grouped int w4 g128": (grouped, lambda m, x: x.dtype in half and m.group_ordered() is not None),
+        "nf4 double quant": (Blockwise4Linear.from_linear(w.half(), None, quant_type="nf4", blocksize=64,
+                                                          double_quant=True),
+                             lambda m, x: (m.compute_dtype or x.dtype) in half),
+        "aqlm 2x8": (AqlmLinear(k, n, in_group_size=8, out_group_size=1, num_codebooks=2, nbits_per_codebook=8),
+                     lambda m, x: x.dtype in half),
+        "LLM.int8 (threshold 6)": (Int8Linear.from_linear(w.half(), None, threshold=6.0), lambda m, x: x.dtype in half),
+    }
+    x = torch.randn(1, 1, k, generator=gen).half()
+    print("\n| format, one token, fp16 | module forward µs (kernels stubbed, launch cache on) |")
+    print("|---|---|")
+    saved = dict(K._KERNELS)
+    triton_common.LAUNCH_CACHE = True
+    try:
+        for name, (module, supports) in modules.items():
+            fmt = type(module).format
+            K._KERNELS[fmt] = [dataclasses.replace(i, available=K.always, supports=supports) if i.name == "triton"
+                               else i for i in saved[fmt]]
+            K._AVAILABLE.clear()
+            module = module.half() if name.startswith("aqlm") else module
+            with torch.inference_mode():
+                if K.select_kernel(module, x).name != "triton":
+                    raise AssertionError(f"{name}: the Triton path was not selected")
+                print(f"| {name} | {per_call_us(lambda: module(x)):.1f} |", flush=True)
+    finally:
+        K._KERNELS.clear()
+        K._KERNELS.update(saved)
+        K._AVAILABLE.clear()
+        triton_common.LAUNCH_CACHE = False
 
 
 class _Recorder:
@@ -259,6 +311,7 @@ def main() -> None:
     (triton_int_grouped.matmul_group_ordered, triton_blockwise4.matmul_blockwise4,
      triton_codebook.matmul_codebook) = saved
     wrapper_table(k, n)
+    module_table(k, n)
 
 
 if __name__ == "__main__":
