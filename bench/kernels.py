@@ -266,12 +266,14 @@ def random_int8(n: int, k: int, m: int) -> tuple:
     return cb, scb, int8_input(m, k)
 
 
-def lowbit_int8_row(m, k, n, sets, int_mm=False, prequantize=None, tiles=None, weight_only=False, batch_path=None):
+def lowbit_int8_row(m, k, n, sets, int_mm=False, prequantize=None, tiles=None, weight_only=False, batch_path=None,
+                    stats_launch=False):
     """lowbit's LLM.int8: the Triton kernel (``prequantize``, ``tiles``: its variant and launch
     configuration, ``"heuristic"`` for the shared heuristic's, ``"wide"`` for the kernel's
     :data:`~lowbit.kernels.triton_int8.WIDE_TILES`, None the defaults, a given tile always the fused
-    kernel; ``batch_path``: forced, None the default's; ``weight_only``: activations left in fp16),
-    or (``int_mm``) the reference's decomposition with ``torch._int_mm``."""
+    kernel; ``batch_path``: forced, None the default's; ``weight_only``: activations left in fp16;
+    ``stats_launch``: the activation statistics in a launch of their own, not in the matmul), or
+    (``int_mm``) the reference's decomposition with ``torch._int_mm``."""
     from lowbit.formats.int8_outlier import int_mm as int_mm_fn
     from lowbit.kernels import triton_int8 as I
     from lowbit.kernels.triton_common import launch_config
@@ -287,8 +289,13 @@ def lowbit_int8_row(m, k, n, sets, int_mm=False, prequantize=None, tiles=None, w
         if int_mm:
             fn = lambda x=x, cb=cb, scb=scb: reference.matmul_int8_outlier(x, cb, scb, 6.0, int_matmul=int_mm_fn)
         else:
-            fn = lambda x=x, cb=cb, scb=scb: I.matmul_int8_outlier(x, cb, scb, 6.0, prequantize=prequantize, cfg=cfg,
-                                                                   weight_only=weight_only, batch_path=batch_path)
+            def fn(x=x, cb=cb, scb=scb):
+                saved, I.FUSED_ROW_STATS = I.FUSED_ROW_STATS, not stats_launch  # read at each call
+                try:
+                    return I.matmul_int8_outlier(x, cb, scb, 6.0, prequantize=prequantize, cfg=cfg,
+                                                 weight_only=weight_only, batch_path=batch_path)
+                finally:
+                    I.FUSED_ROW_STATS = saved
         if i == 0:
             want = (reference.matmul_int8_weight_only(x.float(), cb, scb) if weight_only
                     else reference.matmul_int8_outlier(x.float(), cb, scb, 6.0))
@@ -425,6 +432,9 @@ def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str], n
         "lowbit aqlm 1x16": lambda: lowbit_aqlm_row(m, k, n, sets2, 1, 16),
         "lowbit int8 (LLM.int8)": lambda: lowbit_int8_row(m, k, n, sets8),
         "lowbit int8 weight-only": lambda: lowbit_int8_row(m, k, n, sets8, weight_only=True),
+        # up to 16 rows the matmul finds the activation statistics itself; as before, in a launch first
+        **({"lowbit int8, statistics launch": lambda: lowbit_int8_row(m, k, n, sets8, stats_launch=True)}
+           if m <= 16 else {}),
         # above 16 rows: the kernel's variants for batches (x quantized in every program; x
         # quantized once in a launch of its own, with the shared heuristic's tiles and with 128x128
         # tiles and 8 warps), and the torch._int_mm path (it needs more than 16 rows)

@@ -106,19 +106,20 @@ def cases() -> list[Case]:
     int8_sig = split_outputs({"x_ptr": "*fp16", "ca_ptr": "*i8", "w_ptr": "*i8", "scb_ptr": "*fp32",
                               "outlier_ptr": "*u8", "part_ptr": "*fp32", "b_ptr": "*fp16", "y_ptr": "*fp16",
                               **{n: "i32" for n in ("M", "N", "K", "stride_xm", "stride_wn", "stride_ym",
-                                                    "n_parts")}})
+                                                    "n_parts")}, "threshold": "fp32"})
     for pre in (False, True):  # a 64x64 output tile of 64 or more rows, as the heuristic launches it
         out.append(Case(f"LLM.int8 64x64 tile, {'codes loaded' if pre else 'x quantized in the program'}",
                         I._matmul_kernel, int8_sig,
                         dict(HAS_OUTLIERS=False, HAS_BIAS=False, PREQUANTIZED=pre, WEIGHT_ONLY=False,
                              BLOCK_M=64, BLOCK_N=64,
-                             BLOCK_K=128, SPLIT_K=1, DOT_FP32=False), 4, 128 * 64))
+                             BLOCK_K=128, SPLIT_K=1, DOT_FP32=False, ROW_STATS=False), 4, 128 * 64))
     return out
 
 
 def compile_ptx(case: Case) -> str:
     fn = case.fn
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in case.signature}
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in case.signature.items()
+             if kind != "fp32"}  # pointers and ints
     src = ASTSource(fn=fn, signature=dict(case.signature, **{n: "constexpr" for n in case.constants}),
                     constexprs=dict(case.constants), attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": case.num_warps}).asm["ptx"]

@@ -63,14 +63,27 @@ def _int8(weight_only):
     return build
 
 
+def _int8_stats_launch(x):
+    call = _int8(False)(x)
+
+    def run():
+        TI.FUSED_ROW_STATS = False
+        try:
+            return call()
+        finally:
+            TI.FUSED_ROW_STATS = True
+    return run
+
+
 # (build, its Triton launches, aten ops besides bookkeeping): AQLM's one-token path multiplies x by
 # the codebooks in one matmul (its lookup table) before its kernel; LLM.int8 finds the outlier
-# columns and row maxima in a launch before the matmul
+# columns and row maxima in its matmul kernel, or (not the default) in a launch before it
 CASES = {
     "grouped-int-split-k": (_grouped, ["_matmul_kernel"], []),
     "nf4-double-quant": (_nf4, ["_gemv_kernel"], []),
     "aqlm-2x8": (_aqlm, ["_lut_gemv_kernel"], ["mm"]),
-    "int8": (_int8(False), ["_stats_kernel", "_matmul_kernel"], []),
+    "int8": (_int8(False), ["_matmul_kernel"], []),
+    "int8-statistics-launch": (_int8_stats_launch, ["_stats_kernel", "_matmul_kernel"], []),
     "int8-weight-only": (_int8(True), ["_matmul_kernel"], []),
 }
 

@@ -158,11 +158,17 @@ def _int8_variants() -> list[Variant]:
                                              (64, 1, False, False, True, "bf16")):
         sig = {"x_ptr": f"*{dt}", "ca_ptr": "*i8", "w_ptr": "*i8", "scb_ptr": "*fp32", "outlier_ptr": "*u8",
                "part_ptr": "*fp32", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", "M": "i32",
-               "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32", "n_parts": "i32"}
+               "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32", "n_parts": "i32",
+               "threshold": "fp32"}
         consts = dict(HAS_OUTLIERS=outliers, HAS_BIAS=split == 1, PREQUANTIZED=pre, WEIGHT_ONLY=wo, BLOCK_M=bm,
                       BLOCK_N=64 if bm < 64 else 128, BLOCK_K=128, SPLIT_K=split, DOT_FP32=False)  # 128: 128^3
+        # decode launches find the activation statistics themselves (ROW_STATS), as the wrapper runs them
+        consts["ROW_STATS"] = bm <= 16 and not (pre or wo)
         out.append(Variant("triton_int8", "_matmul_kernel", _with_split_outputs(sig), consts,
                            (("enable_fp_fusion", False),)))
+        if consts["ROW_STATS"] and outliers:  # and with the statistics launch before it
+            out.append(Variant("triton_int8", "_matmul_kernel", _with_split_outputs(sig), dict(consts, ROW_STATS=False),
+                               (("enable_fp_fusion", False),)))
     # the int8 codes, and (grid) the values they stand for in x's dtype, outlier columns as they are
     for outliers, dt, grid in ((True, "fp16", False), (False, "bf16", False), (True, "bf16", True)):
         sig = {"x_ptr": f"*{dt}", "outlier_ptr": "*u8", "part_ptr": "*fp32", "ca_ptr": f"*{dt}" if grid else "*i8",

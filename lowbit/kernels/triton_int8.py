@@ -94,6 +94,23 @@ def _row_absmax(part_ptr, n_parts, offs_m, mask_m, M, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _row_stats(x_ptr, offs_m, mask_m, K, stride_xm, threshold, HAS_OUTLIERS: tl.constexpr, BLOCK_M: tl.constexpr,
+               CHUNK: tl.constexpr):
+    """fp32 ``[BLOCK_M]``: each row's absmax over the columns that are not outliers, from the whole
+    of x (every row of it: ``M <= BLOCK_M``), what :func:`_stats_kernel` and :func:`_row_absmax`
+    give in two steps. A running elementwise maximum, reduced once at the end."""
+    run = tl.zeros((BLOCK_M, CHUNK), dtype=tl.float32)
+    for k0 in range(0, K, CHUNK):
+        offs_k = k0 + tl.arange(0, CHUNK)
+        xa = tl.abs(tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                            mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32))
+        if HAS_OUTLIERS:
+            xa = tl.where((tl.max(xa, axis=0) >= threshold)[None, :], 0.0, xa)
+        run = tl.maximum(run, xa)
+    return tl.max(run, axis=1)
+
+
+@triton.jit
 def _codes(x, row):
     """``round(x * 127 / row)`` of an ``x [BM, BK]`` tile as fp32 integers in [-127, 127], half to
     even; ``127 / row`` computed as PyTorch's ``127.0 / t`` is (``127 * (1 / t)``)."""
@@ -139,10 +156,10 @@ def _dequantize_kernel(w_ptr, scb_ptr, out_ptr, N, K, stride_wn, BLOCK_N: tl.con
 @triton.jit
 def _matmul_kernel(
     x_ptr, ca_ptr, w_ptr, scb_ptr, outlier_ptr, part_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
-    M, N, K, stride_xm, stride_wn, stride_ym, n_parts,
+    M, N, K, stride_xm, stride_wn, stride_ym, n_parts, threshold,
     HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr, PREQUANTIZED: tl.constexpr, WEIGHT_ONLY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, ROW_STATS: tl.constexpr = False,
 ):
     """``y[M, N] = x[M, K] @ W.T (+ bias)``, W = ``CB * SCB / 127``; with ``SPLIT_K > 1`` the splits
     meet in ``ws`` and the last one writes y (``_store_output``). Each row's absmax is the largest
@@ -154,12 +171,18 @@ def _matmul_kernel(
 
     ``WEIGHT_ONLY``: x is not quantized: each x tile multiplies the codes (as x's dtype, which
     holds them exactly) with fp32 accumulation, scaled by ``SCB / 127`` at the end (``ca_ptr``,
-    ``outlier_ptr`` and ``part_ptr`` unused)."""
+    ``outlier_ptr`` and ``part_ptr`` unused).
+
+    ``ROW_STATS`` (all of x's rows in one tile, not prequantized): no statistics launch before this
+    one. Every program finds the row absmaxes from the whole of x (:func:`_row_stats`), and an x
+    tile's outlier columns from the tile itself (``outlier_ptr`` and ``part_ptr`` unused)."""
     offs_m, offs_n = _output_tile(M, N, BLOCK_M, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
     if WEIGHT_ONLY:
         row = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    elif ROW_STATS:
+        row = _row_stats(x_ptr, offs_m, mask_m, K, stride_xm, threshold, HAS_OUTLIERS, BLOCK_M, 1024 // BLOCK_M)
     else:
         row = _row_absmax(part_ptr, n_parts, offs_m, mask_m, M, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -180,7 +203,10 @@ def _matmul_kernel(
                 x = tl.load(x_at, mask=mask_x, other=0.0)  # [BM, BK]
                 ca = _codes(x, row)  # integers in [-127, 127]
             if HAS_OUTLIERS:
-                outlier = tl.load(outlier_ptr + offs_k, mask=mask_k, other=0) != 0  # [BK]
+                if ROW_STATS:  # any |x| >= threshold in the column, as _stats_kernel decides it
+                    outlier = tl.max(tl.abs(x.to(tl.float32)), axis=0) >= threshold  # [BK]
+                else:
+                    outlier = tl.load(outlier_ptr + offs_k, mask=mask_k, other=0) != 0  # [BK]
                 if not PREQUANTIZED:
                     ca = tl.where(outlier[None, :], 0.0, ca)
                 if tl.max(outlier.to(tl.int32), axis=0) > 0:
@@ -273,6 +299,12 @@ def dequantize_int8_rows(weight: torch.Tensor, scb: torch.Tensor, dtype: torch.d
         weight, scb, out, n, k, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
     return out
 
+
+FUSED_ROW_STATS = True
+"""Whether a launch whose rows all fit one tile (decode: up to :data:`STATS_ROWS` rows), with x not
+prequantized, finds the activation statistics in the matmul kernel itself (``ROW_STATS``): one
+launch instead of two. Each program then reads the whole of x once more (8 KiB a program for one
+token of K = 4096) in place of the statistics launch and its two allocations."""
 
 TILED_MAX_ROWS = 128
 """The most rows the fused kernel takes by default (:func:`batch_path_for`)."""
@@ -368,23 +400,27 @@ def matmul_int8_outlier(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor
         b = bias.to(x2.dtype) if bias is not None else None
         return torch.nn.functional.linear(xin, w, b).reshape(*x.shape[:-1], n)
     if weight_only:
-        outliers, part, prequantize = None, scb.view(1, -1), False  # part: a placeholder, unread
-    else:
-        outliers, part = activation_stats(x2, threshold)
-    if prequantize is None:
+        prequantize = False
+    elif prequantize is None:
         prequantize = DEFAULT_PREQUANTIZE and m > STATS_ROWS
     block_k = block_k_for(k)
     if cfg is None:
         cfg = int8_config(m, n, k, block_k, x.device, prequantize)
     elif cfg.block_k < 32:
         raise ValueError(f"block_k {cfg.block_k} is under 32, int8 tl.dot's minimum")
+    row_stats = FUSED_ROW_STATS and not (weight_only or prequantize) and m <= min(cfg.block_m, STATS_ROWS)
+    if weight_only or row_stats:  # part: a placeholder, unread; outliers found by the kernel
+        outliers, part = None, scb.view(1, -1)
+    else:
+        outliers, part = activation_stats(x2, threshold)
     y, ws, locks = output_buffers(cfg, m, n, x)
     codes = quantize_activations(x2, outliers, part) if prequantize else None
     launch(_matmul_kernel, cfg.grid(m, n),
         x2, codes if codes is not None else weight, weight, scb, outliers if outliers is not None else weight, part,
         bias if bias is not None else scb, y, ws, locks,
-        m, n, k, x2.stride(0), weight.stride(0), n, part.shape[0],
-        HAS_OUTLIERS=outliers is not None, HAS_BIAS=bias is not None, PREQUANTIZED=codes is not None,
-        WEIGHT_ONLY=weight_only, enable_fp_fusion=False, **cfg.kernel_options(x.dtype),
+        m, n, k, x2.stride(0), weight.stride(0), n, part.shape[0], float(threshold),
+        HAS_OUTLIERS=outliers is not None or (row_stats and threshold > 0), HAS_BIAS=bias is not None,
+        PREQUANTIZED=codes is not None, WEIGHT_ONLY=weight_only, ROW_STATS=row_stats, enable_fp_fusion=False,
+        **cfg.kernel_options(x.dtype),
     )
     return y.reshape(*x.shape[:-1], n)
