@@ -9,6 +9,9 @@ does), so launch overhead does not hide the kernels.
     python bench/e2e.py --model llama7b --layers 8 --graphs --fuse
 
 ``--fuse`` adds a row with q/k/v and gate/up joined into one quantized matmul each (:mod:`lowbit.fusion`).
+``--peer`` adds the issue's peer, measured the same way: the model in bf16 with every linear but the
+head through PyTorch's int4 tinygemm (``aten._weight_int4pack_mm``, the kernel torchao's int4
+weight-only config runs), groups of 128, asymmetric (:class:`Int4Tinygemm`).
 ``--compile`` traces every model's decode step with ``torch.compile`` (inductor, ``fullgraph``)
 before the graph capture: the small ops between the matmuls (norms, rotary embedding, residual
 adds), one kernel each otherwise, are fused.
@@ -39,6 +42,48 @@ def build(model_name: str, layers: int):
         model = LlamaForCausalLM(cfg).to(torch.float16)
     for p in model.parameters():
         p.data.normal_(0, 0.02)
+    return model
+
+
+class Int4Tinygemm(torch.nn.Module):
+    """A linear layer through PyTorch's int4 tinygemm: ``W = (q - 8) * scale + zero`` per group of
+    ``group`` inputs (round to nearest, asymmetric), bf16 activations; the CPU build of the kernel
+    on CPU tensors (its own packing), for the tests."""
+
+    def __init__(self, linear: torch.nn.Linear, group: int = 128) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        n, k = w.shape
+        wg = w.reshape(n, k // group, group)
+        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp(min=1e-6)
+        q = ((wg - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+        zero = lo + 8 * scale
+        self.register_buffer("scales_and_zeros", torch.stack([scale.squeeze(-1), zero.squeeze(-1)], dim=-1)
+                             .transpose(0, 1).contiguous().bfloat16())
+        if w.is_cuda:
+            self.mm = torch.ops.aten._weight_int4pack_mm
+            packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
+        else:
+            self.mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+        self.register_buffer("packed", packed)
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().bfloat16(), False)
+        self.group, self.out_features = group, n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.mm(x.reshape(-1, x.shape[-1]), self.packed, self.group, self.scales_and_zeros)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def tinygemm_model(model, group: int = 128):
+    """``model`` in bf16 with every ``nn.Linear`` but the output head as :class:`Int4Tinygemm`."""
+    model = model.to(torch.bfloat16)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear) and child is not model.get_output_embeddings():
+                setattr(parent, name, Int4Tinygemm(child, group))
     return model
 
 
@@ -140,13 +185,19 @@ def main() -> None:
     p.add_argument("--fuse", action="store_true", help="also time the 4-bit model with fused q/k/v and gate/up")
     p.add_argument("--compile", action="store_true",
                    help="trace each decode step with torch.compile (inductor, fullgraph) for every model")
+    p.add_argument("--peer", action="store_true",
+                   help="also time the model through PyTorch's int4 tinygemm (torchao's kernel), bf16")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/e2e.py needs a CUDA or ROCm GPU")
     results = {}
-    for label in ("fp16", "lowbit w4g128", *(("lowbit w4g128 fused",) if args.fuse else ())):
+    labels = ("fp16", "lowbit w4g128", *(("lowbit w4g128 fused",) if args.fuse else ()),
+              *(("tinygemm int4 (torchao's kernel), bf16",) if args.peer else ()))
+    for label in labels:
         model = build(args.model, args.layers).cuda().eval()
-        if label != "fp16":
+        if label.startswith("tinygemm"):
+            model = tinygemm_model(model)
+        elif label != "fp16":
             lowbit.quantize(model, RtnConfig(bits=4, group_size=128), device="cuda", progress=False,
                             fuse=label.endswith("fused"))
         graphs = args.graphs

@@ -107,3 +107,29 @@ def test_bench_decoder_traced_whole_matches_eager():
     # the first step, which makes the cache's tensors, and every later one: two graphs, none after
     assert graphs <= 2 and torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     assert want.std(0).max() > 0  # the steps differ: positions and tokens reach the logits
+
+
+def test_bench_peer_model_decodes_as_its_dequantized_weights():
+    """``bench/e2e.py --peer``: every linear but the head through int4 tinygemm (the CPU build of
+    the kernel here), whose product equals x times its dequantized weight, and the model's decoder
+    traced whole as for lowbit's models."""
+    import torch
+
+    bench = _bench_e2e()
+    lin = torch.nn.Linear(64, 48, bias=True)
+    peer = bench.Int4Tinygemm(lin, group=32)
+    x = torch.randn(3, 64).bfloat16()
+    w = lin.weight.detach().float().reshape(48, 2, 32)
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp(min=1e-6)
+    deq = (((w - lo) / scale).round().clamp(0, 15) * scale + lo).reshape(48, 64)
+    want = x.float() @ deq.t() + lin.bias.detach().bfloat16().float()
+    got = peer(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (3, 48)
+    assert ((got.float() - want).norm() / want.norm()).item() < 1e-2  # bf16 weights and output
+    model = bench.tinygemm_model(tiny_llama_model(), group=32)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears == [model.get_output_embeddings()]  # the head stays as it is
+    dec = bench.Decoder(model, 8, False, "aot_eager", "cpu")
+    logits = torch.stack([dec.step(torch.tensor([i + 3]), i)[0, -1].float() for i in range(3)])
+    assert torch.isfinite(logits).all() and logits.std(0).max() > 0
