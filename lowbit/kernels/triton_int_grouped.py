@@ -296,23 +296,47 @@ def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | 
         weight = dequantize_group_ordered(w, k, x2.dtype)
         b = bias.to(x2.dtype) if bias is not None else None
         return torch.nn.functional.linear(x2, weight, b).reshape(*x.shape[:-1], n)
-    block_k, in_group = block_k_for(w.group_size, k, cfg.block_k if cfg is not None else 128)
-    if cfg is None:
-        cfg = launch_config(m, n, k, block_k, x.device)
-    elif cfg.block_k != block_k:
-        raise ValueError(f"block_k {cfg.block_k} does not fit group size {w.group_size} (use {block_k})")
-    y, ws, locks = output_buffers(cfg, m, n, x)
     perm = w.perm
     if perm is not None and m > 1:
         x2, perm = x2.index_select(1, perm), None
-    launch(_matmul_kernel, cfg.grid(m, n),
+    if cfg is None:
+        key = (m, n, k, w.bits, w.group_size, perm is not None, bias is not None, x.dtype, x.device, DOT_K_MAJOR)
+        plan = _PLANS.get(key)
+        if plan is None:
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.clear()
+            plan = _PLANS[key] = _plan(m, n, k, w, perm is not None, bias is not None, x.dtype, x.device, None)
+    else:
+        plan = _plan(m, n, k, w, perm is not None, bias is not None, x.dtype, x.device, cfg)
+    cfg, grid, options = plan
+    y, ws, locks = output_buffers(cfg, m, n, x, grid[0])
+    launch(_matmul_kernel, grid,
         x2, w.qweight, w.scales, w.qzeros, perm if perm is not None else w.qweight,
         bias if bias is not None else w.scales, y, ws, locks,
-        m, n, k, x2.stride(0), n, w.qweight.shape[0], w.qzeros.shape[1],
-        BITS=w.bits, GROUP=w.group_size, HAS_PERM=perm is not None, HAS_BIAS=bias is not None,
-        TILE_IN_GROUP=in_group, K_MAJOR=DOT_K_MAJOR, **cfg.kernel_options(x.dtype),
-    )
+        m, n, k, x2.stride(0), n, w.qweight.shape[0], w.qzeros.shape[1], **options)
     return y.reshape(*x.shape[:-1], n)
+
+
+_PLANS: dict[tuple, tuple] = {}
+""":func:`_plan` of each call's shape, dtype and device: an eager call then skips the tile choice and
+the options' dict (about 1.6 µs of CPU a call here, ``bench/dispatch.py``)."""
+
+_MAX_PLANS = 4096
+"""Plans held before they are dropped (each prefill length is a plan of its own)."""
+
+
+def _plan(m: int, n: int, k: int, w: GroupOrdered, has_perm: bool, has_bias: bool, dtype: torch.dtype,
+          device: torch.device, cfg: MatmulConfig | None) -> tuple[MatmulConfig, tuple[int, int], dict]:
+    """The launch of :func:`_matmul_kernel` for ``[m, k] @ w``: its configuration (``cfg``, or None for
+    the heuristic's), grid, and constexprs with launch options."""
+    block_k, in_group = block_k_for(w.group_size, k, cfg.block_k if cfg is not None else 128)
+    if cfg is None:
+        cfg = launch_config(m, n, k, block_k, device)
+    elif cfg.block_k != block_k:
+        raise ValueError(f"block_k {cfg.block_k} does not fit group size {w.group_size} (use {block_k})")
+    options = dict(BITS=w.bits, GROUP=w.group_size, HAS_PERM=has_perm, HAS_BIAS=has_bias, TILE_IN_GROUP=in_group,
+                   K_MAJOR=DOT_K_MAJOR, **cfg.kernel_options(dtype))
+    return cfg, cfg.grid(m, n), options
 
 
 def dequantize_group_ordered(w: GroupOrdered, k: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
