@@ -6,10 +6,12 @@ columns holding any ``|x| >= threshold`` are outliers; every other column is qua
 the weight codes ``CB`` in int32, and scaled by ``absmax_row * SCB / 127**2``; the outlier columns
 are multiplied with ``CB`` in fp32 and scaled by ``SCB / 127``.
 
-Two launches. The first reduces the activations to the statistics the product needs: which columns
-are outliers, and each row's absmax over the others. Up to :data:`STATS_ROWS` rows (decode) that is
-:func:`_stats_kernel`, one program per block of columns writing its partial row maxima; for more
-rows, a few PyTorch reductions, whose launches matter less there. The matmul kernel then takes each
+Two launches, or one in decode. The first reduces the activations to the statistics the product
+needs: which columns are outliers, and each row's absmax over the others. Up to :data:`STATS_ROWS`
+rows, when all of x's rows fit one tile, the matmul kernel finds them itself (``ROW_STATS``,
+:data:`FUSED_ROW_STATS`); otherwise that is :func:`_stats_kernel`, one program per block of
+columns writing its partial row maxima, and above :data:`STATS_ROWS` rows a few PyTorch
+reductions, whose launches matter less there. The matmul kernel then takes each
 row's maximum over the partials and ``127 / absmax`` (computed as PyTorch's ``127.0 / t`` is,
 ``127 * (1 / t)``), reads each weight tile once, quantizes the matching ``x`` tile to int8 in registers,
 and multiplies in integers: ``tl.dot`` on int8 tiles of 16 rows or more, integer multiply-sums on
@@ -266,13 +268,7 @@ def quantize_activations(x2: torch.Tensor, outliers: torch.Tensor | None, part: 
     """int8 ``CA [M, K]`` of ``x2 [M, K]`` with the statistics of :func:`activation_stats`: each
     row scaled by 127 / its absmax and rounded half to even, the outlier columns 0 (the codes the
     reference multiplies)."""
-    m, k = x2.shape
-    codes = torch.empty(m, k, device=x2.device, dtype=torch.int8)
-    bm, bk = QUANTIZE_BLOCK
-    launch(_quantize_kernel, (cdiv(m, bm), cdiv(k, bk)),
-        x2, outliers if outliers is not None else codes, part, codes, m, k, x2.stride(0), part.shape[0],
-        HAS_OUTLIERS=outliers is not None, BLOCK_M=bm, BLOCK_K=bk, enable_fp_fusion=False, num_warps=4)
-    return codes
+    return _quantize(x2, outliers, part, torch.int8)
 
 
 def grid_activations(x2: torch.Tensor, outliers: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
@@ -280,12 +276,18 @@ def grid_activations(x2: torch.Tensor, outliers: torch.Tensor | None, part: torc
     holds ``CA * absmax_row / 127`` (the value its code stands for; :func:`quantize_activations`),
     the outlier columns hold ``x``. ``grid_activations(x) @ W.T`` with the dequantized weight
     ``W = CB * SCB / 127`` is LLM.int8's product: the int8 part and the outlier part in one matmul."""
+    return _quantize(x2, outliers, part, x2.dtype)
+
+
+def _quantize(x2: torch.Tensor, outliers: torch.Tensor | None, part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`_quantize_kernel` over ``x2``: the int8 codes, or (a float ``dtype``) their grid values."""
     m, k = x2.shape
-    out = torch.empty(m, k, device=x2.device, dtype=x2.dtype)
+    out = torch.empty(m, k, device=x2.device, dtype=dtype)
     bm, bk = QUANTIZE_BLOCK
     launch(_quantize_kernel, (cdiv(m, bm), cdiv(k, bk)),
         x2, outliers if outliers is not None else out, part, out, m, k, x2.stride(0), part.shape[0],
-        HAS_OUTLIERS=outliers is not None, BLOCK_M=bm, BLOCK_K=bk, GRID=True, enable_fp_fusion=False, num_warps=4)
+        HAS_OUTLIERS=outliers is not None, BLOCK_M=bm, BLOCK_K=bk, GRID=dtype.is_floating_point,
+        enable_fp_fusion=False, num_warps=4)
     return out
 
 
