@@ -20,6 +20,7 @@ Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors; the tests use that.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import triton
@@ -230,6 +231,7 @@ DOT_K_MAJOR = True
 shared-memory stores from 64 ``st.shared.b16`` to 8 ``st.shared.v4.b32`` per thread and K step, and
 the loop from 553 to 469 instructions (``bench/ptx.py``); ``bench/kernels.py`` times both layouts."""
 
+
 def block_k_for(group: int, k: int, cap: int = 128) -> tuple[int, bool]:
     """The K tile and whether each tile lies inside one group.
 
@@ -299,16 +301,8 @@ def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | 
     perm = w.perm
     if perm is not None and m > 1:
         x2, perm = x2.index_select(1, perm), None
-    if cfg is None:
-        key = (m, n, k, w.bits, w.group_size, perm is not None, bias is not None, x.dtype, x.device, DOT_K_MAJOR)
-        plan = _PLANS.get(key)
-        if plan is None:
-            if len(_PLANS) >= _MAX_PLANS:
-                _PLANS.clear()
-            plan = _PLANS[key] = _plan(m, n, k, w, perm is not None, bias is not None, x.dtype, x.device, None)
-    else:
-        plan = _plan(m, n, k, w, perm is not None, bias is not None, x.dtype, x.device, cfg)
-    cfg, grid, options = plan
+    cfg, grid, options = _plan(m, n, k, w.bits, w.group_size, perm is not None, bias is not None, x.dtype, x.device,
+                               cfg, DOT_K_MAJOR)
     y, ws, locks = output_buffers(cfg, m, n, x, grid[0])
     launch(_matmul_kernel, grid,
         x2, w.qweight, w.scales, w.qzeros, perm if perm is not None else w.qweight,
@@ -317,25 +311,20 @@ def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | 
     return y.reshape(*x.shape[:-1], n)
 
 
-_PLANS: dict[tuple, tuple] = {}
-""":func:`_plan` of each call's shape, dtype and device: an eager call then skips the tile choice and
-the options' dict (about 1.6 µs of CPU a call here, ``bench/dispatch.py``)."""
-
-_MAX_PLANS = 4096
-"""Plans held before they are dropped (each prefill length is a plan of its own)."""
-
-
-def _plan(m: int, n: int, k: int, w: GroupOrdered, has_perm: bool, has_bias: bool, dtype: torch.dtype,
-          device: torch.device, cfg: MatmulConfig | None) -> tuple[MatmulConfig, tuple[int, int], dict]:
-    """The launch of :func:`_matmul_kernel` for ``[m, k] @ w``: its configuration (``cfg``, or None for
-    the heuristic's), grid, and constexprs with launch options."""
-    block_k, in_group = block_k_for(w.group_size, k, cfg.block_k if cfg is not None else 128)
+@functools.lru_cache(maxsize=4096)  # each prefill length is a plan of its own
+def _plan(m: int, n: int, k: int, bits: int, group_size: int, has_perm: bool, has_bias: bool, dtype: torch.dtype,
+          device: torch.device, cfg: MatmulConfig | None, k_major: bool) -> tuple[MatmulConfig, tuple[int, int], dict]:
+    """The launch of :func:`_matmul_kernel` for ``[m, k]`` rows and a ``[n, k]`` weight: its
+    configuration (``cfg``, or None for the heuristic's), grid, and constexprs with launch options.
+    Cached, so that an eager call skips the tile choice and the options' dict (about 1.6 µs of CPU
+    a call here, ``bench/dispatch.py``); callers must not change the dict."""
+    block_k, in_group = block_k_for(group_size, k, cfg.block_k if cfg is not None else 128)
     if cfg is None:
         cfg = launch_config(m, n, k, block_k, device)
     elif cfg.block_k != block_k:
-        raise ValueError(f"block_k {cfg.block_k} does not fit group size {w.group_size} (use {block_k})")
-    options = dict(BITS=w.bits, GROUP=w.group_size, HAS_PERM=has_perm, HAS_BIAS=has_bias, TILE_IN_GROUP=in_group,
-                   K_MAJOR=DOT_K_MAJOR, **cfg.kernel_options(dtype))
+        raise ValueError(f"block_k {cfg.block_k} does not fit group size {group_size} (use {block_k})")
+    options = dict(BITS=bits, GROUP=group_size, HAS_PERM=has_perm, HAS_BIAS=has_bias, TILE_IN_GROUP=in_group,
+                   K_MAJOR=k_major, **cfg.kernel_options(dtype))
     return cfg, cfg.grid(m, n), options
 
 
