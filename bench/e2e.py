@@ -45,6 +45,17 @@ def build(model_name: str, layers: int):
     return model
 
 
+def tinygemm_codes(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest asymmetric 4-bit codes of ``w [N, K]`` for tinygemm: int32 ``q [N, K]``, and
+    fp32 ``scale`` and ``zero`` ``[N, K / group, 1]`` with ``W = (q - 8) * scale + zero``."""
+    n, k = w.shape
+    wg = w.float().reshape(n, k // group, group)
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp(min=1e-6)
+    q = ((wg - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+    return q, scale, lo + 8 * scale
+
+
 class Int4Tinygemm(torch.nn.Module):
     """A linear layer through PyTorch's int4 tinygemm: ``W = (q - 8) * scale + zero`` per group of
     ``group`` inputs (round to nearest, asymmetric), bf16 activations; the CPU build of the kernel
@@ -52,13 +63,9 @@ class Int4Tinygemm(torch.nn.Module):
 
     def __init__(self, linear: torch.nn.Linear, group: int = 128) -> None:
         super().__init__()
-        w = linear.weight.detach().float()
-        n, k = w.shape
-        wg = w.reshape(n, k // group, group)
-        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-        scale = ((hi - lo) / 15).clamp(min=1e-6)
-        q = ((wg - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
-        zero = lo + 8 * scale
+        w = linear.weight.detach()
+        n = w.shape[0]
+        q, scale, zero = tinygemm_codes(w, group)
         self.register_buffer("scales_and_zeros", torch.stack([scale.squeeze(-1), zero.squeeze(-1)], dim=-1)
                              .transpose(0, 1).contiguous().bfloat16())
         if w.is_cuda:

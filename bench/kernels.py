@@ -323,23 +323,21 @@ def bnb_int8_row(m, k, n, sets):
 
 
 def tinygemm_row(m, k, n, sets, group=128):
-    """PyTorch's int4 tinygemm (bf16 activations), as torchao's int4 weight-only uses it."""
+    """PyTorch's int4 tinygemm (bf16 activations), as torchao's int4 weight-only uses it (the layer
+    :mod:`e2e`'s ``--peer`` model is made of)."""
+    from e2e import Int4Tinygemm, tinygemm_codes
+
     calls, err = [], 0.0
     for i in range(sets):
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        wg = w.float().reshape(n, k // group, group)
-        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-        scale = ((hi - lo) / 15).clamp(min=1e-6)
-        q = ((wg - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
-        zero = lo + 8 * scale  # tinygemm: w = (q - 8) * scale + zero
-        sz = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], dim=-1).transpose(0, 1).contiguous().bfloat16()
-        packed_u8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
-        packed = torch.ops.aten._convert_weight_to_int4pack(packed_u8, 8)
+        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+        torch.nn.init.normal_(lin.weight)
+        peer = Int4Tinygemm(lin, group)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         if i == 0:
+            q, scale, zero = tinygemm_codes(lin.weight.detach(), group)
             deq = ((q.float().reshape(n, k // group, group) - 8) * scale + zero).reshape(n, k)
-            err = rel_err(torch.ops.aten._weight_int4pack_mm(x, packed, group, sz), x.float() @ deq.t())
-        calls.append(lambda x=x, p=packed, sz=sz: torch.ops.aten._weight_int4pack_mm(x, p, group, sz))
+            err = rel_err(peer(x), x.float() @ deq.t())
+        calls.append(lambda x=x, p=peer: p.mm(x, p.packed, group, p.scales_and_zeros))  # the op, as lowbit's rows
     return calls, k * n // 2 + (k // group) * n * 4 + 2 * m * (k + n), err
 
 
