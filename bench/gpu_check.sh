@@ -4,7 +4,8 @@
 # peers, the launch-configuration sweep and the end-to-end decode bench. Logs and JSON go to $OUT.
 #
 #   STEPS=env,lookup,tests,kernels,sweep,dispatch,int8,eager,e2e,peers bash bench/gpu_check.sh
-#   (KERNEL_ROWS / KERNEL_ARGS / SWEEP_ARGS pass --rows, other options, --quick to the benches,
+#   (KERNEL_ROWS / KERNEL_NAMES / KERNEL_ARGS / SWEEP_ARGS pass --rows, --names (names may hold
+#   spaces: "aqlm 2x8"), other options, --quick to the benches,
 #   KERNEL_TIMEOUT bounds the kernel bench;
 #   TEST_ARGS, e.g. "-m gpu", selects tests, TEST_TIMEOUT bounds them; EAGER_NAMES picks the eager rows;
 #   E2E_ARGS, e.g. --compile, and E2E_TIMEOUT go to the end-to-end step)
@@ -54,7 +55,7 @@ fi
 
 if step kernels; then
     timeout ${KERNEL_TIMEOUT:-150} python3 bench/kernels.py --rows ${KERNEL_ROWS:-fp16,lowbit,tinygemm,bitsandbytes,probe} \
-        ${KERNEL_ARGS:-} --json "$OUT/kernels.json" >"$OUT/kernels.log" 2>&1
+        ${KERNEL_NAMES:+--names "$KERNEL_NAMES"} ${KERNEL_ARGS:-} --json "$OUT/kernels.json" >"$OUT/kernels.log" 2>&1
     echo "kernels exit $?"
     tail -80 "$OUT/kernels.log"
 fi

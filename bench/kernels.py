@@ -5,7 +5,7 @@ For each Llama-7B layer shape (K x N) and M = 1, 16, 128 it times, with CUDA gra
 * ``fp16``: ``F.linear`` with an fp16 weight (cuBLAS);
 * ``lowbit w4g128`` and ``lowbit w4g128 act`` (act-order, rows reordered at load), from 16 rows
   also each batch path forced (the fused kernel; dequantize + ``F.linear``) and the fused kernel
-  with its ``tl.dot`` tiles dequantized N-contiguous (the layout before K-contiguous), and lowbit's
+  with its ``tl.dot`` tiles dequantized K-contiguous (``DOT_K_MAJOR``, off by default), and lowbit's
   NF4 kernel (blocks of 64, double quant) on the bitsandbytes layout, its AQLM kernel
   (2x8 and 1x16, groups of 8 inputs, about 2 bits per weight), and its LLM.int8 kernel
   (threshold 6, one outlier input column, at its defaults; above 16 rows also with the
@@ -160,17 +160,18 @@ def fp16_row(m, k, n, sets):
     return [lambda x=x, w=w: F.linear(x, w) for x, w in zip(xs, ws)], 2 * n * k + 2 * m * (k + n), 0.0
 
 
-def lowbit_row(m, k, n, sets, act_order, group=128, perm_dtype=None, k_major=True, batch_path=None):
+def lowbit_row(m, k, n, sets, act_order, group=128, perm_dtype=None, k_major=None, batch_path=None):
     """lowbit's grouped-int matmul, w4 (``perm_dtype``: the act-order indices cast to it, e.g.
-    int16, a variant the kernel reads as given; None keeps the layout's int32; ``k_major=False``:
-    ``tl.dot`` tiles dequantized ``[BLOCK_K, BLOCK_N]``, the layout before ``DOT_K_MAJOR``;
+    int16, a variant the kernel reads as given; None keeps the layout's int32; ``k_major``: the
+    ``tl.dot`` tiles dequantized K-contiguous or not, None for ``DOT_K_MAJOR``'s default;
     ``batch_path``: forced for 16 rows or more, None for the default)."""
     import dataclasses
 
     from lowbit.kernels import triton_int_grouped as T
 
     def call(x, layout):
-        saved, T.DOT_K_MAJOR = T.DOT_K_MAJOR, k_major  # read at each call: the capture and eager calls see it
+        saved = T.DOT_K_MAJOR
+        T.DOT_K_MAJOR = saved if k_major is None else k_major  # read at each call: the capture and eager calls see it
         try:
             return T.matmul_group_ordered(x, layout, batch_path=batch_path)
         finally:
@@ -267,12 +268,13 @@ def random_int8(n: int, k: int, m: int) -> tuple:
 
 
 def lowbit_int8_row(m, k, n, sets, int_mm=False, prequantize=None, tiles=None, weight_only=False, batch_path=None,
-                    stats_launch=False):
+                    fused_stats=None):
     """lowbit's LLM.int8: the Triton kernel (``prequantize``, ``tiles``: its variant and launch
     configuration, ``"heuristic"`` for the shared heuristic's, ``"wide"`` for the kernel's
     :data:`~lowbit.kernels.triton_int8.WIDE_TILES`, None the defaults, a given tile always the fused
     kernel; ``batch_path``: forced, None the default's; ``weight_only``: activations left in fp16;
-    ``stats_launch``: the activation statistics in a launch of their own, not in the matmul), or
+    ``fused_stats``: the activation statistics found in the matmul or not, None for
+    ``FUSED_ROW_STATS``'s default), or
     (``int_mm``) the reference's decomposition with ``torch._int_mm``."""
     from lowbit.formats.int8_outlier import int_mm as int_mm_fn
     from lowbit.kernels import triton_int8 as I
@@ -290,7 +292,8 @@ def lowbit_int8_row(m, k, n, sets, int_mm=False, prequantize=None, tiles=None, w
             fn = lambda x=x, cb=cb, scb=scb: reference.matmul_int8_outlier(x, cb, scb, 6.0, int_matmul=int_mm_fn)
         else:
             def fn(x=x, cb=cb, scb=scb):
-                saved, I.FUSED_ROW_STATS = I.FUSED_ROW_STATS, not stats_launch  # read at each call
+                saved = I.FUSED_ROW_STATS
+                I.FUSED_ROW_STATS = saved if fused_stats is None else fused_stats  # read at each call
                 try:
                     return I.matmul_int8_outlier(x, cb, scb, 6.0, prequantize=prequantize, cfg=cfg,
                                                  weight_only=weight_only, batch_path=batch_path)
@@ -410,10 +413,10 @@ def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str], n
         "fp16 F.linear": lambda: fp16_row(m, k, n, copies_for(2 * n * k, l2)),
         "lowbit w4g128": lambda: lowbit_row(m, k, n, sets4, act_order=False),
         "lowbit w4g128 act-order": lambda: lowbit_row(m, k, n, sets4, act_order=True),
-        # from 16 rows: the tl.dot tiles dequantized as before DOT_K_MAJOR, [BLOCK_K, BLOCK_N]; and
+        # from 16 rows: the tl.dot tiles dequantized K-contiguous (DOT_K_MAJOR, off by default); and
         # each batch path (the default fuses up to TILED_MAX_ROWS rows and dequantizes above)
-        **({"lowbit w4g128, N-contiguous dot tiles": lambda: lowbit_row(m, k, n, sets4, act_order=False,
-                                                                         k_major=False, batch_path="tiled"),
+        **({"lowbit w4g128, K-contiguous dot tiles": lambda: lowbit_row(m, k, n, sets4, act_order=False,
+                                                                         k_major=True, batch_path="tiled"),
             "lowbit w4g128 (tiled)": lambda: lowbit_row(m, k, n, sets4, act_order=False, batch_path="tiled"),
             "lowbit w4g128 (dequantize)": lambda: lowbit_row(m, k, n, sets4, act_order=False,
                                                              batch_path="dequantize")}
@@ -424,14 +427,16 @@ def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str], n
            if m == 1 and k < 2**15 else {}),
         "lowbit nf4 double-quant": lambda: lowbit_nf4_row(m, k, n, sets4),
         "lowbit aqlm 2x8": lambda: lowbit_aqlm_row(m, k, n, sets2, 2, 8),
-        # the tabulated GEMV (up to 4 rows) as first written: 64 codes a step, no prefetch
-        **({"lowbit aqlm 2x8, lut 64-code steps": lambda: lowbit_aqlm_row(m, k, n, sets2, 2, 8, lut_step=(64, False))}
+        # the tabulated GEMV (up to 4 rows) with other steps than its default (64 codes, no prefetch)
+        **({f"lowbit aqlm 2x8, lut {j}-code steps{', prefetch' if ahead else ''}":
+            (lambda j=j, ahead=ahead: lowbit_aqlm_row(m, k, n, sets2, 2, 8, lut_step=(j, ahead)))
+            for j, ahead in ((32, False), (128, False), (64, True), (256, True))}
            if m <= 4 else {}),
         "lowbit aqlm 1x16": lambda: lowbit_aqlm_row(m, k, n, sets2, 1, 16),
         "lowbit int8 (LLM.int8)": lambda: lowbit_int8_row(m, k, n, sets8),
         "lowbit int8 weight-only": lambda: lowbit_int8_row(m, k, n, sets8, weight_only=True),
-        # up to 16 rows the matmul finds the activation statistics itself; as before, in a launch first
-        **({"lowbit int8, statistics launch": lambda: lowbit_int8_row(m, k, n, sets8, stats_launch=True)}
+        # up to 16 rows the matmul can find the activation statistics itself (not the default)
+        **({"lowbit int8, statistics in the matmul": lambda: lowbit_int8_row(m, k, n, sets8, fused_stats=True)}
            if m <= 16 else {}),
         # above 16 rows: the kernel's variants for batches (x quantized in every program; x
         # quantized once in a launch of its own, with the shared heuristic's tiles and with 128x128

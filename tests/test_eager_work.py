@@ -63,27 +63,27 @@ def _int8(weight_only):
     return build
 
 
-def _int8_stats_launch(x):
+def _int8_fused_stats(x):
     call = _int8(False)(x)
 
     def run():
-        TI.FUSED_ROW_STATS = False
+        saved, TI.FUSED_ROW_STATS = TI.FUSED_ROW_STATS, True
         try:
             return call()
         finally:
-            TI.FUSED_ROW_STATS = True
+            TI.FUSED_ROW_STATS = saved
     return run
 
 
 # (build, its Triton launches, aten ops besides bookkeeping): AQLM's one-token path multiplies x by
 # the codebooks in one matmul (its lookup table) before its kernel; LLM.int8 finds the outlier
-# columns and row maxima in its matmul kernel, or (not the default) in a launch before it
+# columns and row maxima in a launch before its matmul, or (not the default) in the matmul kernel
 CASES = {
     "grouped-int-split-k": (_grouped, ["_matmul_kernel"], []),
     "nf4-double-quant": (_nf4, ["_gemv_kernel"], []),
     "aqlm-2x8": (_aqlm, ["_lut_gemv_kernel"], ["mm"]),
-    "int8": (_int8(False), ["_matmul_kernel"], []),
-    "int8-statistics-launch": (_int8_stats_launch, ["_stats_kernel", "_matmul_kernel"], []),
+    "int8": (_int8(False), ["_stats_kernel", "_matmul_kernel"], []),
+    "int8-fused-statistics": (_int8_fused_stats, ["_matmul_kernel"], []),
     "int8-weight-only": (_int8(True), ["_matmul_kernel"], []),
 }
 

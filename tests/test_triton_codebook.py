@@ -105,8 +105,9 @@ def test_tabulated_products_match_reference(m, n, k, ig, scheme, dtype):
     assert rel_err(nobias, reference.matmul_codebook(x.float(), *args(mod))) <= MATMUL_REL[dtype]
 
 
-@pytest.mark.parametrize("block_j,prefetch", [(64, False), (64, True), (256, True), (256, False)],
-                         ids=["64", "64-prefetch", "256-prefetch", "256"])
+@pytest.mark.parametrize("block_j,prefetch", [(64, False), (64, True), (256, True), (256, False), (32, False),
+                                              (128, False)],
+                         ids=["64", "64-prefetch", "256-prefetch", "256", "32", "128"])
 @pytest.mark.parametrize("m,n,k", [(1, 8, 4096), (2, 200, 1024), (1, 33, 200)],
                          ids=["split-2-steps-each", "unsplit-4-steps", "partial-step"])
 def test_tabulated_steps_and_prefetch(monkeypatch, block_j, prefetch, m, n, k):

@@ -322,15 +322,16 @@ def test_batch_paths_match_reference(monkeypatch, dtype, weight_only):
 @pytest.mark.parametrize("m,k,threshold", [(1, 1100, 2.5), (3, 300, 0.0), (16, 200, 2.75), (7, 64, 2.5)],
                          ids=["M1-3-chunks", "M3-no-threshold", "M16-dot", "M7-one-chunk"])
 def test_statistics_in_the_matmul_equal_a_launch_of_their_own(monkeypatch, m, k, threshold, dtype):
-    """Decode launches find the row absmaxes and outlier columns in the matmul kernel
-    (``FUSED_ROW_STATS``); the codes, and so the output, are those of the statistics launch, bit
-    for bit. One row holds the threshold in two columns, and another row's absmax lies in a
-    column that is not an outlier."""
+    """With ``FUSED_ROW_STATS`` decode launches find the row absmaxes and outlier columns in the
+    matmul kernel; the codes, and so the output, are those of the statistics launch, bit for bit.
+    One row holds the threshold in two columns, and another row's absmax lies in a column that is
+    not an outlier."""
     if dtype == torch.float32 and DEVICE == "cuda":
         pytest.skip("fp32 outlier products run in tf32 on a GPU")
     x, cb, scb, b = random_case(m, 24, k, seed=m + k, threshold=threshold)
     x = x.to(dtype)
     x[-1, k // 2] = 1.95  # above every other |x| < 1.9
+    monkeypatch.setattr(T, "FUSED_ROW_STATS", True)
     fused = T.matmul_int8_outlier(x, cb, scb, threshold, b)
     monkeypatch.setattr(T, "FUSED_ROW_STATS", False)
     separate = T.matmul_int8_outlier(x, cb, scb, threshold, b)

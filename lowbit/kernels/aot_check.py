@@ -65,7 +65,7 @@ def _matmul_variants() -> list[Variant]:
         (3, 64, False, 16, 64, 64, 1, True, "fp16"),  # 3-bit straddling words
         (2, 32, True, 4, 32, 32, 2, True, "bf16"),
         (8, 100, False, 16, 64, 32, 1, False, "fp16"),  # tiles spanning groups
-        (2, 64, False, 16, 64, 64, 1, True, "fp16"),  # K-contiguous dot tiles of 2 and 8 bits
+        (2, 64, False, 16, 64, 64, 1, True, "fp16"),  # dot tiles of 2 and 8 bits
         (8, 128, False, 32, 64, 128, 2, True, "bf16"),
     ):
         sig = dict(ptrs, **ints)
@@ -73,10 +73,10 @@ def _matmul_variants() -> list[Variant]:
             sig[name] = f"*{dt}"
         sig = _with_split_outputs(sig)
         consts = dict(BITS=bits, GROUP=group, HAS_PERM=perm, HAS_BIAS=split == 1, BLOCK_M=bm, BLOCK_N=bn,
-                      BLOCK_K=bk, SPLIT_K=split, TILE_IN_GROUP=in_group, DOT_FP32=False, K_MAJOR=True)
+                      BLOCK_K=bk, SPLIT_K=split, TILE_IN_GROUP=in_group, DOT_FP32=False, K_MAJOR=False)
         out.append(Variant("triton_int_grouped", "_matmul_kernel", sig, consts))
-        if bm == 64:  # the dot tile dequantized [BLOCK_K, BLOCK_N] (the bench's comparison row)
-            out.append(Variant("triton_int_grouped", "_matmul_kernel", sig, dict(consts, K_MAJOR=False)))
+        if bm == 64:  # the dot tile dequantized K-contiguous (DOT_K_MAJOR; the bench's comparison row)
+            out.append(Variant("triton_int_grouped", "_matmul_kernel", sig, dict(consts, K_MAJOR=True)))
     return out
 
 
@@ -137,9 +137,9 @@ def _codebook_variants() -> list[Variant]:
                "out_ptr": "*fp16", "N": "i32", "K": "i32", "GI": "i32"}
         out.append(Variant("triton_codebook", "_dequantize_kernel", sig,
                            dict(C=c, SIZE=size, IG=8, BLOCK_N=32, BLOCK_K=64, TABLE=table, WHOLE_WORDS=words)))
-    # 2x8 through tabulated codeword products: the default step with the next codes loaded ahead,
-    # and the first version's (64 codes, no prefetch)
-    for split, lut, block_j, prefetch in ((1, "fp16", 256, True), (4, "fp32", 64, False)):
+    # 2x8 through tabulated codeword products: the default step (64 codes, no prefetch), and 256
+    # codes with the next codes loaded ahead (the bench's comparison row)
+    for split, lut, block_j, prefetch in ((4, "fp32", 64, False), (1, "fp16", 256, True)):
         sig = {"codes_ptr": "*i8", "lut_ptr": f"*{lut}", "scales_ptr": "*fp16", "b_ptr": "*fp16",
                "y_ptr": "*fp16", "N": "i32", "GI": "i32"}
         out.append(Variant("triton_codebook", "_lut_gemv_kernel", _with_split_outputs(sig),
@@ -162,12 +162,11 @@ def _int8_variants() -> list[Variant]:
                "threshold": "fp32"}
         consts = dict(HAS_OUTLIERS=outliers, HAS_BIAS=split == 1, PREQUANTIZED=pre, WEIGHT_ONLY=wo, BLOCK_M=bm,
                       BLOCK_N=64 if bm < 64 else 128, BLOCK_K=128, SPLIT_K=split, DOT_FP32=False)  # 128: 128^3
-        # decode launches find the activation statistics themselves (ROW_STATS), as the wrapper runs them
-        consts["ROW_STATS"] = bm <= 16 and not (pre or wo)
+        consts["ROW_STATS"] = False  # the statistics come from a launch of their own, as the wrapper runs them
         out.append(Variant("triton_int8", "_matmul_kernel", _with_split_outputs(sig), consts,
                            (("enable_fp_fusion", False),)))
-        if consts["ROW_STATS"] and outliers:  # and with the statistics launch before it
-            out.append(Variant("triton_int8", "_matmul_kernel", _with_split_outputs(sig), dict(consts, ROW_STATS=False),
+        if bm <= 16 and outliers and not (pre or wo):  # and found in the matmul (FUSED_ROW_STATS)
+            out.append(Variant("triton_int8", "_matmul_kernel", _with_split_outputs(sig), dict(consts, ROW_STATS=True),
                                (("enable_fp_fusion", False),)))
     # the int8 codes, and (grid) the values they stand for in x's dtype, outlier columns as they are
     for outliers, dt, grid in ((True, "fp16", False), (False, "bf16", False), (True, "bf16", True)):

@@ -314,14 +314,14 @@ def codeword_products(x2: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor
     return (x2.reshape(-1, ig).to(dtype) @ books.t()).reshape(x2.shape[0], -1, n_codebooks * size)
 
 
-LUT_BLOCK_J = 256
-"""Codes a row of :func:`_lut_gemv_kernel` takes a step (``BLOCK_J``). With 16 rows a program, 256
-codes are 32 a thread: as many independent lookups in flight, and at 4 programs of 4 warps a
-multiprocessor, 16 KiB of codes, which is about what an H100 multiprocessor must have in flight to
-read at full bandwidth (3.35 TB/s over 132 multiprocessors, at ~600 ns from device memory). 64
-codes a step (8 a thread, 4 KiB a multiprocessor; the first version) leave it waiting."""
+LUT_BLOCK_J = 64
+"""Codes a row of :func:`_lut_gemv_kernel` takes a step (``BLOCK_J``), 16 rows a program. 256
+codes a step, with the next step's codes loaded ahead (:data:`LUT_PREFETCH`), were meant to keep
+more loads in flight, but ran slower on an H100 (2026-11-27, ``bench/kernels.py``, graphs, cold L2):
+18.6 against 17.4 µs for one token of 4096x4096 and 39.5 against 22.5 µs of 4096x11008, where the
+first version (64 codes, no prefetch) is the faster; the bench times the other steps beside it."""
 
-LUT_PREFETCH = True
+LUT_PREFETCH = False
 """Whether :func:`_lut_gemv_kernel` loads the next step's codes before this step's lookups."""
 
 

@@ -6,10 +6,10 @@ columns holding any ``|x| >= threshold`` are outliers; every other column is qua
 the weight codes ``CB`` in int32, and scaled by ``absmax_row * SCB / 127**2``; the outlier columns
 are multiplied with ``CB`` in fp32 and scaled by ``SCB / 127``.
 
-Two launches, or one in decode. The first reduces the activations to the statistics the product
+Two launches. The first reduces the activations to the statistics the product
 needs: which columns are outliers, and each row's absmax over the others. Up to :data:`STATS_ROWS`
-rows, when all of x's rows fit one tile, the matmul kernel finds them itself (``ROW_STATS``,
-:data:`FUSED_ROW_STATS`); otherwise that is :func:`_stats_kernel`, one program per block of
+rows, when all of x's rows fit one tile, the matmul kernel can find them itself (``ROW_STATS``,
+:data:`FUSED_ROW_STATS`, off by default: slower on an H100); by default that is :func:`_stats_kernel`, one program per block of
 columns writing its partial row maxima, and above :data:`STATS_ROWS` rows a few PyTorch
 reductions, whose launches matter less there. The matmul kernel then takes each
 row's maximum over the partials and ``127 / absmax`` (computed as PyTorch's ``127.0 / t`` is,
@@ -302,11 +302,14 @@ def dequantize_int8_rows(weight: torch.Tensor, scb: torch.Tensor, dtype: torch.d
     return out
 
 
-FUSED_ROW_STATS = True
+FUSED_ROW_STATS = False
 """Whether a launch whose rows all fit one tile (decode: up to :data:`STATS_ROWS` rows), with x not
 prequantized, finds the activation statistics in the matmul kernel itself (``ROW_STATS``): one
-launch instead of two. Each program then reads the whole of x once more (8 KiB a program for one
-token of K = 4096) in place of the statistics launch and its two allocations."""
+launch instead of two, each program reading the whole of x once more. Off: on an H100 (2026-11-27,
+``bench/kernels.py``, graphs, cold L2) the statistics launch was ahead at one token (15.2 against
+15.8 µs on 4096x4096, 31.7 against 35.9 µs on 4096x11008) and far ahead at 16 rows (25.6 against
+252.7 µs, 38.1 against 235.2 µs), where every program's pass over x is serial. The bench keeps a
+row for it."""
 
 TILED_MAX_ROWS = 128
 """The most rows the fused kernel takes by default (:func:`batch_path_for`)."""

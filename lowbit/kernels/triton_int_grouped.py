@@ -225,11 +225,14 @@ def _dequantize_kernel(
 
 # --- launch configuration ----------------------------------------------------------------
 
-DOT_K_MAJOR = True
+DOT_K_MAJOR = False
 """Whether the ``tl.dot`` tiles (16 rows or more) dequantize the weight K-contiguous
-(:func:`_unpack_cols`). In the sm_90 PTX of a 64x64 tile that takes the dequantized tile's
-shared-memory stores from 64 ``st.shared.b16`` to 8 ``st.shared.v4.b32`` per thread and K step, and
-the loop from 553 to 469 instructions (``bench/ptx.py``); ``bench/kernels.py`` times both layouts."""
+(:func:`_unpack_cols`, then a transposed dot) instead of ``[BLOCK_K, BLOCK_N]`` (:func:`_unpack_tile`).
+The K-contiguous tile has fewer instructions in the sm_90 PTX (a 64x64 tile's shared-memory stores
+go from 64 ``st.shared.b16`` to 8 ``st.shared.v4.b32`` per thread and K step, its loop from 553 to
+469 instructions; ``bench/ptx.py``) but ran slower on an H100 (2026-11-27, ``bench/kernels.py``,
+w4g128, graphs, cold L2): 23.9 against 18.8 µs at 16 rows of 4096x4096, 45.2 against 29.8 µs at 16
+rows of 4096x11008, 28.3 against 27.3 µs at 128 rows. So it is off; the bench keeps a row for it."""
 
 
 def block_k_for(group: int, k: int, cap: int = 128) -> tuple[int, bool]:
