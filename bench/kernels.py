@@ -160,22 +160,24 @@ def fp16_row(m, k, n, sets):
     return [lambda x=x, w=w: F.linear(x, w) for x, w in zip(xs, ws)], 2 * n * k + 2 * m * (k + n), 0.0
 
 
-def lowbit_row(m, k, n, sets, act_order, group=128, perm_dtype=None, k_major=None, batch_path=None):
+def lowbit_row(m, k, n, sets, act_order, group=128, perm_dtype=None, k_major=None, batch_path=None, gather=None):
     """lowbit's grouped-int matmul, w4 (``perm_dtype``: the act-order indices cast to it, e.g.
     int16, a variant the kernel reads as given; None keeps the layout's int32; ``k_major``: the
     ``tl.dot`` tiles dequantized K-contiguous or not, None for ``DOT_K_MAJOR``'s default;
-    ``batch_path``: forced for 16 rows or more, None for the default)."""
+    ``batch_path``: forced for 16 rows or more, None for the default; ``gather``: one act-order
+    token gathered in the kernel or permuted before it, None for ``GATHER_ONE_TOKEN``'s default)."""
     import dataclasses
 
     from lowbit.kernels import triton_int_grouped as T
 
     def call(x, layout):
-        saved = T.DOT_K_MAJOR
-        T.DOT_K_MAJOR = saved if k_major is None else k_major  # read at each call: the capture and eager calls see it
+        saved = T.DOT_K_MAJOR, T.GATHER_ONE_TOKEN
+        T.DOT_K_MAJOR = saved[0] if k_major is None else k_major  # read at each call: the capture and eager calls see it
+        T.GATHER_ONE_TOKEN = saved[1] if gather is None else gather
         try:
             return T.matmul_group_ordered(x, layout, batch_path=batch_path)
         finally:
-            T.DOT_K_MAJOR = saved
+            T.DOT_K_MAJOR, T.GATHER_ONE_TOKEN = saved
 
     calls, err = [], 0.0
     for i in range(sets):
@@ -425,12 +427,16 @@ def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str], n
         **({"lowbit w4g128 act-order, int16 perm": lambda: lowbit_row(m, k, n, sets4, act_order=True,
                                                                        perm_dtype=torch.int16)}
            if m == 1 and k < 2**15 else {}),
+        # or x permuted by an index_select launch before the plain kernel (GATHER_ONE_TOKEN off)
+        **({"lowbit w4g128 act-order, x permuted first": lambda: lowbit_row(m, k, n, sets4, act_order=True,
+                                                                           gather=False)}
+           if m == 1 else {}),
         "lowbit nf4 double-quant": lambda: lowbit_nf4_row(m, k, n, sets4),
         "lowbit aqlm 2x8": lambda: lowbit_aqlm_row(m, k, n, sets2, 2, 8),
-        # the tabulated GEMV (up to 4 rows) with other steps than its default (64 codes, no prefetch)
+        # the tabulated GEMV (up to 4 rows) with other steps than its default (64 codes, prefetch)
         **({f"lowbit aqlm 2x8, lut {j}-code steps{', prefetch' if ahead else ''}":
             (lambda j=j, ahead=ahead: lowbit_aqlm_row(m, k, n, sets2, 2, 8, lut_step=(j, ahead)))
-            for j, ahead in ((32, False), (128, False), (64, True), (256, True))}
+            for j, ahead in ((32, False), (64, False), (128, False), (256, True))}
            if m <= 4 else {}),
         "lowbit aqlm 1x16": lambda: lowbit_aqlm_row(m, k, n, sets2, 1, 16),
         "lowbit int8 (LLM.int8)": lambda: lowbit_int8_row(m, k, n, sets8),

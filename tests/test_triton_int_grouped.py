@@ -395,6 +395,29 @@ def test_dot_tile_layouts_agree(monkeypatch, bits):
     assert rel_err(got[True], got[False].float()) <= MATMUL_REL[torch.float16]
 
 
+def test_one_act_order_token_gathered_or_permuted_first(monkeypatch):
+    """One token of an act-order weight: gathered through ``perm`` in the kernel, or permuted by an
+    ``index_select`` before a plain kernel (``GATHER_ONE_TOKEN``); both give the reference's
+    product, and only the second permutes x outside the kernel."""
+    n, k, gs = 70, 200, 40
+    mod = random_module(n, k, 4, gs, act_order=True, seed=11).to(DEVICE)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(11)).to(DEVICE, torch.float16)
+    want = reference.matmul_int_grouped(x.float(), mod.qweight, mod.scales, mod.qzeros, mod.g_idx, 4)
+    layout = T._ordered(mod.qweight, mod.scales, mod.qzeros, mod.g_idx, 4)
+    assert layout.perm is not None
+    selects = []
+    real = torch.Tensor.index_select
+    monkeypatch.setattr(torch.Tensor, "index_select", lambda t, *a: selects.append(1) or real(t, *a))
+    got = {}
+    for gather in (True, False):
+        monkeypatch.setattr(T, "GATHER_ONE_TOKEN", gather)
+        selects.clear()
+        got[gather] = T.matmul_group_ordered(x, layout)
+        assert rel_err(got[gather], want) <= MATMUL_REL[torch.float16]
+        assert bool(selects) != gather
+    assert rel_err(got[True], got[False].float()) <= MATMUL_REL[torch.float16]
+
+
 @pytest.mark.parametrize("act", [False, True], ids=["plain", "act-order"])
 def test_batch_paths_match_reference(monkeypatch, act):
     """Above ``TILED_MAX_ROWS`` rows the weight is dequantized (in input order) and multiplied by

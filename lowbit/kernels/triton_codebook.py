@@ -315,14 +315,14 @@ def codeword_products(x2: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor
 
 
 LUT_BLOCK_J = 64
-"""Codes a row of :func:`_lut_gemv_kernel` takes a step (``BLOCK_J``), 16 rows a program. 256
-codes a step, with the next step's codes loaded ahead (:data:`LUT_PREFETCH`), were meant to keep
-more loads in flight, but ran slower on an H100 (2026-11-27, ``bench/kernels.py``, graphs, cold L2):
-18.6 against 17.4 µs for one token of 4096x4096 and 39.5 against 22.5 µs of 4096x11008, where the
-first version (64 codes, no prefetch) is the faster; the bench times the other steps beside it."""
+"""Codes a row of :func:`_lut_gemv_kernel` takes a step (``BLOCK_J``), 16 rows a program. On an H100
+(2026-11-27, ``bench/kernels.py``, one token, graphs, cold L2, µs on 4096x4096 / 4096x11008), with
+the next step's codes loaded ahead (:data:`LUT_PREFETCH`): 64 codes 16.8 / 21.3, 256 codes 18.7 /
+39.9; without: 32 codes 19.4 / 26.8, 64 codes 17.3 / 22.6, 128 codes 18.2 / 20.6."""
 
-LUT_PREFETCH = False
-"""Whether :func:`_lut_gemv_kernel` loads the next step's codes before this step's lookups."""
+LUT_PREFETCH = True
+"""Whether :func:`_lut_gemv_kernel` loads the next step's codes before this step's lookups (3-6 %
+faster at 64 codes a step in the run above)."""
 
 
 def _lut_config(m: int, n: int, j: int, device: torch.device, block_j: int | None = None) -> MatmulConfig:

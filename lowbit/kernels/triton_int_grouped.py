@@ -256,6 +256,12 @@ TILED_MAX_ROWS = 256
 ``F.linear`` (:func:`batch_path_for`)."""
 
 
+GATHER_ONE_TOKEN = True
+"""Whether one token of an act-order weight is gathered through ``perm`` in the kernel (every
+program gathers its slice of x), rather than permuted by one ``index_select`` launch before a
+plain kernel (what more rows do). ``bench/kernels.py`` times both."""
+
+
 def batch_path_for(m: int) -> str:
     """How ``m`` rows are multiplied: ``"tiled"`` (the fused kernel) up to :data:`TILED_MAX_ROWS`,
     ``"dequantize"`` (the weight dequantized to x's dtype, then ``F.linear``) above.
@@ -302,7 +308,7 @@ def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | 
         b = bias.to(x2.dtype) if bias is not None else None
         return torch.nn.functional.linear(x2, weight, b).reshape(*x.shape[:-1], n)
     perm = w.perm
-    if perm is not None and m > 1:
+    if perm is not None and (m > 1 or not GATHER_ONE_TOKEN):
         x2, perm = x2.index_select(1, perm), None
     cfg, grid, options = _plan(m, n, k, w.bits, w.group_size, perm is not None, bias is not None, x.dtype, x.device,
                                cfg, DOT_K_MAJOR)
