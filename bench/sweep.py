@@ -17,6 +17,9 @@ cache; running several such processes at once, then one timing run, compiles in 
     python bench/sweep.py --json sweep.json
 
 ``--quick`` (on both) tries a few dozen configurations around the heuristic's instead.
+``--act-order`` sweeps w4g128 with an act-order ``g_idx`` (one token gathers x through ``perm`` in
+the kernel; more rows are permuted before it, so only one token differs from the plain sweep);
+``--m`` and ``--shapes`` narrow the sweep, e.g. ``--m 1 --shapes 4096x4096,4096x11008``.
 """
 
 from __future__ import annotations
@@ -71,13 +74,13 @@ def configs(m: int, quick: bool = False) -> list[MatmulConfig]:
     return out
 
 
-def operands(kernel: str, k: int, n: int, m: int, sets: int):
+def operands(kernel: str, k: int, n: int, m: int, sets: int, act_order: bool = False):
     """``sets`` weights and ``[m, k]`` inputs; ``want(m)``, the fp32 reference on the first set's
     first ``m`` rows; ``call(x, weight, cfg)``; the kernel's K tile."""
     weights, xs = [], []
     for i in range(sets):
         if kernel == "w4g128":
-            qw, s, qz, g = random_w4(k, n, 128, False, seed=i)
+            qw, s, qz, g = random_w4(k, n, 128, act_order, seed=i)
             weights.append((to_group_ordered(qw, s, qz, g, 4), (qw, s, qz, g)))
             xs.append(torch.randn(m, k, device="cuda", dtype=torch.float16))
         else:  # one outlier input column at threshold 6
@@ -98,18 +101,25 @@ def main() -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--quick", action="store_true", help="a few dozen configurations per M instead of hundreds")
     p.add_argument("--kernel", choices=list(MS), default="w4g128")
+    p.add_argument("--act-order", action="store_true", help="w4g128 with an act-order g_idx")
+    p.add_argument("--m", default=None, help="comma-separated rows (default: the kernel's)")
+    p.add_argument("--shapes", default=None, help="comma-separated KxN (default: three Llama-7B shapes)")
     args = p.parse_args()
-    ms = MS[args.kernel]
+    if args.act_order and args.kernel != "w4g128":
+        p.error("--act-order applies to --kernel w4g128")
+    ms = tuple(int(v) for v in args.m.split(",")) if args.m else MS[args.kernel]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     part, parts = (int(v) for v in args.warm.split("/")) if args.warm else (0, 1)
     l2 = l2_bytes()
     rows, index = [], 0
-    for k, n in SHAPES:
+    for k, n in shapes:
         weight_bytes = k * n if args.kernel != "w4g128" else k * n // 2
         sets = 1 if args.warm else copies_for(weight_bytes, l2)
-        weights, xs, reference_of, call, block_k = operands(args.kernel, k, n, max(ms), sets)
+        weights, xs, reference_of, call, block_k = operands(args.kernel, k, n, max(ms), sets, args.act_order)
         want = {m: reference_of(m) for m in ms}
         for m in ms:
-            heuristic = launch_config(m, n, k, block_k, torch.device("cuda"))
+            heuristic = launch_config(m, n, k, block_k, torch.device("cuda"),
+                                      T.ACT_ORDER_GEMV_TILE if args.act_order else None)
             cands = [heuristic] + [c for c in configs(m, args.quick) if c != heuristic]
             if not args.warm:
                 calls, nbytes, _ = fp16_row(m, k, n, copies_for(2 * n * k, l2))
@@ -141,7 +151,7 @@ def main() -> None:
         print(f"WRONG {r}")
     print("| K x N | M | fp16 µs | heuristic µs | best µs | best config | best vs fp16 |")
     print("|---|---|---|---|---|---|---|")
-    for k, n in SHAPES:
+    for k, n in shapes:
         for m in ms:
             here = [r for r in rows if (r["K"], r["N"], r["M"]) == (k, n, m) and "us" in r]
             fp = next(r["us"] for r in here if r["config"].startswith("fp16"))

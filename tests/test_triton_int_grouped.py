@@ -238,13 +238,47 @@ def test_split_k_counters_by_stream_and_capture(monkeypatch):
     assert early_capture.numel() == 8 and C._COUNTERS[0].numel() == 5000
 
 
+def test_split_k_partials_by_stream_and_size(monkeypatch):
+    """Which partials buffer a split-K launch on a CUDA device gets (the stream and the allocation
+    faked, so this runs anywhere): eager launches on the default stream share one held buffer,
+    grown when a launch needs more; a side stream or a capture (always on a side stream) gets a
+    buffer of its own each call, never held; and so does a launch above ``HELD_PARTIALS_MAX``."""
+    empty = torch.empty
+    made = []
+
+    def fake_empty(n, dtype, device):
+        made.append(n)
+        return empty(n, dtype=dtype)
+
+    stream = {"now": 0}
+    monkeypatch.setattr(C, "_PARTIALS", {})
+    monkeypatch.setattr(C, "HELD_PARTIALS_MAX", 1 << 20)
+    monkeypatch.setattr(torch, "empty", fake_empty)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: stream["now"], raising=False)
+    cuda = torch.device("cuda", 0)
+
+    def partials(on, size):
+        stream["now"] = on
+        return C.split_k_partials(cuda, size)
+
+    held = partials(0, 100)
+    assert held.dtype == torch.float32 and made == [1 << 16]
+    assert partials(0, 5000) is held and len(made) == 1
+    side = [partials(77, 100) for _ in range(2)]
+    assert side[0] is not side[1] and made[1:] == [100, 100] and all(t is not held for t in side)
+    bigger = partials(0, (1 << 16) + 1)
+    assert bigger is not held and made[-1] == (1 << 16) + 1 and partials(0, 10) is bigger
+    assert partials(0, (1 << 20) + 1) is not bigger and made[-1] == (1 << 20) + 1
+    assert C._PARTIALS == {0: bigger}
+
+
 @pytest.mark.gpu
 def test_serial_split_k_on_gpu_repeats_in_streams_and_graphs():
     """On a GPU, where the splits of a tile run at the same time on different multiprocessors: one
     token with 16 splits, 200 eager calls give the first call's output bit for bit and leave the
     held counters at zero; a side stream gets counters of its own for each call; a CUDA graph
     captured on a side stream uses the held counters (no fill in the graph) and its replays give
-    the eager output."""
+    the eager output; the graph does not use the held partials buffer."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA/ROCm GPU")
     mod = random_module(4096, 4096, 4, 128, False, seed=3).to("cuda")
@@ -266,14 +300,34 @@ def test_serial_split_k_on_gpu_repeats_in_streams_and_graphs():
     torch.cuda.current_stream().wait_stream(side)
     assert torch.equal(on_side, first)
     graph = torch.cuda.CUDAGraph()
+    partials = C.split_k_partials(x.device, 1)
     with torch.cuda.graph(graph):
         assert C.split_k_counters(x.device, 1) is held
+        assert C.split_k_partials(x.device, 1) is not partials
         captured = T.matmul_group_ordered(x, layout, b, cfg=cfg)
     for _ in range(50):
         graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, first)
     assert not held.any()
+
+
+def test_act_order_token_takes_its_own_tile_on_nvidia():
+    """One act-order token (x gathered through ``perm``) takes ``ACT_ORDER_GEMV_TILE`` on NVIDIA and
+    the plain one-token tile on AMD; plain weights and more rows keep the shared heuristic's."""
+    plain = C.matmul_config(1, 4096, 4096, 128, 132, None)
+    act = C.matmul_config(1, 4096, 4096, 128, 132, None, T.ACT_ORDER_GEMV_TILE)
+    assert (plain.block_n, plain.num_warps) == (64, 2)
+    assert (act.block_n, act.num_warps) == T.ACT_ORDER_GEMV_TILE and act.split_k == plain.split_k == 16
+    amd = C.matmul_config(1, 4096, 4096, 128, 304, "gfx942", T.ACT_ORDER_GEMV_TILE)
+    assert (amd.block_n, amd.num_warps) == (64, 2)
+    assert C.matmul_config(16, 4096, 4096, 128, 132, None, T.ACT_ORDER_GEMV_TILE) == \
+        C.matmul_config(16, 4096, 4096, 128, 132, None)
+    device = torch.device(DEVICE)
+    act_columns = T.ACT_ORDER_GEMV_TILE[0] if C.device_arch(device) is None else 64
+    for has_perm, want in ((True, act_columns), (False, C.launch_config(1, 300, 512, 64, device).block_n)):
+        cfg = T._plan(1, 300, 512, 4, 64, has_perm, False, torch.float16, device, None, False)[0]
+        assert cfg.block_n == want
 
 
 def test_split_k_fills_the_gpu_for_a_single_token():

@@ -60,6 +60,7 @@ def _matmul_variants() -> list[Variant]:
     # (bits, group, perm, block_m, block_n, block_k, split_k, tile_in_group, dtype)
     for bits, group, perm, bm, bn, bk, split, in_group, dt in (
         (4, 128, False, 1, 64, 128, 8, True, "fp16"),  # GEMV, split-K
+        (4, 128, True, 1, 128, 128, 16, True, "fp16"),  # act-order GEMV (x gathered), its wider tile
         (4, 128, True, 16, 64, 128, 4, True, "fp16"),  # act-order, tl.dot, split-K
         (4, 128, False, 64, 128, 128, 1, True, "bf16"),  # GEMM, bias in-kernel
         (3, 64, False, 16, 64, 64, 1, True, "fp16"),  # 3-bit straddling words

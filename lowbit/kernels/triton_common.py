@@ -231,18 +231,21 @@ def hip_options(arch: str) -> tuple[tuple[str, int], ...]:
 
 
 @functools.lru_cache(maxsize=None)
-def matmul_config(m: int, n: int, k: int, block_k: int, sms: int, hip_arch: str | None) -> MatmulConfig:
+def matmul_config(m: int, n: int, k: int, block_k: int, sms: int, hip_arch: str | None,
+                  gemv_tile: tuple[int, int] | None = None) -> MatmulConfig:
     """Heuristic tiles for ``[m, k] @ [k, n]`` with K tiles of ``block_k``.
 
     FMA GEMV for ``m < 16``, ``tl.dot`` tiles above. Split-K doubles while the programs stay
     under ``waves`` times the GPU's ``sms`` multiprocessors and each split keeps two K tiles.
     From the H200 sweep of ``bench/sweep.py`` (w4 g128, Llama-7B shapes): one token is fastest
     with many small programs (64 columns, 2 warps, K split 16 ways); up to 64 rows, 16x64 tiles
-    and about 8 waves; above, 64x64 tiles and 2 waves. An AMD target (``hip_arch``, None on
-    NVIDIA) gets its own compiler options (:func:`hip_options`).
+    and about 8 waves; above, 64x64 tiles and 2 waves. ``gemv_tile``: (columns, warps) of a
+    one-token program on NVIDIA instead of (64, 2), for a kernel whose sweep found others. An AMD
+    target (``hip_arch``, None on NVIDIA) gets its own compiler options (:func:`hip_options`).
     """
     if m == 1:
-        block_m, block_n, num_warps, waves = 1, 64, 2, 64
+        block_n, num_warps = gemv_tile if gemv_tile is not None and not hip_arch else (64, 2)
+        block_m, waves = 1, 64
     elif m < 16:
         block_m = next_power_of_2(m)
         block_n, num_warps, waves = (64 if block_m <= 2 else 32), 4, 8
@@ -272,8 +275,9 @@ def device_sms(device: torch.device) -> int:
     return 4
 
 
-def launch_config(m: int, n: int, k: int, block_k: int, device: torch.device) -> MatmulConfig:
-    return matmul_config(m, n, k, block_k, device_sms(device), device_arch(device))
+def launch_config(m: int, n: int, k: int, block_k: int, device: torch.device,
+                  gemv_tile: tuple[int, int] | None = None) -> MatmulConfig:
+    return matmul_config(m, n, k, block_k, device_sms(device), device_arch(device), gemv_tile)
 
 
 def input_rows(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -322,13 +326,43 @@ def split_k_counters(device: torch.device, tiles: int) -> torch.Tensor:
     return counters
 
 
+_PARTIALS: dict[int, torch.Tensor] = {}
+"""Split-K partials held for eager launches on each device's default stream (key as :data:`_COUNTERS`')."""
+
+HELD_PARTIALS_MAX = 1 << 22
+"""The most fp32 partials a held buffer grows to (16 MiB); a launch needing more allocates its own."""
+
+
+def split_k_partials(device: torch.device, size: int) -> torch.Tensor:
+    """At least ``size`` fp32 values of scratch for a split-K launch's partials on ``device``'s
+    current stream (the kernel writes every value it reads, so nothing is filled).
+
+    Launches on the default stream (eager calls) share one held buffer: they run in order, and a
+    launch has read its partials before the next one starts. A capture or another stream gets a
+    buffer of its own, so a CUDA graph never holds the shared one (which a larger call may replace)."""
+    if size > HELD_PARTIALS_MAX:
+        return torch.empty(size, dtype=torch.float32, device=device)
+    if device.type == "cuda":
+        key = device.index if device.index is not None else torch.cuda.current_device()
+        if torch._C._cuda_getCurrentRawStream(key) != 0:
+            return torch.empty(size, dtype=torch.float32, device=device)
+    else:  # the interpreter: programs run one after another
+        key = -1
+    held = _PARTIALS.get(key)
+    if held is None or held.numel() < size:
+        held = _PARTIALS[key] = torch.empty(max(size, min(1 << 16, HELD_PARTIALS_MAX)), dtype=torch.float32,
+                                            device=device)
+    return held
+
+
 def output_buffers(cfg: MatmulConfig, m: int, n: int, x: torch.Tensor, tiles: int | None = None,
                    dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What a matmul kernel writes: ``y [M, N]`` in ``dtype`` (None: x's), never zero-filled, and for
-    ``cfg.split_k > 1`` the fp32 partials ``[SPLIT_K, M, N]`` and the arrival counters of its
-    ``tiles`` output tiles (None: ``cfg.grid``'s); with one split both are ``y`` (unread)."""
+    ``cfg.split_k > 1`` the fp32 partials (``[SPLIT_K, M, N]`` in the first values of
+    :func:`split_k_partials`' buffer) and the arrival counters of its ``tiles`` output tiles (None:
+    ``cfg.grid``'s); with one split both are ``y`` (unread)."""
     y = torch.empty(m, n, device=x.device, dtype=dtype or x.dtype)
     if cfg.split_k == 1:
         return y, y, y
-    ws = torch.empty(cfg.split_k, m, n, device=x.device, dtype=torch.float32)
+    ws = split_k_partials(x.device, cfg.split_k * m * n)
     return y, ws, split_k_counters(x.device, tiles if tiles is not None else cfg.grid(m, n)[0])
