@@ -160,24 +160,26 @@ def fp16_row(m, k, n, sets):
     return [lambda x=x, w=w: F.linear(x, w) for x, w in zip(xs, ws)], 2 * n * k + 2 * m * (k + n), 0.0
 
 
-def lowbit_row(m, k, n, sets, act_order, group=128, perm_dtype=None, k_major=None, batch_path=None, gather=None):
+def lowbit_row(m, k, n, sets, act_order, group=128, perm_dtype=None, k_major=None, batch_path=None,
+               gather_rows=None):
     """lowbit's grouped-int matmul, w4 (``perm_dtype``: the act-order indices cast to it, e.g.
     int16, a variant the kernel reads as given; None keeps the layout's int32; ``k_major``: the
     ``tl.dot`` tiles dequantized K-contiguous or not, None for ``DOT_K_MAJOR``'s default;
-    ``batch_path``: forced for 16 rows or more, None for the default; ``gather``: one act-order
-    token gathered in the kernel or permuted before it, None for ``GATHER_ONE_TOKEN``'s default)."""
+    ``batch_path``: forced for 16 rows or more, None for the default; ``gather_rows``: up to how many
+    rows act-order activations are gathered in the kernel, not permuted before it, None for
+    ``GATHER_MAX_ROWS``' default)."""
     import dataclasses
 
     from lowbit.kernels import triton_int_grouped as T
 
     def call(x, layout):
-        saved = T.DOT_K_MAJOR, T.GATHER_ONE_TOKEN
+        saved = T.DOT_K_MAJOR, T.GATHER_MAX_ROWS
         T.DOT_K_MAJOR = saved[0] if k_major is None else k_major  # read at each call: the capture and eager calls see it
-        T.GATHER_ONE_TOKEN = saved[1] if gather is None else gather
+        T.GATHER_MAX_ROWS = saved[1] if gather_rows is None else gather_rows
         try:
             return T.matmul_group_ordered(x, layout, batch_path=batch_path)
         finally:
-            T.DOT_K_MAJOR, T.GATHER_ONE_TOKEN = saved
+            T.DOT_K_MAJOR, T.GATHER_MAX_ROWS = saved
 
     calls, err = [], 0.0
     for i in range(sets):
@@ -427,10 +429,14 @@ def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str], n
         **({"lowbit w4g128 act-order, int16 perm": lambda: lowbit_row(m, k, n, sets4, act_order=True,
                                                                        perm_dtype=torch.int16)}
            if m == 1 and k < 2**15 else {}),
-        # or x permuted by an index_select launch before the plain kernel (GATHER_ONE_TOKEN off)
+        # or x permuted by an index_select launch before the plain kernel (GATHER_MAX_ROWS 0); and
+        # at 16 rows, where that is the default, gathered in the kernel instead
         **({"lowbit w4g128 act-order, x permuted first": lambda: lowbit_row(m, k, n, sets4, act_order=True,
-                                                                           gather=False)}
+                                                                           gather_rows=0)}
            if m == 1 else {}),
+        **({"lowbit w4g128 act-order, x gathered in the kernel": lambda: lowbit_row(m, k, n, sets4, act_order=True,
+                                                                                   gather_rows=m, batch_path="tiled")}
+           if 1 < m <= 16 else {}),
         "lowbit nf4 double-quant": lambda: lowbit_nf4_row(m, k, n, sets4),
         "lowbit aqlm 2x8": lambda: lowbit_aqlm_row(m, k, n, sets2, 2, 8),
         # the tabulated GEMV (up to 4 rows) with other steps than its default (64 codes, prefetch)

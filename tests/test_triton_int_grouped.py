@@ -449,13 +449,15 @@ def test_dot_tile_layouts_agree(monkeypatch, bits):
     assert rel_err(got[True], got[False].float()) <= MATMUL_REL[torch.float16]
 
 
-def test_one_act_order_token_gathered_or_permuted_first(monkeypatch):
-    """One token of an act-order weight: gathered through ``perm`` in the kernel, or permuted by an
-    ``index_select`` before a plain kernel (``GATHER_ONE_TOKEN``); both give the reference's
-    product, and only the second permutes x outside the kernel."""
+@pytest.mark.parametrize("m", [1, 16, 5])
+def test_act_order_rows_gathered_or_permuted_first(monkeypatch, m):
+    """Act-order activations gathered through ``perm`` in the kernel, or permuted by an
+    ``index_select`` before a plain kernel, as ``GATHER_MAX_ROWS`` decides: both give the
+    reference's product and each other's to the accumulation's rounding, and only the second
+    permutes x outside the kernel."""
     n, k, gs = 70, 200, 40
     mod = random_module(n, k, 4, gs, act_order=True, seed=11).to(DEVICE)
-    x = torch.randn(1, k, generator=torch.Generator().manual_seed(11)).to(DEVICE, torch.float16)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(11)).to(DEVICE, torch.float16)
     want = reference.matmul_int_grouped(x.float(), mod.qweight, mod.scales, mod.qzeros, mod.g_idx, 4)
     layout = T._ordered(mod.qweight, mod.scales, mod.qzeros, mod.g_idx, 4)
     assert layout.perm is not None
@@ -463,13 +465,13 @@ def test_one_act_order_token_gathered_or_permuted_first(monkeypatch):
     real = torch.Tensor.index_select
     monkeypatch.setattr(torch.Tensor, "index_select", lambda t, *a: selects.append(1) or real(t, *a))
     got = {}
-    for gather in (True, False):
-        monkeypatch.setattr(T, "GATHER_ONE_TOKEN", gather)
+    for rows in (m, m - 1):
+        monkeypatch.setattr(T, "GATHER_MAX_ROWS", rows)
         selects.clear()
-        got[gather] = T.matmul_group_ordered(x, layout)
-        assert rel_err(got[gather], want) <= MATMUL_REL[torch.float16]
-        assert bool(selects) != gather
-    assert rel_err(got[True], got[False].float()) <= MATMUL_REL[torch.float16]
+        got[rows] = T.matmul_group_ordered(x, layout)
+        assert rel_err(got[rows], want) <= MATMUL_REL[torch.float16]
+        assert bool(selects) == (rows < m)
+    assert rel_err(got[m], got[m - 1].float()) <= MATMUL_REL[torch.float16]
 
 
 @pytest.mark.parametrize("act", [False, True], ids=["plain", "act-order"])

@@ -6,12 +6,12 @@ columns holding any ``|x| >= threshold`` are outliers; every other column is qua
 the weight codes ``CB`` in int32, and scaled by ``absmax_row * SCB / 127**2``; the outlier columns
 are multiplied with ``CB`` in fp32 and scaled by ``SCB / 127``.
 
-Two launches. The first reduces the activations to the statistics the product
-needs: which columns are outliers, and each row's absmax over the others. Up to :data:`STATS_ROWS`
-rows, when all of x's rows fit one tile, the matmul kernel can find them itself (``ROW_STATS``,
-:data:`FUSED_ROW_STATS`, off by default: slower on an H100); by default that is :func:`_stats_kernel`, one program per block of
-columns writing its partial row maxima, and above :data:`STATS_ROWS` rows a few PyTorch
-reductions, whose launches matter less there. The matmul kernel then takes each
+Two launches. The first reduces the activations to the statistics the product needs: which
+columns are outliers, and each row's absmax over the others. Up to :data:`STATS_ROWS` rows that is
+:func:`_stats_kernel`, one program per block of columns writing its partial row maxima (when all
+of x's rows fit one tile the matmul kernel can find them itself instead: ``ROW_STATS``,
+:data:`FUSED_ROW_STATS`, off since it ran slower on an H100), and above :data:`STATS_ROWS` rows a
+few PyTorch reductions, whose launches matter less there. The matmul kernel then takes each
 row's maximum over the partials and ``127 / absmax`` (computed as PyTorch's ``127.0 / t`` is,
 ``127 * (1 / t)``), reads each weight tile once, quantizes the matching ``x`` tile to int8 in registers,
 and multiplies in integers: ``tl.dot`` on int8 tiles of 16 rows or more, integer multiply-sums on

@@ -263,10 +263,13 @@ programs gather as with the plain kernel's 64 columns. On an H100 (2026-11-27, `
 20.5 µs with the plain kernel's (64, 2), where plain weights take 8.8 / 16.3 µs. The plain kernel's
 one-token tile stays: (128, 4) was within 4 % of it either way on the H100 and the H200."""
 
-GATHER_ONE_TOKEN = True
-"""Whether one token of an act-order weight is gathered through ``perm`` in the kernel (every
-program gathers its slice of x), rather than permuted by one ``index_select`` launch before a
-plain kernel (what more rows do). ``bench/kernels.py`` times both."""
+GATHER_MAX_ROWS = 1
+"""Up to how many rows the activations of an act-order weight are gathered through ``perm`` in the
+kernel (every program gathers its slice of x) rather than permuted by one ``index_select`` launch
+before a plain kernel (0: never gathered). On an H100 (2026-11-27) permuting one token first took
+15.9 / 23.1 µs against 10.3 / 20.6 µs on 4096x4096 / 4096x11008; at 16 rows, where the
+``index_select`` is the default, act-order took 25.0 / 35.6 µs against 18.9 / 29.4 µs for plain
+weights. ``bench/kernels.py`` times the gather at 16 rows beside it (not yet run)."""
 
 
 def batch_path_for(m: int) -> str:
@@ -315,7 +318,7 @@ def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | 
         b = bias.to(x2.dtype) if bias is not None else None
         return torch.nn.functional.linear(x2, weight, b).reshape(*x.shape[:-1], n)
     perm = w.perm
-    if perm is not None and (m > 1 or not GATHER_ONE_TOKEN):
+    if perm is not None and m > GATHER_MAX_ROWS:
         x2, perm = x2.index_select(1, perm), None
     cfg, grid, options = _plan(m, n, k, w.bits, w.group_size, perm is not None, bias is not None, x.dtype, x.device,
                                cfg, DOT_K_MAJOR)
