@@ -442,7 +442,7 @@ def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str], n
         # the tabulated GEMV (up to 4 rows) with other steps than its default (64 codes, prefetch)
         **({f"lowbit aqlm 2x8, lut {j}-code steps{', prefetch' if ahead else ''}":
             (lambda j=j, ahead=ahead: lowbit_aqlm_row(m, k, n, sets2, 2, 8, lut_step=(j, ahead)))
-            for j, ahead in ((32, False), (64, False), (128, False), (256, True))}
+            for j, ahead in ((32, False), (64, False), (128, False), (128, True), (256, True))}
            if m <= 4 else {}),
         "lowbit aqlm 1x16": lambda: lowbit_aqlm_row(m, k, n, sets2, 1, 16),
         "lowbit int8 (LLM.int8)": lambda: lowbit_int8_row(m, k, n, sets8),
