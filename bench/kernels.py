@@ -35,6 +35,7 @@ before it is timed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -160,6 +161,22 @@ def fp16_row(m, k, n, sets):
     return [lambda x=x, w=w: F.linear(x, w) for x, w in zip(xs, ws)], 2 * n * k + 2 * m * (k + n), 0.0
 
 
+@contextlib.contextmanager
+def switched(module, **values):
+    """``module``'s switches (module constants its wrappers read at each call, so a graph capture and
+    the eager calls both see them) set to ``values`` for the call, then restored; None leaves one
+    at its default."""
+    values = {name: value for name, value in values.items() if value is not None}
+    saved = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
 def lowbit_row(m, k, n, sets, act_order, group=128, perm_dtype=None, k_major=None, batch_path=None,
                gather_rows=None):
     """lowbit's grouped-int matmul, w4 (``perm_dtype``: the act-order indices cast to it, e.g.
@@ -173,13 +190,8 @@ def lowbit_row(m, k, n, sets, act_order, group=128, perm_dtype=None, k_major=Non
     from lowbit.kernels import triton_int_grouped as T
 
     def call(x, layout):
-        saved = T.DOT_K_MAJOR, T.GATHER_MAX_ROWS
-        T.DOT_K_MAJOR = saved[0] if k_major is None else k_major  # read at each call: the capture and eager calls see it
-        T.GATHER_MAX_ROWS = saved[1] if gather_rows is None else gather_rows
-        try:
+        with switched(T, DOT_K_MAJOR=k_major, GATHER_MAX_ROWS=gather_rows):
             return T.matmul_group_ordered(x, layout, batch_path=batch_path)
-        finally:
-            T.DOT_K_MAJOR, T.GATHER_MAX_ROWS = saved
 
     calls, err = [], 0.0
     for i in range(sets):
@@ -235,15 +247,11 @@ def lowbit_aqlm_row(m, k, n, sets, n_codebooks, nbits, batch_path=None, lut_step
     (``lut_step``: the tabulated GEMV's (codes a step, prefetch), None for its defaults)."""
     from lowbit.kernels import triton_codebook as A
 
+    block_j, prefetch = lut_step or (None, None)
+
     def call(x, c, b, s):
-        if lut_step is None:
+        with switched(A, LUT_BLOCK_J=block_j, LUT_PREFETCH=prefetch):
             return A.matmul_codebook(x, c, b, s, batch_path=batch_path)
-        saved = A.LUT_BLOCK_J, A.LUT_PREFETCH
-        A.LUT_BLOCK_J, A.LUT_PREFETCH = lut_step  # read at each call: the capture and eager calls see it
-        try:
-            return A.matmul_codebook(x, c, b, s, batch_path=batch_path)
-        finally:
-            A.LUT_BLOCK_J, A.LUT_PREFETCH = saved
 
     calls, err = [], 0.0
     for i in range(sets):
@@ -296,13 +304,9 @@ def lowbit_int8_row(m, k, n, sets, int_mm=False, prequantize=None, tiles=None, w
             fn = lambda x=x, cb=cb, scb=scb: reference.matmul_int8_outlier(x, cb, scb, 6.0, int_matmul=int_mm_fn)
         else:
             def fn(x=x, cb=cb, scb=scb):
-                saved = I.FUSED_ROW_STATS
-                I.FUSED_ROW_STATS = saved if fused_stats is None else fused_stats  # read at each call
-                try:
+                with switched(I, FUSED_ROW_STATS=fused_stats):
                     return I.matmul_int8_outlier(x, cb, scb, 6.0, prequantize=prequantize, cfg=cfg,
                                                  weight_only=weight_only, batch_path=batch_path)
-                finally:
-                    I.FUSED_ROW_STATS = saved
         if i == 0:
             want = (reference.matmul_int8_weight_only(x.float(), cb, scb) if weight_only
                     else reference.matmul_int8_outlier(x.float(), cb, scb, 6.0))

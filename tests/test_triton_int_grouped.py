@@ -312,7 +312,7 @@ def test_serial_split_k_on_gpu_repeats_in_streams_and_graphs():
     assert not held.any()
 
 
-def test_act_order_token_takes_its_own_tile_on_nvidia():
+def test_act_order_token_takes_its_own_tile_on_nvidia(monkeypatch):
     """One act-order token (x gathered through ``perm``) takes ``ACT_ORDER_GEMV_TILE`` on NVIDIA and
     the plain one-token tile on AMD; plain weights and more rows keep the shared heuristic's."""
     plain = C.matmul_config(1, 4096, 4096, 128, 132, None)
@@ -324,10 +324,22 @@ def test_act_order_token_takes_its_own_tile_on_nvidia():
     assert C.matmul_config(16, 4096, 4096, 128, 132, None, T.ACT_ORDER_GEMV_TILE) == \
         C.matmul_config(16, 4096, 4096, 128, 132, None)
     device = torch.device(DEVICE)
+    planned = []
+    real_plan = T._plan
+
+    def plan(*args):
+        out = real_plan(*args)
+        planned.append(out[0])
+        return out
+
+    monkeypatch.setattr(T, "_plan", plan)
     act_columns = T.ACT_ORDER_GEMV_TILE[0] if C.device_arch(device) is None else 64
-    for has_perm, want in ((True, act_columns), (False, C.launch_config(1, 300, 512, 64, device).block_n)):
-        cfg = T._plan(1, 300, 512, 4, 64, has_perm, False, torch.float16, device, None, False)[0]
-        assert cfg.block_n == want
+    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(2)).to(DEVICE, torch.float16)
+    for act, want in ((True, act_columns), (False, C.launch_config(1, 300, 512, 64, device).block_n)):
+        mod = random_module(300, 512, 4, 64, act_order=act, seed=4).to(DEVICE)
+        planned.clear()
+        T.matmul_group_ordered(x, mod.group_ordered())
+        assert [cfg.block_n for cfg in planned] == [want]
 
 
 def test_split_k_fills_the_gpu_for_a_single_token():

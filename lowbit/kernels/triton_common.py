@@ -294,6 +294,16 @@ def check_batch_path(batch_path: str | None) -> None:
         raise ValueError(f"batch_path must be 'tiled' or 'dequantize', not {batch_path!r}")
 
 
+def _held_key(device: torch.device) -> tuple[int, bool]:
+    """The key of ``device``'s held split-K buffers (its index; -1 for the interpreter's CPU
+    tensors, whose programs run one after another), and whether the current stream is the
+    device's default one (always, for the interpreter)."""
+    if device.type != "cuda":
+        return -1, True
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    return key, torch._C._cuda_getCurrentRawStream(key) == 0
+
+
 _COUNTERS: dict[int, torch.Tensor] = {}
 """Split-K arrival counters held for launches on each device's default stream (key: the device
 index; -1 for the interpreter's CPU tensors); zero between launches (:func:`_split_total`)."""
@@ -310,15 +320,12 @@ def split_k_counters(device: torch.device, tiles: int) -> torch.Tensor:
     and capture allocate from the graph's private memory pool, which may hand that memory out
     again.
     """
-    if device.type == "cuda":
-        key = device.index if device.index is not None else torch.cuda.current_device()
-        if torch._C._cuda_getCurrentRawStream(key) != 0:  # a side stream, or a capture
-            held = _COUNTERS.get(key)
-            if held is not None and held.numel() >= tiles and torch.cuda.is_current_stream_capturing():
-                return held
-            return torch.zeros(tiles, dtype=torch.int32, device=device)
-    else:  # the interpreter: programs run one after another
-        key = -1
+    key, default_stream = _held_key(device)
+    if not default_stream:  # a side stream, or a capture
+        held = _COUNTERS.get(key)
+        if held is not None and held.numel() >= tiles and torch.cuda.is_current_stream_capturing():
+            return held
+        return torch.zeros(tiles, dtype=torch.int32, device=device)
     counters = _COUNTERS.get(key)
     if counters is None or counters.numel() < tiles:
         counters = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
@@ -340,14 +347,9 @@ def split_k_partials(device: torch.device, size: int) -> torch.Tensor:
     Launches on the default stream (eager calls) share one held buffer: they run in order, and a
     launch has read its partials before the next one starts. A capture or another stream gets a
     buffer of its own, so a CUDA graph never holds the shared one (which a larger call may replace)."""
-    if size > HELD_PARTIALS_MAX:
+    key, default_stream = _held_key(device)
+    if size > HELD_PARTIALS_MAX or not default_stream:
         return torch.empty(size, dtype=torch.float32, device=device)
-    if device.type == "cuda":
-        key = device.index if device.index is not None else torch.cuda.current_device()
-        if torch._C._cuda_getCurrentRawStream(key) != 0:
-            return torch.empty(size, dtype=torch.float32, device=device)
-    else:  # the interpreter: programs run one after another
-        key = -1
     held = _PARTIALS.get(key)
     if held is None or held.numel() < size:
         held = _PARTIALS[key] = torch.empty(max(size, min(1 << 16, HELD_PARTIALS_MAX)), dtype=torch.float32,

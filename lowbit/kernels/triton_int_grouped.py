@@ -321,7 +321,7 @@ def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | 
     if perm is not None and m > GATHER_MAX_ROWS:
         x2, perm = x2.index_select(1, perm), None
     cfg, grid, options = _plan(m, n, k, w.bits, w.group_size, perm is not None, bias is not None, x.dtype, x.device,
-                               cfg, DOT_K_MAJOR)
+                               cfg, DOT_K_MAJOR, ACT_ORDER_GEMV_TILE if perm is not None else None)
     y, ws, locks = output_buffers(cfg, m, n, x, grid[0])
     launch(_matmul_kernel, grid,
         x2, w.qweight, w.scales, w.qzeros, perm if perm is not None else w.qweight,
@@ -332,14 +332,17 @@ def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | 
 
 @functools.lru_cache(maxsize=4096)  # each prefill length is a plan of its own
 def _plan(m: int, n: int, k: int, bits: int, group_size: int, has_perm: bool, has_bias: bool, dtype: torch.dtype,
-          device: torch.device, cfg: MatmulConfig | None, k_major: bool) -> tuple[MatmulConfig, tuple[int, int], dict]:
+          device: torch.device, cfg: MatmulConfig | None, k_major: bool,
+          gemv_tile: tuple[int, int] | None = None) -> tuple[MatmulConfig, tuple[int, int], dict]:
     """The launch of :func:`_matmul_kernel` for ``[m, k]`` rows and a ``[n, k]`` weight: its
-    configuration (``cfg``, or None for the heuristic's), grid, and constexprs with launch options.
+    configuration (``cfg``, or None for the heuristic's, with ``gemv_tile`` for one token), grid,
+    and constexprs with launch options. The module's switches come in as arguments, so the cache
+    follows them.
     Cached, so that an eager call skips the tile choice and the options' dict (about 1.6 µs of CPU
     a call here, ``bench/dispatch.py``); callers must not change the dict."""
     block_k, in_group = block_k_for(group_size, k, cfg.block_k if cfg is not None else 128)
     if cfg is None:
-        cfg = launch_config(m, n, k, block_k, device, ACT_ORDER_GEMV_TILE if has_perm else None)
+        cfg = launch_config(m, n, k, block_k, device, gemv_tile)
     elif cfg.block_k != block_k:
         raise ValueError(f"block_k {cfg.block_k} does not fit group size {group_size} (use {block_k})")
     options = dict(BITS=bits, GROUP=group_size, HAS_PERM=has_perm, HAS_BIAS=has_bias, TILE_IN_GROUP=in_group,
