@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lowbit.formats.group_order import GroupOrdered
 from lowbit.kernels import ops, triton_blockwise4, triton_codebook, triton_common, triton_int8, triton_int_grouped
 
 KERNEL_MODULES = (triton_int_grouped, triton_blockwise4, triton_codebook, triton_int8, triton_common)
@@ -71,7 +72,6 @@ def wrapper_cases(k: int, n: int, device: str) -> list:
     """(name, call) for each format's matmul wrapper on one fp16 token of a random ``[n, k]`` weight."""
     from lowbit.formats.blockwise4 import Blockwise4Linear
     from lowbit.formats.codebook import pack_codes
-    from lowbit.formats.group_order import GroupOrdered
     from lowbit.formats.int8_outlier import quantize_rows
 
     gen = torch.Generator().manual_seed(0)
@@ -287,7 +287,7 @@ def main() -> None:
         return
     saved = (triton_int_grouped.matmul_group_ordered, triton_blockwise4.matmul_blockwise4,
              triton_codebook.matmul_codebook)
-    triton_int_grouped.matmul_group_ordered = lambda x, w, bias=None: x.new_empty(x.shape[0], n)
+    triton_int_grouped.matmul_group_ordered = lambda x, w, bias=None, **kw: x.new_empty(x.shape[0], n)
     triton_blockwise4.matmul_blockwise4 = lambda x, *a, **kw: x.new_empty(x.shape[0], n)
     triton_codebook.matmul_codebook = lambda x, *a, **kw: x.new_empty(x.shape[0], n)
     x = torch.randn(1, k)
@@ -296,17 +296,18 @@ def main() -> None:
     nf4_args = (torch.zeros(n * k // 2, 1, dtype=torch.uint8), torch.randn(n * k // 64), torch.randn(16), None, None,
                 None, None, 64, n, k, None)
     aqlm_args = (torch.zeros(n, k // 8, 2, dtype=torch.int16), torch.randn(2, 256, 1, 8), torch.randn(n, 1, 1, 1), None)
-    cases = [("grouped int", ops.int_grouped_matmul, ops.int_grouped_linear, int_args),
-             ("nf4", ops.blockwise4_matmul, ops.blockwise4_linear, nf4_args),
-             ("aqlm", ops.codebook_matmul, ops.codebook_linear, aqlm_args)]
+    int_layout = (GroupOrdered(*int_args[:3], None, 4, 128), None)
+    cases = [("grouped int", ops.int_grouped_matmul, ops.int_grouped_linear, int_args, int_layout),
+             ("nf4", ops.blockwise4_matmul, ops.blockwise4_linear, nf4_args, nf4_args),
+             ("aqlm", ops.codebook_matmul, ops.codebook_linear, aqlm_args, aqlm_args)]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; µs per call, Triton wrapper stubbed\n")
     print("| format | mode | custom op | entry point |")
     print("|---|---|---|---|")
     for mode, ctx in (("no_grad", torch.no_grad), ("inference_mode", torch.inference_mode)):
-        for name, op, entry, args in cases:
+        for name, op, entry, args, entry_args in cases:
             with ctx():
                 via_op = per_call_us(lambda: op(x, *args))
-                via_entry = per_call_us(lambda: entry(x, *args))
+                via_entry = per_call_us(lambda: entry(x, *entry_args))
             print(f"| {name} | {mode} | {via_op:.1f} | {via_entry:.1f} |", flush=True)
     (triton_int_grouped.matmul_group_ordered, triton_blockwise4.matmul_blockwise4,
      triton_codebook.matmul_codebook) = saved

@@ -13,6 +13,7 @@ import lowbit
 import lowbit.kernels as K
 from conftest import MATMUL_REL, calib_ids, rel_err, tiny_llama_model
 from lowbit.formats.base import QuantLinear
+from lowbit.formats.group_order import GroupOrdered
 from lowbit.formats.int8_outlier import Int8Linear
 from lowbit.formats.int8_outlier import _reference_forward as int8_reference_forward
 from lowbit.kernels import reference
@@ -106,6 +107,14 @@ ENTRY_POINTS = {"int_grouped_matmul": "int_grouped_linear", "blockwise4_matmul":
                 "codebook_matmul": "codebook_linear", "int8_outlier_matmul": "int8_outlier_linear"}
 
 
+def _entry_args(name: str, args: tuple) -> tuple:
+    """The entry point's arguments for the op's ``args`` (the grouped-int one takes the layout whole)."""
+    if name != "int_grouped_matmul":
+        return args
+    qweight, scales, qzeros, perm, bias, bits, group_size = args
+    return GroupOrdered(qweight, scales, qzeros, perm, bits, group_size), bias
+
+
 @pytest.mark.parametrize("case", ["int4-g32-act-order", "nf4-double-quant", "aqlm-2x4", "int8-outliers"])
 def test_entry_points_take_the_op_only_when_traced_or_differentiated(case, monkeypatch):
     """The modules' entry points launch the wrapper directly in plain eager without a gradient to
@@ -115,6 +124,7 @@ def test_entry_points_take_the_op_only_when_traced_or_differentiated(case, monke
     op, args, want, k = make(3, variant)
     name = op._name  # the op's name in the lowbit namespace, and its attribute in ops
     entry = getattr(ops, ENTRY_POINTS[name])
+    entry_args = _entry_args(name, args)
     calls = []
 
     def counted(*a):
@@ -124,10 +134,10 @@ def test_entry_points_take_the_op_only_when_traced_or_differentiated(case, monke
     monkeypatch.setattr(ops, name, counted)
     x = torch.randn(3, k, generator=torch.Generator().manual_seed(7)).to(DEVICE, DTYPE)
     with torch.no_grad():
-        direct = entry(x, *args)
+        direct = entry(x, *entry_args)
     assert calls == [] and torch.equal(direct, op(x, *args))
     xg = x.clone().requires_grad_(True)
-    entry(xg, *args).sum().backward()
+    entry(xg, *entry_args).sum().backward()
     assert calls == [1] and xg.grad is not None and torch.isfinite(xg.grad).all()
     monkeypatch.undo()  # dynamo must see the real op, not the counting wrapper
 
@@ -139,7 +149,7 @@ def test_entry_points_take_the_op_only_when_traced_or_differentiated(case, monke
 
     torch._dynamo.reset()
     with torch.no_grad():
-        traced = torch.compile(lambda t: entry(t, *args), fullgraph=True, backend=capture)(x)
+        traced = torch.compile(lambda t: entry(t, *entry_args), fullgraph=True, backend=capture)(x)
     assert torch.equal(traced, direct)
     assert any(f"lowbit.{name}" in target for target in graphs[0]), graphs
 

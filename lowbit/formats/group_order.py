@@ -17,7 +17,7 @@ Worked example (K = 4, group_size = 2)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,6 +36,9 @@ class GroupOrdered:
         perm: int32 ``[K]`` or None (identity: the canonical rows are already in group order).
         bits: 2, 3, 4 or 8.
         group_size: rows per group (the last group may be shorter); ``K`` for one group per row.
+        held_calls: the Triton wrapper's held eager launches for this weight (see
+            :class:`lowbit.kernels.triton_common.HeldCall`); empty on a new layout, and not copied
+            by ``dataclasses.replace``.
     """
 
     qweight: torch.Tensor
@@ -44,6 +47,7 @@ class GroupOrdered:
     perm: torch.Tensor | None
     bits: int
     group_size: int
+    held_calls: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
 
 def contiguous_group_size(g_idx: torch.Tensor, groups: int) -> int | None:

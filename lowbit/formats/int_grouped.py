@@ -58,8 +58,9 @@ class IntGroupedLinear(QuantLinear):
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=scales_dtype, **kw))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, **kw))
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, **kw) if bias else None)
-        # (source buffers, their pointers and versions, layout built from them): see group_ordered()
-        self._ordered: tuple[tuple, tuple, GroupOrdered | None] | None = None
+        # (source buffers, those with a write counter, their pointers and counters, layout built
+        # from them): see group_ordered()
+        self._ordered: tuple[tuple, tuple, tuple, GroupOrdered | None] | None = None
 
     @classmethod
     def from_quantized(
@@ -117,13 +118,20 @@ class IntGroupedLinear(QuantLinear):
         b = self._buffers  # not nn.Module.__getattr__: this runs twice in every forward
         q, s, z, g = bufs = (b["qweight"], b["scales"], b["qzeros"], b["g_idx"])
         cached = self._ordered
+        held = cached[0] if cached is not None else ()
+        same = len(held) == 4 and held[0] is q and held[1] is s and held[2] is z and held[3] is g
         if torch.compiler.is_compiling():
-            return cached[2] if cached is not None and _same_tensors(cached[0], bufs) else None
-        versions = (q.data_ptr(), _version(q), s.data_ptr(), _version(s), z.data_ptr(), _version(z),
-                    g.data_ptr(), _version(g))
-        if cached is None or not _same_tensors(cached[0], bufs) or cached[1] != versions:
-            self._ordered = cached = (bufs, versions, to_group_ordered(*bufs, self.bits))
-        return cached[2]
+            return cached[3] if same else None
+        if same:
+            tracked = cached[1]
+            if cached[2] == (q.data_ptr(), s.data_ptr(), z.data_ptr(), g.data_ptr(), *[t._version for t in tracked]):
+                return cached[3]
+        # inference tensors (a model quantized under torch.inference_mode) keep no write counter,
+        # and can only be written inside it
+        tracked = tuple(t for t in bufs if not t.is_inference())
+        state = (q.data_ptr(), s.data_ptr(), z.data_ptr(), g.data_ptr(), *[t._version for t in tracked])
+        self._ordered = cached = (bufs, tracked, state, to_group_ordered(*bufs, self.bits))
+        return cached[3]
 
     def prepare(self) -> None:
         """Rebuild the cached group-ordered layout now if the weight is on a GPU (see
@@ -155,19 +163,6 @@ def check_grouping(in_features: int, bits: int, group_size: int) -> None:
         raise ValueError(f"in_features={in_features} must be positive")
 
 
-def _version(t: torch.Tensor) -> int:
-    """In-place write counter; tensors made under ``torch.inference_mode`` (a quantized model's
-    buffers) keep none and can only be written inside it: -1."""
-    return -1 if t.is_inference() else t._version
-
-
-def _same_tensors(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
-    for u, v in zip(a, b, strict=True):
-        if u is not v:
-            return False
-    return True
-
-
 def _reference_forward(x: torch.Tensor, m: IntGroupedLinear) -> torch.Tensor:
     return reference.matmul_int_grouped(x, m.qweight, m.scales, m.qzeros, m.g_idx, m.bits, m.bias)
 
@@ -177,8 +172,7 @@ def _triton_supports(m: IntGroupedLinear, x: torch.Tensor) -> bool:
 
 
 def _triton_forward(x: torch.Tensor, m: IntGroupedLinear) -> torch.Tensor:
-    w = m.group_ordered()
-    return ops.int_grouped_linear(x, w.qweight, w.scales, w.qzeros, w.perm, m.bias, w.bits, w.group_size)
+    return ops.int_grouped_linear(x, m.group_ordered(), m.bias)
 
 
 register_kernel(

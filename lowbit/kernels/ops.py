@@ -63,17 +63,21 @@ def _int_grouped_matmul(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tens
     from lowbit.kernels import triton_int_grouped
 
     w = GroupOrdered(qweight, scales, qzeros, perm, bits, group_size)
-    return triton_int_grouped.matmul_group_ordered(x, w, bias)
+    return triton_int_grouped.matmul_group_ordered(x, w, bias, held=False)  # a layout for this call only
 
 
 int_grouped_matmul = torch.library.custom_op("lowbit::int_grouped_matmul", _int_grouped_matmul, mutates_args=())
 
 
-def int_grouped_linear(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, perm: Tensor | None,
-                       bias: Tensor | None, bits: int, group_size: int) -> Tensor:
-    """:func:`int_grouped_matmul`, through the dispatcher only where needed (:func:`dispatch_free`)."""
-    args = (x, qweight, scales, qzeros, perm, bias, bits, group_size)
-    return _int_grouped_matmul(*args) if dispatch_free(x) else int_grouped_matmul(*args)
+def int_grouped_linear(x: Tensor, w: GroupOrdered, bias: Tensor | None) -> Tensor:
+    """:func:`int_grouped_matmul` with layout ``w``, through the dispatcher only where needed
+    (:func:`dispatch_free`). Called without it, the wrapper gets ``w`` itself, and so the eager
+    launches ``w`` holds (a module passes the layout it keeps)."""
+    if dispatch_free(x):
+        from lowbit.kernels import triton_int_grouped
+
+        return triton_int_grouped.matmul_group_ordered(x, w, bias)
+    return int_grouped_matmul(x, w.qweight, w.scales, w.qzeros, w.perm, bias, w.bits, w.group_size)
 
 
 @int_grouped_matmul.register_fake

@@ -54,18 +54,20 @@ class _HeldLaunches:
                          if p.default is not inspect.Parameter.empty}
         self.runners: dict[tuple, tuple] = {}  # key -> (held runner, the parameters after the positional ones)
 
-    def __call__(self, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
+    def __call__(self, grid: tuple[int, ...], args: tuple, kwargs: dict) -> tuple:
+        """Launch; returns the held launch ``(runner, tail)``: ``runner(*args, *tail)`` repeats it."""
         key = (grid, tuple(kwargs.items()),
                *[(a.dtype, a.get_device(), not a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args])
         held = self.runners.get(key)
         if held is not None:
             runner, tail = held
             runner(*args, *tail)
-            return
+            return held
         compiled = self.kernel[grid](*args, **kwargs)
         if len(self.runners) >= self.MAX_KEYS:
             self.runners.clear()
-        self.runners[key] = (held_runner(compiled, grid), self.every_argument(args, kwargs)[len(args):])
+        held = self.runners[key] = (held_runner(compiled, grid), self.every_argument(args, kwargs)[len(args):])
+        return held
 
     def every_argument(self, args: tuple, kwargs: dict) -> tuple:
         """Every parameter's value in order, constexprs and defaults included (what a compiled
@@ -82,17 +84,81 @@ def held_runner(compiled, grid: tuple[int, ...]):
 _HELD: dict[int, _HeldLaunches] = {}  # by id of the kernel (a JITFunction hashes through a property)
 
 
-def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
+def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> tuple | None:
     """``kernel[grid](*args, **kwargs)``; with :data:`LAUNCH_CACHE` on a GPU, through the held
     compiled kernel after the first call with the same specialization (:class:`_HeldLaunches`).
-    Constexprs and launch options must be passed by name."""
+    Constexprs and launch options must be passed by name. Returns the held launch
+    ``(runner, tail)`` (for :class:`HeldCall`), None when nothing is held."""
     if not LAUNCH_CACHE or INTERPRET:
         kernel[grid](*args, **kwargs)
-        return
+        return None
     held = _HELD.get(id(kernel))
     if held is None or held.kernel is not kernel:
         held = _HELD[id(kernel)] = _HeldLaunches(kernel)
-    held(grid, args, kwargs)
+    return held(grid, args, kwargs)
+
+
+class HeldCall:
+    """A wrapper's eager one-launch call, held to be repeated on new input rows.
+
+    :func:`launch` keys a held launch on every argument, about 3 µs of CPU a call for the nine
+    tensors of a matmul (``bench/dispatch.py``), and the wrapper before it chooses the launch and
+    finds its buffers. A wrapper that holds a weight object keeps a ``HeldCall`` per
+    :func:`held_call_key` of its input instead, and a later call with the same key allocates the
+    output and launches, nothing else.
+
+    The launch takes the input rows first and the output at ``y_at``; every other argument is
+    held, the split-K partials and counters included. Those come from the default stream's held
+    buffers (:func:`split_k_partials`), which is why the key is None on any other stream or in a
+    capture: there a wrapper allocates them per call. A held buffer a later launch outgrew stays
+    alive with the call that holds it and is still correct to use (launches on the default stream
+    run in order, and each leaves its counters zero). With one split, the partials and counters
+    the kernel never reads are the first call's output (:func:`output_buffers`), which the held
+    call then keeps (``M x N`` values).
+    """
+
+    __slots__ = ("runner", "middle", "tail", "bias", "out_shape", "dtype", "device")
+
+    MAX = 64
+    """Held calls per weight before they are dropped (each input shape is a key)."""
+
+    def __init__(self, launched: tuple, args: tuple, y_at: int, out_shape: tuple[int, ...], bias) -> None:
+        runner, tail = launched
+        y = args[y_at]
+        self.runner = runner
+        self.middle = args[1:y_at]
+        self.tail = (*args[y_at + 1:], *tail)
+        self.bias = bias  # the call is for this bias tensor (held in the arguments) only
+        self.out_shape, self.dtype, self.device = out_shape, y.dtype, y.device
+
+    def __call__(self, x2: torch.Tensor) -> torch.Tensor:
+        """The launch on rows ``x2`` (the key's layout); returns the output in ``out_shape``
+        (its rows are the kernel's ``[M, N]`` output, contiguous)."""
+        y = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        self.runner(x2, *self.middle, y, *self.tail)
+        return y
+
+
+def held_call_key(x: torch.Tensor, *switches) -> tuple | None:
+    """The key of a :class:`HeldCall` on input ``x`` (with the calling module's ``switches``,
+    constants that change its launch), or None where no call may be held: the launch cache off,
+    the interpreter, or a stream other than the device's default one (a capture included).
+
+    The key holds what the launch depends on in ``x``: its shape and strides (the rows and their
+    stride), dtype, device and 16-byte alignment (which Triton specializes on)."""
+    if not LAUNCH_CACHE or INTERPRET:
+        return None
+    device = x.get_device()
+    if device >= 0 and torch._C._cuda_getCurrentRawStream(device) != 0:
+        return None
+    return (x.shape, x.stride(), x.dtype, device, not x.data_ptr() & 15, *switches)
+
+
+def hold(calls: dict, key: tuple, call: HeldCall) -> None:
+    """Keep ``call`` under ``key`` in a weight's ``calls``, at most :attr:`HeldCall.MAX` of them."""
+    if len(calls) >= HeldCall.MAX:
+        calls.clear()
+    calls[key] = call
 
 
 def cdiv(a: int, b: int) -> int:

@@ -28,6 +28,7 @@ import triton.language as tl
 
 from lowbit.formats.group_order import GroupOrdered, to_group_ordered
 from lowbit.kernels.triton_common import (
+    HeldCall,
     MatmulConfig,
     _dot_t,
     _output_tile,
@@ -35,6 +36,8 @@ from lowbit.kernels.triton_common import (
     _store_output,
     cdiv,
     check_batch_path,
+    held_call_key,
+    hold,
     input_rows,
     launch,
     launch_config,
@@ -288,7 +291,8 @@ def batch_path_for(m: int) -> str:
 # --- wrappers ----------------------------------------------------------------------------
 
 def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | None = None,
-                         cfg: MatmulConfig | None = None, batch_path: str | None = None) -> torch.Tensor:
+                         cfg: MatmulConfig | None = None, batch_path: str | None = None,
+                         held: bool = True) -> torch.Tensor:
     """``x @ W.T + bias`` from the group-ordered layout.
 
     An act-order weight's permutation is applied to the activations: gathered in the kernel for
@@ -303,9 +307,18 @@ def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | 
         cfg: launch configuration of the fused kernel (None: the heuristic's; benches pass others
             to compare). Given, the fused kernel runs whatever ``batch_path`` says.
         batch_path: for 16 rows or more, ``"tiled"`` or ``"dequantize"`` (None: :func:`batch_path_for`).
+        held: whether an eager call of fewer than 16 rows with neither ``cfg`` nor ``batch_path``
+            is held in ``w.held_calls`` and repeated from there (:class:`HeldCall`); False for a
+            layout made for one call.
     Returns:
         ``[..., N]`` in x's dtype, accumulated in fp32.
     """
+    key = (held_call_key(x, ACT_ORDER_GEMV_TILE, GATHER_MAX_ROWS, DOT_K_MAJOR)
+           if held and cfg is None and batch_path is None else None)
+    if key is not None:
+        call = w.held_calls.get(key)
+        if call is not None and call.bias is bias:
+            return call(input_rows(x))
     k = x.shape[-1]
     n = w.scales.shape[1]
     x2 = input_rows(x)
@@ -323,11 +336,14 @@ def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | 
     cfg, grid, options = _plan(m, n, k, w.bits, w.group_size, perm is not None, bias is not None, x.dtype, x.device,
                                cfg, DOT_K_MAJOR, ACT_ORDER_GEMV_TILE if perm is not None else None)
     y, ws, locks = output_buffers(cfg, m, n, x, grid[0])
-    launch(_matmul_kernel, grid,
-        x2, w.qweight, w.scales, w.qzeros, perm if perm is not None else w.qweight,
-        bias if bias is not None else w.scales, y, ws, locks,
-        m, n, k, x2.stride(0), n, w.qweight.shape[0], w.qzeros.shape[1], **options)
-    return y.reshape(*x.shape[:-1], n)
+    args = (x2, w.qweight, w.scales, w.qzeros, perm if perm is not None else w.qweight,
+            bias if bias is not None else w.scales, y, ws, locks,
+            m, n, k, x2.stride(0), n, w.qweight.shape[0], w.qzeros.shape[1])
+    launched = launch(_matmul_kernel, grid, *args, **options)
+    out_shape = (*x.shape[:-1], n)
+    if key is not None and launched is not None and m < 16 and perm is w.perm:  # x2: x's rows, not permuted
+        hold(w.held_calls, key, HeldCall(launched, args, 6, out_shape, bias))
+    return y.reshape(out_shape)
 
 
 @functools.lru_cache(maxsize=4096)  # each prefill length is a plan of its own

@@ -1,0 +1,193 @@
+"""Held eager calls (``triton_common.HeldCall``): a grouped-int layout repeats the launch of an
+earlier call with the same input layout, allocating the output and nothing else. Checked on CPU
+with a stand-in for the matmul kernel that records its launches; with real kernels on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import MATMUL_REL, rel_err
+from lowbit.kernels import reference
+from test_group_order import random_module
+
+pytest.importorskip("triton")
+C = pytest.importorskip("lowbit.kernels.triton_common")
+TG = pytest.importorskip("lowbit.kernels.triton_int_grouped")
+
+
+class Recorder:
+    """Stands in for ``_matmul_kernel``: ``[grid](*args, **kwargs)`` logs a launch through Triton and
+    returns a compiled kernel whose held launches log every argument."""
+
+    def __init__(self, kernel) -> None:
+        self.arg_names, self.fn = kernel.arg_names, kernel.fn
+        self.log: list[tuple] = []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.log.append(("run", args))
+            return _Compiled(self.log)
+
+        return run
+
+
+class _Compiled:
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    def __getitem__(self, grid):
+        return lambda *every: self.log.append(("held", every))
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """The launch cache on (outside the interpreter), the matmul kernel recorded, and a count of
+    the wrapper's calls to ``launch`` (a held call makes none)."""
+    monkeypatch.setattr(C, "LAUNCH_CACHE", True)
+    monkeypatch.setattr(C, "INTERPRET", False)
+    monkeypatch.setattr(C, "_HELD", {})
+    kernel = Recorder(TG._matmul_kernel)
+    monkeypatch.setattr(TG, "_matmul_kernel", kernel)
+    launches = []
+
+    def counted(*args, **kwargs):
+        launches.append(1)
+        return C.launch(*args, **kwargs)
+
+    monkeypatch.setattr(TG, "launch", counted)
+    return kernel, launches
+
+
+def _layout(act_order=False):
+    return random_module(256, 512, 4, 128, act_order).group_ordered()
+
+
+def _x(rows=1, seed=0, dtype=torch.float16):
+    return torch.randn(1, rows, 512, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act-order"])
+def test_second_call_repeats_the_launch_with_new_rows_and_output(recorded, act_order):
+    kernel, launches = recorded
+    w = _layout(act_order)
+    TG.matmul_group_ordered(_x(seed=0), w)
+    x = _x(seed=1)
+    y = TG.matmul_group_ordered(x, w)
+    assert len(launches) == 1 and len(w.held_calls) == 1
+    held = kernel.log[-1]
+    TG.matmul_group_ordered(x, w, held=False)  # the same call through launch's own held kernel
+    assert len(launches) == 2
+    want = kernel.log[-1]
+    assert held[0] == want[0] == "held" and len(held[1]) == len(want[1])
+    for i, (a, b) in enumerate(zip(held[1], want[1], strict=True)):
+        if i == 0:  # the rows of x
+            assert a.data_ptr() == b.data_ptr() == x.data_ptr() and a.shape == b.shape == (1, 512)
+        elif i == 6:  # the output: a new tensor each call, in the output's shape
+            assert a is y and a.dtype == b.dtype and a.numel() == b.numel()
+        elif isinstance(a, torch.Tensor):
+            assert a is b
+        else:
+            assert a == b
+    assert y.shape == (1, 1, 256) and y.dtype == torch.float16 and y.is_contiguous()
+
+
+def _changes():
+    """(name, call after a first ``matmul_group_ordered(_x(), w)``): each is a new key, or not held."""
+    return {
+        "rows": lambda w: TG.matmul_group_ordered(_x(rows=2), w),
+        "dtype": lambda w: TG.matmul_group_ordered(_x(dtype=torch.bfloat16), w),
+        "misaligned": lambda w: TG.matmul_group_ordered(torch.randn(513).half()[1:].reshape(1, 1, 512), w),
+        "strides": lambda w: TG.matmul_group_ordered(torch.randn(1, 512, 2).half()[..., 0].unsqueeze(0), w),
+        "bias": lambda w: TG.matmul_group_ordered(_x(), w, torch.randn(256).half()),
+    }
+
+
+@pytest.mark.parametrize("change", list(_changes()))
+def test_a_new_input_layout_or_bias_goes_through_the_wrapper(recorded, change):
+    _kernel, launches = recorded
+    w = _layout()
+    TG.matmul_group_ordered(_x(), w)
+    call = _changes()[change]
+    call(w)
+    assert len(launches) == 2
+    if change != "bias":  # a new bias is a new tensor each call here
+        call(w)
+        assert len(launches) == 2  # and then held
+
+
+@pytest.mark.parametrize("switch,value", [("ACT_ORDER_GEMV_TILE", (64, 2)), ("GATHER_MAX_ROWS", 4),
+                                          ("DOT_K_MAJOR", True)])
+def test_a_switch_changed_is_a_new_key(recorded, monkeypatch, switch, value):
+    _kernel, launches = recorded
+    w = _layout(act_order=True)
+    TG.matmul_group_ordered(_x(), w)
+    monkeypatch.setattr(TG, switch, value)
+    TG.matmul_group_ordered(_x(), w)
+    assert len(launches) == 2 and len(w.held_calls) == 2
+
+
+@pytest.mark.parametrize("case", ["16-rows", "act-order-permuted-rows", "cfg", "held-false", "cache-off"])
+def test_what_is_never_held(recorded, monkeypatch, case):
+    """16 rows or more, act-order rows permuted before the kernel (an ``index_select`` each call),
+    a launch configuration or ``held=False`` given, or the launch cache off: every call launches
+    through the wrapper."""
+    _kernel, launches = recorded
+    w = _layout(act_order=case == "act-order-permuted-rows")
+    x = _x(rows={"16-rows": 16, "act-order-permuted-rows": 2}.get(case, 1))
+    kwargs = {"cfg": {"cfg": C.MatmulConfig(1, 64, 128, 4, 2, 3)}, "held-false": {"held": False}}.get(case, {})
+    if case == "cache-off":
+        monkeypatch.setattr(C, "LAUNCH_CACHE", False)
+    for _ in range(2):
+        TG.matmul_group_ordered(x, w, **kwargs)
+    assert len(launches) == 2 and w.held_calls == {}
+
+
+def test_held_calls_are_bounded(recorded, monkeypatch):
+    monkeypatch.setattr(C.HeldCall, "MAX", 3)
+    w = _layout()
+    for rows in range(1, 6):
+        TG.matmul_group_ordered(_x(rows=rows), w)
+    assert len(w.held_calls) == 2  # dropped at the fourth key, then two added
+
+
+def test_a_rebuilt_layout_holds_nothing(recorded):
+    """The module's layout is rebuilt when a buffer is replaced, and the held calls go with it."""
+    mod = random_module(256, 512, 4, 128, False)
+    TG.matmul_group_ordered(_x(), mod.group_ordered())
+    assert mod.group_ordered().held_calls
+    mod.scales = mod.scales.clone()
+    assert mod.group_ordered().held_calls == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/ROCm GPU")
+@pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act-order"])
+def test_held_calls_give_the_reference_on_gpu(monkeypatch, act_order):
+    """A module's eager forward with real kernels: fresh inputs each call (the second call of a layout
+    is held), with a bias and without, a misaligned view (a new key), all against the reference; a
+    side stream holds nothing."""
+    monkeypatch.setattr(C, "LAUNCH_CACHE", True)
+    mod = random_module(256, 512, 4, 128, act_order).cuda()
+    gen = torch.Generator().manual_seed(0)
+    bias = torch.randn(256, generator=gen).half().cuda()
+    for rows, with_bias in ((1, False), (1, False), (1, False), (3, True), (3, True), (3, False)):
+        mod.bias = bias if with_bias else None
+        x = torch.randn(1, rows, 513, generator=gen).half().cuda()
+        for view in (x[..., :512], x[..., 1:]):  # 16-byte aligned, then 2 bytes past it
+            want = reference.matmul_int_grouped(view.float(), mod.qweight, mod.scales, mod.qzeros, mod.g_idx,
+                                                mod.bits, mod.bias)
+            with torch.no_grad():
+                assert rel_err(mod(view), want) <= MATMUL_REL[torch.float16]
+    w = mod.group_ordered()
+    assert w.held_calls
+    w.held_calls.clear()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side), torch.no_grad():
+        x = torch.randn(1, 1, 512, generator=gen).half().cuda()
+        for _ in range(2):
+            y = mod(x)
+    side.synchronize()
+    assert w.held_calls == {}
+    assert rel_err(y, reference.matmul_int_grouped(x.float(), mod.qweight, mod.scales, mod.qzeros, mod.g_idx,
+                                                   mod.bits, mod.bias)) <= MATMUL_REL[torch.float16]
