@@ -88,7 +88,7 @@ def wrapper_cases(k: int, n: int, device: str) -> list:
     scales = torch.rand(n, 1, 1, 1, generator=gen).half().to(device)
     cb, scb = (t.to(device) for t in quantize_rows(w))
     return [("grouped int w4 g128", lambda: triton_int_grouped.matmul_group_ordered(x, grouped)),
-            ("nf4 double quant", lambda: triton_blockwise4.matmul_blockwise4(x, *nf4_args)),
+            ("nf4 double quant", lambda: triton_blockwise4.matmul_blockwise4(x, *nf4_args, held=nf4.held_calls)),
             ("aqlm 2x8", lambda: triton_codebook.matmul_codebook(x, codes, books, scales)),
             ("LLM.int8 (threshold 6)", lambda: triton_int8.matmul_int8_outlier(x, cb, scb, 6.0))]
 

@@ -4,16 +4,22 @@ with a stand-in for the matmul kernel that records its launches; with real kerne
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 
 from conftest import MATMUL_REL, rel_err
-from lowbit.kernels import reference
+from lowbit.kernels import HeldCalls, reference
 from test_group_order import random_module
+from test_triton_blockwise4 import args as nf4_args
+from test_triton_blockwise4 import random_module as random_nf4
 
 pytest.importorskip("triton")
 C = pytest.importorskip("lowbit.kernels.triton_common")
 TG = pytest.importorskip("lowbit.kernels.triton_int_grouped")
+TB = pytest.importorskip("lowbit.kernels.triton_blockwise4")
 
 
 class Recorder:
@@ -144,7 +150,7 @@ def test_what_is_never_held(recorded, monkeypatch, case):
 
 
 def test_held_calls_are_bounded(recorded, monkeypatch):
-    monkeypatch.setattr(C.HeldCall, "MAX", 3)
+    monkeypatch.setattr(HeldCalls, "MAX", 3)
     w = _layout()
     for rows in range(1, 6):
         TG.matmul_group_ordered(_x(rows=rows), w)
@@ -158,6 +164,102 @@ def test_a_rebuilt_layout_holds_nothing(recorded):
     assert mod.group_ordered().held_calls
     mod.scales = mod.scales.clone()
     assert mod.group_ordered().held_calls == {}
+
+
+def test_a_copy_holds_nothing(recorded):
+    layout = _layout()
+    TG.matmul_group_ordered(_x(), layout)
+    assert layout.held_calls and copy.deepcopy(layout).held_calls == {}
+    assert pickle.loads(pickle.dumps(layout.held_calls)) == {}
+
+
+# --- NF4 ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def recorded_nf4(monkeypatch):
+    monkeypatch.setattr(C, "LAUNCH_CACHE", True)
+    monkeypatch.setattr(C, "INTERPRET", False)
+    monkeypatch.setattr(C, "_HELD", {})
+    kernels = {name: Recorder(getattr(TB, name)) for name in ("_gemv_kernel", "_matmul_kernel")}
+    for name, kernel in kernels.items():
+        monkeypatch.setattr(TB, name, kernel)
+    launches = []
+
+    def counted(*args, **kwargs):
+        launches.append(1)
+        return C.launch(*args, **kwargs)
+
+    monkeypatch.setattr(TB, "launch", counted)
+    return kernels, launches
+
+
+def _x2k(rows=1, seed=0):
+    return torch.randn(1, rows, 2048, generator=torch.Generator().manual_seed(seed)).half()
+
+
+def _nf4(mod, x, **kwargs):
+    return TB.matmul_blockwise4(x, *nf4_args(mod), bias=mod.bias, compute_dtype=mod.compute_dtype,
+                                held=mod.held_calls, **kwargs)
+
+
+@pytest.mark.parametrize("rows,kernel", [(1, "_gemv_kernel"), (3, "_matmul_kernel")])
+def test_nf4_second_call_repeats_the_launch(recorded_nf4, rows, kernel):
+    kernels, launches = recorded_nf4
+    mod = random_nf4(256, 2048, 64, "nf4", True, seed=0)
+    _nf4(mod, _x2k(rows, seed=0))
+    x = _x2k(rows, seed=1)
+    y = _nf4(mod, x)
+    assert len(launches) == 1 and len(mod.held_calls) == 1
+    held = kernels[kernel].log[-1]
+    TB.matmul_blockwise4(x, *nf4_args(mod), bias=mod.bias)  # nothing held: through launch's held kernel
+    want = kernels[kernel].log[-1]
+    assert held[0] == want[0] == "held"
+    for i, (a, b) in enumerate(zip(held[1], want[1], strict=True)):
+        if i == 0:
+            assert a.data_ptr() == b.data_ptr() == x.data_ptr()
+        elif i == 8:  # the output
+            assert a is y and a.dtype == b.dtype and a.numel() == b.numel()
+        elif isinstance(a, torch.Tensor):
+            assert a.data_ptr() == b.data_ptr() and a.dtype == b.dtype  # the same buffers (views made per call)
+        else:
+            assert a == b
+    assert y.shape == (1, rows, 256)
+    assert held[1][9] is not held[1][8]  # split K: the partials are not the output
+
+
+@pytest.mark.parametrize("change", ["replaced", "new-data", "bias", "compute-dtype", "lookup-switch"])
+def test_nf4_a_changed_buffer_or_switch_goes_through_the_wrapper(recorded_nf4, monkeypatch, change):
+    """A buffer replaced (every held call is dropped), a weight given new memory with ``.data`` (held
+    calls pass a view of it), a new bias, another compute dtype or a changed lookup default."""
+    _kernels, launches = recorded_nf4
+    mod = random_nf4(256, 2048, 64, "nf4", True, seed=0)
+    _nf4(mod, _x2k())
+    if change == "replaced":
+        _nf4(mod, _x2k(rows=3))  # a second held call, made from the old buffer too
+        launches.pop()
+        mod.absmax = mod.absmax.clone()
+    elif change == "new-data":
+        mod.weight.data = mod.weight.clone()
+    elif change == "bias":
+        mod.bias = torch.randn(256)
+    elif change == "compute-dtype":
+        mod.compute_dtype = torch.bfloat16
+    else:
+        monkeypatch.setitem(TB.DEFAULT_LOOKUP, "gemv", "global")
+    _nf4(mod, _x2k())
+    assert len(launches) == 2
+    _nf4(mod, _x2k())
+    assert len(launches) == 2 and len(mod.held_calls) == (2 if change in ("compute-dtype", "lookup-switch") else 1)
+
+
+def test_nf4_moved_module_holds_nothing(recorded_nf4):
+    mod = random_nf4(256, 2048, 64, "nf4", True, seed=0)
+    _nf4(mod, _x2k())
+    assert mod.held_calls
+    mod.to(torch.float32)  # _apply: new buffers
+    assert mod.held_calls == {}
+    assert copy.deepcopy(mod).held_calls == {}
 
 
 @pytest.mark.gpu
@@ -191,3 +293,24 @@ def test_held_calls_give_the_reference_on_gpu(monkeypatch, act_order):
     assert w.held_calls == {}
     assert rel_err(y, reference.matmul_int_grouped(x.float(), mod.qweight, mod.scales, mod.qzeros, mod.g_idx,
                                                    mod.bits, mod.bias)) <= MATMUL_REL[torch.float16]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/ROCm GPU")
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16], ids=["fp16", "bf16-compute"])
+def test_nf4_held_calls_give_the_reference_on_gpu(monkeypatch, compute_dtype):
+    """An NF4 module's eager forward with real kernels: fresh inputs (the second call of a layout is
+    held), one token and three rows, a misaligned view, a replaced buffer, against the reference."""
+    monkeypatch.setattr(C, "LAUNCH_CACHE", True)
+    mod = random_nf4(256, 2048, 64, "nf4", True, seed=0).cuda()
+    mod.compute_dtype = compute_dtype
+    gen = torch.Generator().manual_seed(0)
+    for step, rows in enumerate((1, 1, 1, 3, 3, 1)):
+        if step == 5:
+            mod.absmax = mod.absmax.clone()
+        x = torch.randn(1, rows, 2049, generator=gen).half().cuda()
+        for view in (x[..., :2048], x[..., 1:]):
+            want = reference.matmul_blockwise4(view.float(), *nf4_args(mod), mod.bias)
+            with torch.no_grad():
+                assert rel_err(mod(view), want) <= MATMUL_REL[compute_dtype or torch.float16]
+    assert mod.held_calls

@@ -7,7 +7,7 @@ from typing import ClassVar, TypeVar
 import torch
 from torch import nn
 
-from lowbit.kernels import select_kernel
+from lowbit.kernels import HeldCalls, select_kernel
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -34,6 +34,11 @@ class QuantLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.kernel = "auto"
+        self.held_calls = HeldCalls()  # eager launches a Triton wrapper holds for this module's buffers
+
+    def _apply(self, fn, recurse=True):
+        self.held_calls.clear()  # they hold the buffers that this replaces
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., K) -> (..., N)``."""

@@ -244,7 +244,7 @@ def _triton_supports(m: Blockwise4Linear, x: torch.Tensor) -> bool:
 def _triton_forward(x: torch.Tensor, m: Blockwise4Linear) -> torch.Tensor:
     return ops.blockwise4_linear(x, m.weight, m.absmax, m.quant_map, m.nested_absmax, m.nested_quant_map,
                                  m.nested_offset, m.bias, m.blocksize, m.out_features, m.in_features,
-                                 m.compute_dtype)
+                                 m.compute_dtype, m.held_calls)
 
 
 register_kernel(

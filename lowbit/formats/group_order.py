@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lowbit.formats.packing import pack_int, unpack_int
+from lowbit.kernels import HeldCalls
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class GroupOrdered:
     perm: torch.Tensor | None
     bits: int
     group_size: int
-    held_calls: dict = field(default_factory=dict, init=False, compare=False, repr=False)
+    held_calls: HeldCalls = field(default_factory=HeldCalls, init=False, compare=False, repr=False)
 
 
 def contiguous_group_size(g_idx: torch.Tensor, groups: int) -> int | None:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from lowbit.formats.group_order import GroupOrdered
-from lowbit.kernels import reference
+from lowbit.kernels import HeldCalls, reference
 
 
 def dispatch_free(x: Tensor) -> bool:
@@ -134,11 +134,17 @@ blockwise4_matmul = torch.library.custom_op("lowbit::blockwise4_matmul", _blockw
 
 def blockwise4_linear(x: Tensor, weight: Tensor, absmax: Tensor, quant_map: Tensor, nested_absmax: Tensor | None,
                       nested_quant_map: Tensor | None, nested_offset: Tensor | None, bias: Tensor | None,
-                      blocksize: int, n: int, k: int, compute_dtype: torch.dtype | None) -> Tensor:
-    """:func:`blockwise4_matmul`, through the dispatcher only where needed (:func:`dispatch_free`)."""
-    args = (x, weight, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, bias, blocksize, n, k,
-            compute_dtype)
-    return _blockwise4_matmul(*args) if dispatch_free(x) else blockwise4_matmul(*args)
+                      blocksize: int, n: int, k: int, compute_dtype: torch.dtype | None,
+                      held: HeldCalls | None = None) -> Tensor:
+    """:func:`blockwise4_matmul`, through the dispatcher only where needed (:func:`dispatch_free`);
+    without it, the wrapper holds its one-token launches in ``held`` (the module's)."""
+    if dispatch_free(x):
+        from lowbit.kernels import triton_blockwise4
+
+        return triton_blockwise4.matmul_blockwise4(x, weight, absmax, quant_map, blocksize, (n, k), nested_absmax,
+                                                   nested_quant_map, nested_offset, bias, compute_dtype, held=held)
+    return blockwise4_matmul(x, weight, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, bias,
+                             blocksize, n, k, compute_dtype)
 
 
 @blockwise4_matmul.register_fake

@@ -15,7 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from lowbit.kernels import HeldCalls
 from lowbit.kernels.triton_common import (
+    HeldCall,
     MatmulConfig,
     _output_tile,
     _product,
@@ -23,6 +25,7 @@ from lowbit.kernels.triton_common import (
     cdiv,
     check_batch_path,
     device_sms,
+    held_call_key,
     input_rows,
     launch,
     launch_config,
@@ -267,7 +270,7 @@ def batch_path_for(m: int) -> str:
 
 def matmul_blockwise4(x, weight, absmax, quant_map, blocksize, shape, nested_absmax=None, nested_quant_map=None,
                       nested_offset=None, bias=None, compute_dtype=None, batch_path: str | None = None,
-                      lookup: str | None = None) -> torch.Tensor:
+                      lookup: str | None = None, held: HeldCalls | None = None) -> torch.Tensor:
     """Twin of :func:`lowbit.kernels.reference.matmul_blockwise4` (fp16/bf16 compute).
 
     One token with rows of whole blocks takes the GEMV kernel; 16 rows or more take
@@ -277,9 +280,23 @@ def matmul_blockwise4(x, weight, absmax, quant_map, blocksize, shape, nested_abs
     Args:
         x: ``[..., K]``; cast to ``compute_dtype`` (None: x's dtype) for the product, which
             accumulates in fp32; the result has x's dtype, shape ``[..., N]``.
+        held: the weight's held calls (the module's): an eager call of fewer than 16 rows with
+            neither ``batch_path`` nor ``lookup`` is held there and repeated from there
+            (:class:`~lowbit.kernels.triton_common.HeldCall`).
     """
     n, k = shape
     dtype = compute_dtype or x.dtype
+    key = (held_call_key(x, dtype, blocksize, n, k, GEMV_STEP_BYTES, DEFAULT_LOOKUP["gemv"], DEFAULT_LOOKUP["tiled"])
+           if held is not None and batch_path is None and lookup is None else None)
+    sources = (weight, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, bias)
+    viewed = (weight, nested_offset)  # passed as views (:func:`_operands`)
+    if key is not None:
+        call = held.get(key)
+        if call is not None:
+            if call.made_for(sources, viewed):
+                y = call(input_rows(x, dtype))
+                return y if y.dtype == x.dtype else y.to(x.dtype)
+            held.clear()  # made from buffers since replaced: let them go
     x2 = input_rows(x, dtype)
     m = x2.shape[0]
     check_batch_path(batch_path)
@@ -294,17 +311,20 @@ def matmul_blockwise4(x, weight, absmax, quant_map, blocksize, shape, nested_abs
         step = gemv_step_blocks(blocksize)
         cfg = _gemv_config(n, k, blocksize, x.device, step)
         y, ws, locks = output_buffers(cfg, m, n, x2)
-        launch(_gemv_kernel, cfg.grid(m, n),
-            x2, w, absmax, quant_map, *nested_ptrs, bias if bias is not None else quant_map, y, ws, locks, n, k,
+        args = (x2, w, absmax, quant_map, *nested_ptrs, bias if bias is not None else quant_map, y, ws, locks, n, k)
+        launched = launch(_gemv_kernel, cfg.grid(m, n), *args,
             BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n,
             SPLIT_K=cfg.split_k, LOOKUP=lookup_index(lookup, "gemv"), STEP_BLOCKS=step, num_warps=cfg.num_warps)
     else:
         cfg = launch_config(m, n, k, blocksize if row_blocks else 64, x.device)
         y, ws, locks = output_buffers(cfg, m, n, x2)
-        launch(_matmul_kernel, cfg.grid(m, n),
-            x2, w, absmax, quant_map, *nested_ptrs, bias if bias is not None else quant_map, y, ws, locks,
-            m, n, k, x2.stride(0),
+        args = (x2, w, absmax, quant_map, *nested_ptrs, bias if bias is not None else quant_map, y, ws, locks,
+                m, n, k, x2.stride(0))
+        launched = launch(_matmul_kernel, cfg.grid(m, n), *args,
             BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, ROW_BLOCKS=row_blocks,
             LOOKUP=lookup_index(lookup, "tiled"), **cfg.kernel_options(dtype),
         )
-    return (y if y.dtype == x.dtype else y.to(x.dtype)).reshape(*x.shape[:-1], n)
+    out_shape = (*x.shape[:-1], n)
+    if key is not None and launched is not None and m < 16:
+        held.hold(key, HeldCall(launched, args, 8, out_shape, sources, viewed))  # y is argument 8 of both
+    return (y if y.dtype == x.dtype else y.to(x.dtype)).reshape(out_shape)

@@ -103,8 +103,8 @@ class HeldCall:
 
     :func:`launch` keys a held launch on every argument, about 3 µs of CPU a call for the nine
     tensors of a matmul (``bench/dispatch.py``), and the wrapper before it chooses the launch and
-    finds its buffers. A wrapper that holds a weight object keeps a ``HeldCall`` per
-    :func:`held_call_key` of its input instead, and a later call with the same key allocates the
+    finds its buffers. A wrapper given a weight's :class:`~lowbit.kernels.HeldCalls` keeps a
+    ``HeldCall`` there per :func:`held_call_key` of its input instead, and a later call with the same key allocates the
     output and launches, nothing else.
 
     The launch takes the input rows first and the output at ``y_at``; every other argument is
@@ -117,19 +117,26 @@ class HeldCall:
     call then keeps (``M x N`` values).
     """
 
-    __slots__ = ("runner", "middle", "tail", "bias", "out_shape", "dtype", "device")
+    __slots__ = ("runner", "middle", "tail", "sources", "ids", "pointers", "out_shape", "dtype", "device")
 
-    MAX = 64
-    """Held calls per weight before they are dropped (each input shape is a key)."""
-
-    def __init__(self, launched: tuple, args: tuple, y_at: int, out_shape: tuple[int, ...], bias) -> None:
+    def __init__(self, launched: tuple, args: tuple, y_at: int, out_shape: tuple[int, ...],
+                 sources: tuple, viewed: tuple = ()) -> None:
+        """``launched``: what :func:`launch` returned for ``args`` (the rows first, the output at
+        ``y_at``); ``sources``: the caller's tensors (or None) that the arguments were made from,
+        ``viewed`` those of them passed as views (see :meth:`made_for`)."""
         runner, tail = launched
         y = args[y_at]
         self.runner = runner
         self.middle = args[1:y_at]
         self.tail = (*args[y_at + 1:], *tail)
-        self.bias = bias  # the call is for this bias tensor (held in the arguments) only
+        self.sources = sources  # held, so that no other object takes their ids
+        self.ids, self.pointers = tuple(map(id, sources)), _pointers(viewed)
         self.out_shape, self.dtype, self.device = out_shape, y.dtype, y.device
+
+    def made_for(self, sources: tuple, viewed: tuple = ()) -> bool:
+        """Whether the call was made from these very tensors, and those passed as views still at the
+        same addresses (a tensor passed itself follows a new ``.data``; a view of it would not)."""
+        return tuple(map(id, sources)) == self.ids and (not viewed or self.pointers == _pointers(viewed))
 
     def __call__(self, x2: torch.Tensor) -> torch.Tensor:
         """The launch on rows ``x2`` (the key's layout); returns the output in ``out_shape``
@@ -137,6 +144,10 @@ class HeldCall:
         y = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
         self.runner(x2, *self.middle, y, *self.tail)
         return y
+
+
+def _pointers(tensors: tuple) -> tuple[int, ...]:
+    return tuple([t.data_ptr() if t is not None else 0 for t in tensors])
 
 
 def held_call_key(x: torch.Tensor, *switches) -> tuple | None:
@@ -154,11 +165,6 @@ def held_call_key(x: torch.Tensor, *switches) -> tuple | None:
     return (x.shape, x.stride(), x.dtype, device, not x.data_ptr() & 15, *switches)
 
 
-def hold(calls: dict, key: tuple, call: HeldCall) -> None:
-    """Keep ``call`` under ``key`` in a weight's ``calls``, at most :attr:`HeldCall.MAX` of them."""
-    if len(calls) >= HeldCall.MAX:
-        calls.clear()
-    calls[key] = call
 
 
 def cdiv(a: int, b: int) -> int:

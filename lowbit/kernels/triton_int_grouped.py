@@ -37,7 +37,6 @@ from lowbit.kernels.triton_common import (
     cdiv,
     check_batch_path,
     held_call_key,
-    hold,
     input_rows,
     launch,
     launch_config,
@@ -317,7 +316,7 @@ def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | 
            if held and cfg is None and batch_path is None else None)
     if key is not None:
         call = w.held_calls.get(key)
-        if call is not None and call.bias is bias:
+        if call is not None and call.made_for((bias,)):
             return call(input_rows(x))
     k = x.shape[-1]
     n = w.scales.shape[1]
@@ -342,7 +341,7 @@ def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | 
     launched = launch(_matmul_kernel, grid, *args, **options)
     out_shape = (*x.shape[:-1], n)
     if key is not None and launched is not None and m < 16 and perm is w.perm:  # x2: x's rows, not permuted
-        hold(w.held_calls, key, HeldCall(launched, args, 6, out_shape, bias))
+        w.held_calls.hold(key, HeldCall(launched, args, 6, out_shape, (bias,)))
     return y.reshape(out_shape)
 
 
