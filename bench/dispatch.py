@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from lowbit.formats.group_order import GroupOrdered
+from lowbit.kernels import HeldCalls
 from lowbit.kernels import ops, triton_blockwise4, triton_codebook, triton_common, triton_int8, triton_int_grouped
 
 KERNEL_MODULES = (triton_int_grouped, triton_blockwise4, triton_codebook, triton_int8, triton_common)
@@ -87,9 +88,10 @@ def wrapper_cases(k: int, n: int, device: str) -> list:
     books = torch.randn(2, 256, 1, 8, generator=gen).half().to(device)
     scales = torch.rand(n, 1, 1, 1, generator=gen).half().to(device)
     cb, scb = (t.to(device) for t in quantize_rows(w))
+    aqlm_held = HeldCalls()  # as an AQLM module holds its one-token launches
     return [("grouped int w4 g128", lambda: triton_int_grouped.matmul_group_ordered(x, grouped)),
             ("nf4 double quant", lambda: triton_blockwise4.matmul_blockwise4(x, *nf4_args, held=nf4.held_calls)),
-            ("aqlm 2x8", lambda: triton_codebook.matmul_codebook(x, codes, books, scales)),
+            ("aqlm 2x8", lambda: triton_codebook.matmul_codebook(x, codes, books, scales, held=aqlm_held)),
             ("LLM.int8 (threshold 6)", lambda: triton_int8.matmul_int8_outlier(x, cb, scb, 6.0))]
 
 

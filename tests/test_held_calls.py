@@ -15,11 +15,14 @@ from lowbit.kernels import HeldCalls, reference
 from test_group_order import random_module
 from test_triton_blockwise4 import args as nf4_args
 from test_triton_blockwise4 import random_module as random_nf4
+from test_triton_codebook import args as aqlm_args
+from test_triton_codebook import random_module as random_aqlm
 
 pytest.importorskip("triton")
 C = pytest.importorskip("lowbit.kernels.triton_common")
 TG = pytest.importorskip("lowbit.kernels.triton_int_grouped")
 TB = pytest.importorskip("lowbit.kernels.triton_blockwise4")
+TC = pytest.importorskip("lowbit.kernels.triton_codebook")
 
 
 class Recorder:
@@ -313,4 +316,105 @@ def test_nf4_held_calls_give_the_reference_on_gpu(monkeypatch, compute_dtype):
             want = reference.matmul_blockwise4(view.float(), *nf4_args(mod), mod.bias)
             with torch.no_grad():
                 assert rel_err(mod(view), want) <= MATMUL_REL[compute_dtype or torch.float16]
+    assert mod.held_calls
+
+
+# --- AQLM ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def recorded_aqlm(monkeypatch):
+    monkeypatch.setattr(C, "LAUNCH_CACHE", True)
+    monkeypatch.setattr(C, "INTERPRET", False)
+    monkeypatch.setattr(C, "_HELD", {})
+    kernels = {name: Recorder(getattr(TC, name)) for name in ("_lut_gemv_kernel", "_matmul_kernel")}
+    for name, kernel in kernels.items():
+        monkeypatch.setattr(TC, name, kernel)
+    launches, tables = [], []
+
+    def counted(*args, **kwargs):
+        launches.append(1)
+        return C.launch(*args, **kwargs)
+
+    products = TC.codeword_products
+
+    def tabulated(x2, books):
+        tables.append(products(x2, books))
+        return tables[-1]
+
+    monkeypatch.setattr(TC, "launch", counted)
+    monkeypatch.setattr(TC, "codeword_products", tabulated)
+    return kernels, launches, tables
+
+
+def _aqlm(mod, x, **kwargs):
+    return TC.matmul_codebook(x, *aqlm_args(mod), mod.bias, held=mod.held_calls, **kwargs)
+
+
+@pytest.mark.parametrize("rows,kernel,x_at,y_at", [(1, "_lut_gemv_kernel", 1, 4), (5, "_matmul_kernel", 0, 5)],
+                         ids=["tabulated", "tiled"])
+def test_aqlm_second_call_repeats_the_launch(recorded_aqlm, rows, kernel, x_at, y_at):
+    """One token goes through its table of codeword products (made each call, and passed to the held
+    launch); five rows through the tiled kernel."""
+    kernels, launches, tables = recorded_aqlm
+    mod = random_aqlm(32, 2048, 8, 2, 8, seed=2)
+    _aqlm(mod, _x2k(rows, seed=0))
+    x = _x2k(rows, seed=1)
+    y = _aqlm(mod, x)
+    assert len(launches) == 1 and len(mod.held_calls) == 1
+    held = kernels[kernel].log[-1]
+    TC.matmul_codebook(x, *aqlm_args(mod), mod.bias)  # nothing held: through launch's held kernel
+    want = kernels[kernel].log[-1]
+    assert held[0] == want[0] == "held"
+    for i, (a, b) in enumerate(zip(held[1], want[1], strict=True)):
+        if i == x_at and x_at == 1:  # this call's table, from this call's x
+            assert a is tables[-2] and torch.equal(a, b)
+        elif i == x_at:
+            assert a.data_ptr() == b.data_ptr() == x.data_ptr()
+        elif i == y_at:
+            assert a is y and a.dtype == b.dtype and a.numel() == b.numel()
+        elif isinstance(a, torch.Tensor):
+            assert a is b
+        else:
+            assert a == b
+    assert y.shape == (1, rows, 32)
+    assert held[1][y_at + 1] is not held[1][y_at]  # split K: the partials are not the output
+
+
+@pytest.mark.parametrize("change", ["replaced", "bias", "lut-switch", "not-contiguous"])
+def test_aqlm_a_change_goes_through_the_wrapper(recorded_aqlm, monkeypatch, change):
+    _kernels, launches, _tables = recorded_aqlm
+    mod = random_aqlm(32, 2048, 8, 2, 8, seed=2)
+    if change == "not-contiguous":  # the codes as a strided view: copied for each call, never held
+        mod.codes = torch.cat([mod.codes, mod.codes], dim=2)[..., ::2]
+    _aqlm(mod, _x2k())
+    if change == "replaced":
+        mod.scales = mod.scales.clone()
+    elif change == "bias":
+        mod.bias = torch.randn(32).half()
+    elif change == "lut-switch":
+        monkeypatch.setattr(TC, "LUT_BLOCK_J", 32)
+    _aqlm(mod, _x2k())
+    assert len(launches) == 2
+    _aqlm(mod, _x2k())
+    assert len(launches) == (3 if change == "not-contiguous" else 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/ROCm GPU")
+@pytest.mark.parametrize("n_codebooks,nbits", [(2, 8), (1, 16)], ids=["2x8", "1x16"])
+def test_aqlm_held_calls_give_the_reference_on_gpu(monkeypatch, n_codebooks, nbits):
+    """An AQLM module's eager forward with real kernels: fresh inputs (the second call of a layout is
+    held), one token (tabulated for 2x8), five rows (tiled), a misaligned view, a replaced buffer."""
+    monkeypatch.setattr(C, "LAUNCH_CACHE", True)
+    mod = random_aqlm(256, 2048, 8, n_codebooks, nbits, seed=2).cuda()
+    gen = torch.Generator().manual_seed(0)
+    for step, rows in enumerate((1, 1, 1, 5, 5, 1)):
+        if step == 5:
+            mod.scales = mod.scales.clone()
+        x = torch.randn(1, rows, 2049, generator=gen).half().cuda()
+        for view in (x[..., :2048], x[..., 1:]):
+            want = reference.matmul_codebook(view.float(), *aqlm_args(mod), mod.bias)
+            with torch.no_grad():
+                assert rel_err(mod(view), want) <= MATMUL_REL[torch.float16]
     assert mod.held_calls

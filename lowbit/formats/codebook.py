@@ -146,7 +146,7 @@ def _triton_supports(m: AqlmLinear, x: torch.Tensor) -> bool:
 
 
 def _triton_forward(x: torch.Tensor, m: AqlmLinear) -> torch.Tensor:
-    return ops.codebook_linear(x, m.codes, m.codebooks, m.scales, m.bias)
+    return ops.codebook_linear(x, m.codes, m.codebooks, m.scales, m.bias, m.held_calls)
 
 
 register_kernel(

@@ -197,10 +197,15 @@ def _codebook_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor
 codebook_matmul = torch.library.custom_op("lowbit::codebook_matmul", _codebook_matmul, mutates_args=())
 
 
-def codebook_linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
-    """:func:`codebook_matmul`, through the dispatcher only where needed (:func:`dispatch_free`)."""
-    args = (x, codes, codebooks, scales, bias)
-    return _codebook_matmul(*args) if dispatch_free(x) else codebook_matmul(*args)
+def codebook_linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor, bias: Tensor | None,
+                    held: HeldCalls | None = None) -> Tensor:
+    """:func:`codebook_matmul`, through the dispatcher only where needed (:func:`dispatch_free`);
+    without it, the wrapper holds its one-token launches in ``held`` (the module's)."""
+    if dispatch_free(x):
+        from lowbit.kernels import triton_codebook
+
+        return triton_codebook.matmul_codebook(x, codes, codebooks, scales, bias, held=held)
+    return codebook_matmul(x, codes, codebooks, scales, bias)
 
 
 @codebook_matmul.register_fake

@@ -19,7 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from lowbit.kernels import HeldCalls
 from lowbit.kernels.triton_common import (
+    HeldCall,
     MatmulConfig,
     _output_tile,
     _product,
@@ -27,6 +29,7 @@ from lowbit.kernels.triton_common import (
     cdiv,
     check_batch_path,
     device_sms,
+    held_call_key,
     input_rows,
     launch,
     launch_config,
@@ -337,21 +340,24 @@ def _lut_config(m: int, n: int, j: int, device: torch.device, block_j: int | Non
     return MatmulConfig(1, block_n, block_j, split, 4, 1)
 
 
-def _matmul_lut(x2, codes, codebooks, scales, bias, n: int, gi: int) -> torch.Tensor:
+def _matmul_lut(x2, codes, codebooks, scales, bias, n: int, gi: int) -> tuple[torch.Tensor, tuple, tuple | None]:
+    """The tabulated product of rows ``x2``: ``(y [M, N], the kernel's arguments, the held launch)``
+    (the table at argument 1, ``y`` at 4)."""
     m = x2.shape[0]
     n_codebooks, size = codebooks.shape[:2]
     lut = codeword_products(x2, codebooks)
     cfg = _lut_config(m, n, gi * n_codebooks, x2.device)
     y, ws, locks = output_buffers(cfg, m, n, x2, tiles=cdiv(n, cfg.block_n) * m)
-    launch(_lut_gemv_kernel, (cdiv(n, cfg.block_n), cfg.split_k, m),
-        codes.contiguous(), lut, scales.contiguous(), bias if bias is not None else scales, y, ws, locks, n, gi,
+    args = (codes.contiguous(), lut, scales.contiguous(), bias if bias is not None else scales, y, ws, locks, n, gi)
+    launched = launch(_lut_gemv_kernel, (cdiv(n, cfg.block_n), cfg.split_k, m), *args,
         C=n_codebooks, SIZE=size, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_J=cfg.block_k,
         SPLIT_K=cfg.split_k, PREFETCH=LUT_PREFETCH, num_warps=cfg.num_warps)
-    return y
+    return y, args, launched
 
 
 def matmul_codebook(x, codes, codebooks, scales, bias=None, batch_path: str | None = None,
-                    gather: bool | None = None, lut: bool | None = None) -> torch.Tensor:
+                    gather: bool | None = None, lut: bool | None = None,
+                    held: HeldCalls | None = None) -> torch.Tensor:
     """Twin of :func:`lowbit.kernels.reference.matmul_codebook` (fp16/bf16; fp32 runs in tf32 dots).
 
     Args:
@@ -359,12 +365,34 @@ def matmul_codebook(x, codes, codebooks, scales, bias=None, batch_path: str | No
         batch_path: for 16 rows or more (None: :func:`batch_path_for`).
         gather: gather from codebooks held in the program where they fit (:func:`gather_table`).
         lut: few rows multiply through tabulated codeword products (:func:`lut_applies`).
+        held: the weight's held calls (the module's): an eager call of fewer than 16 rows with
+            none of ``batch_path``, ``gather`` and ``lut`` is held there and repeated from there
+            (:class:`~lowbit.kernels.triton_common.HeldCall`; the tabulated path still makes its
+            table each call).
     """
+    key = (held_call_key(x, DEFAULT_LUT, LUT_MAX_ROWS, LUT_MAX_SIZE, LUT_BLOCK_J, LUT_PREFETCH, DEFAULT_GATHER,
+                         GATHER_MAX)
+           if held is not None and batch_path is None and gather is None and lut is None else None)
+    sources = (codes, codebooks, scales, bias)
+    if key is not None:
+        entry = held.get(key)
+        if entry is not None:
+            call, tabulated = entry
+            if call.made_for(sources):
+                x2 = input_rows(x)
+                return call(codeword_products(x2, codebooks) if tabulated else x2)
+            held.clear()  # made from buffers since replaced: let them go
     n, k, gi, n_codebooks, size = _geometry(codes, codebooks)
     x2 = input_rows(x)
     m = x2.shape[0]
+    out_shape = (*x.shape[:-1], n)
+    # held calls pass the buffers themselves: not copies made contiguous for one call
+    key = key if m < 16 and codes.is_contiguous() and codebooks.is_contiguous() and scales.is_contiguous() else None
     if lut_applies(m, codebooks, lut):
-        return _matmul_lut(x2, codes, codebooks, scales, bias, n, gi).reshape(*x.shape[:-1], n)
+        y, args, launched = _matmul_lut(x2, codes, codebooks, scales, bias, n, gi)
+        if key is not None and launched is not None:
+            held.hold(key, (HeldCall(launched, args, 4, out_shape, sources, x_at=1), True))
+        return y.reshape(out_shape)
     check_batch_path(batch_path)
     if m >= 16 and (batch_path or batch_path_for(n_codebooks)) == "dequantize":
         w = dequantize_codebook(codes, codebooks, scales, dtype=x2.dtype, gather=gather)
@@ -374,11 +402,13 @@ def matmul_codebook(x, codes, codebooks, scales, bias=None, batch_path: str | No
     ig = codebooks.shape[3]
     cfg = launch_config(m, n, k, block_k, x.device)
     y, ws, locks = output_buffers(cfg, m, n, x2)
-    launch(_matmul_kernel, cfg.grid(m, n),
-        x2, codes.contiguous(), codebooks.contiguous(), scales.contiguous(),
-        bias if bias is not None else scales, y, ws, locks, m, n, k, gi, x2.stride(0),
+    args = (x2, codes.contiguous(), codebooks.contiguous(), scales.contiguous(),
+            bias if bias is not None else scales, y, ws, locks, m, n, k, gi, x2.stride(0))
+    launched = launch(_matmul_kernel, cfg.grid(m, n), *args,
         C=n_codebooks, SIZE=size, IG=ig, HAS_BIAS=bias is not None,
         WHOLE_WORDS=ig & (ig - 1) == 0 and ig <= block_k, TABLE=gather_table(codebooks, gather),
         **cfg.kernel_options(x.dtype),
     )
-    return y.reshape(*x.shape[:-1], n)
+    if key is not None and launched is not None:
+        held.hold(key, (HeldCall(launched, args, 5, out_shape, sources), False))
+    return y.reshape(out_shape)

@@ -107,8 +107,8 @@ class HeldCall:
     ``HeldCall`` there per :func:`held_call_key` of its input instead, and a later call with the same key allocates the
     output and launches, nothing else.
 
-    The launch takes the input rows first and the output at ``y_at``; every other argument is
-    held, the split-K partials and counters included. Those come from the default stream's held
+    The launch takes what each call computes from its input (the rows, or a table made from them) at
+    ``x_at`` and the output at ``y_at`` (after it); every other argument is held, the split-K partials and counters included. Those come from the default stream's held
     buffers (:func:`split_k_partials`), which is why the key is None on any other stream or in a
     capture: there a wrapper allocates them per call. A held buffer a later launch outgrew stays
     alive with the call that holds it and is still correct to use (launches on the default stream
@@ -117,17 +117,18 @@ class HeldCall:
     call then keeps (``M x N`` values).
     """
 
-    __slots__ = ("runner", "middle", "tail", "sources", "ids", "pointers", "out_shape", "dtype", "device")
+    __slots__ = ("runner", "head", "middle", "tail", "sources", "ids", "pointers", "out_shape", "dtype", "device")
 
     def __init__(self, launched: tuple, args: tuple, y_at: int, out_shape: tuple[int, ...],
-                 sources: tuple, viewed: tuple = ()) -> None:
-        """``launched``: what :func:`launch` returned for ``args`` (the rows first, the output at
-        ``y_at``); ``sources``: the caller's tensors (or None) that the arguments were made from,
-        ``viewed`` those of them passed as views (see :meth:`made_for`)."""
+                 sources: tuple, viewed: tuple = (), x_at: int = 0) -> None:
+        """``launched``: what :func:`launch` returned for ``args`` (the per-call input at ``x_at``,
+        the output at ``y_at``); ``sources``: the caller's tensors (or None) that the arguments were
+        made from, ``viewed`` those of them passed as views (see :meth:`made_for`)."""
         runner, tail = launched
         y = args[y_at]
         self.runner = runner
-        self.middle = args[1:y_at]
+        self.head = args[:x_at]
+        self.middle = args[x_at + 1:y_at]
         self.tail = (*args[y_at + 1:], *tail)
         self.sources = sources  # held, so that no other object takes their ids
         self.ids, self.pointers = tuple(map(id, sources)), _pointers(viewed)
@@ -139,10 +140,10 @@ class HeldCall:
         return tuple(map(id, sources)) == self.ids and (not viewed or self.pointers == _pointers(viewed))
 
     def __call__(self, x2: torch.Tensor) -> torch.Tensor:
-        """The launch on rows ``x2`` (the key's layout); returns the output in ``out_shape``
-        (its rows are the kernel's ``[M, N]`` output, contiguous)."""
+        """The launch on ``x2`` (rows in the key's layout, or what the call computes from them);
+        returns the output in ``out_shape`` (its rows are the kernel's ``[M, N]`` output, contiguous)."""
         y = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
-        self.runner(x2, *self.middle, y, *self.tail)
+        self.runner(*self.head, x2, *self.middle, y, *self.tail)
         return y
 
 
