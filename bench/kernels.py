@@ -35,7 +35,6 @@ before it is timed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import statistics
@@ -47,7 +46,7 @@ import torch.nn.functional as F
 
 from lowbit.formats.group_order import to_group_ordered
 from lowbit.formats.packing import pack_int
-from lowbit.kernels import reference
+from lowbit.kernels import HeldCalls, reference
 
 SHAPES = ["4096x4096", "4096x11008", "11008x4096", "8192x8192"]  # K x N
 
@@ -161,20 +160,26 @@ def fp16_row(m, k, n, sets):
     return [lambda x=x, w=w: F.linear(x, w) for x, w in zip(xs, ws)], 2 * n * k + 2 * m * (k + n), 0.0
 
 
-@contextlib.contextmanager
-def switched(module, **values):
-    """``module``'s switches (module constants its wrappers read at each call, so a graph capture and
-    the eager calls both see them) set to ``values`` for the call, then restored; None leaves one
-    at its default."""
+def switching(module, fn: Callable, **values) -> Callable:
+    """``fn`` with ``module``'s switches (module constants its wrappers read at each call, so a graph
+    capture and the eager calls both see them) set to ``values`` for each call, then restored; None
+    leaves one at its default. ``fn`` itself when every value is None, so that a default row's eager
+    time is the wrapper's alone."""
     values = {name: value for name, value in values.items() if value is not None}
-    saved = {name: getattr(module, name) for name in values}
-    for name, value in values.items():
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
+    if not values:
+        return fn
+
+    def call(*args, **kwargs):
+        saved = {name: getattr(module, name) for name in values}
+        for name, value in values.items():
             setattr(module, name, value)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for name, value in saved.items():
+                setattr(module, name, value)
+
+    return call
 
 
 def lowbit_row(m, k, n, sets, act_order, group=128, perm_dtype=None, k_major=None, batch_path=None,
@@ -189,9 +194,8 @@ def lowbit_row(m, k, n, sets, act_order, group=128, perm_dtype=None, k_major=Non
 
     from lowbit.kernels import triton_int_grouped as T
 
-    def call(x, layout):
-        with switched(T, DOT_K_MAJOR=k_major, GATHER_MAX_ROWS=gather_rows):
-            return T.matmul_group_ordered(x, layout, batch_path=batch_path)
+    call = switching(T, lambda x, layout: T.matmul_group_ordered(x, layout, batch_path=batch_path),
+                     DOT_K_MAJOR=k_major, GATHER_MAX_ROWS=gather_rows)
 
     calls, err = [], 0.0
     for i in range(sets):
@@ -235,10 +239,12 @@ def lowbit_nf4_row(m, k, n, sets, batch_path=None):
     calls, err = [], 0.0
     for i in range(sets):
         a = random_nf4(n, k)
+        held = HeldCalls()  # as an NF4 module holds its eager launches
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         if i == 0:
-            err = rel_err(B.matmul_blockwise4(x, *a, batch_path=batch_path), reference.matmul_blockwise4(x.float(), *a))
-        calls.append(lambda x=x, a=a: B.matmul_blockwise4(x, *a, batch_path=batch_path))
+            err = rel_err(B.matmul_blockwise4(x, *a, batch_path=batch_path, held=held),
+                          reference.matmul_blockwise4(x.float(), *a))
+        calls.append(lambda x=x, a=a, h=held: B.matmul_blockwise4(x, *a, batch_path=batch_path, held=h))
     return calls, k * n // 2 + k * n // 64 + 2 * m * (k + n), err
 
 
@@ -249,17 +255,17 @@ def lowbit_aqlm_row(m, k, n, sets, n_codebooks, nbits, batch_path=None, lut_step
 
     block_j, prefetch = lut_step or (None, None)
 
-    def call(x, c, b, s):
-        with switched(A, LUT_BLOCK_J=block_j, LUT_PREFETCH=prefetch):
-            return A.matmul_codebook(x, c, b, s, batch_path=batch_path)
-
+    call = switching(A, lambda x, c, b, s, held: A.matmul_codebook(x, c, b, s, batch_path=batch_path, held=held),
+                     LUT_BLOCK_J=block_j, LUT_PREFETCH=prefetch)
     calls, err = [], 0.0
     for i in range(sets):
         codes, books, scales = random_codebook(n, k, n_codebooks, nbits, seed=i)
+        held = HeldCalls()  # as an AQLM module holds its eager launches
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         if i == 0:
-            err = rel_err(call(x, codes, books, scales), reference.matmul_codebook(x.float(), codes, books, scales))
-        calls.append(lambda x=x, c=codes, b=books, s=scales: call(x, c, b, s))
+            err = rel_err(call(x, codes, books, scales, held),
+                          reference.matmul_codebook(x.float(), codes, books, scales))
+        calls.append(lambda x=x, c=codes, b=books, s=scales, h=held: call(x, c, b, s, h))
     code_bytes = n * (k // 8) * n_codebooks * (1 if nbits <= 8 else 2)
     return calls, code_bytes + books.numel() * 2 + 2 * n + 2 * m * (k + n), err
 
@@ -303,10 +309,9 @@ def lowbit_int8_row(m, k, n, sets, int_mm=False, prequantize=None, tiles=None, w
         if int_mm:
             fn = lambda x=x, cb=cb, scb=scb: reference.matmul_int8_outlier(x, cb, scb, 6.0, int_matmul=int_mm_fn)
         else:
-            def fn(x=x, cb=cb, scb=scb):
-                with switched(I, FUSED_ROW_STATS=fused_stats):
-                    return I.matmul_int8_outlier(x, cb, scb, 6.0, prequantize=prequantize, cfg=cfg,
-                                                 weight_only=weight_only, batch_path=batch_path)
+            fn = switching(I, lambda x=x, cb=cb, scb=scb: I.matmul_int8_outlier(
+                x, cb, scb, 6.0, prequantize=prequantize, cfg=cfg, weight_only=weight_only, batch_path=batch_path),
+                FUSED_ROW_STATS=fused_stats)
         if i == 0:
             want = (reference.matmul_int8_weight_only(x.float(), cb, scb) if weight_only
                     else reference.matmul_int8_outlier(x.float(), cb, scb, 6.0))
