@@ -209,7 +209,7 @@ def _nf4(mod, x, **kwargs):
 @pytest.mark.parametrize("rows,kernel", [(1, "_gemv_kernel"), (3, "_matmul_kernel")])
 def test_nf4_second_call_repeats_the_launch(recorded_nf4, rows, kernel):
     kernels, launches = recorded_nf4
-    mod = random_nf4(256, 2048, 64, "nf4", True, seed=0)
+    mod = random_nf4(256, 2048, 64, "nf4", True, seed=0).cpu()  # stand-in kernels: CPU tensors
     _nf4(mod, _x2k(rows, seed=0))
     x = _x2k(rows, seed=1)
     y = _nf4(mod, x)
@@ -236,7 +236,7 @@ def test_nf4_a_changed_buffer_or_switch_goes_through_the_wrapper(recorded_nf4, m
     """A buffer replaced (every held call is dropped), a weight given new memory with ``.data`` (held
     calls pass a view of it), a new bias, another compute dtype or a changed lookup default."""
     _kernels, launches = recorded_nf4
-    mod = random_nf4(256, 2048, 64, "nf4", True, seed=0)
+    mod = random_nf4(256, 2048, 64, "nf4", True, seed=0).cpu()  # stand-in kernels: CPU tensors
     _nf4(mod, _x2k())
     if change == "replaced":
         _nf4(mod, _x2k(rows=3))  # a second held call, made from the old buffer too
@@ -257,7 +257,7 @@ def test_nf4_a_changed_buffer_or_switch_goes_through_the_wrapper(recorded_nf4, m
 
 
 def test_nf4_moved_module_holds_nothing(recorded_nf4):
-    mod = random_nf4(256, 2048, 64, "nf4", True, seed=0)
+    mod = random_nf4(256, 2048, 64, "nf4", True, seed=0).cpu()  # stand-in kernels: CPU tensors
     _nf4(mod, _x2k())
     assert mod.held_calls
     mod.to(torch.float32)  # _apply: new buffers
@@ -357,7 +357,7 @@ def test_aqlm_second_call_repeats_the_launch(recorded_aqlm, rows, kernel, x_at, 
     """One token goes through its table of codeword products (made each call, and passed to the held
     launch); five rows through the tiled kernel."""
     kernels, launches, tables = recorded_aqlm
-    mod = random_aqlm(32, 2048, 8, 2, 8, seed=2)
+    mod = random_aqlm(32, 2048, 8, 2, 8, seed=2).cpu()  # stand-in kernels: CPU tensors
     _aqlm(mod, _x2k(rows, seed=0))
     x = _x2k(rows, seed=1)
     y = _aqlm(mod, x)
@@ -384,7 +384,7 @@ def test_aqlm_second_call_repeats_the_launch(recorded_aqlm, rows, kernel, x_at, 
 @pytest.mark.parametrize("change", ["replaced", "bias", "lut-switch", "not-contiguous"])
 def test_aqlm_a_change_goes_through_the_wrapper(recorded_aqlm, monkeypatch, change):
     _kernels, launches, _tables = recorded_aqlm
-    mod = random_aqlm(32, 2048, 8, 2, 8, seed=2)
+    mod = random_aqlm(32, 2048, 8, 2, 8, seed=2).cpu()  # stand-in kernels: CPU tensors
     if change == "not-contiguous":  # the codes as a strided view: copied for each call, never held
         mod.codes = torch.cat([mod.codes, mod.codes], dim=2)[..., ::2]
     _aqlm(mod, _x2k())
