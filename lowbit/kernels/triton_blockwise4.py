@@ -288,9 +288,9 @@ def matmul_blockwise4(x, weight, absmax, quant_map, blocksize, shape, nested_abs
     dtype = compute_dtype or x.dtype
     key = (held_call_key(x, dtype, blocksize, n, k, GEMV_STEP_BYTES, DEFAULT_LOOKUP["gemv"], DEFAULT_LOOKUP["tiled"])
            if held is not None and batch_path is None and lookup is None else None)
-    sources = (weight, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, bias)
-    viewed = (weight, nested_offset)  # passed as views (:func:`_operands`)
     if key is not None:
+        sources = (weight, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, bias)
+        viewed = (weight, nested_offset)  # passed as views (:func:`_operands`)
         call = held.get(key)
         if call is not None:
             if call.made_for(sources, viewed):

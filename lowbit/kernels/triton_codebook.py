@@ -373,8 +373,8 @@ def matmul_codebook(x, codes, codebooks, scales, bias=None, batch_path: str | No
     key = (held_call_key(x, DEFAULT_LUT, LUT_MAX_ROWS, LUT_MAX_SIZE, LUT_BLOCK_J, LUT_PREFETCH, DEFAULT_GATHER,
                          GATHER_MAX)
            if held is not None and batch_path is None and gather is None and lut is None else None)
-    sources = (codes, codebooks, scales, bias)
     if key is not None:
+        sources = (codes, codebooks, scales, bias)
         entry = held.get(key)
         if entry is not None:
             call, tabulated = entry
