@@ -88,11 +88,11 @@ def wrapper_cases(k: int, n: int, device: str) -> list:
     books = torch.randn(2, 256, 1, 8, generator=gen).half().to(device)
     scales = torch.rand(n, 1, 1, 1, generator=gen).half().to(device)
     cb, scb = (t.to(device) for t in quantize_rows(w))
-    aqlm_held = HeldCalls()  # as an AQLM module holds its one-token launches
+    aqlm_held, int8_held = HeldCalls(), HeldCalls()  # as the modules hold their one-token launches
     return [("grouped int w4 g128", lambda: triton_int_grouped.matmul_group_ordered(x, grouped)),
             ("nf4 double quant", lambda: triton_blockwise4.matmul_blockwise4(x, *nf4_args, held=nf4.held_calls)),
             ("aqlm 2x8", lambda: triton_codebook.matmul_codebook(x, codes, books, scales, held=aqlm_held)),
-            ("LLM.int8 (threshold 6)", lambda: triton_int8.matmul_int8_outlier(x, cb, scb, 6.0))]
+            ("LLM.int8 (threshold 6)", lambda: triton_int8.matmul_int8_outlier(x, cb, scb, 6.0, held=int8_held))]
 
 
 def wrapper_table(k: int, n: int) -> None:

@@ -308,10 +308,10 @@ def lowbit_int8_row(m, k, n, sets, int_mm=False, prequantize=None, tiles=None, w
         cb, scb, x = random_int8(n, k, m)
         if int_mm:
             fn = lambda x=x, cb=cb, scb=scb: reference.matmul_int8_outlier(x, cb, scb, 6.0, int_matmul=int_mm_fn)
-        else:
-            fn = switching(I, lambda x=x, cb=cb, scb=scb: I.matmul_int8_outlier(
-                x, cb, scb, 6.0, prequantize=prequantize, cfg=cfg, weight_only=weight_only, batch_path=batch_path),
-                FUSED_ROW_STATS=fused_stats)
+        else:  # held as an LLM.int8 module holds its eager launches
+            fn = switching(I, lambda x=x, cb=cb, scb=scb, held=HeldCalls(): I.matmul_int8_outlier(
+                x, cb, scb, 6.0, prequantize=prequantize, cfg=cfg, weight_only=weight_only, batch_path=batch_path,
+                held=held), FUSED_ROW_STATS=fused_stats)
         if i == 0:
             want = (reference.matmul_int8_weight_only(x.float(), cb, scb) if weight_only
                     else reference.matmul_int8_outlier(x.float(), cb, scb, 6.0))

@@ -17,12 +17,14 @@ from test_triton_blockwise4 import args as nf4_args
 from test_triton_blockwise4 import random_module as random_nf4
 from test_triton_codebook import args as aqlm_args
 from test_triton_codebook import random_module as random_aqlm
+from test_triton_int8 import random_case as random_int8
 
 pytest.importorskip("triton")
 C = pytest.importorskip("lowbit.kernels.triton_common")
 TG = pytest.importorskip("lowbit.kernels.triton_int_grouped")
 TB = pytest.importorskip("lowbit.kernels.triton_blockwise4")
 TC = pytest.importorskip("lowbit.kernels.triton_codebook")
+TI = pytest.importorskip("lowbit.kernels.triton_int8")
 
 
 class Recorder:
@@ -415,6 +417,121 @@ def test_aqlm_held_calls_give_the_reference_on_gpu(monkeypatch, n_codebooks, nbi
         x = torch.randn(1, rows, 2049, generator=gen).half().cuda()
         for view in (x[..., :2048], x[..., 1:]):
             want = reference.matmul_codebook(view.float(), *aqlm_args(mod), mod.bias)
+            with torch.no_grad():
+                assert rel_err(mod(view), want) <= MATMUL_REL[torch.float16]
+    assert mod.held_calls
+
+
+# --- LLM.int8 -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def recorded_int8(monkeypatch):
+    monkeypatch.setattr(C, "LAUNCH_CACHE", True)
+    monkeypatch.setattr(C, "INTERPRET", False)
+    monkeypatch.setattr(C, "_HELD", {})
+    log: list[tuple] = []
+    for name in ("_stats_kernel", "_matmul_kernel"):
+        kernel = Recorder(getattr(TI, name))
+        kernel.log = log  # one log, in launch order
+        monkeypatch.setattr(TI, name, kernel)
+    launches = []
+
+    def counted(*args, **kwargs):
+        launches.append(1)
+        return C.launch(*args, **kwargs)
+
+    monkeypatch.setattr(TI, "launch", counted)
+    return log, launches
+
+
+INT8_CASES = {  # (threshold, weight_only, statistics in the matmul): the slots made each call
+    "outliers": (6.0, False, False, [(0, 1, 2), (0, 4, 5, 7)]),
+    "no-threshold": (0.0, False, False, [(0, 1, 2), (0, 5, 7)]),
+    "weight-only": (6.0, True, False, [(0, 7)]),
+    "statistics-in-matmul": (6.0, False, True, [(0, 7)]),
+}
+
+
+@pytest.mark.parametrize("case", list(INT8_CASES))
+def test_int8_second_call_repeats_its_launches(recorded_int8, monkeypatch, case):
+    """Each launch of a held call gets this call's tensors in its slots (x, the statistics, the
+    output) and the first call's everywhere else, as the call through the wrapper passes them."""
+    threshold, weight_only, fused, slots = INT8_CASES[case]
+    monkeypatch.setattr(TI, "FUSED_ROW_STATS", fused)
+    log, launches = recorded_int8
+    held = HeldCalls()
+    _x0, cb, scb, bias = (t.cpu() for t in random_int8(1, 32, 1024, seed=0, threshold=threshold))
+
+    def call(x, **kwargs):
+        return TI.matmul_int8_outlier(x, cb, scb, threshold, bias, weight_only=weight_only, **kwargs)
+
+    call(torch.randn(1, 1, 1024, generator=torch.Generator().manual_seed(0)).half(), held=held)
+    per_call = len(launches)
+    x = torch.randn(1, 1, 1024, generator=torch.Generator().manual_seed(1)).half()
+    y = call(x, held=held)
+    assert len(launches) == per_call and len(held) == 1  # nothing through the wrapper's launches
+    got = log[-len(slots):]
+    call(x)  # not held: through launch's held kernels
+    want = log[-len(slots):]
+    for (kind_a, a_args), (kind_b, b_args), made in zip(got, want, slots, strict=True):
+        assert kind_a == kind_b == "held" and len(a_args) == len(b_args)
+        for i, (a, b) in enumerate(zip(a_args, b_args, strict=True)):
+            if i == 0:
+                assert a.data_ptr() == b.data_ptr() == x.data_ptr()
+            elif i in made:  # made for this call: new, of the same kind (the output in x's leading shape)
+                assert a is not b and a.numel() == b.numel() and a.dtype == b.dtype
+            elif isinstance(a, torch.Tensor):
+                assert a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype
+            else:
+                assert a == b
+    assert got[-1][1][7] is y and y.shape == (1, 1, 32) and y.dtype == torch.float16
+
+    def sharing(launched):  # which slots of the call's launches get the same tensor
+        made = [args[i] for (_kind, args), at in zip(launched, slots, strict=True) for i in at]
+        return [[a is b for b in made] for a in made]
+
+    assert sharing(got) == sharing(want)  # the statistics the first launch writes are what the matmul reads
+
+
+def test_int8_a_replaced_buffer_or_threshold_goes_through_the_wrapper(recorded_int8):
+    _log, launches = recorded_int8
+    held = HeldCalls()
+    _x0, cb, scb, bias = (t.cpu() for t in random_int8(1, 32, 1024, seed=0, threshold=6.0))
+    x = torch.randn(1, 1, 1024, generator=torch.Generator().manual_seed(1)).half()
+    TI.matmul_int8_outlier(x, cb, scb, 6.0, bias, held=held)
+    first = len(launches)
+    TI.matmul_int8_outlier(x, cb, scb.clone(), 6.0, bias, held=held)
+    assert len(launches) == 2 * first
+    TI.matmul_int8_outlier(x, cb, scb, 4.0, bias, held=held)
+    assert len(launches) == 3 * first and len(held) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/ROCm GPU")
+@pytest.mark.parametrize("case", ["outliers", "no-threshold", "weight-only"])
+def test_int8_held_calls_give_the_reference_on_gpu(monkeypatch, case):
+    """An LLM.int8 module's eager forward with real kernels: fresh inputs with an outlier column (the
+    second call of a layout is held), one token and three rows, a misaligned view, a replaced
+    buffer, against the reference."""
+    from lowbit.formats.int8_outlier import Int8Linear
+
+    monkeypatch.setattr(C, "LAUNCH_CACHE", True)
+    threshold = 0.0 if case == "no-threshold" else 6.0
+    gen = torch.Generator().manual_seed(0)
+    mod = Int8Linear.from_linear(torch.randn(256, 1024, generator=gen).half(), torch.randn(256, generator=gen),
+                                 threshold=threshold, int8_activations=case != "weight-only").cuda()
+    for step, rows in enumerate((1, 1, 1, 3, 3, 1)):
+        if step == 5:
+            mod.SCB = mod.SCB.clone()
+        x = torch.randn(1, rows, 1025, generator=gen).clamp(-1.9, 1.9)
+        x[..., 9] = 8.0  # an outlier column
+        x = x.half().cuda()
+        for view in (x[..., :1024], x[..., 1:]):
+            if mod.int8_activations:
+                want = reference.matmul_int8_outlier(view.float(), mod.weight, mod.SCB, threshold, mod.bias)
+            else:
+                want = reference.matmul_int8_weight_only(view.float(), mod.weight, mod.SCB, mod.bias)
             with torch.no_grad():
                 assert rel_err(mod(view), want) <= MATMUL_REL[torch.float16]
     assert mod.held_calls

@@ -145,7 +145,7 @@ def _triton_supports(m: Int8Linear, x: torch.Tensor) -> bool:
 
 
 def _triton_forward(x: torch.Tensor, m: Int8Linear) -> torch.Tensor:
-    return ops.int8_outlier_linear(x, m.weight, m.SCB, m.bias, m.threshold, not m.int8_activations)
+    return ops.int8_outlier_linear(x, m.weight, m.SCB, m.bias, m.threshold, not m.int8_activations, m.held_calls)
 
 
 register_kernel(

@@ -254,10 +254,14 @@ int8_outlier_matmul = torch.library.custom_op("lowbit::int8_outlier_matmul", _in
 
 
 def int8_outlier_linear(x: Tensor, weight: Tensor, scb: Tensor, bias: Tensor | None, threshold: float,
-                        weight_only: bool = False) -> Tensor:
-    """:func:`int8_outlier_matmul`, through the dispatcher only where needed (:func:`dispatch_free`)."""
-    args = (x, weight, scb, bias, threshold, weight_only)
-    return _int8_outlier_matmul(*args) if dispatch_free(x) else int8_outlier_matmul(*args)
+                        weight_only: bool = False, held: HeldCalls | None = None) -> Tensor:
+    """:func:`int8_outlier_matmul`, through the dispatcher only where needed (:func:`dispatch_free`);
+    without it, the wrapper holds its one-token launches in ``held`` (the module's)."""
+    if dispatch_free(x):
+        from lowbit.kernels import triton_int8
+
+        return triton_int8.matmul_int8_outlier(x, weight, scb, threshold, bias, weight_only=weight_only, held=held)
+    return int8_outlier_matmul(x, weight, scb, bias, threshold, weight_only)
 
 
 @int8_outlier_matmul.register_fake

@@ -40,13 +40,17 @@ import torch
 import triton
 import triton.language as tl
 
+from lowbit.kernels import HeldCalls
 from lowbit.kernels.triton_common import (
+    HeldLaunch,
+    HeldSources,
     MatmulConfig,
     _output_tile,
     _product,
     _store_output,
     cdiv,
     check_batch_path,
+    held_call_key,
     input_rows,
     launch,
     launch_config,
@@ -251,13 +255,21 @@ def activation_stats(x2: torch.Tensor, threshold: float) -> tuple[torch.Tensor |
             xa = xa.masked_fill(outliers, 0)
             outliers = outliers.view(torch.uint8)
         return outliers, xa.amax(dim=1).float().unsqueeze(0)  # [1, M]
+    return _launch_stats(x2, threshold)[:2]
+
+
+def _launch_stats(x2: torch.Tensor, threshold: float) -> tuple[torch.Tensor | None, torch.Tensor, tuple, tuple | None]:
+    """:func:`activation_stats` through :func:`_stats_kernel` (up to :data:`STATS_ROWS` rows):
+    ``(outliers, part, the kernel's arguments, the held launch)`` (x at argument 0, the outliers or
+    else ``part`` at 1, ``part`` at 2)."""
+    m, k = x2.shape
     parts = cdiv(k, STATS_BLOCK_K)
     outliers = torch.empty(k, device=x2.device, dtype=torch.uint8) if threshold > 0 else None
     part = torch.empty(parts, m, device=x2.device, dtype=torch.float32)
-    launch(_stats_kernel, (parts,),
-        x2, outliers if outliers is not None else part, part, m, k, x2.stride(0), float(threshold),
+    args = (x2, outliers if outliers is not None else part, part, m, k, x2.stride(0), float(threshold))
+    launched = launch(_stats_kernel, (parts,), *args,
         HAS_OUTLIERS=outliers is not None, BLOCK_M=next_power_of_2(m), BLOCK_K=STATS_BLOCK_K, num_warps=4)
-    return outliers, part
+    return outliers, part, args, launched
 
 
 QUANTIZE_BLOCK = (16, 256)
@@ -368,10 +380,39 @@ def block_k_for(k: int) -> int:
     return min(BLOCK_K_CAP, max(32, next_power_of_2(k)))
 
 
+class _HeldInt8(HeldSources):
+    """An eager call of fewer than 16 rows, held (see :class:`~lowbit.kernels.triton_common.HeldCall`):
+    the statistics launch (None where the matmul needs no statistics: weight-only, or found in the
+    matmul), then the matmul, each with the tensors made for this call in their slots."""
+
+    __slots__ = ("stats", "matmul", "outlier_cols", "parts", "out_shape", "dtype")
+
+    def __init__(self, stats: HeldLaunch | None, matmul: HeldLaunch, outlier_cols: int, parts: int,
+                 out_shape: tuple[int, ...], dtype: torch.dtype, sources: tuple) -> None:
+        super().__init__(sources)
+        self.stats, self.matmul, self.outlier_cols, self.parts = stats, matmul, outlier_cols, parts
+        self.out_shape, self.dtype = out_shape, dtype
+
+    def __call__(self, x2: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(self.out_shape, dtype=self.dtype, device=x2.device)
+        if self.stats is None:
+            self.matmul(x2, y)
+            return y
+        part = torch.empty(self.parts, x2.shape[0], device=x2.device, dtype=torch.float32)
+        if self.outlier_cols:
+            outliers = torch.empty(self.outlier_cols, device=x2.device, dtype=torch.uint8)
+            self.stats(x2, outliers, part)
+            self.matmul(x2, outliers, part, y)
+        else:
+            self.stats(x2, part, part)
+            self.matmul(x2, part, y)
+        return y
+
+
 def matmul_int8_outlier(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor, threshold: float,
                         bias: torch.Tensor | None = None, cfg: MatmulConfig | None = None,
                         prequantize: bool | None = None, weight_only: bool = False,
-                        batch_path: str | None = None) -> torch.Tensor:
+                        batch_path: str | None = None, held: HeldCalls | None = None) -> torch.Tensor:
     """LLM.int8 ``x @ W.T + bias``.
 
     Args:
@@ -387,9 +428,20 @@ def matmul_int8_outlier(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor
         weight_only: leave x in floating point (the twin of
             :func:`~lowbit.kernels.reference.matmul_int8_weight_only`; one launch, ``threshold``
             and ``prequantize`` unused).
+        held: the weight's held calls (the module's): an eager call of fewer than 16 rows with none
+            of ``cfg``, ``prequantize`` and ``batch_path`` is held there and repeated from there,
+            its statistics launch included (:class:`~lowbit.kernels.triton_common.HeldCall`).
     Returns:
         ``[..., N]`` in x's dtype, accumulated in int32 and fp32.
     """
+    key = (held_call_key(x, float(threshold), weight_only, FUSED_ROW_STATS, STATS_ROWS, DEFAULT_PREQUANTIZE)
+           if held is not None and cfg is None and prequantize is None and batch_path is None else None)
+    if key is not None:
+        entry = held.get(key)
+        if entry is not None:
+            if entry.made_for((weight, scb, bias)):
+                return entry(input_rows(x))
+            held.clear()  # made from buffers since replaced: let them go
     k = x.shape[-1]
     n = weight.shape[0]
     if weight.stride(-1) != 1:
@@ -414,18 +466,30 @@ def matmul_int8_outlier(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor
     elif cfg.block_k < 32:
         raise ValueError(f"block_k {cfg.block_k} is under 32, int8 tl.dot's minimum")
     row_stats = FUSED_ROW_STATS and not (weight_only or prequantize) and m <= min(cfg.block_m, STATS_ROWS)
+    stats = None  # the statistics launch's (arguments, held launch), for a held call
     if weight_only or row_stats:  # part: a placeholder, unread; outliers found by the kernel
         outliers, part = None, scb.view(1, -1)
+    elif m <= STATS_ROWS:
+        outliers, part, *stats = _launch_stats(x2, threshold)
     else:
         outliers, part = activation_stats(x2, threshold)
     y, ws, locks = output_buffers(cfg, m, n, x)
     codes = quantize_activations(x2, outliers, part) if prequantize else None
-    launch(_matmul_kernel, cfg.grid(m, n),
-        x2, codes if codes is not None else weight, weight, scb, outliers if outliers is not None else weight, part,
-        bias if bias is not None else scb, y, ws, locks,
-        m, n, k, x2.stride(0), weight.stride(0), n, part.shape[0], float(threshold),
+    args = (x2, codes if codes is not None else weight, weight, scb, outliers if outliers is not None else weight,
+            part, bias if bias is not None else scb, y, ws, locks,
+            m, n, k, x2.stride(0), weight.stride(0), n, part.shape[0], float(threshold))
+    launched = launch(_matmul_kernel, cfg.grid(m, n), *args,
         HAS_OUTLIERS=outliers is not None or (row_stats and threshold > 0), HAS_BIAS=bias is not None,
         PREQUANTIZED=codes is not None, WEIGHT_ONLY=weight_only, ROW_STATS=row_stats, enable_fp_fusion=False,
         **cfg.kernel_options(x.dtype),
     )
-    return y.reshape(*x.shape[:-1], n)
+    out_shape = (*x.shape[:-1], n)
+    if key is not None and m < 16 and codes is None and launched is not None and (stats is None or stats[1]):
+        if stats is None:
+            entry = _HeldInt8(None, HeldLaunch(launched, args, (0, 7)), 0, 0, out_shape, y.dtype, (weight, scb, bias))
+        else:  # the statistics' tensors are made each call: x, then the outlier columns (or part), part
+            slots = (0, 4, 5, 7) if outliers is not None else (0, 5, 7)
+            entry = _HeldInt8(HeldLaunch(stats[1], stats[0], (0, 1, 2)), HeldLaunch(launched, args, slots),
+                              k if outliers is not None else 0, part.shape[0], out_shape, y.dtype, (weight, scb, bias))
+        held.hold(key, entry)
+    return y.reshape(out_shape)
