@@ -13,6 +13,7 @@ import torch
 from conftest import MATMUL_REL, rel_err
 from lowbit.kernels import HeldCalls, reference
 from test_group_order import random_module
+from test_launch_cache import StandInKernel
 from test_triton_blockwise4 import args as nf4_args
 from test_triton_blockwise4 import random_module as random_nf4
 from test_triton_codebook import args as aqlm_args
@@ -27,47 +28,38 @@ TC = pytest.importorskip("lowbit.kernels.triton_codebook")
 TI = pytest.importorskip("lowbit.kernels.triton_int8")
 
 
-class Recorder:
-    """Stands in for ``_matmul_kernel``: ``[grid](*args, **kwargs)`` logs a launch through Triton and
-    returns a compiled kernel whose held launches log every argument."""
+class Recorder(StandInKernel):
+    """Stands in for one of a wrapper's kernels, with its parameters: logs each launch through
+    Triton, and each held launch with every argument (``("held", grid, every)``)."""
 
-    def __init__(self, kernel) -> None:
-        self.arg_names, self.fn = kernel.arg_names, kernel.fn
-        self.log: list[tuple] = []
-
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            self.log.append(("run", args))
-            return _Compiled(self.log)
-
-        return run
+    def __init__(self, kernel, log: list) -> None:
+        self.arg_names, self.fn, self.log = kernel.arg_names, kernel.fn, log
 
 
-class _Compiled:
-    def __init__(self, log: list) -> None:
-        self.log = log
-
-    def __getitem__(self, grid):
-        return lambda *every: self.log.append(("held", every))
-
-
-@pytest.fixture
-def recorded(monkeypatch):
-    """The launch cache on (outside the interpreter), the matmul kernel recorded, and a count of
-    the wrapper's calls to ``launch`` (a held call makes none)."""
+def _record(monkeypatch, module, names: tuple[str, ...]) -> tuple[dict, list, list]:
+    """The launch cache on (outside the interpreter), ``module``'s kernels ``names`` recorded into
+    one log in launch order, and a count of the wrapper's calls to ``launch`` (a held call makes
+    none): ``(recorders by name, the log, the count)``."""
     monkeypatch.setattr(C, "LAUNCH_CACHE", True)
     monkeypatch.setattr(C, "INTERPRET", False)
     monkeypatch.setattr(C, "_HELD", {})
-    kernel = Recorder(TG._matmul_kernel)
-    monkeypatch.setattr(TG, "_matmul_kernel", kernel)
-    launches = []
+    log, launches = [], []
+    kernels = {name: Recorder(getattr(module, name), log) for name in names}
+    for name, kernel in kernels.items():
+        monkeypatch.setattr(module, name, kernel)
 
     def counted(*args, **kwargs):
         launches.append(1)
         return C.launch(*args, **kwargs)
 
-    monkeypatch.setattr(TG, "launch", counted)
-    return kernel, launches
+    monkeypatch.setattr(module, "launch", counted)
+    return kernels, log, launches
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    kernels, _log, launches = _record(monkeypatch, TG, ("_matmul_kernel",))
+    return kernels["_matmul_kernel"], launches
 
 
 def _layout(act_order=False):
@@ -90,8 +82,8 @@ def test_second_call_repeats_the_launch_with_new_rows_and_output(recorded, act_o
     TG.matmul_group_ordered(x, w, held=False)  # the same call through launch's own held kernel
     assert len(launches) == 2
     want = kernel.log[-1]
-    assert held[0] == want[0] == "held" and len(held[1]) == len(want[1])
-    for i, (a, b) in enumerate(zip(held[1], want[1], strict=True)):
+    assert held[0] == want[0] == "held" and len(held[2]) == len(want[2])
+    for i, (a, b) in enumerate(zip(held[2], want[2], strict=True)):
         if i == 0:  # the rows of x
             assert a.data_ptr() == b.data_ptr() == x.data_ptr() and a.shape == b.shape == (1, 512)
         elif i == 6:  # the output: a new tensor each call, in the output's shape
@@ -183,19 +175,7 @@ def test_a_copy_holds_nothing(recorded):
 
 @pytest.fixture
 def recorded_nf4(monkeypatch):
-    monkeypatch.setattr(C, "LAUNCH_CACHE", True)
-    monkeypatch.setattr(C, "INTERPRET", False)
-    monkeypatch.setattr(C, "_HELD", {})
-    kernels = {name: Recorder(getattr(TB, name)) for name in ("_gemv_kernel", "_matmul_kernel")}
-    for name, kernel in kernels.items():
-        monkeypatch.setattr(TB, name, kernel)
-    launches = []
-
-    def counted(*args, **kwargs):
-        launches.append(1)
-        return C.launch(*args, **kwargs)
-
-    monkeypatch.setattr(TB, "launch", counted)
+    kernels, _log, launches = _record(monkeypatch, TB, ("_gemv_kernel", "_matmul_kernel"))
     return kernels, launches
 
 
@@ -220,7 +200,7 @@ def test_nf4_second_call_repeats_the_launch(recorded_nf4, rows, kernel):
     TB.matmul_blockwise4(x, *nf4_args(mod), bias=mod.bias)  # nothing held: through launch's held kernel
     want = kernels[kernel].log[-1]
     assert held[0] == want[0] == "held"
-    for i, (a, b) in enumerate(zip(held[1], want[1], strict=True)):
+    for i, (a, b) in enumerate(zip(held[2], want[2], strict=True)):
         if i == 0:
             assert a.data_ptr() == b.data_ptr() == x.data_ptr()
         elif i == 8:  # the output
@@ -230,7 +210,7 @@ def test_nf4_second_call_repeats_the_launch(recorded_nf4, rows, kernel):
         else:
             assert a == b
     assert y.shape == (1, rows, 256)
-    assert held[1][9] is not held[1][8]  # split K: the partials are not the output
+    assert held[2][9] is not held[2][8]  # split K: the partials are not the output
 
 
 @pytest.mark.parametrize("change", ["replaced", "new-data", "bias", "compute-dtype", "lookup-switch"])
@@ -326,25 +306,15 @@ def test_nf4_held_calls_give_the_reference_on_gpu(monkeypatch, compute_dtype):
 
 @pytest.fixture
 def recorded_aqlm(monkeypatch):
-    monkeypatch.setattr(C, "LAUNCH_CACHE", True)
-    monkeypatch.setattr(C, "INTERPRET", False)
-    monkeypatch.setattr(C, "_HELD", {})
-    kernels = {name: Recorder(getattr(TC, name)) for name in ("_lut_gemv_kernel", "_matmul_kernel")}
-    for name, kernel in kernels.items():
-        monkeypatch.setattr(TC, name, kernel)
-    launches, tables = [], []
-
-    def counted(*args, **kwargs):
-        launches.append(1)
-        return C.launch(*args, **kwargs)
-
+    """As the others, and each table of codeword products the wrapper makes."""
+    kernels, _log, launches = _record(monkeypatch, TC, ("_lut_gemv_kernel", "_matmul_kernel"))
+    tables = []
     products = TC.codeword_products
 
     def tabulated(x2, books):
         tables.append(products(x2, books))
         return tables[-1]
 
-    monkeypatch.setattr(TC, "launch", counted)
     monkeypatch.setattr(TC, "codeword_products", tabulated)
     return kernels, launches, tables
 
@@ -368,7 +338,7 @@ def test_aqlm_second_call_repeats_the_launch(recorded_aqlm, rows, kernel, x_at, 
     TC.matmul_codebook(x, *aqlm_args(mod), mod.bias)  # nothing held: through launch's held kernel
     want = kernels[kernel].log[-1]
     assert held[0] == want[0] == "held"
-    for i, (a, b) in enumerate(zip(held[1], want[1], strict=True)):
+    for i, (a, b) in enumerate(zip(held[2], want[2], strict=True)):
         if i == x_at and x_at == 1:  # this call's table, from this call's x
             assert a is tables[-2] and torch.equal(a, b)
         elif i == x_at:
@@ -380,7 +350,7 @@ def test_aqlm_second_call_repeats_the_launch(recorded_aqlm, rows, kernel, x_at, 
         else:
             assert a == b
     assert y.shape == (1, rows, 32)
-    assert held[1][y_at + 1] is not held[1][y_at]  # split K: the partials are not the output
+    assert held[2][y_at + 1] is not held[2][y_at]  # split K: the partials are not the output
 
 
 @pytest.mark.parametrize("change", ["replaced", "bias", "lut-switch", "not-contiguous"])
@@ -427,21 +397,7 @@ def test_aqlm_held_calls_give_the_reference_on_gpu(monkeypatch, n_codebooks, nbi
 
 @pytest.fixture
 def recorded_int8(monkeypatch):
-    monkeypatch.setattr(C, "LAUNCH_CACHE", True)
-    monkeypatch.setattr(C, "INTERPRET", False)
-    monkeypatch.setattr(C, "_HELD", {})
-    log: list[tuple] = []
-    for name in ("_stats_kernel", "_matmul_kernel"):
-        kernel = Recorder(getattr(TI, name))
-        kernel.log = log  # one log, in launch order
-        monkeypatch.setattr(TI, name, kernel)
-    launches = []
-
-    def counted(*args, **kwargs):
-        launches.append(1)
-        return C.launch(*args, **kwargs)
-
-    monkeypatch.setattr(TI, "launch", counted)
+    _kernels, log, launches = _record(monkeypatch, TI, ("_stats_kernel", "_matmul_kernel"))
     return log, launches
 
 
@@ -474,7 +430,7 @@ def test_int8_second_call_repeats_its_launches(recorded_int8, monkeypatch, case)
     got = log[-len(slots):]
     call(x)  # not held: through launch's held kernels
     want = log[-len(slots):]
-    for (kind_a, a_args), (kind_b, b_args), made in zip(got, want, slots, strict=True):
+    for (kind_a, _grid_a, a_args), (kind_b, _grid_b, b_args), made in zip(got, want, slots, strict=True):
         assert kind_a == kind_b == "held" and len(a_args) == len(b_args)
         for i, (a, b) in enumerate(zip(a_args, b_args, strict=True)):
             if i == 0:
@@ -485,10 +441,10 @@ def test_int8_second_call_repeats_its_launches(recorded_int8, monkeypatch, case)
                 assert a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype
             else:
                 assert a == b
-    assert got[-1][1][7] is y and y.shape == (1, 1, 32) and y.dtype == torch.float16
+    assert got[-1][2][7] is y and y.shape == (1, 1, 32) and y.dtype == torch.float16
 
     def sharing(launched):  # which slots of the call's launches get the same tensor
-        made = [args[i] for (_kind, args), at in zip(launched, slots, strict=True) for i in at]
+        made = [args[i] for (_kind, _grid, args), at in zip(launched, slots, strict=True) for i in at]
         return [[a is b for b in made] for a in made]
 
     assert sharing(got) == sharing(want)  # the statistics the first launch writes are what the matmul reads
