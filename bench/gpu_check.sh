@@ -8,7 +8,8 @@
 #   spaces: "aqlm 2x8"), other options, --quick to the benches,
 #   KERNEL_TIMEOUT bounds the kernel bench;
 #   TEST_ARGS, e.g. "-m gpu", selects tests, TEST_TIMEOUT bounds them; EAGER_NAMES picks the eager rows;
-#   E2E_ARGS, e.g. --compile, and E2E_TIMEOUT go to the end-to-end step)
+#   E2E_ARGS, e.g. --compile, and E2E_TIMEOUT go to the end-to-end step, E2E_GRAPHS=0 runs its
+#   decode steps eagerly)
 #
 # Peers (bitsandbytes, gemlite) are read from .whl/site when present (unpacked wheels; see
 # docs/performance.md). Each step has its own time limit, so one that hangs leaves the rest.
@@ -95,7 +96,8 @@ if step eager; then  # one-token calls, eager and in a graph, without and with t
 fi
 
 if step e2e; then
-    timeout ${E2E_TIMEOUT:-150} python3 bench/e2e.py --model llama7b --layers 8 --graphs --fuse ${E2E_ARGS:-} 2>&1 | tail -12
+    graphs=--graphs; [[ ${E2E_GRAPHS:-1} == 0 ]] && graphs=
+    timeout ${E2E_TIMEOUT:-150} python3 bench/e2e.py --model llama7b --layers 8 $graphs --fuse ${E2E_ARGS:-} 2>&1 | tail -12
 fi
 
 if step peers; then  # gemlite may autotune shapes its shipped tuning lacks: last, on its own limit
