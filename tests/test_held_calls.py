@@ -13,6 +13,7 @@ import torch
 from conftest import MATMUL_REL, rel_err
 from lowbit.kernels import HeldCalls, reference
 from test_group_order import random_module
+from test_eager_work import BOOKKEEPING, _Ops
 from test_launch_cache import StandInKernel
 from test_triton_blockwise4 import args as nf4_args
 from test_triton_blockwise4 import random_module as random_nf4
@@ -491,3 +492,42 @@ def test_int8_held_calls_give_the_reference_on_gpu(monkeypatch, case):
             with torch.no_grad():
                 assert rel_err(mod(view), want) <= MATMUL_REL[torch.float16]
     assert mod.held_calls
+
+
+# --- what a held call does ----------------------------------------------------------------------
+
+
+def _held_repeat(case):
+    """A wrapper call of one token that holds its launches, for :func:`test_a_held_call_only_allocates`."""
+    x = torch.randn(1, 1, 2048, generator=torch.Generator().manual_seed(1)).half()
+    if case == "grouped-int":
+        w = random_module(256, 2048, 4, 128, True).group_ordered()
+        return lambda: TG.matmul_group_ordered(x, w)
+    if case == "nf4":
+        mod = random_nf4(256, 2048, 64, "nf4", True, seed=0).cpu()
+        return lambda: _nf4(mod, x)
+    if case == "aqlm":
+        mod = random_aqlm(32, 2048, 8, 2, 8, seed=2).cpu()
+        return lambda: _aqlm(mod, x)
+    held = HeldCalls()
+    _x0, cb, scb, bias = (t.cpu() for t in random_int8(1, 32, 2048, seed=0, threshold=6.0))
+    return lambda: TI.matmul_int8_outlier(x, cb, scb, 6.0, bias, held=held)
+
+
+@pytest.mark.parametrize("case,work", [("grouped-int", []), ("nf4", []), ("aqlm", ["mm"]), ("int8", [])])
+def test_a_held_call_only_allocates(monkeypatch, case, work):
+    """A held repeat dispatches no PyTorch work but views and allocations (and AQLM's table of
+    codeword products, one matmul), and calls no wrapper's ``launch``."""
+    module = {"grouped-int": TG, "nf4": TB, "aqlm": TC, "int8": TI}[case]
+    names = tuple(name for name in ("_matmul_kernel", "_gemv_kernel", "_lut_gemv_kernel", "_stats_kernel")
+                  if hasattr(module, name))
+    _kernels, log, launches = _record(monkeypatch, module, names)
+    call = _held_repeat(case)
+    call()
+    launches.clear()
+    held_before = len(log)
+    with _Ops() as seen:
+        y = call()
+    assert launches == [] and all(kind == "held" for kind, *_ in log[held_before:]) and len(log) > held_before
+    assert [name for name in seen.names if name not in BOOKKEEPING] == work
+    assert y.dtype == torch.float16
