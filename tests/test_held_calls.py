@@ -80,7 +80,7 @@ def test_second_call_repeats_the_launch_with_new_rows_and_output(recorded, act_o
     y = TG.matmul_group_ordered(x, w)
     assert len(launches) == 1 and len(w.held_calls) == 1
     held = kernel.log[-1]
-    TG.matmul_group_ordered(x, w, held=False)  # the same call through launch's own held kernel
+    TG.matmul_group_ordered(x, w, hold=False)  # the same call through launch's own held kernel
     assert len(launches) == 2
     want = kernel.log[-1]
     assert held[0] == want[0] == "held" and len(held[2]) == len(want[2])
@@ -131,15 +131,15 @@ def test_a_switch_changed_is_a_new_key(recorded, monkeypatch, switch, value):
     assert len(launches) == 2 and len(w.held_calls) == 2
 
 
-@pytest.mark.parametrize("case", ["16-rows", "act-order-permuted-rows", "cfg", "held-false", "cache-off"])
+@pytest.mark.parametrize("case", ["16-rows", "act-order-permuted-rows", "cfg", "hold-false", "cache-off"])
 def test_what_is_never_held(recorded, monkeypatch, case):
     """16 rows or more, act-order rows permuted before the kernel (an ``index_select`` each call),
-    a launch configuration or ``held=False`` given, or the launch cache off: every call launches
+    a launch configuration or ``hold=False`` given, or the launch cache off: every call launches
     through the wrapper."""
     _kernel, launches = recorded
     w = _layout(act_order=case == "act-order-permuted-rows")
     x = _x(rows={"16-rows": 16, "act-order-permuted-rows": 2}.get(case, 1))
-    kwargs = {"cfg": {"cfg": C.MatmulConfig(1, 64, 128, 4, 2, 3)}, "held-false": {"held": False}}.get(case, {})
+    kwargs = {"cfg": {"cfg": C.MatmulConfig(1, 64, 128, 4, 2, 3)}, "hold-false": {"hold": False}}.get(case, {})
     if case == "cache-off":
         monkeypatch.setattr(C, "LAUNCH_CACHE", False)
     for _ in range(2):

@@ -63,7 +63,7 @@ def _int_grouped_matmul(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tens
     from lowbit.kernels import triton_int_grouped
 
     w = GroupOrdered(qweight, scales, qzeros, perm, bits, group_size)
-    return triton_int_grouped.matmul_group_ordered(x, w, bias, held=False)  # a layout for this call only
+    return triton_int_grouped.matmul_group_ordered(x, w, bias, hold=False)  # a layout for this call only
 
 
 int_grouped_matmul = torch.library.custom_op("lowbit::int_grouped_matmul", _int_grouped_matmul, mutates_args=())

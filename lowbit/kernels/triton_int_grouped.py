@@ -291,7 +291,7 @@ def batch_path_for(m: int) -> str:
 
 def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | None = None,
                          cfg: MatmulConfig | None = None, batch_path: str | None = None,
-                         held: bool = True) -> torch.Tensor:
+                         hold: bool = True) -> torch.Tensor:
     """``x @ W.T + bias`` from the group-ordered layout.
 
     An act-order weight's permutation is applied to the activations: gathered in the kernel for
@@ -306,14 +306,14 @@ def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | 
         cfg: launch configuration of the fused kernel (None: the heuristic's; benches pass others
             to compare). Given, the fused kernel runs whatever ``batch_path`` says.
         batch_path: for 16 rows or more, ``"tiled"`` or ``"dequantize"`` (None: :func:`batch_path_for`).
-        held: whether an eager call of fewer than 16 rows with neither ``cfg`` nor ``batch_path``
+        hold: whether an eager call of fewer than 16 rows with neither ``cfg`` nor ``batch_path``
             is held in ``w.held_calls`` and repeated from there (:class:`HeldCall`); False for a
             layout made for one call.
     Returns:
         ``[..., N]`` in x's dtype, accumulated in fp32.
     """
     key = (held_call_key(x, ACT_ORDER_GEMV_TILE, GATHER_MAX_ROWS, DOT_K_MAJOR)
-           if held and cfg is None and batch_path is None else None)
+           if hold and cfg is None and batch_path is None else None)
     if key is not None:
         call = w.held_calls.get(key)
         if call is not None and call.made_for((bias,)):
