@@ -22,8 +22,10 @@ compare them (under ``TRITON_INTERPRET=1`` on CPU) and run ``torch.library.opche
 
 The modules call the ``*_linear`` entry points, not the ops. They take the op only where it is
 needed, under ``torch.compile`` and when a gradient is to be recorded, and otherwise call the
-op's implementation (``_*_matmul``, a plain function the op is made from) themselves: the dispatcher's path into a Python custom op costs tens of
+Triton wrapper themselves: the dispatcher's path into a Python custom op costs tens of
 microseconds per call on a CPU core (:func:`dispatch_free`), more than a one-token kernel runs.
+Called directly, a wrapper also gets the weight's held eager calls (the module's
+:class:`~lowbit.kernels.HeldCalls`, or the grouped-int layout's), which the op never sees.
 """
 
 from __future__ import annotations
