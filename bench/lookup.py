@@ -3,7 +3,8 @@
 NF4 decodes each 4-bit code through a 16-entry table, AQLM 2x8 each code through a 256-entry
 codebook of 8 values. The kernels read those tables one of several ways
 (``triton_blockwise4.LOOKUPS``: from device memory per value, or ``tl.gather`` from the table
-held in the program; ``triton_codebook``: the same two, for one to four rows a third, ``lut``:
+held in the program, and for one token on NVIDIA ``prmt``, byte permutes of the table in
+registers; ``triton_codebook``: the same two, for one to four rows a third, ``lut``:
 each input group's dot products with every codeword tabulated first, then one lookup per code,
 and for the dequantize kernel each code decoding its whole codeword, ``words``, or each value
 looking up its own code).
@@ -114,6 +115,8 @@ def bench_shape(k: int, n: int, ms: list[int], l2: int, warm: bool = False) -> l
             add(m, "bitsandbytes nf4", lambda: bnb_row(m, k, n, sets4))
         for lookup in B.LOOKUPS:
             add(m, f"nf4 {lookup}", lambda: nf4_calls(m, k, n, sets4, lookup))
+        if m == 1 and torch.version.hip is None:  # byte permutes: the one-token kernel, NVIDIA only
+            add(m, "nf4 prmt", lambda: nf4_calls(m, k, n, sets4, "prmt"))
         for gather in (False, True):  # the dequantize kernel: a value at a time (below, whole codewords)
             add(m, f"aqlm 2x8 {'gather' if gather else 'global'}",
                 lambda: aqlm_calls(m, k, n, sets2, gather, lut=False, words=False))

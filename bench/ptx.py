@@ -74,9 +74,9 @@ def cases() -> list[Case]:
                             int_sig, dict(int4, BLOCK_M=bm, BLOCK_N=64, SPLIT_K=split, K_MAJOR=k_major), 4, 64 * 128))
     nf4 = dict(BLOCKSIZE=64, NESTED=True, HAS_BIAS=False, BLOCK_N=64, SPLIT_K=16)
     step = B.gemv_step_blocks(64)
-    for lookup in B.LOOKUPS:
+    for lookup in B.GEMV_LOOKUPS:
         out.append(Case(f"nf4 GEMV, {lookup}", B._gemv_kernel, NF4_SIGNATURE,
-                        dict(nf4, LOOKUP=B.LOOKUPS.index(lookup), STEP_BLOCKS=step), 4, 64 * 64 * step))
+                        dict(nf4, LOOKUP=B.GEMV_LOOKUPS.index(lookup), STEP_BLOCKS=step), 4, 64 * 64 * step))
     aqlm_sig = split_outputs({"x_ptr": "*fp16", "codes_ptr": "*i8", "books_ptr": "*fp16", "scales_ptr": "*fp16",
                               "b_ptr": "*fp16", "y_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32", "GI": "i32",
                               "stride_xm": "i32"})

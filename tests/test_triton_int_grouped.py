@@ -372,7 +372,8 @@ def test_kernels_compile_for_every_target():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     from lowbit.kernels import aot_check
 
-    assert sum(line.startswith("ok ") for line in lines) == len(aot_check.TARGETS) * len(aot_check.variants())
+    want = sum(target[0] in v.backends for v in aot_check.variants() for target in aot_check.TARGETS)
+    assert sum(line.startswith("ok ") for line in lines) == want
     assert {line.split()[1] for line in lines if line.startswith("ok ")} == {"cuda:90", "hip:gfx942", "hip:gfx1100"}
     assert [line.split()[1] for line in lines if line.startswith("refused ")] == ["hip:gfx1030"]
 

@@ -37,6 +37,7 @@ class Variant:
     signature: dict
     constants: dict
     options: tuple = ()  # (name, value) compile options the launch passes, e.g. enable_fp_fusion
+    backends: tuple = ("cuda", "hip")  # the targets' backends it is for (PTX inline assembly: cuda)
 
     def label(self) -> str:
         return f"{self.module}.{self.kernel}[{', '.join(f'{k}={v}' for k, v in self.constants.items())}]"
@@ -101,14 +102,17 @@ def _blockwise4_variants() -> list[Variant]:
         consts = dict(BLOCKSIZE=64, NESTED=nested, HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=64 if bm < 64 else 128,
                       BLOCK_K=64, SPLIT_K=split, DOT_FP32=False, ROW_BLOCKS=nested, LOOKUP=lookup)
         out.append(Variant("triton_blockwise4", "_matmul_kernel", sig, consts))
-    for nested, split, dt, lookup in ((True, 16, "fp16", 1), (False, 1, "bf16", 0)):
+    # the one-token kernel: gathered table, table in memory, and (NVIDIA only) byte permutes (2)
+    for nested, split, dt, lookup in ((True, 16, "fp16", 1), (False, 1, "bf16", 0), (True, 16, "fp16", 2),
+                                      (False, 8, "bf16", 2)):
         sig = {"x_ptr": f"*{dt}", "w_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "qmap_ptr": "*fp32",
                "nabs_ptr": "*fp32", "nmap_ptr": "*fp32", "noff_ptr": "*fp32", "b_ptr": f"*{dt}",
                "y_ptr": f"*{dt}", "N": "i32", "K": "i32"}
         sig = _with_split_outputs(sig)
         consts = dict(BLOCKSIZE=64, NESTED=nested, HAS_BIAS=split > 1, BLOCK_N=64, SPLIT_K=split, LOOKUP=lookup,
                       STEP_BLOCKS=4)
-        out.append(Variant("triton_blockwise4", "_gemv_kernel", sig, consts))
+        out.append(Variant("triton_blockwise4", "_gemv_kernel", sig, consts,
+                           backends=("cuda",) if lookup == 2 else ("cuda", "hip")))
     for nested, blocksize, lookup in ((False, 64, 0), (True, 64, 1), (False, 4096, 0)):
         sig = {"w_ptr": "*u8", "absmax_ptr": "*u8" if nested else "*fp32", "qmap_ptr": "*fp32", "nabs_ptr": "*fp32",
                "nmap_ptr": "*fp32", "noff_ptr": "*fp32", "out_ptr": "*fp16", "numel": "i32"}
@@ -222,7 +226,7 @@ def compile_variant(v: Variant, target: tuple) -> str:
 def main() -> int:
     failed = 0
     for v in variants():
-        for target in TARGETS:
+        for target in (t for t in TARGETS if t[0] in v.backends):
             try:
                 kind = compile_variant(v, target)
                 print(f"ok    {target[0]}:{target[1]}  {v.label()}  -> {kind}")

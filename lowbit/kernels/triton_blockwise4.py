@@ -15,9 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels import HeldCalls
+from lowbit.kernels import HeldCalls, prmt
 from lowbit.kernels.triton_common import (
     HeldCall,
+    INTERPRET,
     MatmulConfig,
     _output_tile,
     _product,
@@ -39,6 +40,13 @@ LOOKUPS = ("global", "gather")
 once per program and indexed with ``tl.gather`` (warp shuffles on an H100). Two others lost to
 these on an H100 and were removed: a tree of 15 selects, and for one token a 256-entry table of
 both codes' values per byte (0.67-0.71x the one-token default, ``docs/performance.md``)."""
+
+GEMV_LOOKUPS = (*LOOKUPS, "prmt")
+"""The one-token kernel's lookups: also ``prmt``, four codes a byte permutation from the table
+rounded to fp16 (:mod:`lowbit.kernels.prmt`; PTX, so NVIDIA GPUs only). Not timed yet."""
+
+PRMT_ASM = tl.constexpr(prmt.ptx())
+PRMT_CONSTRAINTS = tl.constexpr(prmt.constraints())
 
 
 @triton.jit
@@ -63,6 +71,31 @@ def _decode(qmap_ptr, table, code, AXIS: tl.constexpr, LOOKUP: tl.constexpr):
         return tl.gather(src, code, AXIS)
     else:
         return tl.load(qmap_ptr + code)
+
+
+@triton.jit
+def _prmt_planes(qmap_ptr):
+    """The code table's byte planes for :func:`_decode_prmt`: eight int32 scalars ``L0..L3,
+    H0..H3``, the low and high bytes of the 16 values in fp16, four a word (as
+    :func:`lowbit.kernels.prmt.planes`)."""
+    idx = tl.arange(0, 16)
+    bits = tl.load(qmap_ptr + idx).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    shift = 8 * (idx % 4)
+    lo = tl.sum(tl.reshape((bits & 0xFF) << shift, (4, 4)), axis=1)  # disjoint bytes: the sum is their OR
+    hi = tl.sum(tl.reshape((bits >> 8) << shift, (4, 4)), axis=1)
+    r = tl.arange(0, 4)
+    return (tl.sum(tl.where(r == 0, lo, 0)), tl.sum(tl.where(r == 1, lo, 0)), tl.sum(tl.where(r == 2, lo, 0)),
+            tl.sum(tl.where(r == 3, lo, 0)), tl.sum(tl.where(r == 0, hi, 0)), tl.sum(tl.where(r == 1, hi, 0)),
+            tl.sum(tl.where(r == 2, hi, 0)), tl.sum(tl.where(r == 3, hi, 0)))
+
+
+@triton.jit
+def _decode_prmt(raw, planes):
+    """fp16 table values of the high and low nibble of each uint8 in ``raw`` (a tensor of packed
+    bytes), by :data:`PRMT_ASM` four bytes at a time; ``planes`` from :func:`_prmt_planes`."""
+    return tl.inline_asm_elementwise(PRMT_ASM, PRMT_CONSTRAINTS, [raw, planes[0], planes[1], planes[2], planes[3],
+                                     planes[4], planes[5], planes[6], planes[7]],
+                                     dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
 
 
 @triton.jit
@@ -162,15 +195,22 @@ def _gemv_kernel(
     first = offs_n.to(tl.int64) * blocks_per_row  # [BN] each row's first block
     acc = tl.zeros((BLOCK_N, STEP_BLOCKS, HALF), dtype=tl.float32)
     table = _table(qmap_ptr)
+    if LOOKUP == 2:
+        planes = _prmt_planes(qmap_ptr)
     for b0 in range(tl.program_id(1) * STEP_BLOCKS, blocks_per_row, STEP_BLOCKS * SPLIT_K):
         in_row = b0 + j // HALF < blocks_per_row  # [WIDTH]
-        byte = tl.load(w_ptr + (first[:, None] + b0) * HALF + j[None, :], mask=mask_n[:, None] & in_row[None, :],
-                       other=0).to(tl.int32)  # [BN, WIDTH]
+        raw = tl.load(w_ptr + (first[:, None] + b0) * HALF + j[None, :], mask=mask_n[:, None] & in_row[None, :],
+                      other=0)  # [BN, WIDTH] uint8
         offs_x = b0 * BLOCKSIZE + tl.arange(0, 2 * WIDTH)  # the inputs of this step's bytes
         xs = tl.load(x_ptr + offs_x, mask=offs_x < K, other=0.0).to(tl.float32)
         x_even, x_odd = tl.split(tl.reshape(xs, (WIDTH, 2)))  # [WIDTH] each
-        v = (_decode(qmap_ptr, table, byte >> 4, 1, LOOKUP) * x_even[None, :]
-             + _decode(qmap_ptr, table, byte & 15, 1, LOOKUP) * x_odd[None, :])
+        if LOOKUP == 2:
+            v_hi, v_lo = _decode_prmt(raw, planes)
+            v = v_hi.to(tl.float32) * x_even[None, :] + v_lo.to(tl.float32) * x_odd[None, :]
+        else:
+            byte = raw.to(tl.int32)
+            v = (_decode(qmap_ptr, table, byte >> 4, 1, LOOKUP) * x_even[None, :]
+                 + _decode(qmap_ptr, table, byte & 15, 1, LOOKUP) * x_odd[None, :])
         blk = b0 + nb
         scale = _block_scale(absmax_ptr, nabs_ptr, nmap_ptr, noff_ptr, first[:, None] + blk[None, :],
                              mask_n[:, None] & (blk < blocks_per_row)[None, :], NESTED)  # [BN, NB]
@@ -209,9 +249,13 @@ DEFAULT_LOOKUP = {"gemv": "gather", "tiled": "gather", "dequantize": "global"}
 def lookup_index(lookup: str | None, kernel: str) -> int:
     """The ``LOOKUP`` constexpr for ``lookup`` in ``kernel`` (None: :data:`DEFAULT_LOOKUP`)."""
     lookup = lookup or DEFAULT_LOOKUP[kernel]
-    if lookup not in LOOKUPS:
-        raise ValueError(f"lookup must be one of {LOOKUPS}, not {lookup!r}")
-    return LOOKUPS.index(lookup)
+    allowed = GEMV_LOOKUPS if kernel == "gemv" else LOOKUPS
+    if lookup not in allowed:
+        only = " (prmt: the one-token kernel only, one row of whole blocks)" if lookup == "prmt" else ""
+        raise ValueError(f"lookup must be one of {allowed}, not {lookup!r}{only}")
+    if lookup == "prmt" and (INTERPRET or torch.version.hip):
+        raise ValueError("lookup='prmt' is PTX: it runs on NVIDIA GPUs, not under the Triton interpreter or ROCm")
+    return GEMV_LOOKUPS.index(lookup)
 
 
 def _operands(weight, absmax, nested_absmax, nested_quant_map, nested_offset):
