@@ -9,7 +9,7 @@
 #   KERNEL_TIMEOUT bounds the kernel bench;
 #   TEST_ARGS, e.g. "-m gpu", selects tests, TEST_TIMEOUT bounds them; EAGER_NAMES picks the eager rows;
 #   E2E_ARGS, e.g. --compile, and E2E_TIMEOUT go to the end-to-end step, E2E_GRAPHS=0 runs its
-#   decode steps eagerly)
+#   decode steps eagerly; LOOKUP_SHAPES and LOOKUP_ARGS, e.g. "--m 1", to the lookup step)
 #
 # Peers (bitsandbytes, gemlite) are read from .whl/site when present (unpacked wheels; see
 # docs/performance.md). Each step has its own time limit, so one that hangs leaves the rest.
@@ -32,11 +32,11 @@ fi
 if step lookup; then  # NF4 / AQLM table lookups: compile in one process per shape at once, then time
     SHAPES=${LOOKUP_SHAPES:-4096x4096,4096x11008,8192x8192}
     for s in ${SHAPES//,/ }; do
-        timeout 240 python3 bench/lookup.py --shapes "$s" --warm >"/tmp/lookup_warm_$s.log" 2>&1 &
+        timeout 240 python3 bench/lookup.py --shapes "$s" --warm ${LOOKUP_ARGS:-} >"/tmp/lookup_warm_$s.log" 2>&1 &
     done
     wait
     cat /tmp/lookup_warm_*.log | grep -v Warning | tail -8
-    timeout ${LOOKUP_TIMEOUT:-360} python3 bench/lookup.py --shapes "$SHAPES" --json "$OUT/lookup.json" \
+    timeout ${LOOKUP_TIMEOUT:-360} python3 bench/lookup.py --shapes "$SHAPES" --json "$OUT/lookup.json" ${LOOKUP_ARGS:-} \
         >"$OUT/lookup.log" 2>&1
     echo "lookup exit $?"
     grep "^|" "$OUT/lookup.log" | cut -c1-110
@@ -46,7 +46,7 @@ if step tests; then
     # -v names each test as it ends, so a step cut short by its time limit still names its failures
     timeout ${TEST_TIMEOUT:-120} python3 -m pytest -v -p no:cacheprovider -n 8 ${TEST_ARGS:-} \
         tests/test_triton_int_grouped.py tests/test_triton_blockwise4.py tests/test_triton_codebook.py tests/test_triton_int8.py \
-        tests/test_gpu_paths.py tests/test_ops.py tests/test_launch_cache.py tests/test_held_calls.py tests/test_eager_work.py \
+        tests/test_gpu_paths.py tests/test_ops.py tests/test_launch_cache.py tests/test_held_calls.py tests/test_eager_work.py tests/test_prmt.py \
         tests/test_gptq.py::test_gptq_on_gpu_matches_cpu \
         tests/test_memory_bounded.py::test_gpu_working_memory_does_not_grow_with_depth \
         --deselect tests/test_triton_int_grouped.py::test_kernels_compile_for_every_target \
