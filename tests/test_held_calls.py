@@ -290,15 +290,28 @@ def test_nf4_held_calls_give_the_reference_on_gpu(monkeypatch, compute_dtype):
     monkeypatch.setattr(C, "LAUNCH_CACHE", True)
     mod = random_nf4(256, 2048, 64, "nf4", True, seed=0).cuda()
     mod.compute_dtype = compute_dtype
+    _eager_calls_match(mod, (1, 1, 1, 3, 3, 1), lambda m: setattr(m, "absmax", m.absmax.clone()),
+                       lambda v: reference.matmul_blockwise4(v.float(), *nf4_args(mod), mod.bias),
+                       MATMUL_REL[compute_dtype or torch.float16])
+
+
+def _eager_calls_match(mod, rows: tuple[int, ...], replace, want, tol: float, outlier: bool = False) -> None:
+    """``mod``'s eager forward on a fresh fp16 input of each of ``rows`` rows, 16-byte aligned and 2
+    bytes past it (a new key), each against ``want(view)`` within ``tol``; ``replace(mod)`` replaces
+    a buffer before the last; ``outlier``: inputs under 2 in magnitude but column 9, at 8."""
+    k = mod.in_features
     gen = torch.Generator().manual_seed(0)
-    for step, rows in enumerate((1, 1, 1, 3, 3, 1)):
-        if step == 5:
-            mod.absmax = mod.absmax.clone()
-        x = torch.randn(1, rows, 2049, generator=gen).half().cuda()
-        for view in (x[..., :2048], x[..., 1:]):
-            want = reference.matmul_blockwise4(view.float(), *nf4_args(mod), mod.bias)
+    for step, r in enumerate(rows):
+        if step == len(rows) - 1:
+            replace(mod)
+        x = torch.randn(1, r, k + 1, generator=gen)
+        if outlier:
+            x = x.clamp(-1.9, 1.9)
+            x[..., 9] = 8.0
+        x = x.half().cuda()
+        for view in (x[..., :k], x[..., 1:]):
             with torch.no_grad():
-                assert rel_err(mod(view), want) <= MATMUL_REL[compute_dtype or torch.float16]
+                assert rel_err(mod(view), want(view)) <= tol
     assert mod.held_calls
 
 
@@ -381,16 +394,9 @@ def test_aqlm_held_calls_give_the_reference_on_gpu(monkeypatch, n_codebooks, nbi
     held), one token (tabulated for 2x8), five rows (tiled), a misaligned view, a replaced buffer."""
     monkeypatch.setattr(C, "LAUNCH_CACHE", True)
     mod = random_aqlm(256, 2048, 8, n_codebooks, nbits, seed=2).cuda()
-    gen = torch.Generator().manual_seed(0)
-    for step, rows in enumerate((1, 1, 1, 5, 5, 1)):
-        if step == 5:
-            mod.scales = mod.scales.clone()
-        x = torch.randn(1, rows, 2049, generator=gen).half().cuda()
-        for view in (x[..., :2048], x[..., 1:]):
-            want = reference.matmul_codebook(view.float(), *aqlm_args(mod), mod.bias)
-            with torch.no_grad():
-                assert rel_err(mod(view), want) <= MATMUL_REL[torch.float16]
-    assert mod.held_calls
+    _eager_calls_match(mod, (1, 1, 1, 5, 5, 1), lambda m: setattr(m, "scales", m.scales.clone()),
+                       lambda v: reference.matmul_codebook(v.float(), *aqlm_args(mod), mod.bias),
+                       MATMUL_REL[torch.float16])
 
 
 # --- LLM.int8 -----------------------------------------------------------------------------------
@@ -478,20 +484,14 @@ def test_int8_held_calls_give_the_reference_on_gpu(monkeypatch, case):
     gen = torch.Generator().manual_seed(0)
     mod = Int8Linear.from_linear(torch.randn(256, 1024, generator=gen).half(), torch.randn(256, generator=gen),
                                  threshold=threshold, int8_activations=case != "weight-only").cuda()
-    for step, rows in enumerate((1, 1, 1, 3, 3, 1)):
-        if step == 5:
-            mod.SCB = mod.SCB.clone()
-        x = torch.randn(1, rows, 1025, generator=gen).clamp(-1.9, 1.9)
-        x[..., 9] = 8.0  # an outlier column
-        x = x.half().cuda()
-        for view in (x[..., :1024], x[..., 1:]):
-            if mod.int8_activations:
-                want = reference.matmul_int8_outlier(view.float(), mod.weight, mod.SCB, threshold, mod.bias)
-            else:
-                want = reference.matmul_int8_weight_only(view.float(), mod.weight, mod.SCB, mod.bias)
-            with torch.no_grad():
-                assert rel_err(mod(view), want) <= MATMUL_REL[torch.float16]
-    assert mod.held_calls
+
+    def want(view):
+        if mod.int8_activations:
+            return reference.matmul_int8_outlier(view.float(), mod.weight, mod.SCB, threshold, mod.bias)
+        return reference.matmul_int8_weight_only(view.float(), mod.weight, mod.SCB, mod.bias)
+
+    _eager_calls_match(mod, (1, 1, 1, 3, 3, 1), lambda m: setattr(m, "SCB", m.SCB.clone()), want,
+                       MATMUL_REL[torch.float16], outlier=True)
 
 
 # --- what a held call does ----------------------------------------------------------------------
