@@ -5,8 +5,9 @@
    replaced by stubs that return an empty tensor of the output's shape.
 2. The wrappers themselves (launch configuration, output buffers, the activation statistics of
    LLM.int8), with every Triton kernel replaced by a stub whose launch does nothing, on CPU
-   tensors of Llama-7B's 4096 x 4096 shape; and again through lowbit's launch cache
-   (``triton_common.launch`` with ``LAUNCH_CACHE``), whose key it then adds. Then each format's
+   tensors of Llama-7B's 4096 x 4096 shape; and again with ``LAUNCH_CACHE`` on: the held launches
+   of ``triton_common.launch`` and, given a weight's held calls as a module gives them, the held
+   calls (``triton_common.HeldCall``), which repeat a call after its first. Then each format's
    whole module forward (kernel selection, the entry point, the wrapper) with the same stubs.
 
 What is timed is the Python and PyTorch work an eager call adds to a kernel's graph-replay time,
@@ -106,7 +107,7 @@ def wrapper_table(k: int, n: int) -> None:
     triton_codebook.codeword_products = lambda x2, books: torch.empty(
         x2.shape[0], x2.shape[1] // books.shape[3], books.shape[0] * books.shape[1], dtype=x2.dtype)
     cases = wrapper_cases(k, n, "cpu")
-    print("\n| format, one token, fp16 | wrapper µs (kernels stubbed) | with the launch cache |")
+    print("\n| format, one token, fp16 | wrapper µs (kernels stubbed) | with the launch cache and held calls |")
     print("|---|---|---|")
     for name, call in cases:
         with torch.inference_mode():
@@ -257,10 +258,10 @@ def gpu_table(k: int, n: int, calls: int = 2000) -> None:
 
     with torch.inference_mode():
         cached = triton_common.LAUNCH_CACHE
-        for on in (False, True):  # the wrappers, then the wrappers with held launches
+        for on in (False, True):  # the wrappers, then with held launches and held calls (HeldCall)
             triton_common.LAUNCH_CACHE = on
             for name, call in cases if not on else wrappers:
-                timed(f"{name}, launch cache" if on else name, call)
+                timed(f"{name}, launch cache and held calls" if on else name, call)
         triton_common.LAUNCH_CACHE = cached
         for name, call in cases[2 + len(held):]:
             prof = cProfile.Profile()
