@@ -266,10 +266,14 @@ def test_split_k_partials_by_stream_and_size(monkeypatch):
     assert partials(0, 5000) is held and len(made) == 1
     side = [partials(77, 100) for _ in range(2)]
     assert side[0] is not side[1] and made[1:] == [100, 100] and all(t is not held for t in side)
-    bigger = partials(0, (1 << 16) + 1)
-    assert bigger is not held and made[-1] == (1 << 16) + 1 and partials(0, 10) is bigger
-    assert partials(0, (1 << 20) + 1) is not bigger and made[-1] == (1 << 20) + 1
-    assert C._PARTIALS == {0: bigger}
+    bigger = partials(0, (1 << 16) + 1)  # grown twofold
+    assert bigger is not held and made[-1] == 1 << 17 and partials(0, 10) is bigger
+    largest = partials(0, 3 << 17)  # or to the size asked for
+    assert made[-1] == 3 << 17 and partials(0, (1 << 17) + 1) is largest
+    assert partials(0, (3 << 17) + 1).numel() == 3 << 18  # doubled again
+    assert partials(0, (3 << 18) + 1).numel() == 1 << 20  # doubling stops at the cap
+    assert partials(0, (1 << 20) + 1) is not C._PARTIALS[0] and made[-1] == (1 << 20) + 1
+    assert C._PARTIALS[0].numel() == 1 << 20
 
 
 @pytest.mark.gpu

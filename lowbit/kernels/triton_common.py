@@ -443,15 +443,17 @@ def split_k_partials(device: torch.device, size: int) -> torch.Tensor:
     current stream (the kernel writes every value it reads, so nothing is filled).
 
     Launches on the default stream (eager calls) share one held buffer: they run in order, and a
-    launch has read its partials before the next one starts. A capture or another stream gets a
+    launch has read its partials before the next one starts. It grows at least twofold, up to
+    :data:`HELD_PARTIALS_MAX`. A capture or another stream gets a
     buffer of its own, so a CUDA graph never holds the shared one (which a larger call may replace)."""
     key, default_stream = _held_key(device)
     if size > HELD_PARTIALS_MAX or not default_stream:
         return torch.empty(size, dtype=torch.float32, device=device)
     held = _PARTIALS.get(key)
     if held is None or held.numel() < size:
-        held = _PARTIALS[key] = torch.empty(max(size, min(1 << 16, HELD_PARTIALS_MAX)), dtype=torch.float32,
-                                            device=device)
+        # at least doubled, so that few buffers are ever made: a held call keeps the one it was made with
+        grown = max(size, 1 << 16, 2 * held.numel() if held is not None else 0)
+        held = _PARTIALS[key] = torch.empty(min(grown, HELD_PARTIALS_MAX), dtype=torch.float32, device=device)
     return held
 
 
