@@ -531,3 +531,51 @@ def test_a_held_call_only_allocates(monkeypatch, case, work):
     assert launches == [] and all(kind == "held" for kind, *_ in log[held_before:]) and len(log) > held_before
     assert [name for name in seen.names if name not in BOOKKEEPING] == work
     assert y.dtype == torch.float16
+
+
+# --- through the modules ------------------------------------------------------------------------
+
+
+def _module(case):
+    """(module, its wrapper's kernel module) for one format, on CPU."""
+    if case == "grouped-int":
+        return random_module(256, 2048, 4, 128, False), TG
+    if case == "nf4":
+        return random_nf4(256, 2048, 64, "nf4", True, seed=0).cpu(), TB
+    if case == "aqlm":
+        return random_aqlm(32, 2048, 8, 2, 8, seed=2).cpu(), TC
+    from lowbit.formats.int8_outlier import Int8Linear
+
+    return Int8Linear.from_linear(torch.randn(32, 2048, generator=torch.Generator().manual_seed(3)).half(), None), TI
+
+
+@pytest.mark.parametrize("case", ["grouped-int", "nf4", "aqlm", "int8"])
+def test_a_module_forward_holds_its_calls(monkeypatch, case):
+    """A quantized module's eager forward on its Triton path (made available on CPU tensors, kernels
+    recorded) hands the wrapper what it holds calls in: the second forward launches nothing through
+    the wrapper; with a gradient to record, it goes through the op and holds nothing."""
+    import dataclasses
+
+    import lowbit.kernels as K
+
+    mod, module = _module(case)
+    names = tuple(name for name in ("_matmul_kernel", "_gemv_kernel", "_lut_gemv_kernel", "_stats_kernel")
+                  if hasattr(module, name))
+    _kernels, log, launches = _record(monkeypatch, module, names)
+    fmt = type(mod).format
+    monkeypatch.setitem(K._KERNELS, fmt, [dataclasses.replace(i, available=K.always, supports=lambda m, x: True)
+                                          if i.name == "triton" else i for i in K._KERNELS[fmt]])
+    monkeypatch.setattr(K, "_AVAILABLE", {})
+    held = mod.group_ordered().held_calls if case == "grouped-int" else mod.held_calls
+    x = torch.randn(1, 1, 2048, generator=torch.Generator().manual_seed(1)).half()
+    with torch.no_grad():
+        assert K.select_kernel(mod, x).name == "triton"
+        mod(x)
+        first = len(launches)
+        y = mod(x)
+    assert first > 0 and len(launches) == first and len(held) == 1 and log[-1][0] == "held"
+    assert y.shape == (1, 1, mod.out_features)
+    held.clear()
+    for _ in range(2):
+        mod(x.clone().requires_grad_(True))
+    assert len(launches) == 3 * first and len(held) == 0
