@@ -7,7 +7,7 @@
    LLM.int8), with every Triton kernel replaced by a stub whose launch does nothing, on CPU
    tensors of Llama-7B's 4096 x 4096 shape; and again with ``LAUNCH_CACHE`` on: the held launches
    of ``triton_common.launch`` and, given a weight's held calls as a module gives them, the held
-   calls (``triton_common.HeldCall``), which repeat a call after its first. Then each format's
+   calls (``lowbit.kernels.held.HeldCall``), which repeat a call after its first. Then each format's
    whole module forward (kernel selection, the entry point, the wrapper) with the same stubs.
 
 What is timed is the Python and PyTorch work an eager call adds to a kernel's graph-replay time,
@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from lowbit.formats.group_order import GroupOrdered
-from lowbit.kernels import HeldCalls
+from lowbit.kernels.held import HeldCalls
 from lowbit.kernels import ops, triton_blockwise4, triton_codebook, triton_common, triton_int8, triton_int_grouped
 
 KERNEL_MODULES = (triton_int_grouped, triton_blockwise4, triton_codebook, triton_int8, triton_common)

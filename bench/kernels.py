@@ -46,7 +46,8 @@ import torch.nn.functional as F
 
 from lowbit.formats.group_order import to_group_ordered
 from lowbit.formats.packing import pack_int
-from lowbit.kernels import HeldCalls, reference
+from lowbit.kernels import reference
+from lowbit.kernels.held import HeldCalls
 
 SHAPES = ["4096x4096", "4096x11008", "11008x4096", "8192x8192"]  # K x N
 

@@ -1,6 +1,7 @@
-"""Held eager calls (``triton_common.HeldCall``): a grouped-int layout repeats the launch of an
-earlier call with the same input layout, allocating the output and nothing else. Checked on CPU
-with a stand-in for the matmul kernel that records its launches; with real kernels on a GPU."""
+"""Held eager calls (``lowbit.kernels.held``): each format's wrapper repeats the launches of an
+earlier call with the same input layout, allocating its output (and LLM.int8's statistics) and
+nothing else. Checked on CPU with stand-ins for the kernels that record their launches; with real
+kernels on a GPU."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from conftest import MATMUL_REL, rel_err
-from lowbit.kernels import HeldCalls, reference
+from lowbit.kernels import reference
+from lowbit.kernels.held import HeldCalls
 from test_group_order import random_module
 from test_eager_work import BOOKKEEPING, _Ops
 from test_launch_cache import StandInKernel

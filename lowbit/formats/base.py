@@ -7,7 +7,8 @@ from typing import ClassVar, TypeVar
 import torch
 from torch import nn
 
-from lowbit.kernels import HeldCalls, select_kernel
+from lowbit.kernels import select_kernel
+from lowbit.kernels.held import HeldCalls
 
 M = TypeVar("M", bound=nn.Module)
 

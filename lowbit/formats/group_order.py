@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lowbit.formats.packing import pack_int, unpack_int
-from lowbit.kernels import HeldCalls
+from lowbit.kernels.held import HeldCalls
 
 
 @dataclass(frozen=True)

@@ -31,27 +31,6 @@ class KernelImpl:
     fn: Callable[[torch.Tensor, torch.nn.Module], torch.Tensor]
 
 
-class HeldCalls(dict):
-    """A weight's held eager kernel calls (``lowbit.kernels.triton_common.HeldCall``), by their key.
-
-    A cache of launches on this process's device: a copy of its owner (``copy.deepcopy``, pickling)
-    starts with none."""
-
-    MAX = 64
-    """Calls held before they are all dropped (each input layout is a key)."""
-
-    def hold(self, key, call) -> None:
-        if len(self) >= self.MAX:
-            self.clear()
-        self[key] = call
-
-    def __deepcopy__(self, memo) -> HeldCalls:
-        return type(self)()
-
-    def __reduce__(self):
-        return type(self), ()
-
-
 _KERNELS: dict[str, list[KernelImpl]] = {}
 
 

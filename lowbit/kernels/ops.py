@@ -25,7 +25,7 @@ needed, under ``torch.compile`` and when a gradient is to be recorded, and other
 Triton wrapper themselves: the dispatcher's path into a Python custom op costs tens of
 microseconds per call on a CPU core (:func:`dispatch_free`), more than a one-token kernel runs.
 Called directly, a wrapper also gets the weight's held eager calls (the module's
-:class:`~lowbit.kernels.HeldCalls`, or the grouped-int layout's), which the op never sees.
+:class:`~lowbit.kernels.held.HeldCalls`, or the grouped-int layout's), which the op never sees.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 from lowbit.formats.group_order import GroupOrdered
-from lowbit.kernels import HeldCalls, reference
+from lowbit.kernels import reference
+from lowbit.kernels.held import HeldCalls
 
 
 def dispatch_free(x: Tensor) -> bool:

@@ -15,9 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels import HeldCalls, prmt
+from lowbit.kernels import prmt
+from lowbit.kernels.held import HeldCall, HeldCalls
 from lowbit.kernels.triton_common import (
-    HeldCall,
     INTERPRET,
     MatmulConfig,
     _output_tile,
@@ -326,7 +326,7 @@ def matmul_blockwise4(x, weight, absmax, quant_map, blocksize, shape, nested_abs
             accumulates in fp32; the result has x's dtype, shape ``[..., N]``.
         held: the weight's held calls (the module's): an eager call of fewer than 16 rows with
             neither ``batch_path`` nor ``lookup`` is held there and repeated from there
-            (:class:`~lowbit.kernels.triton_common.HeldCall`).
+            (:class:`~lowbit.kernels.held.HeldCall`).
     """
     n, k = shape
     dtype = compute_dtype or x.dtype

@@ -19,9 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels import HeldCalls
+from lowbit.kernels.held import HeldCall, HeldCalls
 from lowbit.kernels.triton_common import (
-    HeldCall,
     MatmulConfig,
     _output_tile,
     _product,
@@ -367,7 +366,7 @@ def matmul_codebook(x, codes, codebooks, scales, bias=None, batch_path: str | No
         lut: few rows multiply through tabulated codeword products (:func:`lut_applies`).
         held: the weight's held calls (the module's): an eager call of fewer than 16 rows with
             none of ``batch_path``, ``gather`` and ``lut`` is held there and repeated from there
-            (:class:`~lowbit.kernels.triton_common.HeldCall`; the tabulated path still makes its
+            (:class:`~lowbit.kernels.held.HeldCall`; the tabulated path still makes its
             table each call).
     """
     key = (held_call_key(x, DEFAULT_LUT, LUT_MAX_ROWS, LUT_MAX_SIZE, LUT_BLOCK_J, LUT_PREFETCH, DEFAULT_GATHER,

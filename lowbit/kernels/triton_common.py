@@ -88,7 +88,7 @@ def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> tuple | None:
     """``kernel[grid](*args, **kwargs)``; with :data:`LAUNCH_CACHE` on a GPU, through the held
     compiled kernel after the first call with the same specialization (:class:`_HeldLaunches`).
     Constexprs and launch options must be passed by name. Returns the held launch
-    ``(runner, tail)`` (for :class:`HeldCall`), None when nothing is held."""
+    ``(runner, tail)`` (for :class:`~lowbit.kernels.held.HeldCall`), None when nothing is held."""
     if not LAUNCH_CACHE or INTERPRET:
         kernel[grid](*args, **kwargs)
         return None
@@ -98,90 +98,11 @@ def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> tuple | None:
     return held(grid, args, kwargs)
 
 
-class HeldSources:
-    """What a held eager call was made from: the caller's tensors (or None), held so that no other
-    object takes their ids, and the addresses of those passed to a kernel as views."""
-
-    __slots__ = ("sources", "ids", "pointers")
-
-    def __init__(self, sources: tuple, viewed: tuple = ()) -> None:
-        self.sources = sources
-        self.ids, self.pointers = tuple(map(id, sources)), _pointers(viewed)
-
-    def made_for(self, sources: tuple, viewed: tuple = ()) -> bool:
-        """Whether the call was made from these very tensors, and those passed as views still at the
-        same addresses (a tensor passed itself follows a new ``.data``; a view of it would not)."""
-        return tuple(map(id, sources)) == self.ids and (not viewed or self.pointers == _pointers(viewed))
-
-
-class HeldCall(HeldSources):
-    """A wrapper's eager one-launch call, held to be repeated on new input rows.
-
-    :func:`launch` keys a held launch on every argument, about 3 µs of CPU a call for the nine
-    tensors of a matmul (``bench/dispatch.py``), and the wrapper before it chooses the launch and
-    finds its buffers. A wrapper given a weight's :class:`~lowbit.kernels.HeldCalls` keeps a
-    ``HeldCall`` there per :func:`held_call_key` of its input instead, and a later call with the
-    same key allocates the output and launches, nothing else.
-
-    The launch takes what each call computes from its input (the rows, or a table made from them)
-    at ``x_at`` and the output at ``y_at`` (after it); every other argument is held, the split-K
-    partials and counters included. Those come from the default stream's held buffers
-    (:func:`split_k_partials`), which is why the key is None on any other stream or in a capture:
-    there a wrapper allocates them per call. A held buffer a later launch outgrew stays alive with
-    the call that holds it and is still correct to use (launches on the default stream run in
-    order, and each leaves its counters zero). With one split, the partials and counters the kernel
-    never reads are the first call's output (:func:`output_buffers`), which the held call then
-    keeps (``M x N`` values).
-    """
-
-    __slots__ = ("runner", "head", "middle", "tail", "out_shape", "dtype", "device")
-
-    def __init__(self, launched: tuple, args: tuple, y_at: int, out_shape: tuple[int, ...],
-                 sources: tuple, viewed: tuple = (), x_at: int = 0) -> None:
-        """``launched``: what :func:`launch` returned for ``args`` (the per-call input at ``x_at``,
-        the output at ``y_at``); ``sources``, ``viewed``: see :class:`HeldSources`."""
-        super().__init__(sources, viewed)
-        runner, tail = launched
-        y = args[y_at]
-        self.runner = runner
-        self.head = args[:x_at]
-        self.middle = args[x_at + 1:y_at]
-        self.tail = (*args[y_at + 1:], *tail)
-        self.out_shape, self.dtype, self.device = out_shape, y.dtype, y.device
-
-    def __call__(self, x2: torch.Tensor) -> torch.Tensor:
-        """The launch on ``x2`` (rows in the key's layout, or what the call computes from them);
-        returns the output in ``out_shape`` (its rows are the kernel's ``[M, N]`` output, contiguous)."""
-        y = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
-        self.runner(*self.head, x2, *self.middle, y, *self.tail)
-        return y
-
-
-class HeldLaunch:
-    """One held launch whose arguments at ``slots`` change with each call (for a call of several
-    launches with tensors made between them): ``launch(*values)`` puts ``values`` there, in order."""
-
-    __slots__ = ("runner", "every", "slots")
-
-    def __init__(self, launched: tuple, args: tuple, slots: tuple[int, ...]) -> None:
-        runner, tail = launched
-        self.runner, self.every, self.slots = runner, (*args, *tail), slots
-
-    def __call__(self, *values: torch.Tensor) -> None:
-        every = list(self.every)
-        for at, value in zip(self.slots, values, strict=True):
-            every[at] = value
-        self.runner(*every)
-
-
-def _pointers(tensors: tuple) -> tuple[int, ...]:
-    return tuple([t.data_ptr() if t is not None else 0 for t in tensors])
-
-
 def held_call_key(x: torch.Tensor, *switches) -> tuple | None:
-    """The key of a :class:`HeldCall` on input ``x`` (with the calling module's ``switches``,
-    constants that change its launch), or None where no call may be held: the launch cache off,
-    the interpreter, or a stream other than the device's default one (a capture included).
+    """The key of a :class:`~lowbit.kernels.held.HeldCall` on input ``x`` (with the calling
+    module's ``switches``, constants that change its launch), or None where no call may be held:
+    the launch cache off, the interpreter, or a stream other than the device's default one (a
+    capture included).
 
     The key holds what the launch depends on in ``x``: its shape and strides (the rows and their
     stride), dtype, device and 16-byte alignment (which Triton specializes on)."""

@@ -40,10 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels import HeldCalls
+from lowbit.kernels.held import HeldCalls, HeldLaunch, HeldSources
 from lowbit.kernels.triton_common import (
-    HeldLaunch,
-    HeldSources,
     MatmulConfig,
     _output_tile,
     _product,
@@ -381,7 +379,7 @@ def block_k_for(k: int) -> int:
 
 
 class _HeldInt8(HeldSources):
-    """An eager call of fewer than 16 rows, held (see :class:`~lowbit.kernels.triton_common.HeldCall`):
+    """An eager call of fewer than 16 rows, held (see :class:`~lowbit.kernels.held.HeldCall`):
     the statistics launch (None where the matmul needs no statistics: weight-only, or found in the
     matmul), then the matmul, each with the tensors made for this call in their slots."""
 
@@ -430,7 +428,7 @@ def matmul_int8_outlier(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor
             and ``prequantize`` unused).
         held: the weight's held calls (the module's): an eager call of fewer than 16 rows with none
             of ``cfg``, ``prequantize`` and ``batch_path`` is held there and repeated from there,
-            its statistics launch included (:class:`~lowbit.kernels.triton_common.HeldCall`).
+            its statistics launch included (:class:`~lowbit.kernels.held.HeldCall`).
     Returns:
         ``[..., N]`` in x's dtype, accumulated in int32 and fp32.
     """

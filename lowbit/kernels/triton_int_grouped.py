@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from lowbit.formats.group_order import GroupOrdered, to_group_ordered
+from lowbit.kernels.held import HeldCall
 from lowbit.kernels.triton_common import (
-    HeldCall,
     MatmulConfig,
     _dot_t,
     _output_tile,
@@ -307,7 +307,7 @@ def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | 
             to compare). Given, the fused kernel runs whatever ``batch_path`` says.
         batch_path: for 16 rows or more, ``"tiled"`` or ``"dequantize"`` (None: :func:`batch_path_for`).
         hold: whether an eager call of fewer than 16 rows with neither ``cfg`` nor ``batch_path``
-            is held in ``w.held_calls`` and repeated from there (:class:`HeldCall`); False for a
+            is held in ``w.held_calls`` and repeated from there (:class:`~lowbit.kernels.held.HeldCall`); False for a
             layout made for one call.
     Returns:
         ``[..., N]`` in x's dtype, accumulated in fp32.
