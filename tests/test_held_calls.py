@@ -14,21 +14,14 @@ import torch
 from conftest import MATMUL_REL, rel_err
 from lowbit.kernels import reference
 from lowbit.kernels.held import HeldCalls
+from test_eager_work import BOOKKEEPING, TB, TC, TG, TI, C, _Ops
 from test_group_order import random_module
-from test_eager_work import BOOKKEEPING, _Ops
 from test_launch_cache import StandInKernel
 from test_triton_blockwise4 import args as nf4_args
 from test_triton_blockwise4 import random_module as random_nf4
 from test_triton_codebook import args as aqlm_args
 from test_triton_codebook import random_module as random_aqlm
 from test_triton_int8 import random_case as random_int8
-
-pytest.importorskip("triton")
-C = pytest.importorskip("lowbit.kernels.triton_common")
-TG = pytest.importorskip("lowbit.kernels.triton_int_grouped")
-TB = pytest.importorskip("lowbit.kernels.triton_blockwise4")
-TC = pytest.importorskip("lowbit.kernels.triton_codebook")
-TI = pytest.importorskip("lowbit.kernels.triton_int8")
 
 
 class Recorder(StandInKernel):

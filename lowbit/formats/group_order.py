@@ -38,7 +38,7 @@ class GroupOrdered:
         bits: 2, 3, 4 or 8.
         group_size: rows per group (the last group may be shorter); ``K`` for one group per row.
         held_calls: the Triton wrapper's held eager launches for this weight (see
-            :class:`lowbit.kernels.triton_common.HeldCall`); empty on a new layout, and not copied
+            :class:`lowbit.kernels.held.HeldCall`); empty on a new layout, and not copied
             by ``dataclasses.replace``.
     """
 

@@ -28,6 +28,16 @@ class HeldCalls(dict):
             self.clear()
         self[key] = call
 
+    def find(self, key, sources: tuple, viewed: tuple = ()):
+        """The call held under ``key`` if it was made from ``sources`` (:meth:`HeldSources.made_for`),
+        else None. A call made from other tensors means the weight's buffers were replaced since:
+        every held call goes, and the memory they kept with it."""
+        call = self.get(key)
+        if call is None or call.made_for(sources, viewed):
+            return call
+        self.clear()
+        return None
+
     def __deepcopy__(self, memo) -> HeldCalls:
         return type(self)()
 
@@ -54,30 +64,31 @@ class HeldSources:
 class HeldCall(HeldSources):
     """A wrapper's eager one-launch call, held to be repeated on new input rows.
 
-    :func:`~lowbit.kernels.triton_common.launch` keys a held launch on every argument, about 3 µs of
-    CPU a call for the nine tensors of a matmul (``bench/dispatch.py``), and the wrapper before it
-    chooses the launch and finds its buffers. A wrapper given a weight's :class:`HeldCalls` keeps a
-    ``HeldCall`` there per :func:`~lowbit.kernels.triton_common.held_call_key` of its input
-    instead, and a later call with the
-    same key allocates the output and launches, nothing else.
+    :func:`~lowbit.kernels.triton_common.launch` keys a held launch on every argument, about 3 µs
+    of CPU a call for the nine tensors of a matmul (``bench/dispatch.py``), and the wrapper before
+    it chooses the launch and finds its buffers. A wrapper given a weight's :class:`HeldCalls`
+    keeps a ``HeldCall`` there per :func:`~lowbit.kernels.triton_common.held_call_key` of its input
+    instead, and a later call with the same key allocates the output and launches, nothing else.
 
     The launch takes what each call computes from its input (the rows, or a table made from them)
     at ``x_at`` and the output at ``y_at`` (after it); every other argument is held, the split-K
     partials and counters included. Those come from the default stream's held buffers
-    (:func:`~lowbit.kernels.triton_common.split_k_partials`), which is why the key is None on any other stream or in a capture:
-    there a wrapper allocates them per call. A held buffer a later launch outgrew stays alive with
-    the call that holds it and is still correct to use (launches on the default stream run in
-    order, and each leaves its counters zero). With one split, the partials and counters the kernel
-    never reads are the first call's output (:func:`~lowbit.kernels.triton_common.output_buffers`), which the held call then
-    keeps (``M x N`` values).
+    (:func:`~lowbit.kernels.triton_common.split_k_partials`), which is why the key is None on any
+    other stream or in a capture: there a wrapper allocates them per call. A held buffer a later
+    launch outgrew stays alive with the call that holds it and is still correct to use (launches on
+    the default stream run in order, and each leaves its counters zero). With one split, the
+    partials and counters the kernel never reads are the first call's output
+    (:func:`~lowbit.kernels.triton_common.output_buffers`), which the held call then keeps
+    (``M x N`` values).
     """
 
     __slots__ = ("runner", "head", "middle", "tail", "out_shape", "dtype", "device")
 
     def __init__(self, launched: tuple, args: tuple, y_at: int, out_shape: tuple[int, ...],
                  sources: tuple, viewed: tuple = (), x_at: int = 0) -> None:
-        """``launched``: what :func:`~lowbit.kernels.triton_common.launch` returned for ``args`` (the per-call input at ``x_at``,
-        the output at ``y_at``); ``sources``, ``viewed``: see :class:`HeldSources`."""
+        """``launched``: what :func:`~lowbit.kernels.triton_common.launch` returned for ``args``
+        (the per-call input at ``x_at``, the output at ``y_at``); ``sources``, ``viewed``: see
+        :class:`HeldSources`."""
         super().__init__(sources, viewed)
         runner, tail = launched
         y = args[y_at]

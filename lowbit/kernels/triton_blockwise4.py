@@ -335,12 +335,10 @@ def matmul_blockwise4(x, weight, absmax, quant_map, blocksize, shape, nested_abs
     if key is not None:
         sources = (weight, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, bias)
         viewed = (weight, nested_offset)  # passed as views (:func:`_operands`)
-        call = held.get(key)
+        call = held.find(key, sources, viewed)
         if call is not None:
-            if call.made_for(sources, viewed):
-                y = call(input_rows(x, dtype))
-                return y if y.dtype == x.dtype else y.to(x.dtype)
-            held.clear()  # made from buffers since replaced: let them go
+            y = call(input_rows(x, dtype))
+            return y if y.dtype == x.dtype else y.to(x.dtype)
     x2 = input_rows(x, dtype)
     m = x2.shape[0]
     check_batch_path(batch_path)

@@ -339,6 +339,16 @@ def _lut_config(m: int, n: int, j: int, device: torch.device, block_j: int | Non
     return MatmulConfig(1, block_n, block_j, split, 4, 1)
 
 
+class _HeldTabulated(HeldCall):
+    """The tabulated one-token path, held: each call makes its table of codeword products from its
+    rows (:func:`codeword_products`, with the codebooks the call was made from), then launches."""
+
+    __slots__ = ()
+
+    def __call__(self, x2: torch.Tensor) -> torch.Tensor:
+        return super().__call__(codeword_products(x2, self.sources[1]))  # sources: codes, codebooks, ...
+
+
 def _matmul_lut(x2, codes, codebooks, scales, bias, n: int, gi: int) -> tuple[torch.Tensor, tuple, tuple | None]:
     """The tabulated product of rows ``x2``: ``(y [M, N], the kernel's arguments, the held launch)``
     (the table at argument 1, ``y`` at 4)."""
@@ -374,13 +384,9 @@ def matmul_codebook(x, codes, codebooks, scales, bias=None, batch_path: str | No
            if held is not None and batch_path is None and gather is None and lut is None else None)
     if key is not None:
         sources = (codes, codebooks, scales, bias)
-        entry = held.get(key)
-        if entry is not None:
-            call, tabulated = entry
-            if call.made_for(sources):
-                x2 = input_rows(x)
-                return call(codeword_products(x2, codebooks) if tabulated else x2)
-            held.clear()  # made from buffers since replaced: let them go
+        call = held.find(key, sources)
+        if call is not None:
+            return call(input_rows(x))
     n, k, gi, n_codebooks, size = _geometry(codes, codebooks)
     x2 = input_rows(x)
     m = x2.shape[0]
@@ -390,7 +396,7 @@ def matmul_codebook(x, codes, codebooks, scales, bias=None, batch_path: str | No
     if lut_applies(m, codebooks, lut):
         y, args, launched = _matmul_lut(x2, codes, codebooks, scales, bias, n, gi)
         if key is not None and launched is not None:
-            held.hold(key, (HeldCall(launched, args, 4, out_shape, sources, x_at=1), True))
+            held.hold(key, _HeldTabulated(launched, args, 4, out_shape, sources, x_at=1))
         return y.reshape(out_shape)
     check_batch_path(batch_path)
     if m >= 16 and (batch_path or batch_path_for(n_codebooks)) == "dequantize":
@@ -409,5 +415,5 @@ def matmul_codebook(x, codes, codebooks, scales, bias=None, batch_path: str | No
         **cfg.kernel_options(x.dtype),
     )
     if key is not None and launched is not None:
-        held.hold(key, (HeldCall(launched, args, 5, out_shape, sources), False))
+        held.hold(key, HeldCall(launched, args, 5, out_shape, sources))
     return y.reshape(out_shape)

@@ -108,7 +108,7 @@ def held_call_key(x: torch.Tensor, *switches) -> tuple | None:
     stride), dtype, device and 16-byte alignment (which Triton specializes on)."""
     if not LAUNCH_CACHE or INTERPRET:
         return None
-    device = x.get_device()
+    device = x.get_device()  # _held_key's test, inline: this runs on every eager call (x.device costs more)
     if device >= 0 and torch._C._cuda_getCurrentRawStream(device) != 0:
         return None
     return (x.shape, x.stride(), x.dtype, device, not x.data_ptr() & 15, *switches)

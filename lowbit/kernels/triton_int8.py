@@ -435,11 +435,9 @@ def matmul_int8_outlier(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor
     key = (held_call_key(x, float(threshold), weight_only, FUSED_ROW_STATS, STATS_ROWS, DEFAULT_PREQUANTIZE)
            if held is not None and cfg is None and prequantize is None and batch_path is None else None)
     if key is not None:
-        entry = held.get(key)
+        entry = held.find(key, (weight, scb, bias))
         if entry is not None:
-            if entry.made_for((weight, scb, bias)):
-                return entry(input_rows(x))
-            held.clear()  # made from buffers since replaced: let them go
+            return entry(input_rows(x))
     k = x.shape[-1]
     n = weight.shape[0]
     if weight.stride(-1) != 1:

@@ -307,16 +307,16 @@ def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | 
             to compare). Given, the fused kernel runs whatever ``batch_path`` says.
         batch_path: for 16 rows or more, ``"tiled"`` or ``"dequantize"`` (None: :func:`batch_path_for`).
         hold: whether an eager call of fewer than 16 rows with neither ``cfg`` nor ``batch_path``
-            is held in ``w.held_calls`` and repeated from there (:class:`~lowbit.kernels.held.HeldCall`); False for a
-            layout made for one call.
+            is held in ``w.held_calls`` and repeated from there (:class:`~lowbit.kernels.held.HeldCall`);
+            False for a layout made for one call.
     Returns:
         ``[..., N]`` in x's dtype, accumulated in fp32.
     """
     key = (held_call_key(x, ACT_ORDER_GEMV_TILE, GATHER_MAX_ROWS, DOT_K_MAJOR)
            if hold and cfg is None and batch_path is None else None)
     if key is not None:
-        call = w.held_calls.get(key)
-        if call is not None and call.made_for((bias,)):
+        call = w.held_calls.find(key, (bias,))
+        if call is not None:
             return call(input_rows(x))
     k = x.shape[-1]
     n = w.scales.shape[1]
