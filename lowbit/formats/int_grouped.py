@@ -21,6 +21,9 @@ that need whole groups (AutoAWQ GEMM, Marlin) check divisibility themselves.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 
 from lowbit.formats.base import QuantLinear
@@ -28,6 +31,10 @@ from lowbit.formats.group_order import GroupOrdered, to_group_ordered
 from lowbit.formats.packing import SUPPORTED_BITS, pack_int, packed_length
 from lowbit.kernels import KernelImpl, always, register_kernel, triton_gpu_available
 from lowbit.kernels import ops, reference
+from lowbit.kernels.cpu_int4 import DTYPES as CPU_INT4_DTYPES
+from lowbit.kernels.cpu_int4 import CpuInt4, available as cpu_int4_available, matmul_cpu_int4, to_cpu_int4
+
+L = TypeVar("L")
 
 
 class IntGroupedLinear(QuantLinear):
@@ -58,9 +65,9 @@ class IntGroupedLinear(QuantLinear):
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=scales_dtype, **kw))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, **kw))
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, **kw) if bias else None)
-        # (source buffers, those with a write counter, their pointers and counters, layout built
-        # from them): see group_ordered()
-        self._ordered: tuple[tuple, tuple, tuple, GroupOrdered | None] | None = None
+        # by layout name: (source buffers, those with a write counter, their pointers and counters,
+        # layout built from them); see _layout()
+        self._layouts: dict[str, tuple[tuple, tuple, tuple, object]] = {}
 
     @classmethod
     def from_quantized(
@@ -103,21 +110,34 @@ class IntGroupedLinear(QuantLinear):
         return not torch.equal(self.g_idx.cpu(), order)
 
     def group_ordered(self) -> GroupOrdered | None:
-        """This weight in the Triton kernels' group order, or None if its groups are unequal.
+        """This weight in the Triton kernels' group order, or None if its groups are unequal
+        (:func:`~lowbit.formats.group_order.to_group_ordered`; held as :meth:`_layout` says).
 
-        Built once and cached (an act-order weight costs one reordered copy of ``qweight``);
-        rebuilt when a buffer is replaced, moved or written in place. The buffers, and so the
-        checkpoint, keep the canonical layout.
+        An act-order weight's layout costs one reordered copy of ``qweight``. :meth:`prepare` builds
+        the layout eagerly when the module moves to a GPU or loads a state dict, and lowbit calls it
+        after quantizing or loading a model, so a model compiled before its first eager call finds it.
+        """
+        return self._layout("group_ordered", to_group_ordered)
+
+    def cpu_int4(self) -> CpuInt4 | None:
+        """This weight in the layout of PyTorch's CPU int4 kernel, or None where that kernel cannot
+        hold it (:func:`~lowbit.kernels.cpu_int4.to_cpu_int4`; held as :meth:`_layout` says). It is a
+        copy of the codes (half a byte a weight, beside the canonical ``qweight``), built at the
+        first CPU forward that uses it."""
+        return self._layout("cpu_int4", to_cpu_int4)
+
+    def _layout(self, name: str, build: Callable[..., L]) -> L | None:
+        """The layout ``build(qweight, scales, qzeros, g_idx, bits)`` of this module's buffers,
+        built once and held under ``name``; rebuilt when a buffer is replaced, moved or written in
+        place. The buffers, and so the checkpoint, keep the canonical layout.
 
         Under ``torch.compile`` nothing is built (tracing cannot follow the data-dependent
-        reordering): the cached layout is used if it was built from this module's current buffers,
-        else None (the reference path). :meth:`prepare` builds the layout eagerly when the module
-        moves to a GPU or loads a state dict, and lowbit calls it after quantizing or loading a
-        model, so a model compiled before its first eager call finds it.
+        reordering): the held layout is used if it was built from this module's current buffers,
+        else None (the reference path).
         """
         b = self._buffers  # not nn.Module.__getattr__: this runs twice in every forward
         q, s, z, g = bufs = (b["qweight"], b["scales"], b["qzeros"], b["g_idx"])
-        cached = self._ordered
+        cached = self._layouts.get(name)
         held = cached[0] if cached is not None else ()
         same = len(held) == 4 and held[0] is q and held[1] is s and held[2] is z and held[3] is g
         if torch.compiler.is_compiling():
@@ -130,13 +150,13 @@ class IntGroupedLinear(QuantLinear):
         # and can only be written inside it
         tracked = tuple(t for t in bufs if not t.is_inference())
         state = (q.data_ptr(), s.data_ptr(), z.data_ptr(), g.data_ptr(), *[t._version for t in tracked])
-        self._ordered = cached = (bufs, tracked, state, to_group_ordered(*bufs, self.bits))
+        self._layouts[name] = cached = (bufs, tracked, state, build(*bufs, self.bits))
         return cached[3]
 
     def prepare(self) -> None:
-        """Rebuild the cached group-ordered layout now if the weight is on a GPU (see
-        :meth:`group_ordered`); called after a move, a state-dict load and a model load."""
-        self._ordered = None
+        """Drop the held layouts, and rebuild the group-ordered one now if the weight is on a GPU
+        (see :meth:`group_ordered`); called after a move, a state-dict load and a model load."""
+        self._layouts.clear()
         if self.qweight.is_cuda:
             self.group_ordered()
 
@@ -178,6 +198,20 @@ def _triton_forward(x: torch.Tensor, m: IntGroupedLinear) -> torch.Tensor:
 register_kernel(
     IntGroupedLinear.format,
     KernelImpl("reference", 0, available=always, supports=lambda m, x: x.is_floating_point(), fn=_reference_forward),
+)
+def _cpu_int4_supports(m: IntGroupedLinear, x: torch.Tensor) -> bool:
+    # the kernel has no backward: a gradient to record goes through the reference
+    return (x.device.type == "cpu" and m.bits == 4 and x.dtype in CPU_INT4_DTYPES
+            and not (x.requires_grad and torch.is_grad_enabled()) and m.cpu_int4() is not None)
+
+
+def _cpu_int4_forward(x: torch.Tensor, m: IntGroupedLinear) -> torch.Tensor:
+    return matmul_cpu_int4(x, m.cpu_int4(), m.bias)
+
+
+register_kernel(
+    IntGroupedLinear.format,
+    KernelImpl("cpu-int4", 5, available=cpu_int4_available, supports=_cpu_int4_supports, fn=_cpu_int4_forward),
 )
 register_kernel(
     IntGroupedLinear.format,

@@ -1,0 +1,132 @@
+"""4-bit grouped-int weights on the CPU: PyTorch's int4 matmul (``aten._weight_int4pack_mm_for_cpu``).
+
+The reference path dequantizes the whole weight at every call, which on a CPU costs far more than
+the product: a 4-bit SmolLM2 decoded at 0.18x the fp32 model's speed that way
+(``docs/performance.md``). PyTorch ships a vectorized CPU kernel that reads 4-bit codes and
+multiplies in bf16 with fp32 accumulation; this module converts a grouped-int weight to its layout
+once (a load-time layout, held by the module beside its canonical buffers) and calls it.
+
+What the kernel computes, per output ``n`` and input ``k`` in group ``g``::
+
+    y[m, n] = sum_k bf16(x[m, k]) * ((q[k, n] - 8) * s'[g, n] + z'[g, n])
+
+with ``s' = bf16(s)`` and ``z' = bf16((8 - zero) * s)``, so ``(q - 8) * s' + z'`` is the canonical
+``(q - zero) * s`` up to bf16 rounding of the scale and offset. x is rounded to bf16 and the result
+is returned in x's dtype: an fp32 model's 4-bit layers run in bf16 on this path
+(``LOWBIT_KERNEL=reference`` keeps them in fp32). The tolerance against the reference is bf16's.
+
+The kernel takes groups of 32, 64, 128 or 256 inputs and a multiple of 16 outputs. A weight's
+groups are split into sub-groups of the largest such size that divides both the group size and K
+(K = 576 at group size 128 gives sub-groups of 64, each with its group's scale); outputs are padded
+to a multiple of 16 with zero columns that are cut from the result. An act-order weight is taken in
+its group order (:func:`lowbit.formats.group_order.to_group_ordered`) and x is permuted to match.
+The packed codes are in PyTorch's own blocked order (``_convert_weight_to_int4pack_for_cpu``), which
+only PyTorch's kernel reads; the canonical buffers stay the module's state.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.formats.group_order import to_group_ordered
+from lowbit.formats.packing import unpack_int
+
+GROUPS = (256, 128, 64, 32)
+"""The group sizes PyTorch's kernel takes, largest first."""
+
+OUT_MULTIPLE = 16
+"""PyTorch's layout holds outputs in blocks of 16."""
+
+DTYPES = (torch.float32, torch.bfloat16)
+"""Input dtypes taken: fp32 (rounded to bf16 for the product) and bf16. PyTorch's fp16 and fp32
+kernels are not vectorized (30x slower than its bf16 one at one token here)."""
+
+
+@dataclass(frozen=True)
+class CpuInt4:
+    """A 4-bit grouped-int weight in the layout of PyTorch's CPU int4 kernel.
+
+    Attributes:
+        packed: uint8 ``[N16, K/2]``, ``N16`` = N rounded up to a multiple of 16: the codes in
+            group order, in PyTorch's blocked layout (``_convert_weight_to_int4pack_for_cpu``).
+        scales_zeros: bf16 ``[K/group, N16, 2]``: per sub-group of ``group`` inputs, ``s'`` and
+            ``z'`` (see the module docstring); zero in the padding columns.
+        group: inputs per sub-group (32, 64, 128 or 256).
+        perm: int64 ``[K]`` or None: the input order of the codes (``x[..., perm]`` meets them).
+        out_features: N.
+    """
+
+    packed: torch.Tensor
+    scales_zeros: torch.Tensor
+    group: int
+    perm: torch.Tensor | None
+    out_features: int
+
+
+@functools.cache
+def available() -> bool:
+    """Whether this PyTorch has the CPU int4 kernel and its packing op."""
+    return (hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+            and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"))
+
+
+def kernel_group(group_size: int, k: int) -> int | None:
+    """The largest sub-group size the kernel takes that divides ``group_size`` (or, when one group
+    spans all of K, K itself) and K; None if there is none."""
+    for g in GROUPS:
+        if k % g == 0 and (group_size >= k or group_size % g == 0):
+            return g
+    return None
+
+
+def to_cpu_int4(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, g_idx: torch.Tensor,
+                bits: int) -> CpuInt4 | None:
+    """Canonical grouped-int buffers (see :mod:`lowbit.formats.int_grouped`) -> :class:`CpuInt4`,
+    or None when the kernel cannot hold the weight: not 4 bits, groups of unequal size, or no
+    sub-group size (:func:`kernel_group`). The buffers must be on the CPU."""
+    if bits != 4 or not available():
+        return None
+    k, n = g_idx.numel(), scales.shape[1]
+    ordered = to_group_ordered(qweight, scales, qzeros, g_idx, bits)
+    if ordered is None:
+        return None
+    group = kernel_group(ordered.group_size, k)
+    if group is None:
+        return None
+    n16 = -(-n // OUT_MULTIPLE) * OUT_MULTIPLE
+    q = unpack_int(ordered.qweight, bits, k, dim=0)  # [K, N], group order
+    q = torch.nn.functional.pad(q.t(), (0, 0, 0, n16 - n), value=8)  # [N16, K]: padding codes are 8 (zero weight)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)  # [N16, K/2] uint8
+    of_sub = torch.arange(0, k, group) // ordered.group_size  # [K/group]: each sub-group's group
+    s = ordered.scales.float()[of_sub]  # [K/group, N]
+    zero = unpack_int(ordered.qzeros, bits, n, dim=1)[of_sub].float()  # [K/group, N]
+    sz = torch.stack([s, (8 - zero) * s], dim=-1)  # [K/group, N, 2]
+    sz = torch.nn.functional.pad(sz, (0, 0, 0, n16 - n))  # [K/group, N16, 2]
+    perm = None if ordered.perm is None else ordered.perm.long()
+    return CpuInt4(packed, sz.to(torch.bfloat16).contiguous(), group, perm, n)
+
+
+def matmul_cpu_int4(x: torch.Tensor, w: CpuInt4, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` with PyTorch's CPU int4 kernel.
+
+    Args:
+        x: fp32 or bf16 ``[..., K]`` on the CPU.
+        w: the weight (:func:`to_cpu_int4`).
+        bias: ``[N]`` or None.
+    Returns:
+        ``[..., N]`` in x's dtype (computed in bf16 with fp32 accumulation).
+    """
+    x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+    if w.perm is not None:
+        x2 = x2.index_select(1, w.perm)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), w.packed, w.group,
+                                                   w.scales_zeros)  # [M, N16] bf16
+    if y.shape[1] != w.out_features:
+        y = y[:, :w.out_features]
+    y = y.to(x.dtype)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.reshape(*x.shape[:-1], w.out_features)

@@ -1,0 +1,151 @@
+"""The CPU int4 kernel of grouped-int weights (``lowbit.kernels.cpu_int4``: PyTorch's
+``_weight_int4pack_mm_for_cpu``) against the reference, its layout's exact round trip, and when
+``kernel="auto"`` takes it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import CPU_INT4_REL, rel_err
+from lowbit.formats.int_grouped import IntGroupedLinear
+from lowbit.kernels import cpu_int4, select_kernel
+
+pytestmark = pytest.mark.skipif(not cpu_int4.available(), reason="this PyTorch has no CPU int4 kernel")
+
+# (N, K, group_size, act_order): SmolLM2's K = 576 at group 128 (a shorter last group: sub-groups
+# of 64); one group per row; N not a multiple of 16 (padded); act-order; the largest sub-group
+SHAPES = [(64, 576, 128, False), (48, 96, -1, False), (100, 96, 32, False), (40, 192, 64, True),
+          (16, 512, 256, False), (33, 256, 128, True)]
+
+
+def layer(n: int, k: int, group_size: int, act_order: bool, *, bias: bool = True, seed: int = 0,
+          unit: bool = False) -> IntGroupedLinear:
+    """A 4-bit layer with random codes, zeros and scales (``unit``: scales 1 and zeros 0, so the
+    weight is its codes)."""
+    g = torch.Generator().manual_seed(seed)
+    size = k if group_size == -1 else group_size
+    groups = -(-k // size)
+    g_idx = torch.arange(k) // size
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=g)]
+    q = torch.randint(0, 16, (n, k), generator=g)
+    if unit:
+        scales, zeros = torch.ones(groups, n, dtype=torch.float16), torch.zeros(groups, n, dtype=torch.int64)
+    else:
+        scales = (torch.rand(groups, n, generator=g) * 0.02 + 0.001).half()
+        zeros = torch.randint(0, 16, (groups, n), generator=g)
+    b = torch.randn(n, generator=g).half() if bias else None
+    return IntGroupedLinear.from_quantized(q, scales, zeros, g_idx, bits=4, group_size=group_size, bias=b)
+
+
+def ids(case) -> str:
+    n, k, group, act = case
+    return f"{n}x{k}-g{group}" + ("-act" if act else "")
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 127])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", SHAPES, ids=ids)
+def test_matches_reference(case, dtype, m):
+    mod = layer(*case)
+    x = torch.randn(m, case[1], generator=torch.Generator().manual_seed(m)).to(dtype)
+    with torch.no_grad():
+        mod.kernel = "cpu-int4"
+        got = mod(x)
+        mod.kernel = "reference"
+        want = mod(x)
+    assert got.dtype == dtype and got.shape == want.shape == (m, case[0])
+    assert rel_err(got, want) <= CPU_INT4_REL
+
+
+@pytest.mark.parametrize("case", SHAPES, ids=ids)
+def test_layout_round_trip_is_exact(case):
+    """With unit scales and zero points the weight is its codes: the identity through the kernel
+    reads back every code, in the canonical input order (act-order and padded outputs included)."""
+    n, k = case[:2]
+    mod = layer(*case, bias=False, unit=True)
+    with torch.no_grad():
+        got = cpu_int4.matmul_cpu_int4(torch.eye(k), mod.cpu_int4())  # [K, N]: W.T
+    assert torch.equal(got, mod.dequantize().t())  # codes 0-15: exact in bf16
+
+
+def test_three_dimensional_input_and_bias():
+    mod = layer(64, 576, 128, False)
+    x = torch.randn(2, 5, 576)
+    with torch.no_grad():
+        got = cpu_int4.matmul_cpu_int4(x, mod.cpu_int4(), mod.bias)
+        no_bias = cpu_int4.matmul_cpu_int4(x, mod.cpu_int4())
+        want = x @ mod.dequantize().t() + mod.bias.float()
+    assert got.shape == (2, 5, 64)
+    assert rel_err(got, want) <= CPU_INT4_REL
+    torch.testing.assert_close(got - no_bias, mod.bias.float().expand_as(got), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("group_size", "k", "want"), [
+    (128, 576, 64), (128, 4096, 128), (-1, 576, 64), (576, 576, 64), (256, 1024, 256), (32, 96, 32),
+    (48, 96, None), (16, 64, None), (128, 80, None),
+])
+def test_kernel_group(group_size, k, want):
+    assert cpu_int4.kernel_group(k if group_size == -1 else group_size, k) == want
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_other_bit_widths_have_no_layout(bits):
+    k, n = 64, 16
+    mod = IntGroupedLinear.from_quantized(torch.randint(0, 2**bits, (n, k)), torch.rand(2, n).half(),
+                                          torch.randint(0, 2**bits, (2, n)), torch.arange(k) // 32, bits=bits,
+                                          group_size=32)
+    assert mod.cpu_int4() is None
+    assert select_kernel(mod, torch.randn(1, k)).name == "reference"
+
+
+def test_unequal_groups_and_no_sub_group_have_no_layout():
+    unequal = layer(16, 64, 32, False)
+    unequal.g_idx = torch.tensor([0] * 20 + [1] * 44, dtype=torch.int32)  # a first group longer than the last
+    assert unequal.cpu_int4() is None
+    assert layer(16, 96, 48, False).cpu_int4() is None  # groups of 48: no sub-group of 32-256 divides them
+    x = torch.randn(1, 64)
+    assert select_kernel(unequal, x).name == "reference"
+
+
+def test_auto_takes_it_on_cpu_for_fp32_and_bf16_only(monkeypatch):
+    monkeypatch.delenv("LOWBIT_KERNEL", raising=False)
+    mod = layer(64, 576, 128, False)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert select_kernel(mod, torch.randn(1, 576, dtype=dtype)).name == "cpu-int4"
+    # PyTorch's fp16 CPU kernel is not vectorized; fp16 inputs stay on the reference
+    assert select_kernel(mod, torch.randn(1, 576, dtype=torch.float16)).name == "reference"
+    monkeypatch.setenv("LOWBIT_KERNEL", "reference")
+    assert select_kernel(mod, torch.randn(1, 576)).name == "reference"
+
+
+def test_a_gradient_to_record_goes_through_the_reference():
+    mod = layer(64, 576, 128, False)
+    x = torch.randn(3, 576, requires_grad=True)
+    assert select_kernel(mod, x).name == "reference"
+    mod(x).sum().backward()
+    torch.testing.assert_close(x.grad, mod.dequantize().sum(0).expand(3, -1), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert select_kernel(mod, x).name == "cpu-int4"
+
+
+def test_layout_is_held_and_rebuilt_when_a_buffer_changes():
+    mod = layer(64, 576, 128, False)
+    x = torch.randn(2, 576)
+    first = mod.cpu_int4()
+    assert mod.cpu_int4() is first  # held
+    with torch.no_grad():
+        mod.scales.mul_(2)  # written in place
+        assert mod.cpu_int4() is not first
+        mod.kernel = "cpu-int4"
+        got = mod(x)
+        mod.kernel = "reference"
+        want = mod(x)
+    assert rel_err(got, want) <= CPU_INT4_REL
+    held = mod.cpu_int4()
+    mod.qweight = mod.qweight.clone()  # replaced
+    assert mod.cpu_int4() is not held
+    held = mod.cpu_int4()
+    mod.to(torch.device("cpu"))  # a move (here a no-op one) drops the held layouts
+    assert mod.cpu_int4() is not held
