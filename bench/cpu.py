@@ -6,9 +6,9 @@ For each layer shape (K x N) and row count this times, on random data:
 - lowbit's reference path (dequantize the weight at every call, then an fp32 product);
 - lowbit's ``cpu-int4`` kernel (PyTorch's int4 CPU kernel, ``lowbit.kernels.cpu_int4``) from fp32
   inputs, as an fp32 model calls it;
-- a read-stream probe: ``torch.sum`` over a uint8 tensor of the bytes ``cpu-int4`` reads for its
-  weight (packed codes, scales and offsets), so its GB/s can be read against a plain read of the
-  same bytes.
+- a read-stream probe: ``torch.sum`` over an fp32 tensor of as many bytes as ``cpu-int4`` reads for
+  its weight (packed codes, scales and offsets), so its GB/s can be read against a plain read of
+  the same bytes.
 
 Each result is checked against the reference before it is timed. Times are the median of
 ``--repeats`` timed blocks of calls, in µs per call; ratios are against fp32 ``F.linear``.
@@ -89,8 +89,8 @@ def main() -> None:
             print(f"| {k}x{n} | - | group size {args.group_size} has no sub-group the kernel takes |")
             continue
         weight_bytes = held.packed.numel() + held.scales_zeros.numel() * 2
-        probe = torch.randint(0, 255, (weight_bytes,), dtype=torch.uint8)
-        t_probe = per_call(lambda: probe.sum(dtype=torch.int32), args.budget, args.repeats)
+        probe = torch.randn(weight_bytes // 4)
+        t_probe = per_call(lambda: probe.sum(), args.budget, args.repeats)
         for m in (int(v) for v in args.m.split(",")):
             x = torch.randn(m, k)
             xb = x.bfloat16()
