@@ -97,9 +97,7 @@ def to_cpu_int4(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tenso
     if group is None:
         return None
     n16 = -(-n // OUT_MULTIPLE) * OUT_MULTIPLE
-    q = unpack_int(ordered.qweight, bits, k, dim=0)  # [K, N], group order
-    q = torch.nn.functional.pad(q.t(), (0, 0, 0, n16 - n), value=8)  # [N16, K]: padding codes are 8 (zero weight)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)  # [N16, K/2] uint8
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_codes_nk(ordered.qweight, k, n16), 1)  # [N16, K/2] uint8
     of_sub = torch.arange(0, k, group) // ordered.group_size  # [K/group]: each sub-group's group
     s = ordered.scales.float()[of_sub]  # [K/group, N]
     zero = unpack_int(ordered.qzeros, bits, n, dim=1)[of_sub].float()  # [K/group, N]
@@ -107,6 +105,21 @@ def to_cpu_int4(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tenso
     sz = torch.nn.functional.pad(sz, (0, 0, 0, n16 - n))  # [K/group, N16, 2]
     perm = None if ordered.perm is None else ordered.perm.long()
     return CpuInt4(packed, sz.to(torch.bfloat16).contiguous(), group, perm, n)
+
+
+def _codes_nk(qweight: torch.Tensor, k: int, rows: int) -> torch.Tensor:
+    """The 4-bit codes of ``qweight`` (int32 ``[K/8, N]``, packed along K, LSB first) as the int32
+    ``[rows, K]`` that PyTorch's packing takes, rows past N padded with code 8.
+
+    One tensor of the result's size is allocated (the shift writes it, the mask works in place):
+    this runs once per layer, and on glibc larger temporaries stay in the process's heap once freed."""
+    n = qweight.shape[1]
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)  # [8]
+    codes = torch.full((rows, k), 8, dtype=torch.int32) if rows != n else torch.empty(n, k, dtype=torch.int32)
+    words = qweight.t()[:, :, None]  # [N, K/8, 1], a view
+    torch.bitwise_right_shift(words, shifts, out=codes[:n].view(n, -1, 8))  # [N, K/8, 8] -> rows of codes
+    codes[:n].bitwise_and_(15)  # the arithmetic shift's sign bits
+    return codes
 
 
 def matmul_cpu_int4(x: torch.Tensor, w: CpuInt4, bias: torch.Tensor | None = None) -> torch.Tensor:
