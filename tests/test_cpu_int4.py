@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import CPU_INT4_REL, rel_err
+import lowbit
+from conftest import CPU_INT4_REL, calib_ids, rel_err, tiny_llama_model
 from lowbit.formats.int_grouped import IntGroupedLinear
-from lowbit.kernels import cpu_int4, select_kernel
+from lowbit.kernels import cpu_int4, exact_kernels, select_kernel
 
 pytestmark = pytest.mark.skipif(not cpu_int4.available(), reason="this PyTorch has no CPU int4 kernel")
 
@@ -149,3 +150,31 @@ def test_layout_is_held_and_rebuilt_when_a_buffer_changes():
     held = mod.cpu_int4()
     mod.to(torch.device("cpu"))  # a move (here a no-op one) drops the held layouts
     assert mod.cpu_int4() is not held
+
+
+def test_exact_kernels_pass_it_over_for_fp32_only():
+    mod = layer(64, 576, 128, False)
+    with exact_kernels():
+        assert select_kernel(mod, torch.randn(1, 576)).name == "reference"
+        assert select_kernel(mod, torch.randn(1, 576, dtype=torch.bfloat16)).name == "cpu-int4"
+        assert select_kernel(mod, torch.randn(1, 576), "cpu-int4").name == "cpu-int4"  # named: still taken
+    assert select_kernel(mod, torch.randn(1, 576)).name == "cpu-int4"
+
+
+def test_calibration_runs_the_quantized_layers_at_the_models_precision(monkeypatch):
+    """True-sequential GPTQ feeds later layers through the quantized earlier ones: on a CPU those
+    run the fp32 reference (as with ``LOWBIT_KERNEL=reference``), not the bf16 int4 kernel."""
+    monkeypatch.delenv("LOWBIT_KERNEL", raising=False)
+    config = lowbit.GPTQConfig(bits=4, group_size=32)
+    calib = calib_ids(4, 32)
+    auto = lowbit.quantize(tiny_llama_model(), config, calib, progress=False)
+    monkeypatch.setenv("LOWBIT_KERNEL", "reference")
+    exact = lowbit.quantize(tiny_llama_model(), config, calib, progress=False)
+    monkeypatch.delenv("LOWBIT_KERNEL")
+    ids = calib_ids(1, 8, seed=5)
+    for name, m in auto.named_modules():
+        if isinstance(m, IntGroupedLinear):
+            assert torch.equal(m.qweight, exact.get_submodule(name).qweight), name
+            assert select_kernel(m, torch.randn(1, m.in_features)).name == "cpu-int4"  # after calibration: the fast path
+    with torch.no_grad():
+        assert rel_err(auto(ids).logits, exact(ids).logits) <= CPU_INT4_REL

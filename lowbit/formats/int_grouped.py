@@ -211,7 +211,8 @@ def _cpu_int4_forward(x: torch.Tensor, m: IntGroupedLinear) -> torch.Tensor:
 
 register_kernel(
     IntGroupedLinear.format,
-    KernelImpl("cpu-int4", 5, available=cpu_int4_available, supports=_cpu_int4_supports, fn=_cpu_int4_forward),
+    KernelImpl("cpu-int4", 5, available=cpu_int4_available, supports=_cpu_int4_supports, fn=_cpu_int4_forward,
+               narrows=frozenset({torch.float32})),
 )
 register_kernel(
     IntGroupedLinear.format,

@@ -5,14 +5,20 @@ PyTorch reference is registered at priority 0 for every format, so ``kernel="aut
 finds one; faster implementations register with a higher priority and say whether they are
 ``available()`` (packages, hardware) and whether they ``supports()`` a given module and input.
 ``LOWBIT_KERNEL=<name>`` in the environment forces a kernel by name (e.g. ``reference``).
+
+A kernel that computes in a narrower type than some inputs (``KernelImpl.narrows``: the CPU int4
+kernel rounds fp32 inputs to bf16) is passed over by ``"auto"`` for those inputs inside
+:func:`exact_kernels`, which quantization's calibration runs under.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -22,13 +28,15 @@ ENV_VAR = "LOWBIT_KERNEL"
 
 @dataclass(frozen=True)
 class KernelImpl:
-    """One implementation of a format's forward: ``fn(x, module) -> y``."""
+    """One implementation of a format's forward: ``fn(x, module) -> y``; ``narrows``: the input
+    dtypes it computes in a narrower type (see :func:`exact_kernels`)."""
 
     name: str
     priority: int
     available: Callable[[], bool]
     supports: Callable[[torch.nn.Module, torch.Tensor], bool]
     fn: Callable[[torch.Tensor, torch.nn.Module], torch.Tensor]
+    narrows: frozenset[torch.dtype] = frozenset()
 
 
 _KERNELS: dict[str, list[KernelImpl]] = {}
@@ -88,12 +96,28 @@ def _available(fmt: str, name: str) -> bool:
     return _AVAILABLE[key]
 
 
+_EXACT: ContextVar[bool] = ContextVar("lowbit_exact_kernels", default=False)
+
+
+@contextlib.contextmanager
+def exact_kernels() -> Iterator[None]:
+    """Within this, ``kernel="auto"`` takes no kernel that computes an input in a narrower type than
+    its own (:attr:`KernelImpl.narrows`). Quantization runs its calibration forwards under it, so
+    that the statistics of later layers see the quantized layers' outputs at the model's precision."""
+    token = _EXACT.set(True)
+    try:
+        yield
+    finally:
+        _EXACT.reset(token)
+
+
 def select_kernel(module: torch.nn.Module, x: torch.Tensor, kernel: str = "auto") -> KernelImpl:
     """Pick the implementation that runs ``module(x)``.
 
     ``kernel="auto"`` takes the highest-priority implementation that is available and
-    supports the input, unless ``LOWBIT_KERNEL`` names one. A named kernel that is unknown,
-    unavailable or does not support the input raises ``ValueError``.
+    supports the input (under :func:`exact_kernels`, one that does not narrow its dtype), unless
+    ``LOWBIT_KERNEL`` names one. A named kernel that is unknown, unavailable or does not support
+    the input raises ``ValueError``.
     """
     fmt = type(module).format
     impls = _KERNELS.get(fmt)
@@ -103,6 +127,8 @@ def select_kernel(module: torch.nn.Module, x: torch.Tensor, kernel: str = "auto"
     name = forced if forced and kernel == "auto" else kernel
     if name == "auto":
         for impl in impls:
+            if impl.narrows and x.dtype in impl.narrows and _EXACT.get():
+                continue
             if _available(fmt, impl.name) and impl.supports(module, x):
                 return impl
         raise ValueError(f"no registered kernel of format {fmt!r} supports this input")

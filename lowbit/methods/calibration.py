@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.kernels import exact_kernels
 from lowbit.methods.base import Quantizer
 from lowbit.methods.walk import find_blocks, find_linears, set_module
 
@@ -157,6 +158,7 @@ def _plan(quantizer: Quantizer, block: nn.Module, linears: dict[str, nn.Module],
 
 
 @torch.inference_mode()
+@exact_kernels()
 def quantize_blockwise(
     model: nn.Module,
     quantizer: Quantizer,
@@ -169,7 +171,8 @@ def quantize_blockwise(
     Within a block, linears that share an input (:func:`input_groups`) share one statistics
     object. A quantizer with ``true_sequential`` quantizes one input group at a time, each
     group's statistics gathered with the earlier groups already quantized; otherwise all
-    groups are gathered in one pass.
+    groups are gathered in one pass. The forwards run under :func:`~lowbit.kernels.exact_kernels`:
+    the quantized layers compute at the model's precision.
 
     Args:
         input_ids: int64 ``[S, T]`` calibration batch.
