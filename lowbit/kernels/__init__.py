@@ -127,7 +127,8 @@ def select_kernel(module: torch.nn.Module, x: torch.Tensor, kernel: str = "auto"
     name = forced if forced and kernel == "auto" else kernel
     if name == "auto":
         for impl in impls:
-            if impl.narrows and x.dtype in impl.narrows and _EXACT.get():
+            # (traced code never runs under exact_kernels, and dynamo cannot trace ContextVar.get)
+            if impl.narrows and x.dtype in impl.narrows and not torch.compiler.is_compiling() and _EXACT.get():
                 continue
             if _available(fmt, impl.name) and impl.supports(module, x):
                 return impl
