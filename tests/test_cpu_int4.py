@@ -4,6 +4,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 
@@ -178,3 +181,17 @@ def test_calibration_runs_the_quantized_layers_at_the_models_precision(monkeypat
             assert select_kernel(m, torch.randn(1, m.in_features)).name == "cpu-int4"  # after calibration: the fast path
     with torch.no_grad():
         assert rel_err(auto(ids).logits, exact(ids).logits) <= CPU_INT4_REL
+
+
+def test_copies_and_pickles_of_a_module_leave_its_layouts_behind():
+    mod = layer(64, 576, 128, False)
+    x = torch.randn(2, 576)
+    with torch.no_grad():
+        want = mod(x)
+    assert "cpu_int4" in mod._layouts
+    for other in (copy.deepcopy(mod), pickle.loads(pickle.dumps(mod))):
+        assert len(other._layouts) == 0
+        with torch.no_grad():
+            assert torch.equal(other(x), want)  # built again from the copy's own buffers
+        assert other.cpu_int4() is not mod.cpu_int4()
+    assert len(pickle.dumps(mod)) < len(pickle.dumps(mod.qweight)) + len(pickle.dumps(mod.scales)) + 64 * 1024

@@ -33,6 +33,7 @@ from lowbit.kernels import KernelImpl, always, register_kernel, triton_gpu_avail
 from lowbit.kernels import ops, reference
 from lowbit.kernels.cpu_int4 import DTYPES as CPU_INT4_DTYPES
 from lowbit.kernels.cpu_int4 import CpuInt4, available as cpu_int4_available, matmul_cpu_int4, to_cpu_int4
+from lowbit.kernels.held import Derived
 
 L = TypeVar("L")
 
@@ -67,7 +68,7 @@ class IntGroupedLinear(QuantLinear):
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, **kw) if bias else None)
         # by layout name: (source buffers, those with a write counter, their pointers and counters,
         # layout built from them); see _layout()
-        self._layouts: dict[str, tuple[tuple, tuple, tuple, object]] = {}
+        self._layouts: Derived = Derived()  # a copy of the module starts without them
 
     @classmethod
     def from_quantized(

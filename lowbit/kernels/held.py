@@ -14,11 +14,21 @@ from __future__ import annotations
 import torch
 
 
-class HeldCalls(dict):
+class Derived(dict):
+    """What a module derives from its buffers and can derive again, by name: a copy of its owner
+    (``copy.deepcopy``, pickling) starts with none, so copies and saved pickles do not carry it."""
+
+    def __deepcopy__(self, memo) -> Derived:
+        return type(self)()
+
+    def __reduce__(self):
+        return type(self), ()
+
+
+class HeldCalls(Derived):
     """A weight's held eager kernel calls (:class:`HeldCall` and the like), by their key.
 
-    A cache of launches on this process's device: a copy of its owner (``copy.deepcopy``, pickling)
-    starts with none."""
+    A cache of launches on this process's device: a copy of its owner starts with none."""
 
     MAX = 64
     """Calls held before they are all dropped (each input layout is a key)."""
@@ -37,12 +47,6 @@ class HeldCalls(dict):
             return call
         self.clear()
         return None
-
-    def __deepcopy__(self, memo) -> HeldCalls:
-        return type(self)()
-
-    def __reduce__(self):
-        return type(self), ()
 
 
 class HeldSources:
