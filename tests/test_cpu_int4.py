@@ -195,3 +195,21 @@ def test_copies_and_pickles_of_a_module_leave_its_layouts_behind():
             assert torch.equal(other(x), want)  # built again from the copy's own buffers
         assert other.cpu_int4() is not mod.cpu_int4()
     assert len(pickle.dumps(mod)) < len(pickle.dumps(mod.qweight)) + len(pickle.dumps(mod.scales)) + 64 * 1024
+
+
+def test_compiled_before_any_eager_call_it_traces_the_reference():
+    """The layout is built at the first eager forward; tracing cannot build it."""
+    mod = layer(64, 576, 128, False)
+    x = torch.randn(2, 576)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(mod, fullgraph=True, backend="aot_eager")(x)
+        mod.kernel = "reference"
+        want = mod(x)
+        mod.kernel = "auto"
+        assert torch.equal(got, want)
+        assert "cpu_int4" not in mod._layouts
+        eager = mod(x)  # builds it
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(mod, fullgraph=True, backend="aot_eager")(x), eager)
+    assert rel_err(eager, want) <= CPU_INT4_REL and not torch.equal(eager, want)
