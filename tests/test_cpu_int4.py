@@ -24,23 +24,23 @@ SHAPES = [(64, 576, 128, False), (48, 96, -1, False), (100, 96, 32, False), (40,
 
 
 def layer(n: int, k: int, group_size: int, act_order: bool, *, bias: bool = True, seed: int = 0,
-          unit: bool = False) -> IntGroupedLinear:
-    """A 4-bit layer with random codes, zeros and scales (``unit``: scales 1 and zeros 0, so the
-    weight is its codes)."""
+          unit: bool = False, bits: int = 4) -> IntGroupedLinear:
+    """A layer with random codes, zeros and scales (``unit``: scales 1 and zeros 0, so the weight
+    is its codes)."""
     g = torch.Generator().manual_seed(seed)
     size = k if group_size == -1 else group_size
     groups = -(-k // size)
     g_idx = torch.arange(k) // size
     if act_order:
         g_idx = g_idx[torch.randperm(k, generator=g)]
-    q = torch.randint(0, 16, (n, k), generator=g)
+    q = torch.randint(0, 2**bits, (n, k), generator=g)
     if unit:
         scales, zeros = torch.ones(groups, n, dtype=torch.float16), torch.zeros(groups, n, dtype=torch.int64)
     else:
         scales = (torch.rand(groups, n, generator=g) * 0.02 + 0.001).half()
-        zeros = torch.randint(0, 16, (groups, n), generator=g)
+        zeros = torch.randint(0, 2**bits, (groups, n), generator=g)
     b = torch.randn(n, generator=g).half() if bias else None
-    return IntGroupedLinear.from_quantized(q, scales, zeros, g_idx, bits=4, group_size=group_size, bias=b)
+    return IntGroupedLinear.from_quantized(q, scales, zeros, g_idx, bits=bits, group_size=group_size, bias=b)
 
 
 def ids(case) -> str:
@@ -52,7 +52,7 @@ def ids(case) -> str:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", SHAPES, ids=ids)
 def test_matches_reference(case, dtype, m):
-    mod = layer(*case)
+    mod = layer(*case)  # 4 bits; test_two_and_three_bits for the others
     x = torch.randn(m, case[1], generator=torch.Generator().manual_seed(m)).to(dtype)
     with torch.no_grad():
         mod.kernel = "cpu-int4"
@@ -63,12 +63,13 @@ def test_matches_reference(case, dtype, m):
     assert rel_err(got, want) <= CPU_INT4_REL
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("case", SHAPES, ids=ids)
-def test_layout_round_trip_is_exact(case):
+def test_layout_round_trip_is_exact(case, bits):
     """With unit scales and zero points the weight is its codes: the identity through the kernel
     reads back every code, in the canonical input order (act-order and padded outputs included)."""
     n, k = case[:2]
-    mod = layer(*case, bias=False, unit=True)
+    mod = layer(*case, bias=False, unit=True, bits=bits)
     with torch.no_grad():
         got = cpu_int4.matmul_cpu_int4(torch.eye(k), mod.cpu_int4())  # [K, N]: W.T
     assert torch.equal(got, mod.dequantize().t())  # codes 0-15: exact in bf16
@@ -94,14 +95,25 @@ def test_kernel_group(group_size, k, want):
     assert cpu_int4.kernel_group(k if group_size == -1 else group_size, k) == want
 
 
-@pytest.mark.parametrize("bits", [2, 3, 8])
-def test_other_bit_widths_have_no_layout(bits):
-    k, n = 64, 16
-    mod = IntGroupedLinear.from_quantized(torch.randint(0, 2**bits, (n, k)), torch.rand(2, n).half(),
-                                          torch.randint(0, 2**bits, (2, n)), torch.arange(k) // 32, bits=bits,
-                                          group_size=32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("case", [SHAPES[0], SHAPES[2], SHAPES[3]], ids=ids)
+def test_two_and_three_bits(case, bits, dtype):
+    """2- and 3-bit codes run as 4-bit ones."""
+    mod = layer(*case, bits=bits)
+    x = torch.randn(5, case[1], generator=torch.Generator().manual_seed(bits)).to(dtype)
+    assert select_kernel(mod, x).name == "cpu-int4"
+    with torch.no_grad():
+        got = mod(x)
+        mod.kernel = "reference"
+        want = mod(x)
+    assert rel_err(got, want) <= CPU_INT4_REL
+
+
+def test_eight_bits_have_no_layout():
+    mod = layer(16, 64, 32, False, bits=8)
     assert mod.cpu_int4() is None
-    assert select_kernel(mod, torch.randn(1, k)).name == "reference"
+    assert select_kernel(mod, torch.randn(1, 64)).name == "reference"
 
 
 def test_unequal_groups_and_no_sub_group_have_no_layout():

@@ -31,6 +31,7 @@ from lowbit.formats.group_order import GroupOrdered, to_group_ordered
 from lowbit.formats.packing import SUPPORTED_BITS, pack_int, packed_length
 from lowbit.kernels import KernelImpl, always, register_kernel, triton_gpu_available
 from lowbit.kernels import ops, reference
+from lowbit.kernels.cpu_int4 import BITS as CPU_INT4_BITS
 from lowbit.kernels.cpu_int4 import DTYPES as CPU_INT4_DTYPES
 from lowbit.kernels.cpu_int4 import CpuInt4, available as cpu_int4_available, matmul_cpu_int4, to_cpu_int4
 from lowbit.kernels.held import Derived
@@ -202,7 +203,7 @@ register_kernel(
 )
 def _cpu_int4_supports(m: IntGroupedLinear, x: torch.Tensor) -> bool:
     # the kernel has no backward: a gradient to record goes through the reference
-    return (x.device.type == "cpu" and m.bits == 4 and x.dtype in CPU_INT4_DTYPES
+    return (x.device.type == "cpu" and m.bits in CPU_INT4_BITS and x.dtype in CPU_INT4_DTYPES
             and not (x.requires_grad and torch.is_grad_enabled()) and m.cpu_int4() is not None)
 
 

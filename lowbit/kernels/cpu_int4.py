@@ -1,7 +1,7 @@
-"""4-bit grouped-int weights on the CPU: PyTorch's int4 matmul (``aten._weight_int4pack_mm_for_cpu``).
+"""2-, 3- and 4-bit grouped-int weights on the CPU: PyTorch's int4 matmul (``aten._weight_int4pack_mm_for_cpu``).
 
 The reference path dequantizes the whole weight at every call, which on a CPU costs far more than
-the product: a 4-bit SmolLM2 decoded at 0.18x the fp32 model's speed that way
+the product: a 4-bit SmolLM2 decoded at 0.18-0.24x the fp32 model's speed that way
 (``docs/performance.md``). PyTorch ships a vectorized CPU kernel that reads 4-bit codes and
 multiplies in bf16 with fp32 accumulation; this module converts a grouped-int weight to its layout
 once (a load-time layout, held by the module beside its canonical buffers) and calls it.
@@ -12,7 +12,7 @@ What the kernel computes, per output ``n`` and input ``k`` in group ``g``::
 
 with ``s' = bf16(s)`` and ``z' = bf16((8 - zero) * s)``, so ``(q - 8) * s' + z'`` is the canonical
 ``(q - zero) * s`` up to bf16 rounding of the scale and offset. x is rounded to bf16 and the result
-is returned in x's dtype: an fp32 model's 4-bit layers run in bf16 on this path
+is returned in x's dtype: an fp32 model's quantized layers run in bf16 on this path
 (``LOWBIT_KERNEL=reference`` keeps them in fp32). The tolerance against the reference is bf16's.
 
 The kernel takes groups of 32, 64, 128 or 256 inputs and a multiple of 16 outputs. A weight's
@@ -20,6 +20,8 @@ groups are split into sub-groups of the largest such size that divides both the 
 (K = 576 at group size 128 gives sub-groups of 64, each with its group's scale); outputs are padded
 to a multiple of 16 with zero columns that are cut from the result. An act-order weight is taken in
 its group order (:func:`lowbit.formats.group_order.to_group_ordered`) and x is permuted to match.
+2- and 3-bit codes are held as 4-bit ones (the same affine formula over fewer values), so the layout
+takes half a byte per weight whatever the bits.
 The packed codes are in PyTorch's own blocked order (``_convert_weight_to_int4pack_for_cpu``), which
 only PyTorch's kernel reads; the canonical buffers stay the module's state.
 """
@@ -40,6 +42,9 @@ GROUPS = (256, 128, 64, 32)
 OUT_MULTIPLE = 16
 """PyTorch's layout holds outputs in blocks of 16."""
 
+BITS = (2, 3, 4)
+"""Code widths the layout holds (as 4-bit codes)."""
+
 DTYPES = (torch.float32, torch.bfloat16)
 """Input dtypes taken: fp32 (rounded to bf16 for the product) and bf16. PyTorch's fp16 and fp32
 kernels are not vectorized (30x slower than its bf16 one at one token here)."""
@@ -47,7 +52,7 @@ kernels are not vectorized (30x slower than its bf16 one at one token here)."""
 
 @dataclass(frozen=True)
 class CpuInt4:
-    """A 4-bit grouped-int weight in the layout of PyTorch's CPU int4 kernel.
+    """A grouped-int weight of 2 to 4 bits in the layout of PyTorch's CPU int4 kernel.
 
     Attributes:
         packed: uint8 ``[N16, K/2]``, ``N16`` = N rounded up to a multiple of 16: the codes in
@@ -85,9 +90,9 @@ def kernel_group(group_size: int, k: int) -> int | None:
 def to_cpu_int4(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, g_idx: torch.Tensor,
                 bits: int) -> CpuInt4 | None:
     """Canonical grouped-int buffers (see :mod:`lowbit.formats.int_grouped`) -> :class:`CpuInt4`,
-    or None when the kernel cannot hold the weight: not 4 bits, groups of unequal size, or no
-    sub-group size (:func:`kernel_group`). The buffers must be on the CPU."""
-    if bits != 4 or not available():
+    or None when the kernel cannot hold the weight: bits not in :data:`BITS`, groups of unequal
+    size, or no sub-group size (:func:`kernel_group`). The buffers must be on the CPU."""
+    if bits not in BITS or not available():
         return None
     k, n = g_idx.numel(), scales.shape[1]
     ordered = to_group_ordered(qweight, scales, qzeros, g_idx, bits)
@@ -97,7 +102,7 @@ def to_cpu_int4(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tenso
     if group is None:
         return None
     n16 = -(-n // OUT_MULTIPLE) * OUT_MULTIPLE
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_codes_nk(ordered.qweight, k, n16), 1)  # [N16, K/2] uint8
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_codes_nk(ordered.qweight, bits, k, n16), 1)  # [N16, K/2] uint8
     of_sub = torch.arange(0, k, group) // ordered.group_size  # [K/group]: each sub-group's group
     s = ordered.scales.float()[of_sub]  # [K/group, N]
     zero = unpack_int(ordered.qzeros, bits, n, dim=1)[of_sub].float()  # [K/group, N]
@@ -107,18 +112,23 @@ def to_cpu_int4(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tenso
     return CpuInt4(packed, sz.to(torch.bfloat16).contiguous(), group, perm, n)
 
 
-def _codes_nk(qweight: torch.Tensor, k: int, rows: int) -> torch.Tensor:
-    """The 4-bit codes of ``qweight`` (int32 ``[K/8, N]``, packed along K, LSB first) as the int32
-    ``[rows, K]`` that PyTorch's packing takes, rows past N padded with code 8.
+def _codes_nk(qweight: torch.Tensor, bits: int, k: int, rows: int) -> torch.Tensor:
+    """The codes of ``qweight`` (int32 ``[ceil(K*bits/32), N]``, packed along K, LSB first; K a
+    multiple of 32) as the int32 ``[rows, K]`` that PyTorch's packing takes, rows past N padded
+    with code 8.
 
-    One tensor of the result's size is allocated (the shift writes it, the mask works in place):
-    this runs once per layer, and on glibc larger temporaries stay in the process's heap once freed."""
+    For 2 and 4 bits one tensor of the result's size is allocated (the shift writes it, the mask
+    works in place): this runs once per layer, and on glibc larger temporaries stay in the
+    process's heap once freed. 3-bit codes straddle words and go through :func:`unpack_int`."""
     n = qweight.shape[1]
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32)  # [8]
     codes = torch.full((rows, k), 8, dtype=torch.int32) if rows != n else torch.empty(n, k, dtype=torch.int32)
-    words = qweight.t()[:, :, None]  # [N, K/8, 1], a view
-    torch.bitwise_right_shift(words, shifts, out=codes[:n].view(n, -1, 8))  # [N, K/8, 8] -> rows of codes
-    codes[:n].bitwise_and_(15)  # the arithmetic shift's sign bits
+    if 32 % bits:
+        codes[:n] = unpack_int(qweight, bits, k, dim=0).t()
+        return codes
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32)  # [32/bits]
+    words = qweight.t()[:, :, None]  # [N, K*bits/32, 1], a view
+    torch.bitwise_right_shift(words, shifts, out=codes[:n].view(n, -1, 32 // bits))  # -> rows of codes
+    codes[:n].bitwise_and_((1 << bits) - 1)  # the other codes' bits, and the arithmetic shift's sign bits
     return codes
 
 
