@@ -47,7 +47,7 @@ BITS = (2, 3, 4)
 
 DTYPES = (torch.float32, torch.bfloat16)
 """Input dtypes taken: fp32 (rounded to bf16 for the product) and bf16. PyTorch's fp16 and fp32
-kernels are not vectorized (30x slower than its bf16 one at one token here)."""
+kernels are not vectorized (35-45x slower than its bf16 one at one token on SmolLM2's shapes here)."""
 
 
 @dataclass(frozen=True)
