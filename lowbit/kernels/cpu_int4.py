@@ -117,13 +117,21 @@ def _codes_nk(qweight: torch.Tensor, bits: int, k: int, rows: int) -> torch.Tens
     multiple of 32) as the int32 ``[rows, K]`` that PyTorch's packing takes, rows past N padded
     with code 8.
 
-    For 2 and 4 bits one tensor of the result's size is allocated (the shift writes it, the mask
-    works in place): this runs once per layer, and on glibc larger temporaries stay in the
-    process's heap once freed. 3-bit codes straddle words and go through :func:`unpack_int`."""
+    One tensor of the result's size is allocated, and temporaries are smaller: this runs once per
+    layer, and on glibc larger temporaries stay in the process's heap once freed. 2- and 4-bit codes
+    come whole out of their words (one shift writes the result, the mask works in place); 3-bit
+    ones straddle words, 32 codes in every 3 words, and are read one position of the 32 at a time."""
     n = qweight.shape[1]
     codes = torch.full((rows, k), 8, dtype=torch.int32) if rows != n else torch.empty(n, k, dtype=torch.int32)
     if 32 % bits:
-        codes[:n] = unpack_int(qweight, bits, k, dim=0).t()
+        words = qweight.view(-1, bits, n)  # [K/32, bits, N]: each period's words
+        out = codes[:n].view(n, -1, 32)  # [N, K/32, 32]
+        for j in range(32):
+            word, shift = divmod(j * bits, 32)
+            v = words[:, word] >> shift  # [K/32, N]
+            if shift + bits > 32:  # the code's high bits are the next word's low ones
+                v = (v & ((1 << (32 - shift)) - 1)) | (words[:, word + 1] << (32 - shift))
+            out[:, :, j] = (v & ((1 << bits) - 1)).t()
         return codes
     shifts = torch.arange(0, 32, bits, dtype=torch.int32)  # [32/bits]
     words = qweight.t()[:, :, None]  # [N, K*bits/32, 1], a view
