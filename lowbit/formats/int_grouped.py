@@ -203,7 +203,7 @@ register_kernel(
 )
 def _cpu_int4_supports(m: IntGroupedLinear, x: torch.Tensor) -> bool:
     # the kernel has no backward: a gradient to record goes through the reference
-    return (x.device.type == "cpu" and m.bits in CPU_INT4_BITS and x.dtype in CPU_INT4_DTYPES
+    return (x.is_cpu and m.bits in CPU_INT4_BITS and x.dtype in CPU_INT4_DTYPES
             and not (x.requires_grad and torch.is_grad_enabled()) and m.cpu_int4() is not None)
 
 

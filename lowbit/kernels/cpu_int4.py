@@ -150,14 +150,20 @@ def matmul_cpu_int4(x: torch.Tensor, w: CpuInt4, bias: torch.Tensor | None = Non
     Returns:
         ``[..., N]`` in x's dtype (computed in bf16 with fp32 accumulation).
     """
-    x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+    shape = x.shape
+    x2 = x if len(shape) == 2 else x.reshape(-1, shape[-1])  # [M, K]
     if w.perm is not None:
         x2 = x2.index_select(1, w.perm)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), w.packed, w.group,
-                                                   w.scales_zeros)  # [M, N16] bf16
-    if y.shape[1] != w.out_features:
-        y = y[:, :w.out_features]
-    y = y.to(x.dtype)
+    if x2.dtype != torch.bfloat16:  # (each test skips a call that would return its input: a decode step makes ~200)
+        x2 = x2.to(torch.bfloat16)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, w.packed, w.group, w.scales_zeros)  # [M, N16] bf16
+    n = w.out_features
+    if y.shape[1] != n:
+        y = y[:, :n]
+    if x.dtype != torch.bfloat16:
+        y = y.to(x.dtype)
     if bias is not None:
-        y = y + bias.to(x.dtype)
-    return y.reshape(*x.shape[:-1], w.out_features)
+        y = y + (bias if bias.dtype == x.dtype else bias.to(x.dtype))
+    return y if len(shape) == 2 else y.reshape(*shape[:-1], n)
