@@ -2,9 +2,10 @@
 
 Loads the same GPTQ checkpoint with lowbit (``kernel="auto"``, which takes ``cpu-int4`` for 2-4
 bits, in fp32 and in bf16, and with ``LOWBIT_KERNEL=reference``) and with GPTQModel in bf16 (its
-plain torch kernel refuses fp32), once per CPU backend named, and the fp32 original beside them. For each it prints prefill and batch-1 decode tokens/s
-(``lowbit.eval.speed.measure_speed``: 128-token prompt, 32 new tokens, median of 3) and the
-relative difference of its logits on one prompt from lowbit's reference path. Every model runs in
+plain torch kernel refuses fp32), once per CPU backend named, and the fp32 original beside them.
+For each it prints prefill and batch-1 decode tokens/s (``lowbit.eval.speed.measure_speed``:
+128-token prompt, 32 new tokens, median of 3) and the relative difference of its logits on one
+prompt from lowbit's reference path. Every model runs in
 this process, one after another, so no peak memory is reported.
 
 GPTQModel needs a newer torch than lowbit's tests pin: run this in the GPTQModel side environment
@@ -102,7 +103,8 @@ def main() -> None:
                 continue
             kinds = sorted({type(m).__name__ for m in peer.model.modules()
                             if type(m).__module__.startswith("gptqmodel.nn_modules.qlinear")})
-            row(f"GPTQModel bfloat16, backend {name} ({', '.join(kinds)})", peer.model, ids, want, time.perf_counter() - start)
+            row(f"GPTQModel bfloat16, backend {name} ({', '.join(kinds)})", peer.model, ids, want,
+                time.perf_counter() - start)
             del peer
 
 

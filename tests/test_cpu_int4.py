@@ -190,7 +190,8 @@ def test_calibration_runs_the_quantized_layers_at_the_models_precision(monkeypat
     for name, m in auto.named_modules():
         if isinstance(m, IntGroupedLinear):
             assert torch.equal(m.qweight, exact.get_submodule(name).qweight), name
-            assert select_kernel(m, torch.randn(1, m.in_features)).name == "cpu-int4"  # after calibration: the fast path
+            # after calibration: the fast path
+            assert select_kernel(m, torch.randn(1, m.in_features)).name == "cpu-int4"
     with torch.no_grad():
         assert rel_err(auto(ids).logits, exact(ids).logits) <= CPU_INT4_REL
 

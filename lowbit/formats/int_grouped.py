@@ -201,6 +201,8 @@ register_kernel(
     IntGroupedLinear.format,
     KernelImpl("reference", 0, available=always, supports=lambda m, x: x.is_floating_point(), fn=_reference_forward),
 )
+
+
 def _cpu_int4_supports(m: IntGroupedLinear, x: torch.Tensor) -> bool:
     # the kernel has no backward: a gradient to record goes through the reference
     return (x.is_cpu and m.bits in CPU_INT4_BITS and x.dtype in CPU_INT4_DTYPES
