@@ -226,3 +226,14 @@ def test_compiled_before_any_eager_call_it_traces_the_reference():
         torch._dynamo.reset()
         assert torch.equal(torch.compile(mod, fullgraph=True, backend="aot_eager")(x), eager)
     assert rel_err(eager, want) <= CPU_INT4_REL and not torch.equal(eager, want)
+
+
+def test_a_layout_built_under_inference_mode_serves_calls_outside_it():
+    mod = layer(40, 192, 64, True)
+    x = torch.randn(2, 192)
+    with torch.inference_mode():
+        inside = mod(x)
+    assert mod.cpu_int4().packed.is_inference()
+    with torch.no_grad():
+        assert torch.equal(mod(x), inside)
+    assert torch.equal(mod(x), inside)  # gradients on, none to record for x
