@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from conftest import calib_ids, tiny_llama_model
+from conftest import calib_ids, reference_kernels, tiny_llama_model
 
 import lowbit
 from lowbit.config import AqlmConfig, BitsAndBytesConfig, GPTQConfig, RtnConfig
@@ -50,7 +50,8 @@ def _cpu_and_gpu(name: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     model's, and the kernel ``kernel="auto"`` picks for its first quantized layer at that shape."""
     model = lowbit.quantize(tiny_llama_model(), CONFIGS[name], calib_ids(), progress=False)
     with torch.no_grad():
-        want = model(ids).logits
+        with reference_kernels():
+            want = model(ids).logits
         gpu = _fp16_activations(copy.deepcopy(model).cuda())
         got = gpu(ids.cuda()).logits.float().cpu()
     layer = next(m for m in gpu.modules() if isinstance(m, QuantLinear))
