@@ -144,14 +144,12 @@ class IntGroupedLinear(QuantLinear):
         same = len(held) == 4 and held[0] is q and held[1] is s and held[2] is z and held[3] is g
         if torch.compiler.is_compiling():
             return cached[3] if same else None
-        if same:
-            tracked = cached[1]
-            if cached[2] == (q.data_ptr(), s.data_ptr(), z.data_ptr(), g.data_ptr(), *[t._version for t in tracked]):
-                return cached[3]
         # inference tensors (a model quantized under torch.inference_mode) keep no write counter,
         # and can only be written inside it
-        tracked = tuple(t for t in bufs if not t.is_inference())
+        tracked = cached[1] if same else tuple(t for t in bufs if not t.is_inference())
         state = (q.data_ptr(), s.data_ptr(), z.data_ptr(), g.data_ptr(), *[t._version for t in tracked])
+        if same and cached[2] == state:
+            return cached[3]
         self._layouts[name] = cached = (bufs, tracked, state, build(*bufs, self.bits))
         return cached[3]
 
