@@ -26,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from kernels import rel_err
 from lowbit.formats.int_grouped import IntGroupedLinear
 from lowbit.kernels import cpu_int4
 
@@ -54,10 +55,6 @@ def layer(k: int, n: int, group_size: int) -> IntGroupedLinear:
     return IntGroupedLinear.from_quantized(
         torch.randint(0, 16, (n, k), generator=g), (torch.rand(groups, n, generator=g) * 0.02 + 0.001).half(),
         torch.randint(0, 16, (groups, n), generator=g), torch.arange(k) // group_size, bits=4, group_size=group_size)
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.float() - want.float()).norm() / want.float().norm())
 
 
 def main() -> None:

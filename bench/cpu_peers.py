@@ -1,7 +1,7 @@
 """A GPTQ checkpoint on the CPU: lowbit's load against GPTQModel's, each of its CPU kernels, one run.
 
 Loads the same GPTQ checkpoint with lowbit (``kernel="auto"``, which takes ``cpu-int4`` for 2-4
-bits, in fp32 and in bf16, and with ``LOWBIT_KERNEL=reference``) and with GPTQModel in bf16 (its
+bits, in fp32 and in bf16, and with ``kernel="reference"``) and with GPTQModel in bf16 (its
 plain torch kernel refuses fp32), once per CPU backend named, and the fp32 original beside them.
 For each it prints prefill and batch-1 decode tokens/s (``lowbit.eval.speed.measure_speed``:
 128-token prompt, 32 new tokens, median of 3) and the relative difference of its logits on one
@@ -18,8 +18,6 @@ of ``docs/usage.md``.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import time
 
 import torch
@@ -27,20 +25,6 @@ import torch
 import lowbit
 from lowbit.eval.speed import measure_speed
 from lowbit.models import default_causal_lm_path
-
-
-@contextlib.contextmanager
-def kernel_env(name: str | None):
-    """``LOWBIT_KERNEL=name`` for the duration (None: unset)."""
-    old = os.environ.pop("LOWBIT_KERNEL", None)
-    if name is not None:
-        os.environ["LOWBIT_KERNEL"] = name
-    try:
-        yield
-    finally:
-        os.environ.pop("LOWBIT_KERNEL", None)
-        if old is not None:
-            os.environ["LOWBIT_KERNEL"] = old
 
 
 def row(label: str, model, ids: torch.Tensor, want: torch.Tensor | None, load_s: float) -> torch.Tensor | None:
@@ -77,17 +61,15 @@ def main() -> None:
     row("fp32 original", original, ids, None, time.perf_counter() - start)
     del original
 
-    with kernel_env("reference"):
-        start = time.perf_counter()
-        model = lowbit.from_pretrained(args.checkpoint, progress=False)
-        want = row("lowbit, reference kernels", model, ids, None, time.perf_counter() - start)
+    start = time.perf_counter()
+    model = lowbit.from_pretrained(args.checkpoint, kernel="reference", progress=False)
+    want = row("lowbit, reference kernels", model, ids, None, time.perf_counter() - start)
     del model
-    with kernel_env(None):
-        for dtype in (torch.float32, torch.bfloat16):
-            start = time.perf_counter()
-            model = lowbit.from_pretrained(args.checkpoint, dtype=dtype, progress=False)
-            row(f"lowbit {str(dtype)[6:]}, kernel auto (cpu-int4)", model, ids, want, time.perf_counter() - start)
-            del model
+    for dtype in (torch.float32, torch.bfloat16):
+        start = time.perf_counter()
+        model = lowbit.from_pretrained(args.checkpoint, dtype=dtype, progress=False)
+        row(f"lowbit {str(dtype)[6:]}, kernel auto (cpu-int4)", model, ids, want, time.perf_counter() - start)
+        del model
 
     backends = [b for b in args.backends.split(",") if b]
     if backends:
