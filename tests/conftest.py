@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
@@ -30,21 +29,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-@contextlib.contextmanager
-def reference_kernels():
-    """``LOWBIT_KERNEL=reference`` for the duration: every quantized layer on the fp32 reference path
-    (on a CPU, ``kernel="auto"`` would take ``cpu-int4``'s bf16 products for 2-4-bit weights)."""
-    old = os.environ.get("LOWBIT_KERNEL")
-    os.environ["LOWBIT_KERNEL"] = "reference"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["LOWBIT_KERNEL"]
-        else:
-            os.environ["LOWBIT_KERNEL"] = old
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

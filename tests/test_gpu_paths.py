@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from conftest import calib_ids, reference_kernels, tiny_llama_model
+from conftest import calib_ids, tiny_llama_model
 
 import lowbit
 from lowbit.config import AqlmConfig, BitsAndBytesConfig, GPTQConfig, RtnConfig
@@ -45,13 +45,14 @@ def _fp16_activations(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _cpu_and_gpu(name: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
+def _cpu_and_gpu(name: str, ids: torch.Tensor, monkeypatch) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Method ``name`` on the tiny Llama: the CPU reference's logits for ``ids``, the fp16 GPU
     model's, and the kernel ``kernel="auto"`` picks for its first quantized layer at that shape."""
     model = lowbit.quantize(tiny_llama_model(), CONFIGS[name], calib_ids(), progress=False)
     with torch.no_grad():
-        with reference_kernels():
-            want = model(ids).logits
+        monkeypatch.setenv("LOWBIT_KERNEL", "reference")  # not cpu-int4's bf16 products
+        want = model(ids).logits
+        monkeypatch.delenv("LOWBIT_KERNEL")
         gpu = _fp16_activations(copy.deepcopy(model).cuda())
         got = gpu(ids.cuda()).logits.float().cpu()
     layer = next(m for m in gpu.modules() if isinstance(m, QuantLinear))
@@ -60,8 +61,8 @@ def _cpu_and_gpu(name: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_quantized_model_on_gpu_matches_cpu_reference(name):
-    want, got, kernel = _cpu_and_gpu(name, calib_ids(2, 24, seed=3))  # 48 rows
+def test_quantized_model_on_gpu_matches_cpu_reference(name, monkeypatch):
+    want, got, kernel = _cpu_and_gpu(name, calib_ids(2, 24, seed=3), monkeypatch)  # 48 rows
     assert kernel == WANT_KERNEL[name]
     rel = ((got - want).norm() / want.norm()).item()
     # fp16 activations through two blocks; LLM.int8 also rounds activations to int8 per row, so a
@@ -71,11 +72,11 @@ def test_quantized_model_on_gpu_matches_cpu_reference(name):
 
 @pytest.mark.parametrize("batch,seq,kernel", [(1, 1, "triton"), (int8_outlier.TRITON_MAX_ROWS // 256 + 1, 256, "int_mm")],
                          ids=["one-token", "above-triton-rows"])
-def test_int8_kernel_by_rows(batch, seq, kernel):
+def test_int8_kernel_by_rows(batch, seq, kernel, monkeypatch):
     """LLM.int8 on the GPU: one token (decode) takes the Triton kernel (``torch._int_mm`` needs more
     than 16 rows), more than :data:`~lowbit.formats.int8_outlier.TRITON_MAX_ROWS` rows
     ``torch._int_mm``; each gives the CPU reference's logits."""
-    want, got, picked = _cpu_and_gpu("int8", calib_ids(batch, seq, seed=4))
+    want, got, picked = _cpu_and_gpu("int8", calib_ids(batch, seq, seed=4), monkeypatch)
     assert picked == kernel
     assert ((got - want).norm() / want.norm()).item() < 3e-2
 
