@@ -1,20 +1,24 @@
-"""Grouped-int 4-bit matmuls on the CPU, each way timed side by side in one run.
+"""Quantized matmuls on the CPU, each way timed side by side in one run.
 
 For each layer shape (K x N) and row count this times, on random data:
 
 - fp32 and bf16 ``F.linear`` of the dequantized weight (what the unquantized model does);
-- lowbit's reference path (dequantize the weight at every call, then an fp32 product);
-- lowbit's ``cpu-int4`` kernel (PyTorch's int4 CPU kernel, ``lowbit.kernels.cpu_int4``) from fp32
-  inputs, as an fp32 model calls it;
-- a read-stream probe: ``torch.sum`` over an fp32 tensor of as many bytes as ``cpu-int4`` reads for
-  its weight (packed codes, scales and offsets), so its GB/s can be read against a plain read of
-  the same bytes.
+- lowbit's reference path (``LOWBIT_KERNEL=reference``; for grouped int, dequantize the weight at
+  every call, then an fp32 product);
+- lowbit's CPU kernel of the format, called through the module from fp32 inputs, as an fp32 model
+  calls it: ``--format int4`` (default), w4 grouped int through ``cpu-int4`` (PyTorch's int4 CPU
+  kernel, ``lowbit.kernels.cpu_int4``); ``--format int8``, LLM.int8 with its default threshold
+  through ``cpu-int8`` (PyTorch's int8-weight kernel, ``lowbit.kernels.cpu_int8``), and
+  ``--format int8-weight-only`` the same weights with floating-point activations;
+- a read-stream probe: ``torch.sum`` over an fp32 tensor of as many bytes as the kernel reads for
+  its weight (codes and scales), so its GB/s can be read against a plain read of the same bytes.
 
 Each result is checked against the reference before it is timed. Times are the median of
 ``--repeats`` timed blocks of calls, in µs per call; ratios are against fp32 ``F.linear``.
 
     python bench/cpu.py                                    # SmolLM2-135M's and a Llama-7B shape
     python bench/cpu.py --shapes 4096x11008 --m 1,16 --threads 2
+    python bench/cpu.py --format int8 --threads 2
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from kernels import rel_err
+from lowbit.formats.int8_outlier import Int8Linear
 from lowbit.formats.int_grouped import IntGroupedLinear
-from lowbit.kernels import cpu_int4
+from lowbit.kernels import cpu_int4, cpu_int8
 
 SHAPES = ["576x576", "576x1536", "1536x576", "4096x4096"]  # K x N: SmolLM2-135M's projections, Llama-7B's
 
@@ -57,49 +62,71 @@ def layer(k: int, n: int, group_size: int) -> IntGroupedLinear:
         torch.randint(0, 16, (groups, n), generator=g), torch.arange(k) // group_size, bits=4, group_size=group_size)
 
 
+def int8_layer(k: int, n: int, int8_activations: bool) -> Int8Linear:
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(0))
+    return Int8Linear.from_linear(w, None, int8_activations=int8_activations)
+
+
+def build(fmt: str, k: int, n: int, group_size: int) -> tuple[torch.nn.Module, str, int] | str:
+    """``(module, kernel name, bytes the kernel reads for the weight)``, or why the kernel does not apply."""
+    if fmt == "int4":
+        mod = layer(k, n, group_size)
+        held = mod.cpu_int4()
+        if held is None:
+            return f"group size {group_size} has no sub-group the kernel takes"
+        return mod, "cpu-int4", held.packed.numel() + held.scales_zeros.numel() * 2
+    mod = int8_layer(k, n, int8_activations=fmt == "int8")
+    if not cpu_int8.weight_supported(mod.weight):
+        return f"K = {k} is not a multiple of {cpu_int8.K_MULTIPLE}"
+    return mod, "cpu-int8", mod.weight.numel() + mod.SCB.numel() * 4
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated KxN")
     p.add_argument("--m", default="1,4,16,128", help="comma-separated row counts")
-    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--format", choices=["int4", "int8", "int8-weight-only"], default="int4")
+    p.add_argument("--group-size", type=int, default=128, help="int4's group size")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
     p.add_argument("--budget", type=float, default=0.2, help="seconds per timed block")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
-    if not cpu_int4.available():
-        raise SystemExit("this PyTorch has no CPU int4 kernel (aten._weight_int4pack_mm_for_cpu)")
+    if not (cpu_int4.available() if args.format == "int4" else cpu_int8.available()):
+        raise SystemExit(f"this PyTorch has no CPU kernel for --format {args.format}")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, group size {args.group_size}; µs per call, median of "
-          f"{args.repeats}\n")
-    print("| K x N | M | fp32 F.linear | bf16 F.linear | lowbit reference | lowbit cpu-int4 | cpu-int4 vs fp32 "
-          "| cpu-int4 vs reference | cpu-int4 GB/s | probe GB/s | error vs reference |")
+          f"{torch.backends.cpu.get_cpu_capability()}, format {args.format}"
+          + (f", group size {args.group_size}" if args.format == "int4" else "")
+          + f"; µs per call, median of {args.repeats}\n")
+    print("| K x N | M | fp32 F.linear | bf16 F.linear | lowbit reference | lowbit kernel | kernel vs fp32 "
+          "| kernel vs reference | kernel GB/s | probe GB/s | error vs reference |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes.split(","):
         k, n = (int(v) for v in shape.split("x"))
-        mod = layer(k, n, args.group_size)
+        built = build(args.format, k, n, args.group_size)
+        if isinstance(built, str):
+            print(f"| {k}x{n} | - | {built} |")
+            continue
+        mod, kernel, weight_bytes = built
         w = mod.dequantize()  # [N, K] fp32
         wb = w.bfloat16()
-        held = mod.cpu_int4()
-        if held is None:
-            print(f"| {k}x{n} | - | group size {args.group_size} has no sub-group the kernel takes |")
-            continue
-        weight_bytes = held.packed.numel() + held.scales_zeros.numel() * 2
         probe = torch.randn(weight_bytes // 4)
         t_probe = per_call(lambda: probe.sum(), args.budget, args.repeats)
         for m in (int(v) for v in args.m.split(",")):
             x = torch.randn(m, k)
             xb = x.bfloat16()
             with torch.inference_mode():
-                err = rel_err(cpu_int4.matmul_cpu_int4(x, held), x @ w.t())
+                mod.kernel = "reference"
+                want = mod(x)
+                tref = per_call(lambda: mod(x), args.budget, args.repeats)
+                mod.kernel = kernel
+                err = rel_err(mod(x), want)
+                tk = per_call(lambda: mod(x), args.budget, args.repeats)
                 t32 = per_call(lambda: F.linear(x, w), args.budget, args.repeats)
                 t16 = per_call(lambda: F.linear(xb, wb), args.budget, args.repeats)
-                mod.kernel = "reference"
-                tref = per_call(lambda: mod(x), args.budget, args.repeats)
-                tint4 = per_call(lambda: cpu_int4.matmul_cpu_int4(x, held), args.budget, args.repeats)
-            print(f"| {k}x{n} | {m} | {t32:.1f} | {t16:.1f} | {tref:.1f} | {tint4:.1f} | {t32 / tint4:.2f}x | "
-                  f"{tref / tint4:.1f}x | {weight_bytes / tint4 / 1e3:.1f} | {weight_bytes / t_probe / 1e3:.1f} | "
+            print(f"| {k}x{n} | {m} | {t32:.1f} | {t16:.1f} | {tref:.1f} | {tk:.1f} | {t32 / tk:.2f}x | "
+                  f"{tref / tk:.1f}x | {weight_bytes / tk / 1e3:.1f} | {weight_bytes / t_probe / 1e3:.1f} | "
                   f"{err:.1e} |", flush=True)
 
 

@@ -182,6 +182,7 @@ def test_int8_matmuls_agree_exactly(rows, k):
     w, bias = _w((48, k)), _w((48,), seed=6)
     m = Int8Linear.from_linear(w, bias, threshold=6.0)
     x = _outlier_input(m=rows, k=k)
+    m.kernel = "reference"
     y_ref = m(x)
     y_int_mm = reference.matmul_int8_outlier(x, m.weight, m.SCB, m.threshold, m.bias, int_matmul=int_mm)
     assert torch.equal(y_int_mm, y_ref) and y_ref.shape == (rows, 48)
@@ -278,9 +279,10 @@ def test_gptq_rounding_needs_calibration_and_round_trips(tmp_path):
 
 # --- LLM.int8 weights with floating-point activations (int8_activations=False) ---------------
 
-def test_weight_only_int8_is_the_product_with_the_dequantized_weight(tmp_path):
+def test_weight_only_int8_is_the_product_with_the_dequantized_weight(tmp_path, monkeypatch):
     """Same codes and checkpoint as LLM.int8; the forward multiplies the dequantized weight, and
     the setting comes back from the saved config (and through fusion)."""
+    monkeypatch.setenv("LOWBIT_KERNEL", "reference")  # the fp32 product (cpu-int8's is bf16: test_cpu_int8)
     cfg = BitsAndBytesConfig(load_in_8bit=True, int8_activations=False)
     model = lowbit.quantize(tiny_llama_model(), cfg)
     plain = lowbit.quantize(tiny_llama_model(), BitsAndBytesConfig(load_in_8bit=True))

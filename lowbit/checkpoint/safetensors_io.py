@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+ALIGN = 64
+"""Bytes: tensors are read into memory at an address that is a multiple of this. safetensors returns
+them at any multiple of 8, and PyTorch's CPU int8-weight kernel reads rows with aligned vector loads
+(:mod:`lowbit.kernels.cpu_int8`); PyTorch's own CPU allocator aligns to 64 bytes."""
 
 
 @contextmanager
@@ -239,8 +243,14 @@ def checkpoint_files(folder: Path) -> list[Path]:
     raise ValueError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}")
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it at an address that is a multiple of :data:`ALIGN`."""
+    return t if t.data_ptr() % ALIGN == 0 else t.clone()
+
+
 def load_state_dict(folder: Path, keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
-    """Read every tensor (or those whose name passes ``keep``) of a checkpoint folder, on CPU.
+    """Read every tensor (or those whose name passes ``keep``) of a checkpoint folder, on CPU, each
+    at an address that is a multiple of :data:`ALIGN`.
 
     Truncated or corrupt files raise ``ValueError`` naming the file.
     """
@@ -250,7 +260,7 @@ def load_state_dict(folder: Path, keep: Callable[[str], bool] | None = None) -> 
             with safe_open(path, framework="pt", device="cpu") as f:
                 for name in f.keys():
                     if keep is None or keep(name):
-                        out[name] = f.get_tensor(name)
+                        out[name] = _aligned(f.get_tensor(name))
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ValueError(f"{path} is corrupt or truncated: {e}") from None
     return out

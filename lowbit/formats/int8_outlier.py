@@ -19,7 +19,9 @@ option, not in the checkpoint) the activations stay in floating point and multip
 weight ``CB * SCB / 127``: int8 weights only.
 
 Kernels: the reference everywhere; on a GPU, the Triton kernel (:mod:`lowbit.kernels.triton_int8`,
-no host synchronization) up to :data:`TRITON_MAX_ROWS` rows and ``torch._int_mm`` above.
+no host synchronization) up to :data:`TRITON_MAX_ROWS` rows and ``torch._int_mm`` above; on a CPU,
+``cpu-int8`` (:mod:`lowbit.kernels.cpu_int8`: PyTorch's int8-weight matmul, each integer sum
+rounded to bf16).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 
 from lowbit.formats.base import QuantLinear
 from lowbit.kernels import KernelImpl, always, register_kernel, triton_gpu_available
-from lowbit.kernels import ops, reference
+from lowbit.kernels import cpu_int8, ops, reference
 
 ROW_FORMAT = 0  # bitsandbytes' LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING["row"]
 
@@ -128,6 +130,21 @@ dequantizes the weight and runs one ``F.linear`` instead (``triton_int8.batch_pa
 is not timed yet; nor is ``torch._int_mm`` above 2,048 rows."""
 
 
+def _cpu_int8_supports(m: Int8Linear, x: torch.Tensor) -> bool:
+    """A CPU input, eager (the weight's address is checked at every call, and a traced graph could
+    meet another buffer), and a weight the kernel reads in place; weight-only has no backward here,
+    so a gradient to record goes through the reference."""
+    return (x.is_cpu and x.is_floating_point() and not torch.compiler.is_compiling()
+            and cpu_int8.weight_supported(m.weight)
+            and (m.int8_activations or not (x.requires_grad and torch.is_grad_enabled())))
+
+
+def _cpu_int8_forward(x: torch.Tensor, m: Int8Linear) -> torch.Tensor:
+    if not m.int8_activations:
+        return cpu_int8.matmul_weight_only(x, m.weight, m.SCB, m.bias)
+    return _Int8Matmul.apply(x, m.weight, m.SCB, m.bias, m.threshold, cpu_int8.int8_product)
+
+
 def _int_mm_supported(m: Int8Linear, x: torch.Tensor) -> bool:
     """CUDA only (on CPU ``torch._int_mm`` is slower than the reference's exact fp32 chunks); it
     needs M > 16 and K, N multiples of 8."""
@@ -160,4 +177,9 @@ register_kernel(
     Int8Linear.format,
     KernelImpl("int_mm", 1, available=lambda: hasattr(torch, "_int_mm"), supports=_int_mm_supported,
                fn=_int_mm_forward),
+)
+register_kernel(
+    Int8Linear.format,
+    KernelImpl("cpu-int8", 5, available=cpu_int8.available, supports=_cpu_int8_supports, fn=_cpu_int8_forward,
+               narrows=frozenset({torch.float32, torch.float16})),
 )
