@@ -40,7 +40,9 @@ def run(mod: Int8Linear, x: torch.Tensor, kernel: str) -> torch.Tensor:
 def test_matches_reference(case, mode, dtype, m):
     n, k = case
     mod = layer(n, k, threshold=0.0 if mode == "int8-no-outliers" else 3.0, int8_activations=mode != "weight-only")
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)  # |x| >= 3 in some columns
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    x[:, 1] = 4.0  # an outlier column (|x| >= 3) at every M
+    x = x.to(dtype)
     got, want = run(mod, x, "cpu-int8"), run(mod, x, "reference")
     assert got.dtype == dtype and got.shape == want.shape == (m, n)
     assert rel_err(got, want) <= CPU_INT8_REL
@@ -99,12 +101,15 @@ def test_gradients():
     mod = layer(24, 96)
     x = torch.randn(4, 96, requires_grad=True)
     assert select_kernel(mod, x).name == "cpu-int8"
-    mod(x).sum().backward()
+    y = mod(x)
+    y.sum().backward()
     got = x.grad.clone()
     x.grad = None
     mod.kernel = "reference"
-    mod(x).sum().backward()
+    want = mod(x)
+    want.sum().backward()
     assert torch.allclose(got, x.grad)
+    assert rel_err(y.detach(), want.detach()) <= CPU_INT8_REL
     assert select_kernel(layer(24, 96, int8_activations=False), x).name == "reference"
     with torch.no_grad():
         assert select_kernel(layer(24, 96, int8_activations=False), x).name == "cpu-int8"

@@ -142,7 +142,9 @@ def _cpu_int8_supports(m: Int8Linear, x: torch.Tensor) -> bool:
 def _cpu_int8_forward(x: torch.Tensor, m: Int8Linear) -> torch.Tensor:
     if not m.int8_activations:
         return cpu_int8.matmul_weight_only(x, m.weight, m.SCB, m.bias)
-    return _Int8Matmul.apply(x, m.weight, m.SCB, m.bias, m.threshold, cpu_int8.int8_product)
+    if x.requires_grad and torch.is_grad_enabled():
+        return _Int8Matmul.apply(x, m.weight, m.SCB, m.bias, m.threshold, cpu_int8.int8_product)
+    return cpu_int8.matmul_int8_outlier(x, m.weight, m.SCB, m.threshold, m.bias)
 
 
 def _int_mm_supported(m: Int8Linear, x: torch.Tensor) -> bool:

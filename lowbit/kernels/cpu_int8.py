@@ -83,6 +83,44 @@ def int8_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return y.float()
 
 
+def matmul_int8_outlier(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor, threshold: float,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """LLM.int8 ``x @ W.T + bias`` as :func:`lowbit.kernels.reference.matmul_int8_outlier` computes
+    it (the same outlier columns, row absmax and activation codes), with the integer product in
+    PyTorch's kernel (each sum rounded to bf16) and fewer, fused steps: at one token most of the
+    call's time is the steps around the product. No autograd (the module's ``_Int8Matmul`` wraps
+    :func:`int8_product` when a gradient is recorded).
+
+    Args:
+        x: fp ``[..., K]`` on the CPU.
+        weight: int8 ``[N, K]`` (``CB``), which :func:`weight_supported` takes.
+        scb: fp32 ``[N]``.
+        threshold: outlier threshold (0: none).
+        bias: ``[N]`` or None.
+    Returns:
+        ``[..., N]`` in x's dtype.
+    """
+    assert weight_supported(weight), "a weight the kernel cannot read in place"
+    n, k = weight.shape
+    xf = x.reshape(-1, k).float()  # [M, K]
+    ax = xf.abs()
+    outliers = (ax >= threshold).any(dim=0) if threshold > 0 else None  # [K]
+    if outliers is not None and bool(outliers.any()):
+        xi = xf.masked_fill(outliers, 0.0)
+        row = xi.abs().amax(dim=1)  # [M]
+    else:
+        outliers, xi, row = None, xf, ax.amax(dim=1)
+    # the reference's codes, round(x * 127 / absmax), made bf16 (integers up to 127: exact) rather than int8
+    ca = torch.round(xi * (127.0 / row.clamp(min=1e-30)).unsqueeze(1)).to(torch.bfloat16)  # [M, K], 64-byte aligned
+    y = torch.ops.aten._weight_int8pack_mm(ca, weight, _unit_scales(n))  # [M, N] bf16
+    out = y * (row.unsqueeze(1) * (scb / (127.0 * 127.0)))  # [M, N] fp32
+    if outliers is not None:
+        out += xf[:, outliers] @ (weight[:, outliers].float() * (scb / 127.0).unsqueeze(1)).t()
+    if bias is not None:
+        out += bias
+    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
 def matmul_weight_only(x: torch.Tensor, weight: torch.Tensor, scb: torch.Tensor,
                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ (CB * SCB / 127).T + bias`` with x rounded to bf16 for the product.
