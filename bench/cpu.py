@@ -9,7 +9,9 @@ For each layer shape (K x N) and row count this times, on random data:
   calls it: ``--format int4`` (default), w4 grouped int through ``cpu-int4`` (PyTorch's int4 CPU
   kernel, ``lowbit.kernels.cpu_int4``); ``--format int8``, LLM.int8 with its default threshold
   through ``cpu-int8`` (PyTorch's int8-weight kernel, ``lowbit.kernels.cpu_int8``), and
-  ``--format int8-weight-only`` the same weights with floating-point activations;
+  ``--format int8-weight-only`` the same weights with floating-point activations; ``--format
+  aqlm-2x8`` and ``aqlm-1x16``, AQLM weights (fp16 codebooks, groups of 8 inputs) through
+  ``cpu-codebook`` (``lowbit.kernels.cpu_codebook``);
 - a read-stream probe: ``torch.sum`` over an fp32 tensor of as many bytes as the kernel reads for
   its weight (codes and scales), so its GB/s can be read against a plain read of the same bytes.
 
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import rel_err
+from lowbit.formats.codebook import AqlmLinear
 from lowbit.formats.int8_outlier import Int8Linear
 from lowbit.formats.int_grouped import IntGroupedLinear
 from lowbit.kernels import cpu_int4, cpu_int8
@@ -67,6 +70,14 @@ def int8_layer(k: int, n: int, int8_activations: bool) -> Int8Linear:
     return Int8Linear.from_linear(w, None, int8_activations=int8_activations)
 
 
+def aqlm_layer(k: int, n: int, scheme: str) -> AqlmLinear:
+    n_codebooks, nbits = (int(v) for v in scheme.split("x"))
+    g = torch.Generator().manual_seed(0)
+    return AqlmLinear.from_quantized(torch.randint(0, 2**nbits, (n, k // 8, n_codebooks), generator=g),
+                                     torch.randn(n_codebooks, 2**nbits, 1, 8, generator=g) * 0.05,
+                                     torch.rand(n, generator=g) + 0.5, None)
+
+
 def build(fmt: str, k: int, n: int, group_size: int) -> tuple[torch.nn.Module, str, int] | str:
     """``(module, kernel name, bytes the kernel reads for the weight)``, or why the kernel does not apply."""
     if fmt == "int4":
@@ -75,6 +86,9 @@ def build(fmt: str, k: int, n: int, group_size: int) -> tuple[torch.nn.Module, s
         if held is None:
             return f"group size {group_size} has no sub-group the kernel takes"
         return mod, "cpu-int4", held.packed.numel() + held.scales_zeros.numel() * 2
+    if fmt.startswith("aqlm-"):
+        mod = aqlm_layer(k, n, fmt.removeprefix("aqlm-"))
+        return mod, "cpu-codebook", sum(t.numel() * t.element_size() for t in (mod.codes, mod.codebooks, mod.scales))
     mod = int8_layer(k, n, int8_activations=fmt == "int8")
     if not cpu_int8.weight_supported(mod.weight):
         return f"K = {k} is not a multiple of {cpu_int8.K_MULTIPLE}"
@@ -85,13 +99,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated KxN")
     p.add_argument("--m", default="1,4,16,128", help="comma-separated row counts")
-    p.add_argument("--format", choices=["int4", "int8", "int8-weight-only"], default="int4")
+    p.add_argument("--format", choices=["int4", "int8", "int8-weight-only", "aqlm-2x8", "aqlm-1x16"], default="int4")
     p.add_argument("--group-size", type=int, default=128, help="int4's group size")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
     p.add_argument("--budget", type=float, default=0.2, help="seconds per timed block")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
-    if not (cpu_int4.available() if args.format == "int4" else cpu_int8.available()):
+    needs = {"int4": cpu_int4.available, "int8": cpu_int8.available, "int8-weight-only": cpu_int8.available}
+    if args.format in needs and not needs[args.format]():
         raise SystemExit(f"this PyTorch has no CPU kernel for --format {args.format}")
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -210,9 +210,9 @@ def test_out_groups_other_than_one_are_refused():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU selection")
-def test_cpu_selects_reference():
+def test_cpu_does_not_select_triton():
     mod = random_module(16, 64, 8, 2, 8, seed=1)
-    assert select_kernel(mod, torch.randn(2, 64, dtype=torch.float16)).name == "reference"
+    assert select_kernel(mod, torch.randn(2, 64, dtype=torch.float16)).name == "cpu-codebook"
 
 
 @pytest.mark.gpu

@@ -21,6 +21,10 @@ int16 up to 16); an index ``j >= 2**(nbits-1)`` is stored as ``j - 2**nbits`` an
 ``2**nbits`` (:func:`lowbit.kernels.reference.unpack_codes`). Bits per weight are
 ``C * nbits / (og * ig)`` for the codes plus the codebooks' share, which is large on small
 layers (a 1x16 codebook is ``65536 * og * ig`` values).
+
+Kernels: the reference everywhere; on a GPU, Triton (:mod:`lowbit.kernels.triton_codebook`); on
+a CPU, ``cpu-codebook`` (:mod:`lowbit.kernels.cpu_codebook`: table lookups at one or two rows, a
+faster dequantize above; fp32, one output per group).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 
 from lowbit.formats.base import QuantLinear
 from lowbit.kernels import KernelImpl, always, register_kernel, triton_gpu_available
-from lowbit.kernels import ops, reference
+from lowbit.kernels import cpu_codebook, ops, reference
 
 MAX_NBITS = 16
 
@@ -139,6 +143,14 @@ def _reference_forward(x: torch.Tensor, m: AqlmLinear) -> torch.Tensor:
     return reference.matmul_codebook(x, m.codes, m.codebooks, m.scales, m.bias)
 
 
+def _cpu_supports(m: AqlmLinear, x: torch.Tensor) -> bool:
+    return x.is_cpu and x.is_floating_point() and cpu_codebook.supports(m.codebooks)
+
+
+def _cpu_forward(x: torch.Tensor, m: AqlmLinear) -> torch.Tensor:
+    return cpu_codebook.matmul_codebook(x, m.codes, m.codebooks, m.scales, m.bias)
+
+
 def _triton_supports(m: AqlmLinear, x: torch.Tensor) -> bool:
     from lowbit.kernels.triton_codebook import supports
 
@@ -156,4 +168,8 @@ register_kernel(
 register_kernel(
     AqlmLinear.format,
     KernelImpl("triton", 10, available=triton_gpu_available, supports=_triton_supports, fn=_triton_forward),
+)
+register_kernel(
+    AqlmLinear.format,
+    KernelImpl("cpu-codebook", 5, available=always, supports=_cpu_supports, fn=_cpu_forward),
 )

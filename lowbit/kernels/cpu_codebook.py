@@ -1,0 +1,119 @@
+"""AQLM (additive codebook) weights on the CPU: table lookups at one or two rows, a faster
+dequantize above.
+
+The reference (:func:`lowbit.kernels.reference.matmul_codebook`) gathers every codeword of the
+weight by advanced indexing into a zeroed fp32 buffer, then multiplies. Two cheaper ways to the
+same product, both in fp32 (no narrowing):
+
+- **Dequantize** (:func:`dequantize_codebook`): one ``F.embedding`` lookup per codebook (int32
+  indices, the codebook rows as the table), the first taken as the sum's start rather than added
+  to zeros, then the row scales. The same operations on the same values in the same order as the
+  reference: the weight is equal bit for bit. The product is then ``F.linear`` in x's dtype, as
+  the reference's.
+- **Lookup tables** (:func:`lut_product`, codebooks of at most 2**8 entries, up to
+  :data:`LUT_MAX_ROWS` rows): the products of each input group with every codeword,
+  ``T[m, j, c, e] = x[m, group j] . codebook[c][e]`` (``M * K/ig * C * 2**nbits`` values), then each
+  output is a sum of ``K/ig * C`` table entries picked by its codes (one ``F.embedding_bag``). That
+  reads each code once and never forms the weight. It sums in another order than the reference:
+  fp32 rounding apart.
+
+Both take one output per group (``out_group_size = 1``, as every AQLM scheme transformers lists).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+LUT_MAX_ROWS = 2
+"""The most rows the lookup tables take; above, dequantize and ``F.linear`` (``bench/cpu.py --format
+aqlm-2x8``: on SmolLM2's shapes the tables took 0.4-0.5x the dequantizing path's time at one row,
+about as long at four and longer at eight)."""
+
+LUT_MAX_NBITS = 8
+"""The largest codebooks (2**8 entries) the lookup tables take: at 2**16 a table per row would hold
+``K/ig * 65536`` values, more than the weight."""
+
+
+def supports(codebooks: torch.Tensor) -> bool:
+    """Whether the weight has one output per group (``codebooks``: ``[C, 2**nbits, og, ig]``)."""
+    return codebooks.shape[2] == 1
+
+
+def _indices(codes: torch.Tensor, size: int) -> torch.Tensor:
+    """Codebook indices as int32 ``[N, K/ig, C]`` (the signed storage of
+    :func:`lowbit.kernels.reference.unpack_codes`, read modulo ``size``)."""
+    if codes.dtype == torch.int8 and size == 256:
+        return codes.view(torch.uint8).to(torch.int32)  # two's complement read unsigned: the index
+    return codes.to(torch.int32, copy=True).bitwise_and_(size - 1)
+
+
+def dequantize_codebook(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The weight as fp32 ``[N, K]``, equal to :func:`lowbit.kernels.reference.dequantize_codebook`.
+
+    Args:
+        codes: int8/int16 ``[N, K/ig, C]`` (AQLM's signed storage).
+        codebooks: fp ``[C, 2**nbits, 1, ig]``.
+        scales: fp ``[N, 1, 1, 1]``.
+    """
+    n_codebooks, size, _, ig = codebooks.shape
+    n, gi, _ = codes.shape
+    idx = _indices(codes, size)  # [N, K/ig, C]
+    w = F.embedding(idx[..., 0], codebooks[0].view(size, ig)).float()  # [N, K/ig, ig]
+    for c in range(1, n_codebooks):
+        w += F.embedding(idx[..., c], codebooks[c].view(size, ig))
+    return w.view(n, gi * ig).mul_(scales.float().view(n, 1))
+
+
+@functools.lru_cache(maxsize=64)
+def _table_offsets(groups: int, n_codebooks: int, size: int) -> torch.Tensor:
+    """int32 ``[K/ig, C]``: where group ``j``'s table for codebook ``c`` starts, ``(j * C + c) * size``."""
+    return (torch.arange(groups * n_codebooks, dtype=torch.int32) * size).view(groups, n_codebooks)
+
+
+def lut_applies(m: int, codebooks: torch.Tensor) -> bool:
+    """Whether :func:`lut_product` takes ``m`` rows of this weight."""
+    return m <= LUT_MAX_ROWS and codebooks.shape[1] <= 1 << LUT_MAX_NBITS
+
+
+def lut_product(x2: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x2 @ W.T`` as fp32 ``[M, N]`` by table lookups.
+
+    Args:
+        x2: fp ``[M, K]``.
+        codes, codebooks, scales: as :func:`dequantize_codebook` takes them.
+    """
+    n_codebooks, size, _, ig = codebooks.shape
+    n, gi, _ = codes.shape
+    m = x2.shape[0]
+    xg = x2.float().view(m, gi, ig)  # [M, K/ig, ig]
+    books = codebooks.float().view(n_codebooks, size, ig)  # [C, E, ig]
+    table = torch.einsum("mji,cei->jcem", xg, books).reshape(gi * n_codebooks * size, m)  # [K/ig * C * E, M]
+    idx = _indices(codes, size).add_(_table_offsets(gi, n_codebooks, size))  # [N, K/ig, C]: rows of the table
+    y = F.embedding_bag(idx.view(n, gi * n_codebooks), table, mode="sum")  # [N, M]
+    return y.t() * scales.float().view(1, n)
+
+
+def matmul_codebook(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` (see :func:`lowbit.kernels.reference.matmul_codebook`).
+
+    Args:
+        x: fp ``[..., K]`` on the CPU.
+        codes, codebooks, scales: as :func:`dequantize_codebook` takes them (:func:`supports`).
+        bias: ``[N]`` or None.
+    Returns:
+        ``[..., N]`` in x's dtype.
+    """
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)  # [M, K]
+    if lut_applies(x2.shape[0], codebooks):
+        y = lut_product(x2, codes, codebooks, scales).to(x.dtype)
+        if bias is not None:
+            y = y + bias.to(x.dtype)
+    else:
+        w = dequantize_codebook(codes, codebooks, scales).to(x.dtype)  # [N, K]
+        y = F.linear(x2, w, None if bias is None else bias.to(x.dtype))
+    return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -1,0 +1,87 @@
+"""The CPU kernel of AQLM weights (``lowbit.kernels.cpu_codebook``: table lookups, a faster
+dequantize) against the reference, and when ``kernel="auto"`` takes it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import MATMUL_REL, rel_err
+from lowbit.formats.codebook import AqlmLinear
+from lowbit.kernels import cpu_codebook, exact_kernels, reference, select_kernel
+
+# (C, nbits): AQLM's 2x8 and 1x16, 7-bit codes (int8, negative from 64), three small codebooks
+SCHEMES = [(2, 8), (1, 16), (2, 7), (3, 4)]
+# (N, K, ig)
+SHAPES = [(40, 96, 8), (17, 64, 8), (24, 60, 4)]
+
+
+def layer(n: int, k: int, ig: int, n_codebooks: int, nbits: int, *, bias: bool = True, seed: int = 0,
+          og: int = 1, dtype: torch.dtype = torch.float16) -> AqlmLinear:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 2**nbits, (n // og, k // ig, n_codebooks), generator=g)
+    books = torch.randn(n_codebooks, 2**nbits, og, ig, generator=g)
+    scales = torch.rand(n // og, generator=g) + 0.5
+    b = torch.randn(n, generator=g) if bias else None
+    return AqlmLinear.from_quantized(idx, books, scales, b, dtype=dtype)
+
+
+def run(mod: AqlmLinear, x: torch.Tensor, kernel: str) -> torch.Tensor:
+    mod.kernel = kernel
+    with torch.no_grad():
+        return mod(x)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}-ig{s[2]}")
+def test_dequantize_equals_the_reference(shape, scheme):
+    mod = layer(*shape, *scheme)
+    assert torch.equal(cpu_codebook.dequantize_codebook(mod.codes, mod.codebooks, mod.scales), mod.dequantize())
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}-ig{s[2]}")
+def test_matches_reference(shape, scheme, dtype, m):
+    mod = layer(*shape, *scheme)
+    x = torch.randn(m, shape[1], generator=torch.Generator().manual_seed(m)).to(dtype)
+    got, want = run(mod, x, "cpu-codebook"), run(mod, x, "reference")
+    assert got.dtype == dtype and got.shape == want.shape == (m, shape[0])
+    assert rel_err(got, want) <= MATMUL_REL[dtype]
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_lookup_tables_match_the_dequantized_product(m):
+    """The tables' product against the dequantized weight's in fp64: fp32 rounding apart."""
+    mod = layer(40, 96, 8, 2, 8, bias=False, dtype=torch.float32)
+    x = torch.randn(m, 96, generator=torch.Generator().manual_seed(3))
+    assert cpu_codebook.lut_applies(m, mod.codebooks) and not cpu_codebook.lut_applies(3, mod.codebooks)
+    got = cpu_codebook.lut_product(x, mod.codes, mod.codebooks, mod.scales)
+    want = x.double() @ reference.dequantize_codebook(mod.codes, mod.codebooks, mod.scales).double().t()
+    assert rel_err(got, want) <= MATMUL_REL[torch.float32]
+    assert not cpu_codebook.lut_applies(1, layer(40, 96, 8, 1, 16).codebooks)  # 2**16 entries: no tables
+
+
+def test_three_dimensional_input_and_gradient():
+    mod = layer(40, 96, 8, 2, 8)
+    for shape in [(1, 1, 96), (2, 5, 96)]:  # tables (one row) and the dequantizing path
+        x = torch.randn(*shape, requires_grad=True)
+        assert select_kernel(mod, x).name == "cpu-codebook"
+        mod.kernel = "cpu-codebook"
+        mod(x).sum().backward()
+        got = x.grad.clone()
+        x.grad = None
+        mod.kernel = "reference"
+        mod(x).sum().backward()
+        assert rel_err(got, x.grad) <= MATMUL_REL[torch.float32]
+
+
+def test_auto_takes_it_on_the_cpu(monkeypatch):
+    x = torch.randn(3, 96)
+    assert select_kernel(layer(40, 96, 8, 2, 8), x).name == "cpu-codebook"
+    with exact_kernels():  # fp32 throughout: nothing narrowed
+        assert select_kernel(layer(40, 96, 8, 2, 8), x).name == "cpu-codebook"
+    assert select_kernel(layer(40, 96, 8, 2, 8, og=2), x).name == "reference"  # two outputs per group
+    monkeypatch.setenv("LOWBIT_KERNEL", "reference")
+    assert select_kernel(layer(40, 96, 8, 2, 8), x).name == "reference"
