@@ -7,8 +7,9 @@ same product, both in fp32 (no narrowing):
 
 - **Dequantize** (:func:`dequantize_codebook`): one ``F.embedding`` lookup per codebook (int32
   indices, the codebook rows as the table), the first taken as the sum's start rather than added
-  to zeros, then the row scales. The same operations on the same values in the same order as the
-  reference: the weight is equal bit for bit. The product is then ``F.linear`` in x's dtype, as
+  to zeros, then the row scales; with two codebooks of at most 2**8 entries, one lookup in a table
+  of every sum of two codewords. The same sums of the same values as the reference: the weight is
+  equal to its own (the sign of a zero apart). The product is then ``F.linear`` in x's dtype, as
   the reference's.
 - **Lookup tables** (:func:`lut_product`, codebooks of at most 2**8 entries, up to
   :data:`LUT_MAX_ROWS` rows): the products of each input group with every codeword,
@@ -27,10 +28,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
-LUT_MAX_ROWS = 2
-"""The most rows the lookup tables take; above, dequantize and ``F.linear`` (``bench/cpu.py --format
-aqlm-2x8``: on SmolLM2's shapes the tables took 0.4-0.5x the dequantizing path's time at one row,
-about as long at four and longer at eight)."""
+LUT_MAX_ROWS = 8
+"""The most rows the lookup tables take; above, dequantize and ``F.linear``. The tables' cost grows
+with the rows, the dequantize's does not; where they cross depends on the shape (``bench/cpu.py
+--format aqlm-2x8``, 2 cores: SmolLM2's 576x1536 between 8 and 16 rows, 4096x4096 above 16)."""
 
 LUT_MAX_NBITS = 8
 """The largest codebooks (2**8 entries) the lookup tables take: at 2**16 a table per row would hold
@@ -61,9 +62,15 @@ def dequantize_codebook(codes: torch.Tensor, codebooks: torch.Tensor, scales: to
     n_codebooks, size, _, ig = codebooks.shape
     n, gi, _ = codes.shape
     idx = _indices(codes, size)  # [N, K/ig, C]
-    w = F.embedding(idx[..., 0], codebooks[0].view(size, ig)).float()  # [N, K/ig, ig]
-    for c in range(1, n_codebooks):
-        w += F.embedding(idx[..., c], codebooks[c].view(size, ig))
+    books = codebooks.float().view(n_codebooks, size, ig)  # (the reference's conversion)
+    if n_codebooks == 2 and size <= 1 << LUT_MAX_NBITS:
+        # every sum of two codewords once (size**2 rows, 2 MiB at 2x8): one lookup per group, not two and an add
+        pairs = (books[0][:, None] + books[1][None, :]).view(size * size, ig)
+        w = F.embedding(idx[..., 0].mul(size).add_(idx[..., 1]), pairs)  # [N, K/ig, ig]
+    else:
+        w = F.embedding(idx[..., 0], books[0])  # [N, K/ig, ig]
+        for c in range(1, n_codebooks):
+            w += F.embedding(idx[..., c], books[c])
     return w.view(n, gi * ig).mul_(scales.float().view(n, 1))
 
 
@@ -90,7 +97,9 @@ def lut_product(x2: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, 
     m = x2.shape[0]
     xg = x2.float().view(m, gi, ig)  # [M, K/ig, ig]
     books = codebooks.float().view(n_codebooks, size, ig)  # [C, E, ig]
-    table = torch.einsum("mji,cei->jcem", xg, books).reshape(gi * n_codebooks * size, m)  # [K/ig * C * E, M]
+    # [K/ig * C * E, M] with the strides of a new tensor: a one-row table viewed from the product
+    # has stride (1, E) there, and F.embedding_bag then took 50x longer on this CPU
+    table = torch.einsum("mji,cei->jcem", xg, books).reshape(-1).view(-1, m)
     idx = _indices(codes, size).add_(_table_offsets(gi, n_codebooks, size))  # [N, K/ig, C]: rows of the table
     y = F.embedding_bag(idx.view(n, gi * n_codebooks), table, mode="sum")  # [N, M]
     return y.t() * scales.float().view(1, n)
