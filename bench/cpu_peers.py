@@ -1,8 +1,11 @@
-"""A GPTQ checkpoint on the CPU: lowbit's load against GPTQModel's, each of its CPU kernels, one run.
+"""A quantized checkpoint on the CPU: lowbit's load against the peers', one run.
 
-Loads the same GPTQ checkpoint with lowbit (``kernel="auto"``, which takes ``cpu-int4`` for 2-4
-bits, in fp32 and in bf16, and with ``kernel="reference"``) and with GPTQModel in bf16 (its
-plain torch kernel refuses fp32), once per CPU backend named, and the fp32 original beside them.
+Loads the same checkpoint with lowbit (``kernel="auto"``, which takes lowbit's CPU kernel of the
+format, in fp32 and in bf16, and with ``kernel="reference"``), with GPTQModel in bf16 (a GPTQ
+checkpoint; its plain torch kernel refuses fp32), once per CPU backend named, and with
+transformers' own quantizer of the checkpoint's method (``--transformers``: bitsandbytes for a
+bitsandbytes checkpoint, the ``aqlm`` package for AQLM), once per dtype named; the fp32 original
+beside them.
 For each it prints prefill and batch-1 decode tokens/s (``lowbit.eval.speed.measure_speed``:
 128-token prompt, 32 new tokens, median of 3) and the relative difference of its logits on one
 prompt from lowbit's reference path. Every model runs in
@@ -13,18 +16,27 @@ of ``docs/usage.md``.
 
     lowbit quantize default --method gptq --bits 4 --group-size 128 --sym --out /tmp/gptq4
     python bench/cpu_peers.py /tmp/gptq4 --backends gptq_torch,gptq_torch_fused,auto --threads 2
+    lowbit quantize default --method bitsandbytes --bits 8 --out /tmp/int8
+    python bench/cpu_peers.py /tmp/int8 --backends "" --transformers float32,bfloat16 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 import torch
 
 import lowbit
 from lowbit.eval.speed import measure_speed
+from lowbit.formats.base import QuantLinear
+from lowbit.kernels import select_kernel
 from lowbit.models import default_causal_lm_path
+
+
+PEER_PACKAGES = ("bitsandbytes", "aqlm", "gptqmodel", "awq")
+"""Packages whose modules a peer's model is named by in its row."""
 
 
 def row(label: str, model, ids: torch.Tensor, want: torch.Tensor | None, load_s: float) -> torch.Tensor | None:
@@ -43,9 +55,11 @@ def row(label: str, model, ids: torch.Tensor, want: torch.Tensor | None, load_s:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", help="a GPTQ checkpoint folder")
+    p.add_argument("checkpoint", help="a quantized checkpoint folder")
     p.add_argument("--backends", default="gptq_torch,gptq_torch_fused,auto",
                    help="comma-separated GPTQModel BACKEND values (empty: none)")
+    p.add_argument("--transformers", default="",
+                   help="comma-separated dtypes to load the checkpoint in through transformers' own quantizer")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
     if args.threads:
@@ -68,7 +82,9 @@ def main() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         start = time.perf_counter()
         model = lowbit.from_pretrained(args.checkpoint, dtype=dtype, progress=False)
-        row(f"lowbit {str(dtype)[6:]}, kernel auto (cpu-int4)", model, ids, want, time.perf_counter() - start)
+        kernels = sorted({select_kernel(m, torch.zeros(1, m.in_features, dtype=dtype)).name
+                          for m in model.modules() if isinstance(m, QuantLinear)})
+        row(f"lowbit {str(dtype)[6:]}, kernel auto ({', '.join(kernels)})", model, ids, want, time.perf_counter() - start)
         del model
 
     backends = [b for b in args.backends.split(",") if b]
@@ -88,6 +104,17 @@ def main() -> None:
             row(f"GPTQModel bfloat16, backend {name} ({', '.join(kinds)})", peer.model, ids, want,
                 time.perf_counter() - start)
             del peer
+
+    for name in (d for d in args.transformers.split(",") if d):
+        from transformers import AutoModelForCausalLM
+
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # bitsandbytes warns at every fp32 call that it casts to fp16
+            peer = AutoModelForCausalLM.from_pretrained(args.checkpoint, device_map="cpu", dtype=getattr(torch, name))
+            kinds = sorted({type(m).__name__ for m in peer.modules() if type(m).__module__.split(".")[0] in PEER_PACKAGES})
+            row(f"transformers {name} ({', '.join(kinds)})", peer, ids, want, time.perf_counter() - start)
+        del peer
 
 
 if __name__ == "__main__":
