@@ -23,8 +23,8 @@ int16 up to 16); an index ``j >= 2**(nbits-1)`` is stored as ``j - 2**nbits`` an
 layers (a 1x16 codebook is ``65536 * og * ig`` values).
 
 Kernels: the reference everywhere; on a GPU, Triton (:mod:`lowbit.kernels.triton_codebook`); on
-a CPU, ``cpu-codebook`` (:mod:`lowbit.kernels.cpu_codebook`: table lookups at one or two rows, a
-faster dequantize above; fp32, one output per group).
+a CPU, ``cpu-codebook`` (:mod:`lowbit.kernels.cpu_codebook`: table lookups up to 8 rows, a faster
+dequantize above; fp32, one output per group).
 """
 
 from __future__ import annotations

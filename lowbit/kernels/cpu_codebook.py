@@ -1,5 +1,5 @@
-"""AQLM (additive codebook) weights on the CPU: table lookups at one or two rows, a faster
-dequantize above.
+"""AQLM (additive codebook) weights on the CPU: table lookups for a few rows, a faster dequantize
+above.
 
 The reference (:func:`lowbit.kernels.reference.matmul_codebook`) gathers every codeword of the
 weight by advanced indexing into a zeroed fp32 buffer, then multiplies. Two cheaper ways to the
