@@ -11,7 +11,9 @@ For each layer shape (K x N) and row count this times, on random data:
   through ``cpu-int8`` (PyTorch's int8-weight kernel, ``lowbit.kernels.cpu_int8``), and
   ``--format int8-weight-only`` the same weights with floating-point activations; ``--format
   aqlm-2x8`` and ``aqlm-1x16``, AQLM weights (fp16 codebooks, groups of 8 inputs) through
-  ``cpu-codebook`` (``lowbit.kernels.cpu_codebook``);
+  ``cpu-codebook`` (``lowbit.kernels.cpu_codebook``); ``--format nf4``, NF4 weights (blocks of 64)
+  through ``cpu-lookup`` (``lowbit.kernels.cpu_blockwise4``), which ``auto`` takes at one row (the
+  kernel is timed here at every row count, through its function);
 - a read-stream probe: ``torch.sum`` over an fp32 tensor of as many bytes as the kernel reads for
   its weight (codes and scales), so its GB/s can be read against a plain read of the same bytes.
 
@@ -33,10 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from kernels import rel_err
+from lowbit.formats.blockwise4 import Blockwise4Linear
 from lowbit.formats.codebook import AqlmLinear
 from lowbit.formats.int8_outlier import Int8Linear
 from lowbit.formats.int_grouped import IntGroupedLinear
-from lowbit.kernels import cpu_int4, cpu_int8
+from lowbit.kernels import cpu_blockwise4, cpu_int4, cpu_int8
 
 SHAPES = ["576x576", "576x1536", "1536x576", "4096x4096"]  # K x N: SmolLM2-135M's projections, Llama-7B's
 
@@ -86,6 +89,10 @@ def build(fmt: str, k: int, n: int, group_size: int) -> tuple[torch.nn.Module, s
         if held is None:
             return f"group size {group_size} has no sub-group the kernel takes"
         return mod, "cpu-int4", held.packed.numel() + held.scales_zeros.numel() * 2
+    if fmt == "nf4":
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.05
+        mod = Blockwise4Linear.from_linear(w, None, quant_type="nf4")
+        return mod, "cpu-lookup", mod.weight.numel() * mod.weight.element_size() + mod.absmax.numel() * 4
     if fmt.startswith("aqlm-"):
         mod = aqlm_layer(k, n, fmt.removeprefix("aqlm-"))
         return mod, "cpu-codebook", sum(t.numel() * t.element_size() for t in (mod.codes, mod.codebooks, mod.scales))
@@ -99,7 +106,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated KxN")
     p.add_argument("--m", default="1,4,16,128", help="comma-separated row counts")
-    p.add_argument("--format", choices=["int4", "int8", "int8-weight-only", "aqlm-2x8", "aqlm-1x16"], default="int4")
+    p.add_argument("--format", choices=["int4", "int8", "int8-weight-only", "aqlm-2x8", "aqlm-1x16", "nf4"], default="int4")
     p.add_argument("--group-size", type=int, default=128, help="int4's group size")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
     p.add_argument("--budget", type=float, default=0.2, help="seconds per timed block")
@@ -136,8 +143,10 @@ def main() -> None:
                 want = mod(x)
                 tref = per_call(lambda: mod(x), args.budget, args.repeats)
                 mod.kernel = kernel
-                err = rel_err(mod(x), want)
-                tk = per_call(lambda: mod(x), args.budget, args.repeats)
+                call = (lambda: mod(x)) if kernel != "cpu-lookup" else (lambda: cpu_blockwise4.matmul_blockwise4(
+                    x, mod.weight, mod.absmax, mod.quant_map, mod.blocksize, (n, k)))
+                err = rel_err(call(), want)
+                tk = per_call(call, args.budget, args.repeats)
                 t32 = per_call(lambda: F.linear(x, w), args.budget, args.repeats)
                 t16 = per_call(lambda: F.linear(xb, wb), args.budget, args.repeats)
             print(f"| {k}x{n} | {m} | {t32:.1f} | {t16:.1f} | {tref:.1f} | {tk:.1f} | {t32 / tk:.2f}x | "

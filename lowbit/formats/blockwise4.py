@@ -36,7 +36,7 @@ import torch
 from lowbit.formats.base import QuantLinear
 from lowbit.formats.packing import pack_nibbles
 from lowbit.kernels import KernelImpl, always, register_kernel, triton_gpu_available
-from lowbit.kernels import ops, reference
+from lowbit.kernels import cpu_blockwise4, ops, reference
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -237,6 +237,17 @@ def _reference_forward(x: torch.Tensor, m: Blockwise4Linear) -> torch.Tensor:
         m.nested_absmax, m.nested_quant_map, m.nested_offset, m.bias, m.compute_dtype)
 
 
+def _cpu_supports(m: Blockwise4Linear, x: torch.Tensor) -> bool:
+    return x.is_cpu and x.is_floating_point() and cpu_blockwise4.supports(m.in_features, m.blocksize,
+                                                                           x.numel() // x.shape[-1])
+
+
+def _cpu_forward(x: torch.Tensor, m: Blockwise4Linear) -> torch.Tensor:
+    return cpu_blockwise4.matmul_blockwise4(
+        x, m.weight, m.absmax, m.quant_map, m.blocksize, (m.out_features, m.in_features),
+        m.nested_absmax, m.nested_quant_map, m.nested_offset, m.bias)
+
+
 def _triton_supports(m: Blockwise4Linear, x: torch.Tensor) -> bool:
     return x.is_cuda and x.is_floating_point() and (m.compute_dtype or x.dtype) in (torch.float16, torch.bfloat16)
 
@@ -254,4 +265,8 @@ register_kernel(
 register_kernel(
     Blockwise4Linear.format,
     KernelImpl("triton", 10, available=triton_gpu_available, supports=_triton_supports, fn=_triton_forward),
+)
+register_kernel(
+    Blockwise4Linear.format,
+    KernelImpl("cpu-lookup", 5, available=always, supports=_cpu_supports, fn=_cpu_forward),
 )
