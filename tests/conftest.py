@@ -40,6 +40,14 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
+def input_grad(mod: torch.nn.Module, x: torch.Tensor, kernel: str) -> torch.Tensor:
+    """The gradient of ``mod(x).sum()`` with respect to ``x``, through ``kernel`` (sets ``mod.kernel``)."""
+    x = x.detach().requires_grad_(True)
+    mod.kernel = kernel
+    mod(x).sum().backward()
+    return x.grad
+
+
 def correlated_layer(n: int, k: int, rows: int = 512, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A weight ``[n, k]`` and ``rows`` correlated inputs ``[rows, k]`` with uneven channel scales,
     like a real layer's (the data the GPTQ-style solver tests hold their error bounds on)."""
