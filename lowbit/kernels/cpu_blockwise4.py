@@ -3,8 +3,8 @@
 The reference (:func:`lowbit.kernels.reference.matmul_blockwise4`) dequantizes the whole weight at
 every call. For one row this instead reads each byte of the weight once, as AQLM's tables do
 (:mod:`lowbit.kernels.cpu_codebook`): a byte holds two codes, so it indexes the 256 pairs of code
-values (the reference's byte-pair map). Per row ``m`` and byte position ``j`` (inputs ``2j`` and
-``2j + 1``)::
+values (:func:`lowbit.kernels.reference.nibble_pairs`). Per row ``m`` and byte position ``j``
+(inputs ``2j`` and ``2j + 1``)::
 
     T[m, j, e] = x[m, 2j] * map[e >> 4] + x[m, 2j + 1] * map[e & 15]     (K/2 * 256 values)
     y[m, n] = sum_b absmax[n, b] * sum_{j in block b} T[m, j, byte[n, j]]
@@ -20,12 +20,10 @@ dequantize, or more. bitsandbytes' own compiled CPU code is much faster still (`
 
 from __future__ import annotations
 
-import functools
-
 import torch
-import torch.nn.functional as F
 
-from lowbit.kernels.reference import blockwise4_absmax
+from lowbit.kernels.cpu_codebook import table_offsets, table_sums
+from lowbit.kernels.reference import blockwise4_absmax, nibble_pairs
 
 LUT_MAX_ROWS = 1
 """The most rows taken. ``bench/cpu.py --format nf4`` (2 cores): at one row the tables were
@@ -36,12 +34,6 @@ LUT_MAX_ROWS = 1
 def supports(k: int, blocksize: int, rows: int) -> bool:
     """Whether a weight of ``k`` inputs in blocks of ``blocksize`` is taken at ``rows`` rows."""
     return k % blocksize == 0 and rows <= LUT_MAX_ROWS
-
-
-@functools.lru_cache(maxsize=64)
-def _table_offsets(groups: int) -> torch.Tensor:
-    """int32 ``[K/2]``: where byte position ``j``'s 256 entries start in the table, ``j * 256``."""
-    return torch.arange(groups, dtype=torch.int32) * 256
 
 
 def matmul_blockwise4(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor,
@@ -58,13 +50,10 @@ def matmul_blockwise4(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tenso
     x2 = x.reshape(-1, k).float()  # [M, K]
     m = x2.shape[0]
     groups, blocks = k // 2, k // blocksize
-    q = quant_map.float()
-    pairs = torch.stack([q.repeat_interleave(16), q.repeat(16)], dim=1)  # [256, 2]: (high, low) nibble values
-    # [K/2 * 256, M] with ordinary strides (see cpu_codebook.lut_product on why)
-    table = torch.einsum("mjt,et->jem", x2.view(m, groups, 2), pairs).reshape(-1).view(-1, m)
+    products = torch.einsum("mjt,et->jem", x2.view(m, groups, 2), nibble_pairs(quant_map))  # [K/2, 256, M]
     data = weight.reshape(-1).view(torch.uint8)[: n * groups].view(n, groups)  # [N, K/2]
-    idx = torch.add(data, _table_offsets(groups))  # int32 [N, K/2]: rows of the table
-    sums = F.embedding_bag(idx.view(n * blocks, groups // blocks), table, mode="sum")  # [N * K/bs, M]
+    idx = torch.add(data, table_offsets(groups, 256))  # int32 [N, K/2]: rows of the stacked tables
+    sums = table_sums(products, idx.view(n * blocks, groups // blocks))  # [N * K/bs, M]
     scale = blockwise4_absmax(absmax, nested_absmax, nested_quant_map, nested_offset)[: n * blocks]  # [N * K/bs]
     y = (sums.view(n, blocks, m) * scale.view(n, blocks, 1)).sum(dim=1).t()  # [M, N]
     if bias is not None:

@@ -75,9 +75,24 @@ def dequantize_codebook(codes: torch.Tensor, codebooks: torch.Tensor, scales: to
 
 
 @functools.lru_cache(maxsize=64)
-def _table_offsets(groups: int, n_codebooks: int, size: int) -> torch.Tensor:
-    """int32 ``[K/ig, C]``: where group ``j``'s table for codebook ``c`` starts, ``(j * C + c) * size``."""
-    return (torch.arange(groups * n_codebooks, dtype=torch.int32) * size).view(groups, n_codebooks)
+def table_offsets(count: int, size: int) -> torch.Tensor:
+    """int32 ``[count]``: where each of ``count`` tables of ``size`` entries starts when they are
+    stacked into one, ``i * size``."""
+    return torch.arange(count, dtype=torch.int32) * size
+
+
+def table_sums(products: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Sums of table entries: fp32 ``[B, M]``, bag ``b`` the sum of the table rows ``rows[b]``.
+
+    Args:
+        products: fp32 ``[..., M]``, the tables (every dimension but the last is flattened into
+            the table's rows), in any memory layout.
+        rows: int32 ``[B, L]``.
+    """
+    # with the strides of a new tensor: a one-row table viewed from a product can have stride
+    # (1, E), and F.embedding_bag then took 50x longer on this CPU
+    table = products.reshape(-1).view(-1, products.shape[-1])  # [rows, M]
+    return F.embedding_bag(rows, table, mode="sum")
 
 
 def lut_applies(m: int, codebooks: torch.Tensor) -> bool:
@@ -97,11 +112,10 @@ def lut_product(x2: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, 
     m = x2.shape[0]
     xg = x2.float().view(m, gi, ig)  # [M, K/ig, ig]
     books = codebooks.float().view(n_codebooks, size, ig)  # [C, E, ig]
-    # [K/ig * C * E, M] with the strides of a new tensor: a one-row table viewed from the product
-    # has stride (1, E) there, and F.embedding_bag then took 50x longer on this CPU
-    table = torch.einsum("mji,cei->jcem", xg, books).reshape(-1).view(-1, m)
-    idx = _indices(codes, size).add_(_table_offsets(gi, n_codebooks, size))  # [N, K/ig, C]: rows of the table
-    y = F.embedding_bag(idx.view(n, gi * n_codebooks), table, mode="sum")  # [N, M]
+    products = torch.einsum("mji,cei->jcem", xg, books)  # [K/ig, C, E, M]: group j's table for codebook c
+    offsets = table_offsets(gi * n_codebooks, size).view(gi, n_codebooks)
+    idx = _indices(codes, size).add_(offsets)  # [N, K/ig, C]: rows of the stacked tables
+    y = table_sums(products, idx.view(n, gi * n_codebooks))  # [N, M]
     return y.t() * scales.float().view(1, n)
 
 

@@ -101,6 +101,13 @@ def blockwise4_absmax(
     return dequantize_blockwise8(absmax, nested_absmax, nested_quant_map, 256) + nested_offset
 
 
+def nibble_pairs(quant_map: torch.Tensor) -> torch.Tensor:
+    """fp32 ``[256, 2]``: for each byte of a packed 4-bit weight, the code values of its high nibble
+    (the even element) and its low nibble, from ``quant_map`` ``[16]``."""
+    q = quant_map.float()
+    return torch.stack([q.repeat_interleave(16), q.repeat(16)], dim=1)
+
+
 def dequantize_blockwise4(
     weight: torch.Tensor,
     absmax: torch.Tensor,
@@ -128,10 +135,8 @@ def dequantize_blockwise4(
     absmax = blockwise4_absmax(absmax, nested_absmax, nested_quant_map, nested_offset)
     n = shape[0] * shape[1]
     data = weight.reshape(-1).view(torch.uint8)  # [ceil(N*K/2)]
-    # byte -> (value of its high nibble, value of its low nibble): one lookup per byte, the same
-    # values as quant_map[unpack_nibbles(weight, n)]
-    pair_map = torch.stack([quant_map.repeat_interleave(16), quant_map.repeat(16)], dim=1)  # [256, 2]
-    w = torch.index_select(pair_map.float(), 0, data.int()).view(-1)[:n]  # [N*K]
+    # one lookup per byte, the same values as quant_map[unpack_nibbles(weight, n)]
+    w = torch.index_select(nibble_pairs(quant_map), 0, data.int()).view(-1)[:n]  # [N*K]
     if n % blocksize == 0:
         return w.view(-1, blocksize).mul_(absmax.float()[:, None]).view(shape)
     return (w * absmax.float().repeat_interleave(blocksize)[:n]).view(shape)
