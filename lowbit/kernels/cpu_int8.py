@@ -14,9 +14,10 @@ weight codes ``CB`` with unit scales; the outlier columns, the row and column sc
 are the reference's, in fp32. With a gradient to record, the module runs the reference's function
 (:func:`lowbit.kernels.reference.matmul_int8_outlier`) with :func:`int8_product` as its
 ``int_matmul``; without, :func:`matmul_int8_outlier` takes the same steps in fewer operations
-(14-18 % less time per one-token call than the reference's function with the kernel's product). The one difference from the reference is that each
-integer sum comes back rounded to bf16, eight significant bits: a relative error of at most
-``2**-8`` of that output (bf16's unit roundoff), where the reference's sums are exact.
+(14-18 % less time per one-token call than the reference's function with the kernel's product).
+The one difference from the reference is that each integer sum comes back rounded to bf16, eight
+significant bits: a relative error of at most ``2**-8`` of that output (bf16's unit roundoff),
+where the reference's sums are exact.
 
 Weight-only (``int8_activations=False``): ``y = bf16(x) @ CB.T`` in the kernel, then
 ``* SCB / 127`` and the bias in fp32.
