@@ -7,13 +7,13 @@ For each layer shape (K x N) and row count this times, on random data:
   every call, then an fp32 product);
 - lowbit's CPU kernel of the format, called through the module from fp32 inputs, as an fp32 model
   calls it: ``--format int4`` (default), w4 grouped int through ``cpu-int4`` (PyTorch's int4 CPU
-  kernel, ``lowbit.kernels.cpu_int4``); ``--format int8``, LLM.int8 with its default threshold
+  kernel, ``lowbit.kernels.cpu_int4``), and ``--format w8`` 8-bit grouped int through the same kernel
+  (two planes of 4-bit codes); ``--format int8``, LLM.int8 with its default threshold
   through ``cpu-int8`` (PyTorch's int8-weight kernel, ``lowbit.kernels.cpu_int8``), and
   ``--format int8-weight-only`` the same weights with floating-point activations; ``--format
   aqlm-2x8`` and ``aqlm-1x16``, AQLM weights (fp16 codebooks, groups of 8 inputs) through
   ``cpu-codebook`` (``lowbit.kernels.cpu_codebook``); ``--format nf4``, NF4 weights (blocks of 64)
-  through ``cpu-lookup`` (``lowbit.kernels.cpu_blockwise4``), which ``auto`` takes at one row (the
-  kernel is timed here at every row count, through its function);
+  through ``cpu-int4`` (two planes of 4-bit codes, ``lowbit.kernels.cpu_blockwise4``);
 - a read-stream probe: ``torch.sum`` over an fp32 tensor of as many bytes as the kernel reads for
   its weight (codes and scales), so its GB/s can be read against a plain read of the same bytes.
 
@@ -39,7 +39,7 @@ from lowbit.formats.blockwise4 import Blockwise4Linear
 from lowbit.formats.codebook import AqlmLinear
 from lowbit.formats.int8_outlier import Int8Linear
 from lowbit.formats.int_grouped import IntGroupedLinear
-from lowbit.kernels import cpu_blockwise4, cpu_int4, cpu_int8
+from lowbit.kernels import cpu_int4, cpu_int8
 
 SHAPES = ["576x576", "576x1536", "1536x576", "4096x4096"]  # K x N: SmolLM2-135M's projections, Llama-7B's
 
@@ -60,12 +60,13 @@ def per_call(call, budget: float, repeats: int) -> float:
     return statistics.median(times)
 
 
-def layer(k: int, n: int, group_size: int) -> IntGroupedLinear:
+def layer(k: int, n: int, group_size: int, bits: int = 4) -> IntGroupedLinear:
     g = torch.Generator().manual_seed(0)
     groups = -(-k // group_size)
     return IntGroupedLinear.from_quantized(
-        torch.randint(0, 16, (n, k), generator=g), (torch.rand(groups, n, generator=g) * 0.02 + 0.001).half(),
-        torch.randint(0, 16, (groups, n), generator=g), torch.arange(k) // group_size, bits=4, group_size=group_size)
+        torch.randint(0, 2**bits, (n, k), generator=g), (torch.rand(groups, n, generator=g) * 0.02 + 0.001).half(),
+        torch.randint(0, 2**bits, (groups, n), generator=g), torch.arange(k) // group_size, bits=bits,
+        group_size=group_size)
 
 
 def int8_layer(k: int, n: int, int8_activations: bool) -> Int8Linear:
@@ -83,16 +84,16 @@ def aqlm_layer(k: int, n: int, scheme: str) -> AqlmLinear:
 
 def build(fmt: str, k: int, n: int, group_size: int) -> tuple[torch.nn.Module, str, int] | str:
     """``(module, kernel name, bytes the kernel reads for the weight)``, or why the kernel does not apply."""
-    if fmt == "int4":
-        mod = layer(k, n, group_size)
+    if fmt in ("int4", "w8", "nf4"):
+        if fmt == "nf4":
+            w = torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.05
+            mod = Blockwise4Linear.from_linear(w, None, quant_type="nf4")
+        else:
+            mod = layer(k, n, group_size, 8 if fmt == "w8" else 4)
         held = mod.cpu_int4()
         if held is None:
-            return f"group size {group_size} has no sub-group the kernel takes"
+            return "the kernel's layout cannot hold this weight (no sub-group of 32-256 inputs fits)"
         return mod, "cpu-int4", held.packed.numel() + held.scales_zeros.numel() * 2
-    if fmt == "nf4":
-        w = torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.05
-        mod = Blockwise4Linear.from_linear(w, None, quant_type="nf4")
-        return mod, "cpu-lookup", mod.weight.numel() * mod.weight.element_size() + mod.absmax.numel() * 4
     if fmt.startswith("aqlm-"):
         mod = aqlm_layer(k, n, fmt.removeprefix("aqlm-"))
         return mod, "cpu-codebook", sum(t.numel() * t.element_size() for t in (mod.codes, mod.codebooks, mod.scales))
@@ -106,20 +107,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated KxN")
     p.add_argument("--m", default="1,4,16,128", help="comma-separated row counts")
-    p.add_argument("--format", choices=["int4", "int8", "int8-weight-only", "aqlm-2x8", "aqlm-1x16", "nf4"], default="int4")
-    p.add_argument("--group-size", type=int, default=128, help="int4's group size")
+    p.add_argument("--format", choices=["int4", "w8", "int8", "int8-weight-only", "aqlm-2x8", "aqlm-1x16", "nf4"], default="int4")
+    p.add_argument("--group-size", type=int, default=128, help="int4's and w8's group size")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
     p.add_argument("--budget", type=float, default=0.2, help="seconds per timed block")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
-    needs = {"int4": cpu_int4.available, "int8": cpu_int8.available, "int8-weight-only": cpu_int8.available}
+    needs = {"int4": cpu_int4.available, "w8": cpu_int4.available, "nf4": cpu_int4.available, "int8": cpu_int8.available, "int8-weight-only": cpu_int8.available}
     if args.format in needs and not needs[args.format]():
         raise SystemExit(f"this PyTorch has no CPU kernel for --format {args.format}")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, format {args.format}"
-          + (f", group size {args.group_size}" if args.format == "int4" else "")
+          + (f", group size {args.group_size}" if args.format in ("int4", "w8") else "")
           + f"; µs per call, median of {args.repeats}\n")
     print("| K x N | M | fp32 F.linear | bf16 F.linear | lowbit reference | lowbit kernel | kernel vs fp32 "
           "| kernel vs reference | kernel GB/s | probe GB/s | error vs reference |")
@@ -143,8 +144,7 @@ def main() -> None:
                 want = mod(x)
                 tref = per_call(lambda: mod(x), args.budget, args.repeats)
                 mod.kernel = kernel
-                call = (lambda: mod(x)) if kernel != "cpu-lookup" else (lambda: cpu_blockwise4.matmul_blockwise4(
-                    x, mod.weight, mod.absmax, mod.quant_map, mod.blocksize, (n, k)))
+                call = lambda: mod(x)  # noqa: E731
                 err = rel_err(call(), want)
                 tk = per_call(call, args.budget, args.repeats)
                 t32 = per_call(lambda: F.linear(x, w), args.budget, args.repeats)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from lowbit.config import RtnConfig
+from lowbit.kernels import exact_kernels
 from lowbit.methods.calibration import capture_block_inputs, quantize_blockwise
 from lowbit.methods.rtn import RtnQuantizer
 from lowbit.methods.walk import find_blocks, find_linears, matches
@@ -89,9 +90,10 @@ def test_runner_feeds_every_linear_and_matches_full_forward():
     blk = "model.layers.0."
     assert quantizer.given[blk + "self_attn.v_proj"] is quantizer.given[blk + "self_attn.q_proj"]
     assert quantizer.given[blk + "mlp.up_proj"] is quantizer.given[blk + "mlp.gate_proj"]
-    # the second block saw the outputs of the already-quantized first block:
+    # the second block saw the outputs of the already-quantized first block (run, as calibration
+    # runs it, without kernels that narrow the dtype: 8 bits take the bf16 cpu-int4 otherwise)
     reference = tiny_llama_model()
-    with torch.no_grad():
+    with torch.no_grad(), exact_kernels():
         reference.model.layers[0] = model.model.layers[0]  # quantized block 0, fp block 1
         captured = []
         hook = reference.model.layers[1].self_attn.q_proj.register_forward_hook(

@@ -63,16 +63,18 @@ def test_matches_reference(case, dtype, m):
     assert rel_err(got, want) <= CPU_INT4_REL
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("case", SHAPES, ids=ids)
 def test_layout_round_trip_is_exact(case, bits):
     """With unit scales and zero points the weight is its codes: the identity through the kernel
-    reads back every code, in the canonical input order (act-order and padded outputs included)."""
+    reads back every code, in the canonical input order (act-order and padded outputs included;
+    8-bit codes as the sum of their two planes, 0-255, exact in bf16)."""
     n, k = case[:2]
     mod = layer(*case, bias=False, unit=True, bits=bits)
     with torch.no_grad():
         got = cpu_int4.matmul_cpu_int4(torch.eye(k), mod.cpu_int4())  # [K, N]: W.T
-    assert torch.equal(got, mod.dequantize().t())  # codes 0-15: exact in bf16
+    assert mod.cpu_int4().planes == (2 if bits == 8 else 1)
+    assert torch.equal(got, mod.dequantize().t())  # codes 0-15 (0-255 for 8 bits): exact in bf16
 
 
 def test_three_dimensional_input_and_bias():
@@ -95,25 +97,33 @@ def test_kernel_group(group_size, k, want):
     assert cpu_int4.kernel_group(k if group_size == -1 else group_size, k) == want
 
 
+@pytest.mark.parametrize("m", [1, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("bits", [2, 3])
-@pytest.mark.parametrize("case", [SHAPES[0], SHAPES[2], SHAPES[3]], ids=ids)
-def test_two_and_three_bits(case, bits, dtype):
-    """2- and 3-bit codes run as 4-bit ones."""
+@pytest.mark.parametrize("bits", [2, 3, 8])
+@pytest.mark.parametrize("case", SHAPES, ids=ids)
+def test_two_three_and_eight_bits(case, bits, dtype, m):
+    """2- and 3-bit codes run as 4-bit ones, 8-bit codes as two planes of them."""
     mod = layer(*case, bits=bits)
-    x = torch.randn(5, case[1], generator=torch.Generator().manual_seed(bits)).to(dtype)
+    x = torch.randn(m, case[1], generator=torch.Generator().manual_seed(bits)).to(dtype)
     assert select_kernel(mod, x).name == "cpu-int4"
     with torch.no_grad():
         got = mod(x)
         mod.kernel = "reference"
         want = mod(x)
+    assert got.dtype == dtype and got.shape == want.shape == (m, case[0])
     assert rel_err(got, want) <= CPU_INT4_REL
 
 
-def test_eight_bits_have_no_layout():
-    mod = layer(16, 64, 32, False, bits=8)
-    assert mod.cpu_int4() is None
-    assert select_kernel(mod, torch.randn(1, 64)).name == "reference"
+def test_symmetric_eight_bit_offsets_are_exact():
+    """Zero point 128 (symmetric 8-bit): the high plane's offset is 0 and its scale 16 s, exact in
+    bf16, so the layout holds each scale as bf16(s) and nothing else is rounded."""
+    mod = layer(40, 192, 64, False, bits=8)
+    mod.qzeros = torch.full_like(mod.qzeros, 0x80808080 - (1 << 32))  # every 8-bit zero point 128
+    w = mod.cpu_int4()
+    s = mod.scales.to(torch.bfloat16)  # [G, N]
+    hi, lo = w.scales_zeros[:3, :40], w.scales_zeros[3:, :40]  # [K/group, N, 2] per plane
+    assert torch.equal(hi[..., 0], 16 * s) and torch.equal(hi[..., 1], torch.zeros_like(s))
+    assert torch.equal(lo[..., 0], s) and torch.equal(lo[..., 1], 8 * s)
 
 
 def test_unequal_groups_and_no_sub_group_have_no_layout():

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar, TypeVar
 
 import torch
 from torch import nn
 
 from lowbit.kernels import select_kernel
-from lowbit.kernels.held import HeldCalls
+from lowbit.kernels.held import Derived, HeldCalls
 
 M = TypeVar("M", bound=nn.Module)
+L = TypeVar("L")
 
 
 def modules_of(model: nn.Module, cls: type[M]) -> dict[str, M]:
@@ -36,10 +38,41 @@ class QuantLinear(nn.Module):
         self.out_features = out_features
         self.kernel = "auto"
         self.held_calls = HeldCalls()  # eager launches a Triton wrapper holds for this module's buffers
+        # by layout name: (source buffers, those with a write counter, their pointers and counters,
+        # layout built from them); see held_layout()
+        self._layouts: Derived = Derived()  # a copy of the module starts without them
 
     def _apply(self, fn, recurse=True):
         self.held_calls.clear()  # they hold the buffers that this replaces
+        self._layouts.clear()
         return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._layouts.clear()
+
+    def held_layout(self, name: str, sources: tuple[torch.Tensor | None, ...], build: Callable[[], L]) -> L | None:
+        """``build()``, a layout of this module's buffers ``sources`` for a kernel, built once and
+        held under ``name``; rebuilt when a source is replaced, moved or written in place. The
+        buffers, and so the checkpoint, keep the canonical layout.
+
+        Under ``torch.compile`` nothing is built (tracing cannot follow the data-dependent
+        reorderings layouts make): the held layout is used if it was built from these very
+        sources, else None (the caller's kernel does not apply).
+        """
+        cached = self._layouts.get(name)
+        held = cached[0] if cached is not None else ()
+        same = len(held) == len(sources) and all(a is b for a, b in zip(held, sources))
+        if torch.compiler.is_compiling():
+            return cached[3] if same else None
+        # inference tensors (a model quantized under torch.inference_mode) keep no write counter,
+        # and can only be written inside it
+        tracked = cached[1] if same else tuple(t for t in sources if t is not None and not t.is_inference())
+        state = (*[t.data_ptr() for t in sources if t is not None], *[t._version for t in tracked])
+        if same and cached[2] == state:
+            return cached[3]
+        self._layouts[name] = cached = (sources, tracked, state, build())
+        return cached[3]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., K) -> (..., N)``."""

@@ -37,6 +37,9 @@ from lowbit.formats.base import QuantLinear
 from lowbit.formats.packing import pack_nibbles
 from lowbit.kernels import KernelImpl, always, register_kernel, triton_gpu_available
 from lowbit.kernels import cpu_blockwise4, ops, reference
+from lowbit.kernels.cpu_int4 import DTYPES as CPU_INT4_DTYPES
+from lowbit.kernels.cpu_int4 import CpuInt4, matmul_cpu_int4
+from lowbit.kernels.cpu_int4 import available as cpu_int4_available
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -226,6 +229,17 @@ class Blockwise4Linear(QuantLinear):
             self.weight, self.absmax, self.quant_map, self.blocksize, (self.out_features, self.in_features),
             self.nested_absmax, self.nested_quant_map, self.nested_offset)
 
+    def cpu_int4(self) -> CpuInt4 | None:
+        """This weight as two planes of 4-bit codes in the layout of PyTorch's CPU int4 kernel, or
+        None where they cannot hold it (:func:`~lowbit.kernels.cpu_blockwise4.to_cpu_int4`; held as
+        :meth:`~lowbit.formats.base.QuantLinear.held_layout` says): a byte a weight, beside the
+        canonical buffers, built at the first CPU forward that uses it."""
+        b = self._buffers
+        bufs = tuple(b[name] for name in ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map",
+                                          "nested_offset"))
+        return self.held_layout("cpu_int4", bufs, lambda: cpu_blockwise4.to_cpu_int4(
+            *bufs[:3], self.blocksize, (self.out_features, self.in_features), *bufs[3:]))
+
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, quant_type={self.quant_type}, blocksize={self.blocksize}, "
                 f"double_quant={self.double_quant}")
@@ -237,15 +251,14 @@ def _reference_forward(x: torch.Tensor, m: Blockwise4Linear) -> torch.Tensor:
         m.nested_absmax, m.nested_quant_map, m.nested_offset, m.bias, m.compute_dtype)
 
 
-def _cpu_supports(m: Blockwise4Linear, x: torch.Tensor) -> bool:
-    return x.is_cpu and x.is_floating_point() and cpu_blockwise4.supports(m.in_features, m.blocksize,
-                                                                           x.numel() // x.shape[-1])
+def _cpu_int4_supports(m: Blockwise4Linear, x: torch.Tensor) -> bool:
+    # the kernel computes in bf16 and has no backward: a gradient to record goes through the reference
+    return (x.is_cpu and x.dtype in CPU_INT4_DTYPES and (m.compute_dtype or x.dtype) in CPU_INT4_DTYPES
+            and not (x.requires_grad and torch.is_grad_enabled()) and m.cpu_int4() is not None)
 
 
-def _cpu_forward(x: torch.Tensor, m: Blockwise4Linear) -> torch.Tensor:
-    return cpu_blockwise4.matmul_blockwise4(
-        x, m.weight, m.absmax, m.quant_map, m.blocksize, (m.out_features, m.in_features),
-        m.nested_absmax, m.nested_quant_map, m.nested_offset, m.bias)
+def _cpu_int4_forward(x: torch.Tensor, m: Blockwise4Linear) -> torch.Tensor:
+    return matmul_cpu_int4(x, m.cpu_int4(), m.bias)
 
 
 def _triton_supports(m: Blockwise4Linear, x: torch.Tensor) -> bool:
@@ -268,5 +281,7 @@ register_kernel(
 )
 register_kernel(
     Blockwise4Linear.format,
-    KernelImpl("cpu-lookup", 5, available=always, supports=_cpu_supports, fn=_cpu_forward),
+    # narrows every dtype it takes: the code values themselves are fitted (cpu_blockwise4.FIT_TOLERANCE)
+    KernelImpl("cpu-int4", 5, available=cpu_int4_available, supports=_cpu_int4_supports, fn=_cpu_int4_forward,
+               narrows=frozenset(CPU_INT4_DTYPES)),
 )

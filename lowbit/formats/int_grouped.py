@@ -34,7 +34,6 @@ from lowbit.kernels import ops, reference
 from lowbit.kernels.cpu_int4 import BITS as CPU_INT4_BITS
 from lowbit.kernels.cpu_int4 import DTYPES as CPU_INT4_DTYPES
 from lowbit.kernels.cpu_int4 import CpuInt4, available as cpu_int4_available, matmul_cpu_int4, to_cpu_int4
-from lowbit.kernels.held import Derived
 
 L = TypeVar("L")
 
@@ -67,9 +66,6 @@ class IntGroupedLinear(QuantLinear):
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=scales_dtype, **kw))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, **kw))
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, **kw) if bias else None)
-        # by layout name: (source buffers, those with a write counter, their pointers and counters,
-        # layout built from them); see _layout()
-        self._layouts: Derived = Derived()  # a copy of the module starts without them
 
     @classmethod
     def from_quantized(
@@ -129,29 +125,12 @@ class IntGroupedLinear(QuantLinear):
         return self._layout("cpu_int4", to_cpu_int4)
 
     def _layout(self, name: str, build: Callable[..., L]) -> L | None:
-        """The layout ``build(qweight, scales, qzeros, g_idx, bits)`` of this module's buffers,
-        built once and held under ``name``; rebuilt when a buffer is replaced, moved or written in
-        place. The buffers, and so the checkpoint, keep the canonical layout.
-
-        Under ``torch.compile`` nothing is built (tracing cannot follow the data-dependent
-        reordering): the held layout is used if it was built from this module's current buffers,
-        else None (the reference path).
-        """
+        """The layout ``build(qweight, scales, qzeros, g_idx, bits)`` of this module's buffers, held
+        as :meth:`~lowbit.formats.base.QuantLinear.held_layout` says (under ``torch.compile``, None
+        unless built before: the reference path)."""
         b = self._buffers  # not nn.Module.__getattr__: this runs twice in every forward
-        q, s, z, g = bufs = (b["qweight"], b["scales"], b["qzeros"], b["g_idx"])
-        cached = self._layouts.get(name)
-        held = cached[0] if cached is not None else ()
-        same = len(held) == 4 and held[0] is q and held[1] is s and held[2] is z and held[3] is g
-        if torch.compiler.is_compiling():
-            return cached[3] if same else None
-        # inference tensors (a model quantized under torch.inference_mode) keep no write counter,
-        # and can only be written inside it
-        tracked = cached[1] if same else tuple(t for t in bufs if not t.is_inference())
-        state = (q.data_ptr(), s.data_ptr(), z.data_ptr(), g.data_ptr(), *[t._version for t in tracked])
-        if same and cached[2] == state:
-            return cached[3]
-        self._layouts[name] = cached = (bufs, tracked, state, build(*bufs, self.bits))
-        return cached[3]
+        bufs = (b["qweight"], b["scales"], b["qzeros"], b["g_idx"])
+        return self.held_layout(name, bufs, lambda: build(*bufs, self.bits))
 
     def prepare(self) -> None:
         """Drop the held layouts, and rebuild the group-ordered one now if the weight is on a GPU

@@ -1,4 +1,4 @@
-"""2- to 4-bit grouped-int weights on the CPU through PyTorch's int4 matmul.
+"""Grouped-int weights (2, 3, 4 and 8 bits) on the CPU through PyTorch's int4 matmul.
 
 The reference path dequantizes the whole weight at every call, which on a CPU costs far more than
 the product: a 4-bit SmolLM2 decoded at 0.18-0.24x the fp32 model's speed that way
@@ -23,7 +23,18 @@ groups are split into sub-groups of the largest such size that divides both the 
 to a multiple of 16 with zero columns that are cut from the result. An act-order weight is taken in
 its group order (:func:`lowbit.formats.group_order.to_group_ordered`) and x is permuted to match.
 2- and 3-bit codes are held as 4-bit ones (the same affine formula over fewer values), so the layout
-takes half a byte per weight whatever the bits.
+takes half a byte per weight at up to 4 bits.
+
+8-bit codes are held as two *planes* of 4-bit codes, ``q = 16 * h + l``: the high nibbles ``h`` with
+the scale ``16 * s`` and offset ``(128 - zero) * s``, then the low nibbles ``l`` with ``s`` and ``8 * s``,
+laid one after the other along K (``2K`` codes per output, a byte per weight), and x is repeated to
+meet them::
+
+    y[m, n] = sum_k bf16(x[m, k]) * (((h - 8) * 16 s' + z'_h) + ((l - 8) * s' + z'_l))
+
+which is ``(q - zero) * s`` up to the same bf16 rounding of scales and offsets (``16 s'`` is exact;
+a symmetric weight, zero 128, has ``z'_h = 0``). The same planes hold NF4/FP4 code values
+(:mod:`lowbit.kernels.cpu_blockwise4`).
 The packed codes are in PyTorch's own blocked order (``_convert_weight_to_int4pack_for_cpu``), which
 only PyTorch's kernel reads; the canonical buffers stay the module's state.
 """
@@ -44,8 +55,8 @@ GROUPS = (256, 128, 64, 32)
 OUT_MULTIPLE = 16
 """PyTorch's layout holds outputs in blocks of 16."""
 
-BITS = (2, 3, 4)
-"""Code widths the layout holds (as 4-bit codes)."""
+BITS = (2, 3, 4, 8)
+"""Code widths the layout holds (as 4-bit codes, 8 as two planes of them)."""
 
 DTYPES = (torch.float32, torch.bfloat16)
 """Input dtypes taken: fp32 (rounded to bf16 for the product) and bf16. PyTorch's fp16 and fp32
@@ -57,13 +68,16 @@ class CpuInt4:
     """A grouped-int weight of 2 to 4 bits in the layout of PyTorch's CPU int4 kernel.
 
     Attributes:
-        packed: uint8 ``[N16, K/2]``, ``N16`` = N rounded up to a multiple of 16: the codes in
-            group order, in PyTorch's blocked layout (``_convert_weight_to_int4pack_for_cpu``).
-        scales_zeros: bf16 ``[K/group, N16, 2]``: per sub-group of ``group`` inputs, ``s'`` and
+        packed: uint8 ``[N16, P*K/2]``, ``N16`` = N rounded up to a multiple of 16: the codes in
+            group order, ``P`` planes of them one after the other along K, in PyTorch's blocked
+            layout (``_convert_weight_to_int4pack_for_cpu``).
+        scales_zeros: bf16 ``[P*K/group, N16, 2]``: per sub-group of ``group`` inputs, ``s'`` and
             ``z'`` (see the module docstring); zero in the padding columns.
         group: inputs per sub-group (32, 64, 128 or 256).
         perm: int64 ``[K]`` or None: the input order of the codes (``x[..., perm]`` meets them).
         out_features: N.
+        planes: ``P``, 4-bit codes per weight (1; 2 for 8-bit codes and NF4/FP4): x is repeated
+            ``P`` times along K.
     """
 
     packed: torch.Tensor
@@ -71,6 +85,7 @@ class CpuInt4:
     group: int
     perm: torch.Tensor | None
     out_features: int
+    planes: int = 1
 
 
 @functools.cache
@@ -105,15 +120,21 @@ def to_cpu_int4(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tenso
         return None
     n16 = -(-n // OUT_MULTIPLE) * OUT_MULTIPLE
     codes = _codes_nk(ordered.qweight, bits, k, n16)  # [N16, K] int32
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)  # [N16, K/2] uint8
+    if bits == 8:  # two planes, q = 16 * h + l
+        codes = torch.cat([codes >> 4, codes & 15], dim=1)  # [N16, 2K]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)  # [N16, P*K/2] uint8
     del codes
     of_sub = torch.arange(0, k, group) // ordered.group_size  # [K/group]: each sub-group's group
     s = ordered.scales.float()[of_sub]  # [K/group, N]
     zero = unpack_int(ordered.qzeros, bits, n, dim=1)[of_sub].float()  # [K/group, N]
-    sz = torch.stack([s, (8 - zero) * s], dim=-1)  # [K/group, N, 2]
-    sz = torch.nn.functional.pad(sz, (0, 0, 0, n16 - n))  # [K/group, N16, 2]
+    if bits == 8:
+        sz = torch.cat([torch.stack([16 * s, (128 - zero) * s], dim=-1),
+                        torch.stack([s, 8 * s], dim=-1)])  # [2K/group, N, 2]
+    else:
+        sz = torch.stack([s, (8 - zero) * s], dim=-1)  # [K/group, N, 2]
+    sz = torch.nn.functional.pad(sz, (0, 0, 0, n16 - n))  # [P*K/group, N16, 2]
     perm = None if ordered.perm is None else ordered.perm.long()
-    return CpuInt4(packed, sz.to(torch.bfloat16).contiguous(), group, perm, n)
+    return CpuInt4(packed, sz.to(torch.bfloat16).contiguous(), group, perm, n, 2 if bits == 8 else 1)
 
 
 def _codes_nk(qweight: torch.Tensor, bits: int, k: int, rows: int) -> torch.Tensor:
@@ -160,7 +181,9 @@ def matmul_cpu_int4(x: torch.Tensor, w: CpuInt4, bias: torch.Tensor | None = Non
         x2 = x2.index_select(1, w.perm)
     if x2.dtype != torch.bfloat16:  # (each test skips a call that would return its input: a decode step makes ~200)
         x2 = x2.to(torch.bfloat16)
-    if not x2.is_contiguous():
+    if w.planes > 1:
+        x2 = x2.repeat(1, w.planes)  # [M, P*K]
+    elif not x2.is_contiguous():
         x2 = x2.contiguous()
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, w.packed, w.group, w.scales_zeros)  # [M, N16] bf16
     n = w.out_features
