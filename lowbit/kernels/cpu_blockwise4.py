@@ -110,12 +110,12 @@ def to_cpu_int4(weight: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Ten
         return None
     step, fine, c0, i_of, j_of = fit
     n16 = -(-n // OUT_MULTIPLE) * OUT_MULTIPLE
-    data = weight.reshape(-1).view(torch.uint8)[: n * k // 2].view(n, k // 2)  # [N, K/2]: codes 2t, 2t+1
+    data = weight.reshape(-1).view(torch.uint8)[: n * k // 2].view(n, k // 2).int()  # [N, K/2]: codes 2t, 2t+1
     codes = torch.full((n16, 2, k // 2, 2), 8, dtype=torch.int32)  # [N16, plane, K/2, 2]
-    hi, lo = (data >> 4).long(), (data & 15).long()  # [N, K/2]: the codes of inputs 2t and 2t + 1
-    for plane, of in enumerate((i_of, j_of)):
-        codes[:n, plane, :, 0] = of[hi]
-        codes[:n, plane, :, 1] = of[lo]
+    # (one tensor of 8 bytes a weight, temporaries of 2: on glibc large temporaries stay in the heap)
+    for nibble, code in ((0, data >> 4), (1, data.bitwise_and_(15))):  # the codes of inputs 2t, then 2t + 1
+        for plane, of in enumerate((i_of, j_of)):
+            codes[:n, plane, :, nibble] = of.index_select(0, code.view(-1)).view(n, k // 2)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.view(n16, 2 * k), 1)  # [N16, K] uint8
     del codes
     scale = blockwise4_absmax(absmax, nested_absmax, nested_quant_map, nested_offset).double()  # [B]

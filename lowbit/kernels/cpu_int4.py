@@ -119,9 +119,7 @@ def to_cpu_int4(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tenso
     if group is None:
         return None
     n16 = -(-n // OUT_MULTIPLE) * OUT_MULTIPLE
-    codes = _codes_nk(ordered.qweight, bits, k, n16)  # [N16, K] int32
-    if bits == 8:  # two planes, q = 16 * h + l
-        codes = torch.cat([codes >> 4, codes & 15], dim=1)  # [N16, 2K]
+    codes = _codes_nk(ordered.qweight, bits, k, n16)  # [N16, P*K] int32: P = 2 planes for 8 bits
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)  # [N16, P*K/2] uint8
     del codes
     of_sub = torch.arange(0, k, group) // ordered.group_size  # [K/group]: each sub-group's group
@@ -140,17 +138,19 @@ def to_cpu_int4(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tenso
 def _codes_nk(qweight: torch.Tensor, bits: int, k: int, rows: int) -> torch.Tensor:
     """The codes of ``qweight`` (int32 ``[ceil(K*bits/32), N]``, packed along K, LSB first; K a
     multiple of 32) as the int32 ``[rows, K]`` that PyTorch's packing takes, rows past N padded
-    with code 8.
+    with code 8; 8-bit codes as ``[rows, 2K]``, their high nibbles then their low ones.
 
     One tensor of the result's size is allocated, and temporaries are smaller: this runs once per
-    layer, and on glibc larger temporaries stay in the process's heap once freed. 2- and 4-bit codes
-    come whole out of their words (one shift writes the result, the mask works in place); 3-bit
+    layer, and on glibc larger temporaries stay in the process's heap once freed. 2-, 4- and 8-bit
+    codes come whole out of their words (one shift writes the result, the mask works in place); 3-bit
     ones straddle words, 32 codes in every 3 words, and are read one position of the 32 at a time."""
     n = qweight.shape[1]
-    codes = torch.full((rows, k), 8, dtype=torch.int32) if rows != n else torch.empty(n, k, dtype=torch.int32)
+    width = 2 * k if bits == 8 else k
+    codes = torch.full((rows, width), 8, dtype=torch.int32) if rows != n else torch.empty(n, width, dtype=torch.int32)
+    first = codes[:n, :k]  # [N, K]: the codes (8 bits: their high nibbles, once split)
     if 32 % bits:
         words = qweight.view(-1, bits, n)  # [K/32, bits, N]: each period's words
-        out = codes[:n].view(n, -1, 32)  # [N, K/32, 32]
+        out = first.view(n, -1, 32)  # [N, K/32, 32]
         for j in range(32):
             word, shift = divmod(j * bits, 32)
             v = words[:, word] >> shift  # [K/32, N]
@@ -160,8 +160,11 @@ def _codes_nk(qweight: torch.Tensor, bits: int, k: int, rows: int) -> torch.Tens
         return codes
     shifts = torch.arange(0, 32, bits, dtype=torch.int32)  # [32/bits]
     words = qweight.t()[:, :, None]  # [N, K*bits/32, 1], a view
-    torch.bitwise_right_shift(words, shifts, out=codes[:n].view(n, -1, 32 // bits))  # -> rows of codes
-    codes[:n].bitwise_and_((1 << bits) - 1)  # the other codes' bits, and the arithmetic shift's sign bits
+    torch.bitwise_right_shift(words, shifts, out=first.view(n, -1, 32 // bits))  # -> rows of codes
+    first.bitwise_and_((1 << bits) - 1)  # the other codes' bits, and the arithmetic shift's sign bits
+    if bits == 8:  # q = 16 * h + l: the low nibbles to the second plane, the high ones stay
+        torch.bitwise_and(first, 15, out=codes[:n, k:])
+        first.bitwise_right_shift_(4)
     return codes
 
 
