@@ -247,3 +247,20 @@ def test_a_layout_built_under_inference_mode_serves_calls_outside_it():
     with torch.no_grad():
         assert torch.equal(mod(x), inside)
     assert torch.equal(mod(x), inside)  # gradients on, none to record for x
+
+
+@pytest.mark.parametrize("config", [lowbit.RtnConfig(bits=8, group_size=32), lowbit.BitsAndBytesConfig(load_in_4bit=True)],
+                         ids=["rtn-8bit", "nf4"])
+def test_quantized_models_hold_their_layouts_before_the_first_forward(config, monkeypatch):
+    """Built at the first forward, between its temporaries, the layouts kept the heap from
+    shrinking (an 8-bit SmolLM2's evaluation peaked 450 MiB higher): lowbit builds them when it
+    finishes a model, for the model's dtype, and only where ``auto`` would take the kernel."""
+    monkeypatch.delenv("LOWBIT_KERNEL", raising=False)
+    model = lowbit.quantize(tiny_llama_model(), config, progress=False)
+    quantized = [m for m in model.modules() if hasattr(m, "cpu_int4")]
+    assert len(quantized) == 14 and all("cpu_int4" in m._layouts for m in quantized)
+    half = lowbit.quantize(tiny_llama_model().half(), config, progress=False)  # fp16 takes the reference
+    assert not any(m._layouts for m in half.modules() if hasattr(m, "cpu_int4"))
+    monkeypatch.setenv("LOWBIT_KERNEL", "reference")
+    forced = lowbit.quantize(tiny_llama_model(), config, progress=False)
+    assert not any(m._layouts for m in forced.modules() if hasattr(m, "cpu_int4"))

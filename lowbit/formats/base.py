@@ -93,8 +93,25 @@ class QuantLinear(nn.Module):
 
 
 def prepare_model(model: nn.Module) -> nn.Module:
-    """Call :meth:`QuantLinear.prepare` on every quantized linear of ``model`` (after loading)."""
+    """Call :meth:`QuantLinear.prepare` on every quantized linear of ``model`` (after loading), and
+    on a CPU build now what the kernel ``auto`` takes there for the model's dtype holds (the CPU
+    int4 kernel's layouts). Built at the first forward instead, between that forward's
+    temporaries, they keep glibc's heap from shrinking after it: an 8-bit SmolLM2 evaluated at
+    1,578 MiB peak RSS that way against 1,124 with the layouts built first."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.prepare()
+            if all(b.is_cpu for b in m.buffers()):
+                _select_for_one_row(m, dtype)
     return model
+
+
+def _select_for_one_row(m: QuantLinear, dtype: torch.dtype) -> None:
+    """Select ``m``'s kernel for one row of ``dtype`` on the CPU, which builds what it holds; a
+    kernel named that cannot run raises at the forward instead."""
+    with torch.no_grad():
+        try:
+            select_kernel(m, torch.zeros(1, m.in_features, dtype=dtype), m.kernel)
+        except ValueError:
+            pass
