@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import ClassVar, TypeVar
 
@@ -38,8 +39,7 @@ class QuantLinear(nn.Module):
         self.out_features = out_features
         self.kernel = "auto"
         self.held_calls = HeldCalls()  # eager launches a Triton wrapper holds for this module's buffers
-        # by layout name: (source buffers, those with a write counter, their pointers and counters,
-        # layout built from them); see held_layout()
+        # by layout name: what held_layout() built and what it was built from
         self._layouts: Derived = Derived()  # a copy of the module starts without them
 
     def _apply(self, fn, recurse=True):
@@ -60,19 +60,28 @@ class QuantLinear(nn.Module):
         reorderings layouts make): the held layout is used if it was built from these very
         sources, else None (the caller's kernel does not apply).
         """
-        cached = self._layouts.get(name)
-        held = cached[0] if cached is not None else ()
-        same = len(held) == len(sources) and all(a is b for a, b in zip(held, sources))
+        cached = self._layouts.get(name)  # (sources, those not None, those with a write counter, state, layout)
+        same = cached is not None and len(cached[0]) == len(sources) and all(map(operator.is_, cached[0], sources))
         if torch.compiler.is_compiling():
-            return cached[3] if same else None
-        # inference tensors (a model quantized under torch.inference_mode) keep no write counter,
-        # and can only be written inside it
-        tracked = cached[1] if same else tuple(t for t in sources if t is not None and not t.is_inference())
-        state = (*[t.data_ptr() for t in sources if t is not None], *[t._version for t in tracked])
-        if same and cached[2] == state:
-            return cached[3]
-        self._layouts[name] = cached = (sources, tracked, state, build())
-        return cached[3]
+            return cached[4] if same else None
+        if same:
+            present, tracked = cached[1], cached[2]
+        else:
+            present = tuple(t for t in sources if t is not None)
+            # inference tensors (a model quantized under torch.inference_mode) keep no write
+            # counter, and can only be written inside it
+            tracked = tuple(t for t in present if not t.is_inference())
+        state = (*map(torch.Tensor.data_ptr, present), *[t._version for t in tracked])
+        if same and cached[3] == state:
+            return cached[4]
+        self._layouts[name] = cached = (sources, present, tracked, state, build())
+        return cached[4]
+
+    def last_held(self, name: str):
+        """The layout :meth:`held_layout` last returned under ``name``, not checked again: for a
+        kernel's forward, whose ``supports`` checked it in this very call's kernel selection
+        (every forward selects, and selecting runs ``supports``)."""
+        return self._layouts[name][4]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., K) -> (..., N)``."""

@@ -258,7 +258,7 @@ def _cpu_int4_supports(m: Blockwise4Linear, x: torch.Tensor) -> bool:
 
 
 def _cpu_int4_forward(x: torch.Tensor, m: Blockwise4Linear) -> torch.Tensor:
-    return matmul_cpu_int4(x, m.cpu_int4(), m.bias)
+    return matmul_cpu_int4(x, m.last_held("cpu_int4"), m.bias)  # checked by the supports of this call
 
 
 def _triton_supports(m: Blockwise4Linear, x: torch.Tensor) -> bool:

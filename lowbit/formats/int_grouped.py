@@ -187,7 +187,7 @@ def _cpu_int4_supports(m: IntGroupedLinear, x: torch.Tensor) -> bool:
 
 
 def _cpu_int4_forward(x: torch.Tensor, m: IntGroupedLinear) -> torch.Tensor:
-    return matmul_cpu_int4(x, m.cpu_int4(), m.bias)
+    return matmul_cpu_int4(x, m.last_held("cpu_int4"), m.bias)  # checked by the supports of this call
 
 
 register_kernel(
