@@ -249,8 +249,8 @@ def test_a_layout_built_under_inference_mode_serves_calls_outside_it():
     assert torch.equal(mod(x), inside)  # gradients on, none to record for x
 
 
-@pytest.mark.parametrize("config", [lowbit.RtnConfig(bits=8, group_size=32), lowbit.BitsAndBytesConfig(load_in_4bit=True)],
-                         ids=["rtn-8bit", "nf4"])
+@pytest.mark.parametrize("config", [lowbit.RtnConfig(bits=8, group_size=32),
+                                    lowbit.BitsAndBytesConfig(load_in_4bit=True)], ids=["rtn-8bit", "nf4"])
 def test_quantized_models_hold_their_layouts_before_the_first_forward(config, monkeypatch):
     """Built at the first forward, between its temporaries, the layouts kept the heap from
     shrinking (an 8-bit SmolLM2's evaluation peaked 450 MiB higher): lowbit builds them when it

@@ -233,7 +233,8 @@ class Blockwise4Linear(QuantLinear):
         """This weight as two planes of 4-bit codes in the layout of PyTorch's CPU int4 kernel, or
         None where they cannot hold it (:func:`~lowbit.kernels.cpu_blockwise4.to_cpu_int4`; held as
         :meth:`~lowbit.formats.base.QuantLinear.held_layout` says): a byte a weight, beside the
-        canonical buffers, built at the first CPU forward that uses it."""
+        canonical buffers, built when lowbit finishes a model on a CPU
+        (:func:`~lowbit.formats.base.prepare_model`), else at the first CPU forward that uses it."""
         b = self._buffers
         bufs = tuple(b[name] for name in ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map",
                                           "nested_offset"))

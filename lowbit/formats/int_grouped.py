@@ -120,15 +120,16 @@ class IntGroupedLinear(QuantLinear):
     def cpu_int4(self) -> CpuInt4 | None:
         """This weight in the layout of PyTorch's CPU int4 kernel, or None where that kernel cannot
         hold it (:func:`~lowbit.kernels.cpu_int4.to_cpu_int4`; held as :meth:`_layout` says). It is a
-        copy of the codes (half a byte a weight, beside the canonical ``qweight``), built at the
-        first CPU forward that uses it."""
+        copy of the codes (half a byte a weight, a byte at 8 bits, beside the canonical ``qweight``),
+        built when lowbit finishes a model on a CPU (:func:`~lowbit.formats.base.prepare_model`), else at
+        the first CPU forward that uses it."""
         return self._layout("cpu_int4", to_cpu_int4)
 
     def _layout(self, name: str, build: Callable[..., L]) -> L | None:
         """The layout ``build(qweight, scales, qzeros, g_idx, bits)`` of this module's buffers, held
         as :meth:`~lowbit.formats.base.QuantLinear.held_layout` says (under ``torch.compile``, None
         unless built before: the reference path)."""
-        b = self._buffers  # not nn.Module.__getattr__: this runs twice in every forward
+        b = self._buffers  # not nn.Module.__getattr__: this runs in every forward
         bufs = (b["qweight"], b["scales"], b["qzeros"], b["g_idx"])
         return self.held_layout(name, bufs, lambda: build(*bufs, self.bits))
 

@@ -31,6 +31,7 @@ import functools
 import torch
 
 from lowbit.kernels.cpu_int4 import OUT_MULTIPLE, CpuInt4, kernel_group
+from lowbit.kernels.cpu_int4 import available as cpu_int4_available
 from lowbit.kernels.reference import blockwise4_absmax
 
 FIT_TOLERANCE = 2.5e-3
@@ -42,7 +43,8 @@ _COARSE_STEPS = 4001
 
 
 @functools.lru_cache(maxsize=8)
-def _fit(values: tuple[float, ...], tolerance: float) -> tuple[float, float, float, tuple[int, ...], tuple[int, ...]] | None:
+def _fit(values: tuple[float, ...],
+         tolerance: float) -> tuple[float, float, float, tuple[int, ...], tuple[int, ...]] | None:
     v = torch.tensor(values, dtype=torch.float64)  # [16]
     lo, span = float(v.min()), float(v.max() - v.min())
     if span == 0:
@@ -106,7 +108,7 @@ def to_cpu_int4(weight: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Ten
     n, k = shape
     group = kernel_group(blocksize, k)
     fit = two_plane_fit(quant_map)
-    if group is None or blocksize % group or fit is None or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+    if group is None or blocksize % group or fit is None or not cpu_int4_available():
         return None
     step, fine, c0, i_of, j_of = fit
     n16 = -(-n // OUT_MULTIPLE) * OUT_MULTIPLE
