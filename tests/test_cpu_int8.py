@@ -9,7 +9,7 @@ import torch
 import lowbit
 from conftest import CPU_INT8_REL, rel_err, tiny_llama_model
 from lowbit.checkpoint.safetensors_io import ALIGN, load_state_dict
-from lowbit.formats.base import modules_of
+from lowbit.formats.base import modules_of, prepare_model
 from lowbit.formats.int8_outlier import Int8Linear
 from lowbit.kernels import cpu_int8, exact_kernels, select_kernel
 
@@ -127,6 +127,31 @@ def test_a_misaligned_weight_goes_through_the_reference():
     assert select_kernel(mod, x).name == "reference"
     assert not cpu_int8.weight_supported(torch.zeros(4, 24, dtype=torch.int8))
     assert not cpu_int8.weight_supported(torch.zeros(64, 32, dtype=torch.int8).t())
+
+
+def test_prepare_gives_a_misaligned_or_strided_weight_a_copy_the_kernel_reads():
+    """After a model load (``prepare_model``), a weight the kernel could not read only for its
+    memory gets an aligned contiguous copy; one it cannot read for its shape is left alone."""
+    mod = layer(16, 64)
+    want = mod.weight.clone()
+    buf = torch.empty(mod.weight.numel() + 8, dtype=torch.int8)
+    mod.weight = buf[8:].view(16, 64).copy_(want)  # 8 bytes off
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        before = mod(x)
+    prepare_model(torch.nn.Sequential(mod))
+    assert torch.equal(mod.weight, want) and cpu_int8.weight_supported(mod.weight)
+    assert select_kernel(mod, x).name == "cpu-int8"
+    with torch.no_grad():
+        assert rel_err(mod(x), before) <= CPU_INT8_REL
+    strided = layer(16, 64)
+    strided.weight = strided.weight.t().contiguous().t()  # the same values, column-major
+    strided.prepare()
+    assert strided.weight.is_contiguous() and select_kernel(strided, x).name == "cpu-int8"
+    odd = layer(16, 24)  # K = 24: not a multiple of 16, whatever its memory
+    kept = odd.weight
+    odd.prepare()
+    assert odd.weight is kept
 
 
 def test_inputs_are_passed_aligned():

@@ -84,6 +84,16 @@ class Int8Linear(QuantLinear):
     def dequantize(self) -> torch.Tensor:
         return reference.dequantize_int8_rows(self.weight, self.SCB)
 
+    def prepare(self) -> None:
+        """Give a CPU weight that PyTorch's int8-weight kernel cannot read in place only for its
+        memory (rows off a 16-byte boundary, as a tensor loaded outside lowbit's loader may be,
+        or a strided view) a contiguous copy of its own, so that ``cpu-int8`` takes it; called
+        after a model load."""
+        w = self.weight
+        if (w.is_cpu and w.shape[1] % cpu_int8.K_MULTIPLE == 0 and cpu_int8.available()
+                and not cpu_int8.weight_supported(w)):
+            self.weight = w.clone(memory_format=torch.contiguous_format)  # PyTorch's CPU allocator: 64-byte aligned
+
     def extra_repr(self) -> str:
         if not self.int8_activations:
             return f"{super().extra_repr()}, weight-only"
