@@ -79,9 +79,9 @@ def test_batched_input_and_module_forward_path():
     mod.bias = torch.randn(48).to(DEVICE, torch.float16)
     x = torch.randn(2, 3, 128).to(DEVICE, torch.float16)
     want = reference.matmul_int_grouped(x.float(), mod.qweight, mod.scales, mod.qzeros, mod.g_idx, 4, mod.bias.float())
+    ordered = mod.group_ordered()  # what the kernel's supports checks, in every forward, before it runs
     got = _triton_forward(x, mod)
     assert got.shape == (2, 3, 48) and rel_err(got, want) <= MATMUL_REL[torch.float16]
-    ordered = mod.group_ordered()
     assert ordered is mod.group_ordered()  # built once
     assert ordered.perm is not None
     # the buffers (and so a saved checkpoint) keep the canonical layout
