@@ -235,9 +235,9 @@ class Blockwise4Linear(QuantLinear):
         :meth:`~lowbit.formats.base.QuantLinear.held_layout` says): a byte a weight, beside the
         canonical buffers, built when lowbit finishes a model on a CPU
         (:func:`~lowbit.formats.base.prepare_model`), else at the first CPU forward that uses it."""
-        b = self._buffers
-        bufs = tuple(b[name] for name in ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map",
-                                          "nested_offset"))
+        b = self._buffers  # not nn.Module.__getattr__: this runs in every CPU forward
+        bufs = (b["weight"], b["absmax"], b["quant_map"], b["nested_absmax"], b["nested_quant_map"],
+                b["nested_offset"])
         return self.held_layout("cpu_int4", bufs, lambda: cpu_blockwise4.to_cpu_int4(
             *bufs[:3], self.blocksize, (self.out_features, self.in_features), *bufs[3:]))
 

@@ -108,7 +108,9 @@ def to_cpu_int4(weight: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Ten
     n, k = shape
     group = kernel_group(blocksize, k)
     fit = two_plane_fit(quant_map)
-    if group is None or blocksize % group or fit is None or not cpu_int4_available():
+    # (a sub-group lies in one block: sub-groups and block sizes are powers of 2, and a sub-group
+    # divides the block size, or K when a block is longer than a row)
+    if group is None or fit is None or not cpu_int4_available():
         return None
     step, fine, c0, i_of, j_of = fit
     n16 = -(-n // OUT_MULTIPLE) * OUT_MULTIPLE
