@@ -144,9 +144,8 @@ def main() -> None:
                 want = mod(x)
                 tref = per_call(lambda: mod(x), args.budget, args.repeats)
                 mod.kernel = kernel
-                call = lambda: mod(x)  # noqa: E731
-                err = rel_err(call(), want)
-                tk = per_call(call, args.budget, args.repeats)
+                err = rel_err(mod(x), want)
+                tk = per_call(lambda: mod(x), args.budget, args.repeats)
                 t32 = per_call(lambda: F.linear(x, w), args.budget, args.repeats)
                 t16 = per_call(lambda: F.linear(xb, wb), args.budget, args.repeats)
             print(f"| {k}x{n} | {m} | {t32:.1f} | {t16:.1f} | {tref:.1f} | {tk:.1f} | {t32 / tk:.2f}x | "
