@@ -14,6 +14,9 @@ For each layer shape (K x N) and row count this times, on random data:
   aqlm-2x8`` and ``aqlm-1x16``, AQLM weights (fp16 codebooks, groups of 8 inputs) through
   ``cpu-codebook`` (``lowbit.kernels.cpu_codebook``); ``--format nf4``, NF4 weights (blocks of 64)
   through ``cpu-int4`` (two planes of 4-bit codes, ``lowbit.kernels.cpu_blockwise4``);
+- for ``int4``, ``w8`` and ``nf4``, the same weight dequantized to bf16 at every call and multiplied
+  in bf16 (``lowbit.kernels.cpu_dequant``; the kernel ``auto`` takes from ``cpu_dequant.MIN_ROWS``
+  rows), called directly at every row count, so the two paths' crossing shows;
 - a read-stream probe: ``torch.sum`` over an fp32 tensor of as many bytes as the kernel reads for
   its weight (codes and scales), so its GB/s can be read against a plain read of the same bytes.
 
@@ -39,7 +42,7 @@ from lowbit.formats.blockwise4 import Blockwise4Linear
 from lowbit.formats.codebook import AqlmLinear
 from lowbit.formats.int8_outlier import Int8Linear
 from lowbit.formats.int_grouped import IntGroupedLinear
-from lowbit.kernels import cpu_int4, cpu_int8
+from lowbit.kernels import cpu_dequant, cpu_int4, cpu_int8
 
 SHAPES = ["576x576", "576x1536", "1536x576", "4096x4096"]  # K x N: SmolLM2-135M's projections, Llama-7B's
 
@@ -103,6 +106,19 @@ def build(fmt: str, k: int, n: int, group_size: int) -> tuple[torch.nn.Module, s
     return mod, "cpu-int8", mod.weight.numel() + mod.SCB.numel() * 4
 
 
+def dequant_call(mod: torch.nn.Module):
+    """``x -> mod(x)`` through :mod:`lowbit.kernels.cpu_dequant` at any row count, or None where the
+    format has no such path."""
+    if isinstance(mod, IntGroupedLinear):
+        return lambda x: cpu_dequant.matmul_int_grouped(x, mod.qweight, mod.scales, mod.qzeros, mod.g_idx, mod.bits,
+                                                        mod.group_size, mod.bias)
+    if isinstance(mod, Blockwise4Linear):
+        return lambda x: cpu_dequant.matmul_blockwise4(x, mod.weight, mod.absmax, mod.quant_map, mod.blocksize,
+                                                       (mod.out_features, mod.in_features), mod.nested_absmax,
+                                                       mod.nested_quant_map, mod.nested_offset, mod.bias)
+    return None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated KxN")
@@ -123,8 +139,8 @@ def main() -> None:
           + (f", group size {args.group_size}" if args.format in ("int4", "w8") else "")
           + f"; µs per call, median of {args.repeats}\n")
     print("| K x N | M | fp32 F.linear | bf16 F.linear | lowbit reference | lowbit kernel | kernel vs fp32 "
-          "| kernel vs reference | kernel GB/s | probe GB/s | error vs reference |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| kernel vs reference | kernel GB/s | probe GB/s | error vs reference | dequant + bf16 | its error |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes.split(","):
         k, n = (int(v) for v in shape.split("x"))
         built = build(args.format, k, n, args.group_size)
@@ -148,9 +164,14 @@ def main() -> None:
                 tk = per_call(lambda: mod(x), args.budget, args.repeats)
                 t32 = per_call(lambda: F.linear(x, w), args.budget, args.repeats)
                 t16 = per_call(lambda: F.linear(xb, wb), args.budget, args.repeats)
+                dq = dequant_call(mod)
+                if dq is not None:
+                    dq_err = rel_err(dq(x), want)
+                    tdq = per_call(lambda: dq(x), args.budget, args.repeats)
+            dq_cells = "- | - |" if dq is None else f"{tdq:.1f} | {dq_err:.1e} |"
             print(f"| {k}x{n} | {m} | {t32:.1f} | {t16:.1f} | {tref:.1f} | {tk:.1f} | {t32 / tk:.2f}x | "
                   f"{tref / tk:.1f}x | {weight_bytes / tk / 1e3:.1f} | {weight_bytes / t_probe / 1e3:.1f} | "
-                  f"{err:.1e} |", flush=True)
+                  f"{err:.1e} | {dq_cells}", flush=True)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import torch
 from lowbit.formats.base import QuantLinear
 from lowbit.formats.packing import pack_nibbles
 from lowbit.kernels import KernelImpl, always, register_kernel, triton_gpu_available
-from lowbit.kernels import cpu_blockwise4, ops, reference
+from lowbit.kernels import cpu_blockwise4, cpu_dequant, ops, reference
 from lowbit.kernels.cpu_int4 import DTYPES as CPU_INT4_DTYPES
 from lowbit.kernels.cpu_int4 import CpuInt4, matmul_cpu_int4
 from lowbit.kernels.cpu_int4 import available as cpu_int4_available
@@ -285,4 +285,24 @@ register_kernel(
     # narrows every dtype it takes: the code values themselves are fitted (cpu_blockwise4.FIT_TOLERANCE)
     KernelImpl("cpu-int4", 5, available=cpu_int4_available, supports=_cpu_int4_supports, fn=_cpu_int4_forward,
                narrows=frozenset(CPU_INT4_DTYPES)),
+)
+
+
+def _cpu_dequant_supports(m: Blockwise4Linear, x: torch.Tensor) -> bool:
+    return (cpu_dequant.applies(x, m.in_features) and (m.compute_dtype or x.dtype) in cpu_dequant.DTYPES
+            and cpu_dequant.blockwise4_applies((m.out_features, m.in_features), m.blocksize))
+
+
+def _cpu_dequant_forward(x: torch.Tensor, m: Blockwise4Linear) -> torch.Tensor:
+    return cpu_dequant.matmul_blockwise4(
+        x, m.weight, m.absmax, m.quant_map, m.blocksize, (m.out_features, m.in_features),
+        m.nested_absmax, m.nested_quant_map, m.nested_offset, m.bias)
+
+
+register_kernel(
+    Blockwise4Linear.format,
+    # above cpu-int4: it takes only inputs of many rows (cpu_dequant.MIN_ROWS), where it is faster; it
+    # computes in bf16 whatever the compute dtype
+    KernelImpl("cpu-dequant", 6, available=always, supports=_cpu_dequant_supports, fn=_cpu_dequant_forward,
+               narrows=frozenset(cpu_dequant.DTYPES)),
 )

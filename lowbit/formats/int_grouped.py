@@ -30,7 +30,7 @@ from lowbit.formats.base import QuantLinear
 from lowbit.formats.group_order import GroupOrdered, to_group_ordered
 from lowbit.formats.packing import SUPPORTED_BITS, pack_int, packed_length
 from lowbit.kernels import KernelImpl, always, register_kernel, triton_gpu_available
-from lowbit.kernels import ops, reference
+from lowbit.kernels import cpu_dequant, ops, reference
 from lowbit.kernels.cpu_int4 import BITS as CPU_INT4_BITS
 from lowbit.kernels.cpu_int4 import DTYPES as CPU_INT4_DTYPES
 from lowbit.kernels.cpu_int4 import CpuInt4, available as cpu_int4_available, matmul_cpu_int4, to_cpu_int4
@@ -195,6 +195,18 @@ register_kernel(
     IntGroupedLinear.format,
     KernelImpl("cpu-int4", 5, available=cpu_int4_available, supports=_cpu_int4_supports, fn=_cpu_int4_forward,
                narrows=frozenset({torch.float32})),
+)
+
+
+def _cpu_dequant_forward(x: torch.Tensor, m: IntGroupedLinear) -> torch.Tensor:
+    return cpu_dequant.matmul_int_grouped(x, m.qweight, m.scales, m.qzeros, m.g_idx, m.bits, m.group_size, m.bias)
+
+
+register_kernel(
+    IntGroupedLinear.format,
+    # above cpu-int4: it takes only inputs of many rows (cpu_dequant.MIN_ROWS), where it is faster
+    KernelImpl("cpu-dequant", 6, available=always, supports=lambda m, x: cpu_dequant.applies(x, m.in_features),
+               fn=_cpu_dequant_forward, narrows=frozenset({torch.float32})),
 )
 register_kernel(
     IntGroupedLinear.format,
