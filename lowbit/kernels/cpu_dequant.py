@@ -155,7 +155,9 @@ def blockwise4_into(out: torch.Tensor, weight: torch.Tensor, absmax: torch.Tenso
         ``out``.
     """
     data = weight.reshape(-1).view(torch.uint8)  # [N*K/2]: two codes a byte, the even element high
-    pairs = nibble_pairs(quant_map)  # [256, 2] fp32: each byte's two values
+    # each byte's two fp32 values as one 8-byte word: a 1-D lookup of words took 0.55 of the time
+    # of a lookup of [256, 2] rows here
+    pairs = nibble_pairs(quant_map).view(torch.int64).view(256)  # [256]
     blocks = max(1, PIECE // blocksize)  # blocks per piece
     total = out.numel() // blocksize
     blocks = min(blocks, total)
@@ -165,7 +167,7 @@ def blockwise4_into(out: torch.Tensor, weight: torch.Tensor, absmax: torch.Tenso
         b1 = min(total, b0 + blocks)
         c = (b1 - b0) * blocksize
         i = index[: c // 2].copy_(data[b0 * blocksize // 2: b1 * blocksize // 2])
-        v = torch.index_select(pairs, 0, i, out=values[:c].view(-1, 2))  # [c/2, 2]
+        v = torch.index_select(pairs, 0, i, out=values[:c].view(torch.int64)).view(torch.float32)  # [c]
         out[b0 * blocksize: b1 * blocksize].copy_(v.view(-1, blocksize).mul_(absmax[b0:b1, None]).view(-1))
     return out
 
