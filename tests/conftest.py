@@ -88,6 +88,28 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=tok.id_to_token(10))
 
 
+def grouped_layer(n: int, k: int, group_size: int, act_order: bool, *, bias: bool = True, seed: int = 0,
+                  unit: bool = False, bits: int = 4) -> torch.nn.Module:
+    """An ``IntGroupedLinear`` with random codes, zeros and scales (``unit``: scales 1 and zeros 0,
+    so the weight is its codes); ``act_order``: ``g_idx`` permuted."""
+    from lowbit.formats.int_grouped import IntGroupedLinear
+
+    g = torch.Generator().manual_seed(seed)
+    size = k if group_size == -1 else group_size
+    groups = -(-k // size)
+    g_idx = torch.arange(k) // size
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=g)]
+    q = torch.randint(0, 2**bits, (n, k), generator=g)
+    if unit:
+        scales, zeros = torch.ones(groups, n, dtype=torch.float16), torch.zeros(groups, n, dtype=torch.int64)
+    else:
+        scales = (torch.rand(groups, n, generator=g) * 0.02 + 0.001).half()
+        zeros = torch.randint(0, 2**bits, (groups, n), generator=g)
+    b = torch.randn(n, generator=g).half() if bias else None
+    return IntGroupedLinear.from_quantized(q, scales, zeros, g_idx, bits=bits, group_size=group_size, bias=b)
+
+
 def tiny_llama_model(seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: int = 128):
     """A random LlamaForCausalLM: vocab 256, hidden 64, MLP 128 (by default), 4 heads (2 KV), tied head."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from conftest import CPU_INT4_REL, rel_err
+from conftest import CPU_INT4_REL, grouped_layer, rel_err
 from lowbit.formats.blockwise4 import Blockwise4Linear
 from lowbit.formats.int_grouped import IntGroupedLinear
 from lowbit.kernels import cpu_dequant, exact_kernels, reference, select_kernel
@@ -21,17 +21,8 @@ SHAPES = [(64, 576, 128, False), (48, 96, -1, False), (33, 100, 32, False), (40,
           (24, 70, 16, False)]
 
 
-def grouped(n: int, k: int, group_size: int, act_order: bool, bits: int = 4, seed: int = 0) -> IntGroupedLinear:
-    g = torch.Generator().manual_seed(seed)
-    size = k if group_size == -1 else group_size
-    groups = -(-k // size)
-    g_idx = torch.arange(k) // size
-    if act_order:
-        g_idx = g_idx[torch.randperm(k, generator=g)]
-    return IntGroupedLinear.from_quantized(
-        torch.randint(0, 2**bits, (n, k), generator=g), (torch.rand(groups, n, generator=g) * 0.02 + 0.001).half(),
-        torch.randint(0, 2**bits, (groups, n), generator=g), g_idx, bits=bits, group_size=group_size,
-        bias=torch.randn(n, generator=g).half())
+def grouped(n: int, k: int, group_size: int, act_order: bool, bits: int = 4) -> IntGroupedLinear:
+    return grouped_layer(n, k, group_size, act_order, bits=bits)
 
 
 def blockwise(n: int, k: int, quant_type: str, double_quant: bool, blocksize: int = 64) -> Blockwise4Linear:

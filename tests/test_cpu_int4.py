@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lowbit
-from conftest import CPU_INT4_REL, calib_ids, rel_err, tiny_llama_model
+from conftest import CPU_INT4_REL, calib_ids, grouped_layer as layer, rel_err, tiny_llama_model
 from lowbit.formats.int_grouped import IntGroupedLinear
 from lowbit.kernels import cpu_int4, exact_kernels, select_kernel
 
@@ -21,26 +21,6 @@ pytestmark = pytest.mark.skipif(not cpu_int4.available(), reason="this PyTorch h
 # of 64); one group per row; N not a multiple of 16 (padded); act-order; the largest sub-group
 SHAPES = [(64, 576, 128, False), (48, 96, -1, False), (100, 96, 32, False), (40, 192, 64, True),
           (16, 512, 256, False), (33, 256, 128, True)]
-
-
-def layer(n: int, k: int, group_size: int, act_order: bool, *, bias: bool = True, seed: int = 0,
-          unit: bool = False, bits: int = 4) -> IntGroupedLinear:
-    """A layer with random codes, zeros and scales (``unit``: scales 1 and zeros 0, so the weight
-    is its codes)."""
-    g = torch.Generator().manual_seed(seed)
-    size = k if group_size == -1 else group_size
-    groups = -(-k // size)
-    g_idx = torch.arange(k) // size
-    if act_order:
-        g_idx = g_idx[torch.randperm(k, generator=g)]
-    q = torch.randint(0, 2**bits, (n, k), generator=g)
-    if unit:
-        scales, zeros = torch.ones(groups, n, dtype=torch.float16), torch.zeros(groups, n, dtype=torch.int64)
-    else:
-        scales = (torch.rand(groups, n, generator=g) * 0.02 + 0.001).half()
-        zeros = torch.randint(0, 2**bits, (groups, n), generator=g)
-    b = torch.randn(n, generator=g).half() if bias else None
-    return IntGroupedLinear.from_quantized(q, scales, zeros, g_idx, bits=bits, group_size=group_size, bias=b)
 
 
 def ids(case) -> str:
