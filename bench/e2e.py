@@ -27,7 +27,7 @@ import torch
 
 import lowbit
 from lowbit.config import RtnConfig
-from lowbit.models import default_causal_lm_path
+from lowbit.models import cache_keyword, default_causal_lm_path
 
 
 def build(model_name: str, layers: int):
@@ -111,6 +111,7 @@ class Decoder:
 
         self.model = model
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.cache_keyword = cache_keyword(model)
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.forward = self._forward
@@ -129,7 +130,7 @@ class Decoder:
                 self.logits = self._step()
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=ids, past_key_values=self.cache, cache_position=pos, use_cache=True).logits
+        return self.model(input_ids=ids, **{self.cache_keyword: self.cache}, cache_position=pos, use_cache=True).logits
 
     @torch.inference_mode()
     def _step(self) -> torch.Tensor:

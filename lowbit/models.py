@@ -99,3 +99,11 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} has no config.json; is it a model folder?")
     return folder
+
+
+def cache_keyword(lm) -> str:
+    """The keyword ``lm.forward`` takes its KV cache under: ``cache`` (transformers 5.24 on; the old
+    ``past_key_values`` warns there and goes in 5.40) or ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lowbit.models import cache_keyword
+
 VERBALIZERS = (" negative", " positive")  # label 0, label 1
 
 
@@ -254,14 +256,6 @@ def verbalizer_logprobs(lm: nn.Module, tokenizer, prompt: str) -> list[float]:
     return scores
 
 
-def _cache_kwarg(lm: nn.Module, cache) -> dict:
-    """``cache`` under the keyword ``lm.forward`` takes: ``cache`` (transformers 5.24 on) or ``past_key_values``."""
-    import inspect
-
-    name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-    return {name: cache}
-
-
 def _returned_cache(out):
     return out["cache"] if "cache" in out else out["past_key_values"]
 
@@ -327,7 +321,8 @@ def fewshot_logprobs(lm: nn.Module, tokenizer, prefix: str, texts: Sequence[str]
         width = max(len(t) for _, t, _ in batch)
         rows = [t + [t[-1]] * (width - len(t)) for _, t, _ in batch]
         rows += [rows[0]] * (cache_rows - len(rows))  # the prefix cache has a fixed batch size
-        out = lm(input_ids=torch.tensor(rows, device=device), use_cache=True, **_cache_kwarg(lm, copy.deepcopy(cache)))
+        out = lm(input_ids=torch.tensor(rows, device=device), use_cache=True,
+                 **{cache_keyword(lm): copy.deepcopy(cache)})
         logp = torch.log_softmax(out.logits.float(), dim=-1)
         for r, (i, _, spans) in enumerate(batch):
             for v, first, word in spans:
