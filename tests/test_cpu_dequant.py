@@ -128,6 +128,26 @@ def test_workspace_is_reused_and_grows():
     assert cpu_dequant.workspace(8, torch.int32, "piece").dtype == torch.int32
 
 
+def test_workspace_made_in_inference_mode_is_written_outside_it():
+    mod = grouped(64, 576, 128, False)
+    x = torch.randn(cpu_dequant.MIN_ROWS, 576)
+    with torch.no_grad():
+        want = reference.matmul_int_grouped(x, mod.qweight, mod.scales, mod.qzeros, mod.g_idx, 4, mod.bias)
+
+    def run() -> list[float]:
+        cpu_dequant._local.__dict__.pop("bufs", None)  # this thread's buffers, made anew below
+        with torch.inference_mode():
+            first = mod(x)
+        with torch.no_grad():
+            return [rel_err(first, want), rel_err(mod(x), want)]
+
+    errors = []
+    t = threading.Thread(target=lambda: errors.extend(run()))  # (its own buffers: none of this thread's are dropped)
+    t.start()
+    t.join()
+    assert len(errors) == 2 and max(errors) < CPU_INT4_REL
+
+
 def test_layers_of_different_shapes_in_turn_and_in_threads():
     """The workspace holds one weight at a time: each call writes the whole of what it reads, and
     each thread has its own."""

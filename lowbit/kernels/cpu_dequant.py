@@ -58,7 +58,8 @@ def workspace(numel: int, dtype: torch.dtype = torch.bfloat16, slot: str = "weig
     buf = bufs.get(key)
     if buf is None or buf.numel() < numel:
         bufs[key] = None  # free the old one before the larger one is allocated
-        buf = bufs[key] = torch.empty(numel, dtype=dtype)
+        with torch.inference_mode(False):  # made in inference mode, it could not be written outside it
+            buf = bufs[key] = torch.empty(numel, dtype=dtype)
     return buf[:numel]
 
 
