@@ -22,6 +22,14 @@ if (getattr(gptqmodel, "_DEVICE_THREAD_POOL", True) is None and hasattr(gptqmode
     # and then refuses its own pool; give it the two it asks for
     gptqmodel._default_cpu_workers = lambda: 2
 
+
+@pytest.fixture(autouse=True)
+def reference_kernels(monkeypatch):
+    """lowbit's side runs through the reference, in fp32: these tests compare checkpoints, and the
+    CPU kernels' bf16 products alone put lowbit's logits about 5e-3 from the peer's (fp16)."""
+    monkeypatch.setenv("LOWBIT_KERNEL", "reference")
+
+
 CASES = {
     "4bit-g32": dict(bits=4, group_size=32, desc_act=False, sym=True),
     "4bit-act-order": dict(bits=4, group_size=32, desc_act=True, sym=True),
