@@ -35,6 +35,9 @@ from lowbit.kernels import select_kernel
 from lowbit.models import default_causal_lm_path
 
 
+PROMPT_LEN = 128
+"""Tokens of the prompt timed for prefill."""
+
 PEER_PACKAGES = ("bitsandbytes", "aqlm", "gptqmodel", "awq")
 """Packages whose modules a peer's model is named by in its row."""
 
@@ -46,9 +49,9 @@ def row(label: str, model, ids: torch.Tensor, want: torch.Tensor | None, load_s:
     except RuntimeError as e:  # a peer kernel that cannot take this model's shapes: say so, go on
         print(f"| {label} | could not run: {str(e).splitlines()[0][:140]} | | | |", flush=True)
         return None
-    speed = measure_speed(model, prompt_len=128, new_tokens=32, batch_sizes=(1,), repeats=3, warmup=1)
+    speed = measure_speed(model, prompt_len=PROMPT_LEN, new_tokens=32, batch_sizes=(1,), repeats=3, warmup=1)
     diff = "-" if want is None else f"{float((logits - want).norm() / want.norm()):.1e}"
-    print(f"| {label} | {128 / speed.prefill.median:.0f} | {speed.decode_tokens_per_s(1):.1f} | {diff} | "
+    print(f"| {label} | {PROMPT_LEN / speed.prefill.median:.0f} | {speed.decode_tokens_per_s(1):.1f} | {diff} | "
           f"{load_s:.1f} |", flush=True)
     return logits
 
@@ -64,7 +67,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; 128-token prompt, 32 new tokens, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {PROMPT_LEN}-token prompt, 32 new tokens, "
           f"median of 3\n")
     print("| model | prefill tok/s | decode tok/s (batch 1) | logits vs lowbit reference | load s |")
     print("|---|---|---|---|---|")
@@ -82,9 +85,12 @@ def main() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         start = time.perf_counter()
         model = lowbit.from_pretrained(args.checkpoint, dtype=dtype, progress=False)
-        kernels = sorted({select_kernel(m, torch.zeros(1, m.in_features, dtype=dtype)).name
-                          for m in model.modules() if isinstance(m, QuantLinear)})
-        row(f"lowbit {str(dtype)[6:]}, kernel auto ({', '.join(kernels)})", model, ids, want, time.perf_counter() - start)
+        layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        with torch.no_grad():  # the kernels a decode step (one row) and the prompt take
+            kernels = [sorted({select_kernel(m, torch.zeros(rows, m.in_features, dtype=dtype)).name for m in layers})
+                       for rows in (1, PROMPT_LEN)]
+        row(f"lowbit {str(dtype)[6:]}, kernel auto (decode {', '.join(kernels[0])}; prompt {', '.join(kernels[1])})",
+            model, ids, want, time.perf_counter() - start)
         del model
 
     backends = [b for b in args.backends.split(",") if b]
