@@ -89,7 +89,8 @@ def int_grouped_into(out: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     in_order = torch.equal(g_idx, torch.arange(k, dtype=g_idx.dtype) // size)
     z = _unpack_columns(qzeros, bits, n)  # [G, N] int32
     s = scales.float()  # [G, N]
-    # a piece starts at a word boundary (3-bit codes fill 3 words per 32) and, with groups in order, a group's
+    # a piece starts at a word boundary (3-bit codes fill 3 words per 32) and, with groups in order,
+    # at a group's first row
     step = math.lcm(32, size) if in_order and groups > 1 else 32
     rows = max(step, PIECE // n // step * step)
     rows = min(rows, -(-k // 32) * 32)  # (whole words of the last piece's codes)
