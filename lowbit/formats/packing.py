@@ -124,8 +124,9 @@ def unpack_int(packed: torch.Tensor, bits: int, n: int, dim: int = 0) -> torch.T
         vals = (lo | hi) & mask
     else:
         per = 32 // bits  # whole values per word: the mask drops the sign bits an int32 shift brings
-        shifts = (torch.arange(per, device=p.device) * bits).view(1, per, *([1] * (p.dim() - 1)))
-        vals = ((p.unsqueeze(1) >> shifts) & mask).flatten(0, 1)[:n]
+        # int32 shifts: int64 ones would promote the words, and every temporary would be twice the size
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=p.device).view(1, per, *([1] * (p.dim() - 1)))
+        vals = (p.unsqueeze(1) >> shifts).bitwise_and_(mask).flatten(0, 1)[:n]
     return vals.to(torch.int32).movedim(0, dim).contiguous()
 
 

@@ -87,7 +87,7 @@ def int_grouped_into(out: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     groups = scales.shape[0]
     size = k if group_size == -1 else group_size  # rows per group (the last may be shorter)
     in_order = torch.equal(g_idx, torch.arange(k, dtype=g_idx.dtype) // size)
-    z = _unpack_columns(qzeros, bits, n)  # [G, N] int32
+    z = unpack_int(qzeros, bits, n, dim=1)  # [G, N] int32
     s = scales.float()  # [G, N]
     # a piece starts at a word boundary (3-bit codes fill 3 words per 32) and, with groups in order,
     # at a group's first row
@@ -117,14 +117,14 @@ def int_grouped_into(out: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
 
 
 _SHIFTS = {b: torch.arange(0, 32, b, dtype=torch.int32) for b in (2, 4, 8)}
-"""The shift of each code in a word, for widths that fill words whole (int32: an int64 shift would
-double every temporary)."""
+"""The shift of each code in a word, for widths that fill words whole."""
 
 
 def _unpack_rows(words: torch.Tensor, bits: int, codes: torch.Tensor) -> torch.Tensor:
     """Codes packed along K (int32 ``[W, N]``, as ``qweight``) into ``codes`` (int32 ``[>= R, N]``);
     returns its first ``R`` rows, ``R`` the codes the words hold (``32 * W / bits``; 3 bits: whole
-    periods of 3 words, or :func:`unpack_int` of the last words)."""
+    periods of 3 words, or :func:`unpack_int` of the last words). :func:`unpack_int` into a held
+    buffer: a new buffer for every piece would cost what the held workspace saves."""
     w, n = words.shape
     if 32 % bits:
         r = w * 32 // bits
@@ -133,14 +133,6 @@ def _unpack_rows(words: torch.Tensor, bits: int, codes: torch.Tensor) -> torch.T
     dst = codes[: w * per]
     torch.bitwise_right_shift(words[:, None, :], _SHIFTS[bits][:, None], out=dst.view(w, per, n))
     return dst.bitwise_and_((1 << bits) - 1)  # the other codes' bits, and an arithmetic shift's sign bits
-
-
-def _unpack_columns(qzeros: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Zero points packed along N (int32 ``[G, ceil(N*bits/32)]``) -> int32 ``[G, N]``."""
-    if 32 % bits:
-        return unpack_int(qzeros, bits, n, dim=1)
-    z = (qzeros[:, :, None] >> _SHIFTS[bits]).bitwise_and_((1 << bits) - 1)  # [G, words, 32/bits]
-    return z.view(qzeros.shape[0], -1)[:, :n]
 
 
 def blockwise4_into(out: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor,
