@@ -110,6 +110,20 @@ def grouped_layer(n: int, k: int, group_size: int, act_order: bool, *, bias: boo
     return IntGroupedLinear.from_quantized(q, scales, zeros, g_idx, bits=bits, group_size=group_size, bias=b)
 
 
+def check_layout_rebuilt(mod: torch.nn.Module, held, buffer: str) -> None:
+    """The layout ``held()`` returns (a ``QuantLinear.held_layout``) is built anew after the module's
+    ``buffer`` is replaced, after a move (here a no-op one) and after a state-dict load."""
+    before = held()
+    setattr(mod, buffer, getattr(mod, buffer).clone())  # replaced
+    assert held() is not before
+    before = held()
+    mod.to(torch.device("cpu"))  # a move drops the held layouts
+    assert held() is not before
+    before = held()
+    mod.load_state_dict(mod.state_dict())  # a load drops them too
+    assert held() is not before
+
+
 def tiny_llama_model(seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: int = 128):
     """A random LlamaForCausalLM: vocab 256, hidden 64, MLP 128 (by default), 4 heads (2 KV), tied head."""
     from transformers import LlamaConfig, LlamaForCausalLM
