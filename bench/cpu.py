@@ -14,9 +14,10 @@ For each layer shape (K x N) and row count this times, on random data:
   aqlm-2x8`` and ``aqlm-1x16``, AQLM weights (fp16 codebooks, groups of 8 inputs) through
   ``cpu-codebook`` (``lowbit.kernels.cpu_codebook``); ``--format nf4``, NF4 weights (blocks of 64)
   through ``cpu-int4`` (two planes of 4-bit codes, ``lowbit.kernels.cpu_blockwise4``);
-- for ``int4``, ``w8`` and ``nf4``, the same weight dequantized to bf16 at every call and multiplied
-  in bf16 (``lowbit.kernels.cpu_dequant``; the kernel ``auto`` takes from ``cpu_dequant.MIN_ROWS``
-  rows), called directly at every row count, so the two paths' crossing shows;
+- for ``int4``, ``w8``, ``nf4`` and the AQLM formats, the same weight dequantized to bf16 at every
+  call and multiplied in bf16 (``lowbit.kernels.cpu_dequant``; the kernel ``auto`` takes from
+  ``cpu_dequant.MIN_ROWS`` rows, AQLM from ``cpu_dequant.CODEBOOK_MIN_ROWS``), called directly at
+  every row count, so the two paths' crossing shows;
 - a read-stream probe: ``torch.sum`` over an fp32 tensor of as many bytes as the kernel reads for
   its weight (codes and scales), so its GB/s can be read against a plain read of the same bytes.
 
@@ -116,6 +117,8 @@ def dequant_call(mod: torch.nn.Module):
         return lambda x: cpu_dequant.matmul_blockwise4(x, mod.weight, mod.absmax, mod.quant_map, mod.blocksize,
                                                        (mod.out_features, mod.in_features), mod.nested_absmax,
                                                        mod.nested_quant_map, mod.nested_offset, mod.bias)
+    if isinstance(mod, AqlmLinear):
+        return lambda x: cpu_dequant.matmul_codebook(x, mod.codes, mod.codebooks, mod.scales, mod.bias)
     return None
 
 

@@ -110,6 +110,20 @@ def grouped_layer(n: int, k: int, group_size: int, act_order: bool, *, bias: boo
     return IntGroupedLinear.from_quantized(q, scales, zeros, g_idx, bits=bits, group_size=group_size, bias=b)
 
 
+def aqlm_layer(n: int, k: int, ig: int, n_codebooks: int, nbits: int, *, bias: bool = True, seed: int = 0,
+               og: int = 1, dtype: torch.dtype = torch.float16) -> torch.nn.Module:
+    """An ``AqlmLinear`` with random codes over the whole index range (so the signed storage holds
+    negative values), codebooks, scales and bias."""
+    from lowbit.formats.codebook import AqlmLinear
+
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 2**nbits, (n // og, k // ig, n_codebooks), generator=g)
+    books = torch.randn(n_codebooks, 2**nbits, og, ig, generator=g)
+    scales = torch.rand(n // og, generator=g) + 0.5
+    b = torch.randn(n, generator=g) if bias else None
+    return AqlmLinear.from_quantized(idx, books, scales, b, dtype=dtype)
+
+
 def check_layout_rebuilt(mod: torch.nn.Module, held, buffer: str) -> None:
     """The layout ``held()`` returns (a ``QuantLinear.held_layout``) is built anew after the module's
     ``buffer`` is replaced, after a move (here a no-op one) and after a state-dict load."""

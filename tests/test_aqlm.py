@@ -15,7 +15,7 @@ import lowbit
 from lowbit import AqlmConfig
 from lowbit.checkpoint.safetensors_io import SINGLE_FILE
 from lowbit.formats.codebook import AqlmLinear, check_codes, check_geometry, code_dtype, pack_codes
-from lowbit.kernels import reference
+from lowbit.kernels import exact_kernels, reference
 from lowbit.methods.aqlm import aqlm_quantize
 from lowbit.methods.gptq import HessianStats, gptq_quantize
 
@@ -465,7 +465,7 @@ def test_checkpoint_written_by_transformers_and_aqlm_loads_with_same_weights(tmp
         theirs = _dequantize_weight(unpack_int_data(mod.codes, 6), mod.codebooks.float(), mod.scales.float())
         torch.testing.assert_close(ours.get_submodule(name).dequantize(), theirs, rtol=1e-6, atol=1e-6)
     x = torch.randint(0, 256, (1, 12), generator=_gen(3))
-    with torch.no_grad():
+    with torch.no_grad(), exact_kernels():  # fp32 products, as the peer's (12 rows would take bf16 ones)
         want = peer.float()(x).logits
         got = ours.float()(x).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -480,7 +480,7 @@ def test_our_checkpoint_loads_in_transformers_with_aqlm(saved_2x6):
     assert type(theirs.model.layers[0].self_attn.q_proj).__name__ == "QuantizedLinear"
     assert type(theirs.lm_head).__name__ == "Linear"
     x = torch.randint(0, 256, (1, 12), generator=_gen(4))
-    with torch.no_grad():
+    with torch.no_grad(), exact_kernels():  # fp32 products, as the peer's (12 rows would take bf16 ones)
         torch.testing.assert_close(theirs(x).logits, ours(x).logits, rtol=1e-3, atol=1e-3)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import MATMUL_REL, input_grad, rel_err
+from conftest import MATMUL_REL, aqlm_layer, input_grad, rel_err
 from lowbit.formats.codebook import AqlmLinear
 from lowbit.kernels import cpu_codebook, exact_kernels, reference, select_kernel
 
@@ -16,14 +16,8 @@ SCHEMES = [(2, 8), (1, 16), (2, 7), (3, 4)]
 SHAPES = [(40, 96, 8), (17, 64, 8), (24, 60, 4)]
 
 
-def layer(n: int, k: int, ig: int, n_codebooks: int, nbits: int, *, bias: bool = True, seed: int = 0,
-          og: int = 1, dtype: torch.dtype = torch.float16) -> AqlmLinear:
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, 2**nbits, (n // og, k // ig, n_codebooks), generator=g)
-    books = torch.randn(n_codebooks, 2**nbits, og, ig, generator=g)
-    scales = torch.rand(n // og, generator=g) + 0.5
-    b = torch.randn(n, generator=g) if bias else None
-    return AqlmLinear.from_quantized(idx, books, scales, b, dtype=dtype)
+def layer(n: int, k: int, ig: int, n_codebooks: int, nbits: int, **kw) -> AqlmLinear:
+    return aqlm_layer(n, k, ig, n_codebooks, nbits, **kw)
 
 
 def run(mod: AqlmLinear, x: torch.Tensor, kernel: str) -> torch.Tensor:
@@ -80,3 +74,17 @@ def test_auto_takes_it_on_the_cpu(monkeypatch):
     assert select_kernel(layer(40, 96, 8, 2, 8, og=2), x).name == "reference"  # two outputs per group
     monkeypatch.setenv("LOWBIT_KERNEL", "reference")
     assert select_kernel(layer(40, 96, 8, 2, 8), x).name == "reference"
+
+
+def test_a_weight_kept_for_the_backward_is_not_the_held_buffer():
+    """With a gradient to record, the dequantized weight is a new tensor: a later call of another
+    layer, which writes the held buffer, leaves the weight the backward reads alone."""
+    mod, other = layer(40, 96, 8, 1, 16), layer(40, 96, 8, 1, 16, seed=1)
+    mod.kernel = other.kernel = "cpu-codebook"
+    x = torch.randn(2, 96, requires_grad=True)
+    y = mod(x)  # 1x16 at 2 rows: the dequantizing path
+    with torch.no_grad():
+        other(torch.randn(2, 96))
+    y.sum().backward()
+    want = mod.dequantize().sum(0).expand(2, 96)  # d(sum of x W^T)/dx
+    assert rel_err(x.grad, want) <= MATMUL_REL[torch.float32]

@@ -1,7 +1,7 @@
-"""Grouped-int and NF4/FP4 weights at many rows on the CPU (``lowbit.kernels.cpu_dequant``): the
-bf16 weight written a piece at a time equals the reference's dequantized weight rounded to bf16, bit
-for bit; the product is the reference's up to bf16 rounding; ``kernel="auto"`` takes it from
-``MIN_ROWS`` rows and not for what it cannot run."""
+"""Grouped-int, NF4/FP4 and AQLM weights at many rows on the CPU (``lowbit.kernels.cpu_dequant``):
+the bf16 weight written a piece at a time equals the reference's dequantized weight rounded to bf16,
+bit for bit; the product is the reference's up to bf16 rounding; ``kernel="auto"`` takes it from
+``MIN_ROWS`` rows (AQLM: ``CODEBOOK_MIN_ROWS``) and not for what it cannot run."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import threading
 import pytest
 import torch
 
-from conftest import CPU_INT4_REL, grouped_layer, rel_err
+from conftest import CPU_INT4_REL, aqlm_layer, grouped_layer, rel_err
 from lowbit.formats.blockwise4 import Blockwise4Linear
 from lowbit.formats.int_grouped import IntGroupedLinear
-from lowbit.kernels import cpu_dequant, exact_kernels, reference, select_kernel
+from lowbit.kernels import cpu_codebook, cpu_dequant, exact_kernels, reference, select_kernel
 
 # (N, K, group_size, act_order): SmolLM2's K = 576 at group 128 (a shorter last group); one group
 # per row; K not a multiple of 32 (a part word at 3 bits, a shorter last group); act-order
@@ -117,6 +117,56 @@ def test_blockwise_auto_needs_whole_blocks():
         assert select_kernel(blockwise(40, 192, "nf4", False), torch.randn(200, 192)).name == "cpu-dequant"
         odd = blockwise(3, 50, "nf4", False)  # 150 weights: two blocks and part of a third
         assert select_kernel(odd, torch.randn(200, 50)).name != "cpu-dequant"
+
+
+# (C, nbits): AQLM's 2x8 and 1x16 (int16 codes), 7-bit codes in int8, three small codebooks
+AQLM_SCHEMES = [(2, 8), (1, 16), (2, 7), (3, 4)]
+# (N, K, ig): groups of 8 (AQLM's), of 4, K not a multiple of 8 groups
+AQLM_SHAPES = [(40, 96, 8), (17, 64, 8), (24, 60, 4)]
+
+
+@pytest.mark.parametrize("scheme", AQLM_SCHEMES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape", AQLM_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}-ig{s[2]}")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32, torch.float16], ids=["to-bf16", "to-fp32", "to-fp16"])
+def test_codebook_weight_is_the_reference_rounded(shape, scheme, dtype, out_dtype, piece):
+    """Rounded once from the reference's fp32 weight, in fp32 the weight itself (what cpu-codebook
+    multiplies with, through the same function)."""
+    mod = aqlm_layer(*shape, *scheme, dtype=dtype)  # the codebooks' and scales' dtype
+    out = torch.full((shape[0] * shape[1],), float("nan"), dtype=out_dtype)
+    cpu_dequant.codebook_into(out, mod.codes, mod.codebooks, mod.scales)
+    assert torch.equal(out.view(shape[:2]), mod.dequantize().to(out_dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("scheme", [(2, 8), (1, 16)], ids=["2x8", "1x16"])
+def test_codebook_product_matches_reference(scheme, dtype):
+    mod = aqlm_layer(40, 96, 8, *scheme)
+    x = torch.randn(3, cpu_dequant.CODEBOOK_MIN_ROWS, 96, generator=torch.Generator().manual_seed(5)).to(dtype)
+    with torch.no_grad():
+        mod.kernel = "cpu-dequant"
+        got = mod(x)
+        mod.kernel = "reference"
+        want = mod(x)
+    assert got.dtype == dtype and got.shape == want.shape == (3, cpu_dequant.CODEBOOK_MIN_ROWS, 40)
+    assert rel_err(got, want) < CPU_INT4_REL
+
+
+def test_codebook_auto_takes_it_above_the_lookup_tables():
+    mod = aqlm_layer(40, 96, 8, 2, 8)
+    assert cpu_dequant.CODEBOOK_MIN_ROWS == cpu_codebook.LUT_MAX_ROWS + 1  # where the tables stop
+    many = torch.randn(cpu_dequant.CODEBOOK_MIN_ROWS, 96)
+    few = torch.randn(cpu_dequant.CODEBOOK_MIN_ROWS - 1, 96)
+    with torch.no_grad():
+        assert select_kernel(mod, many).name == "cpu-dequant"
+        assert select_kernel(mod, many.bfloat16()).name == "cpu-dequant"
+        assert select_kernel(mod, few).name == "cpu-codebook"  # table lookups
+        assert select_kernel(mod, many.half()).name == "cpu-codebook"
+        assert select_kernel(aqlm_layer(40, 96, 8, 2, 8, og=2), many).name == "reference"  # two outputs a group
+        with exact_kernels():  # fp32 rounded to bf16: calibration and fine-tuning pass over it
+            assert select_kernel(mod, many).name == "cpu-codebook"
+            assert select_kernel(mod, many.bfloat16()).name == "cpu-dequant"
+    assert select_kernel(mod, many.requires_grad_()).name == "cpu-codebook"  # no backward here
 
 
 def test_workspace_is_reused_and_grows():

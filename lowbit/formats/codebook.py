@@ -24,7 +24,9 @@ layers (a 1x16 codebook is ``65536 * og * ig`` values).
 
 Kernels: the reference everywhere; on a GPU, Triton (:mod:`lowbit.kernels.triton_codebook`); on
 a CPU, ``cpu-codebook`` (:mod:`lowbit.kernels.cpu_codebook`: table lookups up to 8 rows, a faster
-dequantize above; fp32, one output per group).
+dequantize above; fp32, one output per group) and, from 9 rows of fp32 or bf16 inputs,
+``cpu-dequant`` (:mod:`lowbit.kernels.cpu_dequant`: the weight dequantized to bf16, then a bf16
+product).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 
 from lowbit.formats.base import QuantLinear
 from lowbit.kernels import KernelImpl, always, register_kernel, triton_gpu_available
-from lowbit.kernels import cpu_codebook, ops, reference
+from lowbit.kernels import cpu_codebook, cpu_dequant, ops, reference
 
 MAX_NBITS = 16
 
@@ -151,6 +153,14 @@ def _cpu_forward(x: torch.Tensor, m: AqlmLinear) -> torch.Tensor:
     return cpu_codebook.matmul_codebook(x, m.codes, m.codebooks, m.scales, m.bias)
 
 
+def _cpu_dequant_supports(m: AqlmLinear, x: torch.Tensor) -> bool:
+    return cpu_dequant.applies(x, m.in_features, cpu_dequant.CODEBOOK_MIN_ROWS) and cpu_codebook.supports(m.codebooks)
+
+
+def _cpu_dequant_forward(x: torch.Tensor, m: AqlmLinear) -> torch.Tensor:
+    return cpu_dequant.matmul_codebook(x, m.codes, m.codebooks, m.scales, m.bias)
+
+
 def _triton_supports(m: AqlmLinear, x: torch.Tensor) -> bool:
     from lowbit.kernels.triton_codebook import supports
 
@@ -172,4 +182,11 @@ register_kernel(
 register_kernel(
     AqlmLinear.format,
     KernelImpl("cpu-codebook", 5, available=always, supports=_cpu_supports, fn=_cpu_forward),
+)
+register_kernel(
+    AqlmLinear.format,
+    # above cpu-codebook from 9 rows (its table lookups take up to 8): the same dequantize in bf16,
+    # then a bf16 product; fp32 inputs are rounded to bf16, so exact_kernels() passes over it
+    KernelImpl("cpu-dequant", 6, available=always, supports=_cpu_dequant_supports, fn=_cpu_dequant_forward,
+               narrows=frozenset({torch.float32})),
 )

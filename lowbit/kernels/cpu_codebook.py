@@ -5,12 +5,14 @@ The reference (:func:`lowbit.kernels.reference.matmul_codebook`) gathers every c
 weight by advanced indexing into a zeroed fp32 buffer, then multiplies. Two cheaper ways to the
 same product, both in fp32 (no narrowing):
 
-- **Dequantize** (:func:`dequantize_codebook`): one ``F.embedding`` lookup per codebook (int32
-  indices, the codebook rows as the table), the first taken as the sum's start rather than added
-  to zeros, then the row scales; with two codebooks of at most 2**8 entries, one lookup in a table
-  of every sum of two codewords. The same sums of the same values as the reference: the weight is
-  equal to its own (the sign of a zero apart). The product is then ``F.linear`` in x's dtype, as
-  the reference's.
+- **Dequantize**: the weight written in x's dtype a piece at a time into a buffer held per thread
+  (:func:`lowbit.kernels.cpu_dequant.codebook_into`, one ``index_select`` per codebook), or, where
+  autograd keeps the weight for the backward, as a new tensor (:func:`dequantize_codebook`: one
+  ``F.embedding`` lookup per codebook, or for two codebooks of at most 2**8 entries one lookup in
+  a table of every sum of two codewords). Either way the first codeword is the sum's start rather
+  than added to zeros, then the row scales: the same sums of the same values as the reference, so
+  the weight is equal to its own (the sign of a zero apart). The product is then ``F.linear`` in
+  x's dtype, as the reference's.
 - **Lookup tables** (:func:`lut_product`, codebooks of at most 2**8 entries, up to
   :data:`LUT_MAX_ROWS` rows): the products of each input group with every codeword,
   ``T[m, j, c, e] = x[m, group j] . codebook[c][e]`` (``M * K/ig * C * 2**nbits`` values), then each
@@ -27,6 +29,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+from lowbit.kernels import cpu_dequant
 
 LUT_MAX_ROWS = 8
 """The most rows the lookup tables take; above, dequantize and ``F.linear``. The tables' cost grows
@@ -119,6 +123,18 @@ def lut_product(x2: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, 
     return y.t() * scales.float().view(1, n)
 
 
+def _weight(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The weight ``[N, K]`` in x's dtype for a product with x: written into the held buffer of
+    :func:`lowbit.kernels.cpu_dequant.workspace` a piece at a time (a new full-size weight at every
+    call costs page faults: a 4096x4096 AQLM 1x16 weight took 57 ms that way against 10 ms in bf16
+    into a held buffer, 2 cores), or a new tensor where autograd would keep it for the backward or
+    ``torch.compile`` is tracing. The same values either way."""
+    if (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        return dequantize_codebook(codes, codebooks, scales).to(x.dtype)
+    n, k = codes.shape[0], codes.shape[1] * codebooks.shape[3]
+    return cpu_dequant.codebook_into(cpu_dequant.workspace(n * k, x.dtype), codes, codebooks, scales).view(n, k)
+
+
 def matmul_codebook(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T + bias`` (see :func:`lowbit.kernels.reference.matmul_codebook`).
@@ -137,6 +153,6 @@ def matmul_codebook(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tenso
         if bias is not None:
             y = y + bias.to(x.dtype)
     else:
-        w = dequantize_codebook(codes, codebooks, scales).to(x.dtype)  # [N, K]
+        w = _weight(codes, codebooks, scales, x)  # [N, K] in x's dtype
         y = F.linear(x2, w, None if bias is None else bias.to(x.dtype))
     return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -6,6 +6,8 @@ PyTorch's int4 kernel (:mod:`lowbit.kernels.cpu_int4`) reads the fewest bytes. A
 multiplies dominate, and there oneDNN's bf16 matmul is about twice as fast as the int4 kernel on
 this project's CPU (``bench/cpu.py``, ``docs/performance.md``): past :data:`MIN_ROWS` rows, writing
 the weight out as bf16 once per call and multiplying costs less than multiplying through the codes.
+AQLM weights (``cpu-codebook`` above 8 rows dequantizes to fp32 and multiplies in fp32) take it from
+:data:`CODEBOOK_MIN_ROWS` rows: the same dequantize, written to bf16, and a product of half the cost.
 
 The weight is written :data:`PIECE` values at a time, so that a piece's temporaries (its unpacked
 codes, in int32 and fp32) stay in cache instead of making full-size int32 and fp32 copies of the
@@ -13,7 +15,7 @@ weight, into a per-thread bf16 workspace that grows to the largest weight seen a
 the pieces' temporaries: a new buffer of a large weight at every call costs page faults (a
 4096x11008 weight: 39 ms into a new buffer against 15 ms into a held one, 2 cores). The workspace
 holds the largest layer's weight in bf16, two bytes a weight, and 8 bytes a value of one piece
-(8 MiB at most).
+(8 MiB at most; 12 MiB with AQLM's second codebook).
 
 Each dequantized value is computed in fp32 as the reference computes it and rounded once to bf16; x
 is rounded to bf16 and the product accumulates in fp32 (oneDNN), so the result differs from the
@@ -63,10 +65,17 @@ def workspace(numel: int, dtype: torch.dtype = torch.bfloat16, slot: str = "weig
     return buf[:numel]
 
 
-def applies(x: torch.Tensor, in_features: int) -> bool:
-    """Whether x (``[..., K]``) takes this path: on the CPU, fp32 or bf16, at least :data:`MIN_ROWS`
+CODEBOOK_MIN_ROWS = 9
+"""The fewest rows an AQLM weight takes this path at: above the 8 rows of ``cpu-codebook``'s table
+lookups (:data:`lowbit.kernels.cpu_codebook.LUT_MAX_ROWS`), where that kernel dequantizes in fp32 and
+multiplies in fp32 instead. Dequantizing costs about the same either way, the bf16 product about
+half (``bench/cpu.py --format aqlm-2x8``)."""
+
+
+def applies(x: torch.Tensor, in_features: int, min_rows: int = MIN_ROWS) -> bool:
+    """Whether x (``[..., K]``) takes this path: on the CPU, fp32 or bf16, at least ``min_rows``
     rows, no gradient to record, not being traced."""
-    return (x.is_cpu and x.dtype in DTYPES and x.numel() >= MIN_ROWS * in_features
+    return (x.is_cpu and x.dtype in DTYPES and x.numel() >= min_rows * in_features
             and not (x.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling())
 
 
@@ -171,6 +180,49 @@ def blockwise4_applies(shape: tuple[int, int], blocksize: int) -> bool:
     return shape[0] * shape[1] % blocksize == 0
 
 
+def codebook_into(out: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor,
+                  scales: torch.Tensor) -> torch.Tensor:
+    """Write an AQLM weight of one output per group into ``out`` (``[N*K]`` in the weight's row-major
+    ``[N, K]`` order): each value ``scale * sum_c codeword_c`` with the sum and product in fp32,
+    codebook by codebook, as :func:`lowbit.kernels.reference.dequantize_codebook` computes it, then
+    rounded once to ``out``'s dtype (in fp32, the reference's weight itself).
+
+    Each codebook is one ``index_select`` of ``ig``-value rows per piece. (A table of every sum of
+    two codewords, one lookup for 2x8, was no faster: building it, 65,536 rows, took about 0.1 ms a
+    call.)
+
+    Args:
+        out: bf16, fp16 or fp32 ``[N*K]``, contiguous.
+        codes, codebooks, scales: as :func:`lowbit.kernels.cpu_codebook.dequantize_codebook` takes
+            them (``codebooks`` ``[C, 2**nbits, 1, ig]``).
+    Returns:
+        ``out``.
+    """
+    n_codebooks, size, _, ig = codebooks.shape
+    n, gi, _ = codes.shape
+    k = gi * ig
+    books = codebooks.float().view(n_codebooks, size, ig)
+    rows = max(1, min(n, PIECE // k))  # output rows per piece
+    index = workspace(rows * gi, torch.int32, "piece").view(rows, gi)  # one codebook's indices of a piece
+    values = workspace(rows * k, torch.float32, "piece").view(rows, k)  # the piece's sums
+    extra = workspace(rows * k, torch.float32, "piece2").view(rows, k) if n_codebooks > 1 else None
+    s = scales.float().view(n, 1)
+    dst = out.view(n, k)
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        r = n1 - n0
+        v = values[:r]
+        for c in range(n_codebooks):
+            # AQLM's signed storage read modulo the codebook's size (int8 -1 is entry 255 of 2**8)
+            i = index[:r].copy_(codes[n0:n1, :, c]).bitwise_and_(size - 1).view(-1)
+            if c == 0:
+                torch.index_select(books[0], 0, i, out=v.view(-1, ig))
+            else:
+                v += torch.index_select(books[c], 0, i, out=extra[:r].view(-1, ig)).view(r, k)
+        dst[n0:n1].copy_(v.mul_(s[n0:n1]))
+    return out
+
+
 def matmul_int_grouped(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
                        g_idx: torch.Tensor, bits: int, group_size: int,
                        bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -201,6 +253,17 @@ def matmul_blockwise4(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tenso
     n, k = shape
     decoded = blockwise4_absmax(absmax, nested_absmax, nested_quant_map, nested_offset)  # [B] fp32
     w = blockwise4_into(workspace(n * k), weight, decoded, quant_map.float(), blocksize).view(n, k)
+    x2 = x.reshape(-1, k).to(torch.bfloat16)  # [M, K]
+    return _finish(F.linear(x2, w), x, bias)
+
+
+def matmul_codebook(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` for an AQLM weight of one output per group (the arguments of
+    :func:`lowbit.kernels.reference.matmul_codebook`): dequantized to bf16 (:func:`codebook_into`),
+    then one bf16 matmul; ``[..., N]`` in x's dtype."""
+    n, k = codes.shape[0], codes.shape[1] * codebooks.shape[3]
+    w = codebook_into(workspace(n * k), codes, codebooks, scales).view(n, k)
     x2 = x.reshape(-1, k).to(torch.bfloat16)  # [M, K]
     return _finish(F.linear(x2, w), x, bias)
 
