@@ -204,14 +204,15 @@ def codebook_into(out: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tenso
     books = codebooks.float().view(n_codebooks, size, ig)
     rows = max(1, min(n, PIECE // k))  # output rows per piece
     index = workspace(rows * gi, torch.int32, "piece").view(rows, gi)  # one codebook's indices of a piece
-    values = workspace(rows * k, torch.float32, "piece").view(rows, k)  # the piece's sums
+    dst = out.view(n, k)
+    direct = out.dtype == torch.float32  # the sums made in place: no piece buffer and no copy
+    values = None if direct else workspace(rows * k, torch.float32, "piece").view(rows, k)  # the piece's sums
     extra = workspace(rows * k, torch.float32, "piece2").view(rows, k) if n_codebooks > 1 else None
     s = scales.float().view(n, 1)
-    dst = out.view(n, k)
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)
         r = n1 - n0
-        v = values[:r]
+        v = dst[n0:n1] if direct else values[:r]
         for c in range(n_codebooks):
             # AQLM's signed storage read modulo the codebook's size (int8 -1 is entry 255 of 2**8)
             i = index[:r].copy_(codes[n0:n1, :, c]).bitwise_and_(size - 1).view(-1)
@@ -219,7 +220,9 @@ def codebook_into(out: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tenso
                 torch.index_select(books[0], 0, i, out=v.view(-1, ig))
             else:
                 v += torch.index_select(books[c], 0, i, out=extra[:r].view(-1, ig)).view(r, k)
-        dst[n0:n1].copy_(v.mul_(s[n0:n1]))
+        v.mul_(s[n0:n1])
+        if not direct:
+            dst[n0:n1].copy_(v)
     return out
 
 
