@@ -22,7 +22,8 @@ For each layer shape (K x N) and row count this times, on random data:
   its weight (codes and scales), so its GB/s can be read against a plain read of the same bytes.
 
 Each result is checked against the reference before it is timed. Times are the median of
-``--repeats`` timed blocks of calls, in µs per call; ratios are against fp32 ``F.linear``.
+``--repeats`` timed blocks of calls, in µs per call, the columns of a row timed in turns (one block
+of each per round); ratios are against fp32 ``F.linear``.
 
     python bench/cpu.py                                    # SmolLM2-135M's and a Llama-7B shape
     python bench/cpu.py --shapes 4096x11008 --m 1,16 --threads 2
@@ -48,20 +49,33 @@ from lowbit.kernels import cpu_dequant, cpu_int4, cpu_int8
 SHAPES = ["576x576", "576x1536", "1536x576", "4096x4096"]  # K x N: SmolLM2-135M's projections, Llama-7B's
 
 
-def per_call(call, budget: float, repeats: int) -> float:
-    """Median µs per call over ``repeats`` blocks of calls, each block about ``budget`` seconds."""
-    call()
-    start = time.perf_counter()
-    call()
-    once = max(time.perf_counter() - start, 1e-6)
-    calls = max(1, int(budget / once))
-    times = []
-    for _ in range(repeats):
+def per_call(calls: dict, budget: float, repeats: int) -> dict[str, float]:
+    """Median µs per call of each of ``calls`` (name -> function) over ``repeats`` rounds. A round
+    times one block of about ``budget`` seconds of each call in turn, so that the machine's drift
+    (on shared cores the same call's time has varied up to 4x within a process) meets every column
+    of a row alike, rather than whichever column was being timed when it came."""
+    counts = {}
+    for name, call in calls.items():
+        call()
         start = time.perf_counter()
-        for _ in range(calls):
-            call()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(times)
+        call()
+        counts[name] = max(1, int(budget / max(time.perf_counter() - start, 1e-6)))
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            for _ in range(counts[name]):
+                call()
+            times[name].append((time.perf_counter() - start) / counts[name] * 1e6)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def through(mod: torch.nn.Module, kernel: str, x: torch.Tensor):
+    """``() -> mod(x)`` through ``kernel``, set at each call (the calls of a round take turns)."""
+    def call():
+        mod.kernel = kernel
+        return mod(x)
+    return call
 
 
 def layer(k: int, n: int, group_size: int, bits: int = 4) -> IntGroupedLinear:
@@ -154,23 +168,21 @@ def main() -> None:
         w = mod.dequantize()  # [N, K] fp32
         wb = w.bfloat16()
         probe = torch.randn(weight_bytes // 4)
-        t_probe = per_call(lambda: probe.sum(), args.budget, args.repeats)
+        t_probe = per_call({"probe": lambda: probe.sum()}, args.budget, args.repeats)["probe"]
         for m in (int(v) for v in args.m.split(",")):
             x = torch.randn(m, k)
             xb = x.bfloat16()
             with torch.inference_mode():
-                mod.kernel = "reference"
-                want = mod(x)
-                tref = per_call(lambda: mod(x), args.budget, args.repeats)
-                mod.kernel = kernel
-                err = rel_err(mod(x), want)
-                tk = per_call(lambda: mod(x), args.budget, args.repeats)
-                t32 = per_call(lambda: F.linear(x, w), args.budget, args.repeats)
-                t16 = per_call(lambda: F.linear(xb, wb), args.budget, args.repeats)
+                want = through(mod, "reference", x)()
+                err = rel_err(through(mod, kernel, x)(), want)
+                calls = {"reference": through(mod, "reference", x), "kernel": through(mod, kernel, x),
+                         "fp32": lambda: F.linear(x, w), "bf16": lambda: F.linear(xb, wb)}
                 dq = dequant_call(mod)
                 if dq is not None:
                     dq_err = rel_err(dq(x), want)
-                    tdq = per_call(lambda: dq(x), args.budget, args.repeats)
+                    calls["dequant"] = lambda: dq(x)
+                t = per_call(calls, args.budget, args.repeats)
+            tref, tk, t32, t16, tdq = t["reference"], t["kernel"], t["fp32"], t["bf16"], t.get("dequant")
             dq_cells = "- | - |" if dq is None else f"{tdq:.1f} | {dq_err:.1e} |"
             print(f"| {k}x{n} | {m} | {t32:.1f} | {t16:.1f} | {tref:.1f} | {tk:.1f} | {t32 / tk:.2f}x | "
                   f"{tref / tk:.1f}x | {weight_bytes / tk / 1e3:.1f} | {weight_bytes / t_probe / 1e3:.1f} | "
