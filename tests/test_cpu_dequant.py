@@ -112,6 +112,20 @@ def test_auto_takes_it_from_min_rows_only():
     assert select_kernel(mod, many.requires_grad_()).name == "reference"  # no backward here
 
 
+@pytest.mark.parametrize("make,min_rows", [
+    (lambda: grouped(64, 576, 128, False), cpu_dequant.MIN_ROWS),
+    (lambda: grouped(64, 576, 128, False, bits=3), cpu_dequant.MIN_ROWS),
+    (lambda: grouped(64, 576, 128, False, bits=8), cpu_dequant.PLANES_MIN_ROWS),  # two planes in cpu-int4
+    (lambda: blockwise(40, 192, "nf4", True), cpu_dequant.PLANES_MIN_ROWS),
+], ids=["4-bit", "3-bit", "8-bit", "nf4"])
+def test_auto_threshold_by_format(make, min_rows):
+    mod = make()
+    assert cpu_dequant.PLANES_MIN_ROWS < cpu_dequant.MIN_ROWS
+    with torch.no_grad():
+        assert select_kernel(mod, torch.randn(min_rows, mod.in_features)).name == "cpu-dequant"
+        assert select_kernel(mod, torch.randn(min_rows - 1, mod.in_features)).name == "cpu-int4"
+
+
 def test_blockwise_auto_needs_whole_blocks():
     with torch.no_grad():
         assert select_kernel(blockwise(40, 192, "nf4", False), torch.randn(200, 192)).name == "cpu-dequant"

@@ -289,7 +289,8 @@ register_kernel(
 
 
 def _cpu_dequant_supports(m: Blockwise4Linear, x: torch.Tensor) -> bool:
-    return (cpu_dequant.applies(x, m.in_features) and (m.compute_dtype or x.dtype) in cpu_dequant.DTYPES
+    return (cpu_dequant.applies(x, m.in_features, cpu_dequant.PLANES_MIN_ROWS)
+            and (m.compute_dtype or x.dtype) in cpu_dequant.DTYPES
             and cpu_dequant.blockwise4_applies((m.out_features, m.in_features), m.blocksize))
 
 
@@ -301,8 +302,8 @@ def _cpu_dequant_forward(x: torch.Tensor, m: Blockwise4Linear) -> torch.Tensor:
 
 register_kernel(
     Blockwise4Linear.format,
-    # above cpu-int4: it takes only inputs of many rows (cpu_dequant.MIN_ROWS), where it is faster; it
-    # computes in bf16 whatever the compute dtype
+    # above cpu-int4: it takes only inputs of many rows (cpu_dequant.PLANES_MIN_ROWS), where it is
+    # faster; it computes in bf16 whatever the compute dtype
     KernelImpl("cpu-dequant", 6, available=always, supports=_cpu_dequant_supports, fn=_cpu_dequant_forward,
                narrows=frozenset(cpu_dequant.DTYPES)),
 )

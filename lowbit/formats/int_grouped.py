@@ -202,11 +202,17 @@ def _cpu_dequant_forward(x: torch.Tensor, m: IntGroupedLinear) -> torch.Tensor:
     return cpu_dequant.matmul_int_grouped(x, m.qweight, m.scales, m.qzeros, m.g_idx, m.bits, m.group_size, m.bias)
 
 
+def _cpu_dequant_supports(m: IntGroupedLinear, x: torch.Tensor) -> bool:
+    # 8-bit codes: two planes in cpu-int4, so this path pays from fewer rows
+    return cpu_dequant.applies(x, m.in_features, cpu_dequant.PLANES_MIN_ROWS if m.bits == 8 else cpu_dequant.MIN_ROWS)
+
+
 register_kernel(
     IntGroupedLinear.format,
-    # above cpu-int4: it takes only inputs of many rows (cpu_dequant.MIN_ROWS), where it is faster
-    KernelImpl("cpu-dequant", 6, available=always, supports=lambda m, x: cpu_dequant.applies(x, m.in_features),
-               fn=_cpu_dequant_forward, narrows=frozenset({torch.float32})),
+    # above cpu-int4: it takes only inputs of many rows (cpu_dequant.MIN_ROWS, PLANES_MIN_ROWS for
+    # 8 bits), where it is faster
+    KernelImpl("cpu-dequant", 6, available=always, supports=_cpu_dequant_supports, fn=_cpu_dequant_forward,
+               narrows=frozenset({torch.float32})),
 )
 register_kernel(
     IntGroupedLinear.format,

@@ -4,8 +4,9 @@ one bf16 matmul.
 At one or a few rows a CPU product with a quantized weight is bound by reading the weight, and
 PyTorch's int4 kernel (:mod:`lowbit.kernels.cpu_int4`) reads the fewest bytes. At many rows the
 multiplies dominate, and there oneDNN's bf16 matmul is about twice as fast as the int4 kernel on
-this project's CPU (``bench/cpu.py``, ``docs/performance.md``): past :data:`MIN_ROWS` rows, writing
-the weight out as bf16 once per call and multiplying costs less than multiplying through the codes.
+this project's CPU (``bench/cpu.py``, ``docs/performance.md``): past :data:`MIN_ROWS` rows
+(:data:`PLANES_MIN_ROWS` for the weights it reads as two planes of codes), writing the weight out as
+bf16 once per call and multiplying costs less than multiplying through the codes.
 AQLM weights (``cpu-codebook`` above 8 rows dequantizes to fp32 and multiplies in fp32) take it from
 :data:`CODEBOOK_MIN_ROWS` rows: the same dequantize, written to bf16, and a product of half the cost.
 
@@ -35,10 +36,15 @@ from lowbit.formats.packing import unpack_int
 from lowbit.kernels.reference import blockwise4_absmax, nibble_pairs
 
 MIN_ROWS = 128
-"""The fewest rows of x that this path takes: below, the int4 kernel is faster (``bench/cpu.py``'s
-``dequant + bf16`` column against its kernel column: on 2 cores, for 4-bit weights the two cross
-between 64 and 128 rows at SmolLM2's and Llama-7B's shapes; for 8-bit and NF4 weights, which the
-int4 kernel reads as two planes, below 64)."""
+"""The fewest rows of x that this path takes for 2- to 4-bit grouped-int weights: below, the int4
+kernel is faster (``bench/cpu.py``'s ``dequant + bf16`` column against its kernel column: on 2
+cores the two cross between 64 and 128 rows at SmolLM2's and Llama-7B's shapes)."""
+
+PLANES_MIN_ROWS = 64
+"""The fewest rows for 8-bit grouped-int and NF4/FP4 weights, which the int4 kernel reads as two
+planes of codes, twice the work of a 4-bit weight: there the two cross between 32 and 64 rows. On
+2 cores a 64-token prompt of an NF4 SmolLM2 prefilled at 337-345 tokens/s this way against 270-272
+through the planes, an 8-bit one at 272-362 against 237-251 (``lowbit bench e2e``, two runs each)."""
 
 PIECE = 1 << 20
 """Weight values dequantized per step (4 MiB of int32 codes, within the L3 of a server CPU). Every
