@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.formats.group_order import contiguous_group_size, from_group_ordered, to_group_ordered
+from lowbit.formats.group_order import contiguous_group_size, from_group_ordered, in_group_order, to_group_ordered
 from lowbit.formats.int_grouped import IntGroupedLinear
 from lowbit.kernels import reference
 
@@ -68,3 +68,14 @@ def test_ordered_product_equals_canonical(bits):
 ], ids=["plain", "permuted", "unequal", "short-last", "short-first", "empty-group"])
 def test_contiguous_group_size(g_idx, groups, want):
     assert contiguous_group_size(torch.tensor(g_idx), groups) == want
+
+
+def test_in_group_order():
+    """``g_idx == arange(K) // size`` in either index dtype, a shorter last group included; a
+    permuted one (act-order) or another size is not."""
+    for k, size in [(576, 128), (96, 32), (70, 70)]:
+        order = torch.arange(k, dtype=torch.int32) // size
+        assert in_group_order(order, size) and in_group_order(order.long(), size)
+        assert not in_group_order(order.flip(0), size)
+        if size < k:
+            assert not in_group_order(order, size * 2)

@@ -51,6 +51,12 @@ class GroupOrdered:
     held_calls: HeldCalls = field(default_factory=HeldCalls, init=False, compare=False, repr=False)
 
 
+def in_group_order(g_idx: torch.Tensor, size: int) -> bool:
+    """Whether ``g_idx`` reads ``arange(K) // size``: groups of ``size`` columns in input order (no
+    act-order permutation; the last group may be shorter)."""
+    return torch.equal(g_idx.long(), torch.arange(g_idx.numel(), device=g_idx.device) // size)
+
+
 def contiguous_group_size(g_idx: torch.Tensor, groups: int) -> int | None:
     """The run length that sorting ``g_idx`` gives, or None if the runs are unequal.
 
@@ -85,8 +91,7 @@ def to_group_ordered(
     size = contiguous_group_size(g_idx, scales.shape[0])
     if size is None:
         return None
-    order = torch.arange(k, device=g_idx.device) // size
-    if torch.equal(g_idx.long(), order):
+    if in_group_order(g_idx, size):
         return GroupOrdered(qweight, scales, qzeros, None, bits, size)
     perm = torch.argsort(g_idx.long(), stable=True)  # [K]
     q = unpack_int(qweight, bits, k, dim=0)  # [K, N]

@@ -27,7 +27,7 @@ from typing import TypeVar
 import torch
 
 from lowbit.formats.base import QuantLinear
-from lowbit.formats.group_order import GroupOrdered, to_group_ordered
+from lowbit.formats.group_order import GroupOrdered, in_group_order, to_group_ordered
 from lowbit.formats.packing import SUPPORTED_BITS, pack_int, packed_length
 from lowbit.kernels import KernelImpl, always, register_kernel, triton_gpu_available
 from lowbit.kernels import cpu_dequant, ops, reference
@@ -104,8 +104,7 @@ class IntGroupedLinear(QuantLinear):
 
     def is_act_order(self) -> bool:
         """Whether ``g_idx`` is permuted (act-order) rather than ``k // group_size``."""
-        order = torch.arange(self.in_features, dtype=torch.int32) // self.group_size
-        return not torch.equal(self.g_idx.cpu(), order)
+        return not in_group_order(self.g_idx, self.group_size)
 
     def group_ordered(self) -> GroupOrdered | None:
         """This weight in the Triton kernels' group order, or None if its groups are unequal

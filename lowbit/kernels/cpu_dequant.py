@@ -32,6 +32,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from lowbit.formats.group_order import in_group_order
 from lowbit.formats.packing import unpack_int
 from lowbit.kernels.reference import blockwise4_absmax, nibble_pairs
 
@@ -101,7 +102,7 @@ def int_grouped_into(out: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     k, n = out.shape
     groups = scales.shape[0]
     size = k if group_size == -1 else group_size  # rows per group (the last may be shorter)
-    in_order = torch.equal(g_idx, torch.arange(k, dtype=g_idx.dtype) // size)
+    in_order = in_group_order(g_idx, size)
     z = unpack_int(qzeros, bits, n, dim=1)  # [G, N] int32
     s = scales.float()  # [G, N]
     # a piece starts at a word boundary (3-bit codes fill 3 words per 32) and, with groups in order,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lowbit.formats.group_order import in_group_order
 from lowbit.formats.packing import unpack_int
 
 
@@ -46,7 +47,7 @@ def _dequantize_int_grouped_kn(qweight, scales, qzeros, g_idx, bits) -> torch.Te
     g = g_idx.long()
     n_groups = z.shape[0]
     in_order = (not torch.compiler.is_compiling() and k % n_groups == 0  # (a data-dependent test: eager only)
-                and torch.equal(g, torch.arange(k, device=g.device) // (k // n_groups)))
+                and in_group_order(g, k // n_groups))
     if in_order:
         # groups in order and equal: broadcast each group's row instead of gathering K rows (same values)
         w = q.float().view(n_groups, k // n_groups, n)  # [G, K/G, N]
