@@ -129,7 +129,7 @@ def _weight(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, 
     call costs page faults: a 4096x4096 AQLM weight took 32-36 ms to dequantize into a new fp32
     tensor, 6-7 ms into a held one, 2 cores), or a new tensor where autograd would keep it for the
     backward or ``torch.compile`` is tracing. The same values either way."""
-    if (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+    if not cpu_dequant.may_hold(x):
         return dequantize_codebook(codes, codebooks, scales).to(x.dtype)
     n, k = codes.shape[0], codes.shape[1] * codebooks.shape[3]
     return cpu_dequant.codebook_into(cpu_dequant.workspace(n * k, x.dtype), codes, codebooks, scales).view(n, k)

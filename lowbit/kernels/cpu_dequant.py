@@ -47,6 +47,12 @@ planes of codes, twice the work of a 4-bit weight: there the two cross between 3
 2 cores a 64-token prompt of an NF4 SmolLM2 prefilled at 337-345 tokens/s this way against 270-272
 through the planes, an 8-bit one at 272-362 against 237-251 (``lowbit bench e2e``, two runs each)."""
 
+CODEBOOK_MIN_ROWS = 9
+"""The fewest rows an AQLM weight takes this path at: above the 8 rows of ``cpu-codebook``'s table
+lookups (:data:`lowbit.kernels.cpu_codebook.LUT_MAX_ROWS`), where that kernel dequantizes in fp32 and
+multiplies in fp32 instead. Dequantizing costs about the same either way, the bf16 product about
+half (``bench/cpu.py --format aqlm-2x8``)."""
+
 PIECE = 1 << 20
 """Weight values dequantized per step (4 MiB of int32 codes, within the L3 of a server CPU). Every
 op of a step costs a few µs beside its work, so smaller steps lose: 576x576, 1536x576 and
@@ -72,18 +78,16 @@ def workspace(numel: int, dtype: torch.dtype = torch.bfloat16, slot: str = "weig
     return buf[:numel]
 
 
-CODEBOOK_MIN_ROWS = 9
-"""The fewest rows an AQLM weight takes this path at: above the 8 rows of ``cpu-codebook``'s table
-lookups (:data:`lowbit.kernels.cpu_codebook.LUT_MAX_ROWS`), where that kernel dequantizes in fp32 and
-multiplies in fp32 instead. Dequantizing costs about the same either way, the bf16 product about
-half (``bench/cpu.py --format aqlm-2x8``)."""
+def may_hold(x: torch.Tensor) -> bool:
+    """Whether a product with x may take its weight from a :func:`workspace`: no gradient to record
+    (autograd would keep the weight, which the next call overwrites) and not being traced."""
+    return not (x.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling()
 
 
 def applies(x: torch.Tensor, in_features: int, min_rows: int = MIN_ROWS) -> bool:
     """Whether x (``[..., K]``) takes this path: on the CPU, fp32 or bf16, at least ``min_rows``
-    rows, no gradient to record, not being traced."""
-    return (x.is_cpu and x.dtype in DTYPES and x.numel() >= min_rows * in_features
-            and not (x.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling())
+    rows, and :func:`may_hold`."""
+    return x.is_cpu and x.dtype in DTYPES and x.numel() >= min_rows * in_features and may_hold(x)
 
 
 def int_grouped_into(out: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
