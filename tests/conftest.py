@@ -161,6 +161,14 @@ def _save_tiny(folder):
 
 
 @pytest.fixture()
+def reference_kernels(monkeypatch):
+    """lowbit's side of a test against a peer runs through the reference, in fp32: such tests compare
+    checkpoints, and the CPU kernels' bf16 products alone put lowbit's logits about 5e-3 from an
+    fp16 peer's (measured against GPTQModel)."""
+    monkeypatch.setenv("LOWBIT_KERNEL", "reference")
+
+
+@pytest.fixture()
 def tiny_model_dir(tmp_path):
     """A folder with a tiny random Llama and its byte tokenizer (fresh per test)."""
     return _save_tiny(tmp_path / "tiny")

@@ -16,12 +16,7 @@ from lowbit.formats.int_grouped import IntGroupedLinear
 awq = pytest.importorskip("awq")
 
 
-@pytest.fixture(autouse=True)
-def reference_kernels(monkeypatch):
-    """lowbit's side runs through the reference, in fp32, as when these tests were written: they
-    compare checkpoints, and the CPU kernels' bf16 products put lowbit's logits about 5e-3 from an
-    fp16 peer's (measured against GPTQModel)."""
-    monkeypatch.setenv("LOWBIT_KERNEL", "reference")
+pytestmark = pytest.mark.usefixtures("reference_kernels")  # conftest: lowbit through the reference
 
 
 def awq_sized_llama(folder):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import MATMUL_REL, aqlm_layer, input_grad, rel_err
+from conftest import MATMUL_REL, aqlm_layer as layer, input_grad, rel_err
 from lowbit.formats.codebook import AqlmLinear
 from lowbit.kernels import cpu_codebook, exact_kernels, reference, select_kernel
 
@@ -14,10 +14,6 @@ from lowbit.kernels import cpu_codebook, exact_kernels, reference, select_kernel
 SCHEMES = [(2, 8), (1, 16), (2, 7), (3, 4)]
 # (N, K, ig)
 SHAPES = [(40, 96, 8), (17, 64, 8), (24, 60, 4)]
-
-
-def layer(n: int, k: int, ig: int, n_codebooks: int, nbits: int, **kw) -> AqlmLinear:
-    return aqlm_layer(n, k, ig, n_codebooks, nbits, **kw)
 
 
 def run(mod: AqlmLinear, x: torch.Tensor, kernel: str) -> torch.Tensor:

@@ -10,19 +10,14 @@ import threading
 import pytest
 import torch
 
-from conftest import CPU_INT4_REL, aqlm_layer, grouped_layer, rel_err
+from conftest import CPU_INT4_REL, aqlm_layer, grouped_layer as grouped, rel_err
 from lowbit.formats.blockwise4 import Blockwise4Linear
-from lowbit.formats.int_grouped import IntGroupedLinear
 from lowbit.kernels import cpu_codebook, cpu_dequant, exact_kernels, reference, select_kernel
 
 # (N, K, group_size, act_order): SmolLM2's K = 576 at group 128 (a shorter last group); one group
 # per row; K not a multiple of 32 (a part word at 3 bits, a shorter last group); act-order
 SHAPES = [(64, 576, 128, False), (48, 96, -1, False), (33, 100, 32, False), (40, 192, 64, True),
           (24, 70, 16, False)]
-
-
-def grouped(n: int, k: int, group_size: int, act_order: bool, bits: int = 4) -> IntGroupedLinear:
-    return grouped_layer(n, k, group_size, act_order, bits=bits)
 
 
 def blockwise(n: int, k: int, quant_type: str, double_quant: bool, blocksize: int = 64) -> Blockwise4Linear:

@@ -23,11 +23,7 @@ if (getattr(gptqmodel, "_DEVICE_THREAD_POOL", True) is None and hasattr(gptqmode
     gptqmodel._default_cpu_workers = lambda: 2
 
 
-@pytest.fixture(autouse=True)
-def reference_kernels(monkeypatch):
-    """lowbit's side runs through the reference, in fp32: these tests compare checkpoints, and the
-    CPU kernels' bf16 products alone put lowbit's logits about 5e-3 from the peer's (fp16)."""
-    monkeypatch.setenv("LOWBIT_KERNEL", "reference")
+pytestmark = pytest.mark.usefixtures("reference_kernels")  # conftest: lowbit through the reference
 
 
 CASES = {
