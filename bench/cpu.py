@@ -44,7 +44,7 @@ from lowbit.formats.blockwise4 import Blockwise4Linear
 from lowbit.formats.codebook import AqlmLinear
 from lowbit.formats.int8_outlier import Int8Linear
 from lowbit.formats.int_grouped import IntGroupedLinear
-from lowbit.kernels import cpu_dequant, cpu_int4, cpu_int8
+from lowbit.kernels import cpu_int4, cpu_int8, kernels_for
 
 SHAPES = ["576x576", "576x1536", "1536x576", "4096x4096"]  # K x N: SmolLM2-135M's projections, Llama-7B's
 
@@ -122,18 +122,11 @@ def build(fmt: str, k: int, n: int, group_size: int) -> tuple[torch.nn.Module, s
 
 
 def dequant_call(mod: torch.nn.Module):
-    """``x -> mod(x)`` through :mod:`lowbit.kernels.cpu_dequant` at any row count, or None where the
-    format has no such path."""
-    if isinstance(mod, IntGroupedLinear):
-        return lambda x: cpu_dequant.matmul_int_grouped(x, mod.qweight, mod.scales, mod.qzeros, mod.g_idx, mod.bits,
-                                                        mod.group_size, mod.bias)
-    if isinstance(mod, Blockwise4Linear):
-        return lambda x: cpu_dequant.matmul_blockwise4(x, mod.weight, mod.absmax, mod.quant_map, mod.blocksize,
-                                                       (mod.out_features, mod.in_features), mod.nested_absmax,
-                                                       mod.nested_quant_map, mod.nested_offset, mod.bias)
-    if isinstance(mod, AqlmLinear):
-        return lambda x: cpu_dequant.matmul_codebook(x, mod.codes, mod.codebooks, mod.scales, mod.bias)
-    return None
+    """``x -> mod(x)`` through the format's ``cpu-dequant`` kernel (:mod:`lowbit.kernels.cpu_dequant`)
+    at any row count (its ``supports``, which sets the rows ``auto`` takes it from, is passed over),
+    or None where the format has none."""
+    impl = next((i for i in kernels_for(type(mod).format) if i.name == "cpu-dequant"), None)
+    return None if impl is None else lambda x: impl.fn(x, mod)
 
 
 def main() -> None:
