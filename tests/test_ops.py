@@ -224,8 +224,9 @@ def test_fullgraph_compile_through_the_triton_ops(monkeypatch):
     assert traced == linears  # and do so in the compiled graph
     assert len(calls) - linears - traced == linears - 1  # but not the layer whose buffer was replaced
     assert torch.equal(got, eager)
-    tol = MATMUL_REL[DTYPE] if DTYPE != torch.float32 else 1e-5
-    # the stale layer's reference path rounds differently from the Triton kernel: fp16 on a GPU
+    # the Triton kernels and the stale layer's reference path round differently from the reference,
+    # fp16 on a GPU, and each product's difference (MATMUL_REL) compounds through the model's layers
+    tol = 3 * MATMUL_REL[DTYPE] if DTYPE != torch.float32 else 1e-5
     assert rel_err(eager, want) <= tol and rel_err(stale, eager) <= tol
 
 def test_backward_with_buffers_made_under_inference_mode():
