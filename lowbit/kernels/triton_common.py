@@ -255,10 +255,14 @@ def matmul_config(m: int, n: int, k: int, block_k: int, sms: int, hip_arch: str 
     """Heuristic tiles for ``[m, k] @ [k, n]`` with K tiles of ``block_k``.
 
     FMA GEMV for ``m < 16``, ``tl.dot`` tiles above. Split-K doubles while the programs stay
-    under ``waves`` times the GPU's ``sms`` multiprocessors and each split keeps two K tiles.
-    From the H200 sweep of ``bench/sweep.py`` (w4 g128, Llama-7B shapes): one token is fastest
-    with many small programs (64 columns, 2 warps, K split 16 ways); up to 64 rows, 16x64 tiles
-    and about 8 waves; above, 64x64 tiles and 2 waves. ``gemv_tile``: (columns, warps) of a
+    under ``waves`` times the GPU's ``sms`` multiprocessors and each split keeps two K tiles, up to
+    16 ways for a GEMV and 8 for ``tl.dot`` tiles. From the sweeps of ``bench/sweep.py`` (w4 g128,
+    Llama-7B shapes; H200 2026-11-26, H100 2026-11-27): one token is fastest with many small
+    programs (64 columns, 2 warps, K split 16 ways); 16 rows with 16x64 tiles and K split 8 ways
+    on every shape (on the H100, 4096x4096 took 13.2 µs against 18.9 split 16 ways, 11008x4096
+    26.2 against 33.2); above, 64x64 tiles, which read each weight tile once for 64 rows, and 3
+    waves (32 rows on the H100: 14.9 / 34.8 / 31.6 µs against 21.6 / 51.5 / 47.0 in 16x64
+    tiles). ``gemv_tile``: (columns, warps) of a
     one-token program on NVIDIA instead of (64, 2), for a kernel whose sweep found others. An AMD
     target (``hip_arch``, None on NVIDIA) gets its own compiler options (:func:`hip_options`).
     """
@@ -268,14 +272,15 @@ def matmul_config(m: int, n: int, k: int, block_k: int, sms: int, hip_arch: str 
     elif m < 16:
         block_m = next_power_of_2(m)
         block_n, num_warps, waves = (64 if block_m <= 2 else 32), 4, 8
-    elif m <= 64:
-        block_m, block_n, num_warps, waves = 16, 64, 4, 8
+    elif m == 16:
+        block_m, block_n, num_warps, waves = 16, 64, 4, 16
     else:
-        block_m, block_n, num_warps, waves = 64, 64, 4, 2
+        block_m, block_n, num_warps, waves = 64, 64, 4, 3
     tiles = cdiv(m, block_m) * cdiv(n, block_n)
     k_tiles = cdiv(k, block_k)
+    max_split = 16 if m < 16 else 8
     split_k = 1
-    while split_k < 16 and tiles * split_k * 2 <= waves * sms and k_tiles // (split_k * 2) >= 2:
+    while split_k < max_split and tiles * split_k * 2 <= waves * sms and k_tiles // (split_k * 2) >= 2:
         split_k *= 2
     hip_opts = hip_options(hip_arch) if hip_arch else ()
     num_stages = 2 if hip_arch else 3
