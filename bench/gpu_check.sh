@@ -9,7 +9,8 @@
 #   KERNEL_TIMEOUT bounds the kernel bench;
 #   TEST_ARGS, e.g. "-m gpu", selects tests, TEST_TIMEOUT bounds them; EAGER_NAMES picks the eager rows;
 #   E2E_ARGS, e.g. --compile, and E2E_TIMEOUT go to the end-to-end step, E2E_GRAPHS=0 runs its
-#   decode steps eagerly; LOOKUP_SHAPES and LOOKUP_ARGS, e.g. "--m 1", to the lookup step)
+#   decode steps eagerly; LOOKUP_SHAPES and LOOKUP_ARGS, e.g. "--m 1", to the lookup step, whose
+#   compiles LOOKUP_WARM_TIMEOUT bounds)
 #
 # Peers (bitsandbytes, gemlite) are read from .whl/site when present (unpacked wheels; see
 # docs/performance.md). Each step has its own time limit, so one that hangs leaves the rest.
@@ -32,7 +33,7 @@ fi
 if step lookup; then  # NF4 / AQLM table lookups: compile in one process per shape at once, then time
     SHAPES=${LOOKUP_SHAPES:-4096x4096,4096x11008,8192x8192}
     for s in ${SHAPES//,/ }; do
-        timeout 240 python3 bench/lookup.py --shapes "$s" --warm ${LOOKUP_ARGS:-} >"/tmp/lookup_warm_$s.log" 2>&1 &
+        timeout ${LOOKUP_WARM_TIMEOUT:-240} python3 bench/lookup.py --shapes "$s" --warm ${LOOKUP_ARGS:-} >"/tmp/lookup_warm_$s.log" 2>&1 &
     done
     wait
     cat /tmp/lookup_warm_*.log | grep -v Warning | tail -8
