@@ -38,6 +38,7 @@ def quantize(
     device: torch.device | str | None = None,
     progress: bool = True,
     fuse: bool = False,
+    prepare: bool = True,
 ) -> nn.Module:
     """Quantize ``model`` in place with ``config`` and return it.
 
@@ -50,6 +51,9 @@ def quantize(
         device: where blocks are quantized (default: where the model is).
         fuse: join q/k/v and gate/up into one quantized linear each (:mod:`lowbit.fusion`);
             ``AwqConfig(do_fuse=True)`` does too, for its ``modules_to_fuse`` groups.
+        prepare: build now what the kernels hold to run the model (:func:`prepare_model`: on a
+            CPU a copy of the codes in the CPU kernel's layout, a byte a weight for NF4); False
+            for a model that is only saved, whose layouts are then built at its first forward.
     """
     if getattr(model, CONFIG_ATTR, None) is not None:
         raise ValueError("model is already quantized")
@@ -65,7 +69,7 @@ def quantize(
         _quantize_weights_only(model, quantizer, progress)
     setattr(model, CONFIG_ATTR, quantizer.finish_config(model, config))
     fuse_requested(model, config, fuse)
-    return prepare_model(model)
+    return prepare_model(model) if prepare else model
 
 
 def fuse_requested(model: nn.Module, config: QuantConfig, fuse: bool) -> list[str]:
@@ -188,6 +192,7 @@ def from_pretrained(
     kernel: str = "auto",
     progress: bool = True,
     fuse: bool = False,
+    prepare: bool = True,
 ) -> nn.Module:
     """Load a lowbit checkpoint, or load a plain model and quantize it.
 
@@ -199,6 +204,7 @@ def from_pretrained(
         kernel: ``"auto"`` or a kernel name forced on every quantized linear.
         fuse: join q/k/v and gate/up (see :func:`quantize`); a checkpoint whose AWQ config has
             ``do_fuse`` is fused too.
+        prepare: False for a model that is only saved (see :func:`quantize`).
     """
     from lowbit.checkpoint.loading import load_plain, load_quantized, read_config_json
     from lowbit.models import resolve_model
@@ -215,12 +221,13 @@ def from_pretrained(
         model = load_quantized(folder, qcfg, dtype=dtype or torch.float32, device=device)
         setattr(model, CONFIG_ATTR, qcfg)
         fuse_requested(model, qcfg, fuse)
-        prepare_model(model)
+        if prepare:
+            prepare_model(model)
     else:
         model, tokenizer = load_plain(folder, dtype=dtype or torch.float32, device=device)
         if quantization_config is not None:  # quantize() fuses and prepares
             quantize(model, quantization_config, calib, tokenizer=tokenizer, device=device, progress=progress,
-                     fuse=fuse)
+                     fuse=fuse, prepare=prepare)
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.kernel = kernel

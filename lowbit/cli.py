@@ -217,7 +217,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.api import from_pretrained, save_quantized
 
     config = config_from_args(args)
-    model = from_pretrained(args.model, quantization_config=config, calib=args.calib, device=args.device)
+    model = from_pretrained(args.model, quantization_config=config, calib=args.calib, device=args.device,
+                            prepare=False)  # only saved
     out = save_quantized(model, args.out)
     from lowbit.eval.summary import describe
 

@@ -105,7 +105,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, requanti
         raise ValueError(f"a {requantize_config.quant_method} config cannot write the {target} layout")
     if Path(src).resolve() == Path(dst).resolve():
         raise ValueError("convert writes a new folder: SRC and DST must differ")
-    model = from_pretrained(src)
+    model = from_pretrained(src, prepare=False)  # only saved
     try:
         source = quantized_config(model)
     except ValueError:
@@ -118,7 +118,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, requanti
     else:
         cfg = requantize_config or _default_requantize_config(target)
         dequantized(model)
-        quantize(model, cfg, calib, tokenizer=load_tokenizer(Path(src)), progress=progress)
+        quantize(model, cfg, calib, tokenizer=load_tokenizer(Path(src)), progress=progress, prepare=False)
         cfg = quantized_config(model)
     save_quantized(model, dst)
     return cfg

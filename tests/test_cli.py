@@ -21,6 +21,22 @@ def test_quantize_then_eval(tiny_model_dir, tmp_path, capsys):
     assert "perplexity" in table and str(out) in table
 
 
+def test_quantize_and_convert_build_no_kernel_layouts(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """They only save: the layouts the kernels hold to run a model (on a CPU, a copy of the codes)
+    are not built."""
+    import lowbit.api
+
+    prepared = []
+    monkeypatch.setattr(lowbit.api, "prepare_model", lambda model: prepared.append(model) or model)
+    out = tmp_path / "q4"
+    assert main(["quantize", str(tiny_model_dir), "--bits", "4", "--group-size", "32", "--out", str(out)]) == 0
+    assert main(["convert", str(out), str(tmp_path / "gptq"), "--to", "gptq"]) == 0
+    assert main(["convert", str(out), str(tmp_path / "nf4"), "--to", "bitsandbytes", "--requantize"]) == 0
+    assert prepared == []
+    lowbit.api.from_pretrained(out)  # where a model is loaded to run, they are
+    assert len(prepared) == 1
+
+
 def test_quantize_gptq_from_the_command_line(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "g"
     argv = ["quantize", str(tiny_model_dir), "--method", "gptq", "--group-size", "32", "--desc-act",

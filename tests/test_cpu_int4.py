@@ -239,3 +239,25 @@ def test_quantized_models_hold_their_layouts_before_the_first_forward(config, mo
     monkeypatch.setenv("LOWBIT_KERNEL", "reference")
     forced = lowbit.quantize(tiny_llama_model(), config, progress=False)
     assert not any(m._layouts for m in forced.modules() if hasattr(m, "cpu_int4"))
+
+
+def test_a_model_only_saved_holds_no_layouts(tmp_path, monkeypatch):
+    """``prepare=False`` (``lowbit quantize`` and ``convert``, which only save) builds no layouts:
+    the model's first forward does, with the prepared model's logits, and its checkpoint is the
+    same bytes."""
+    monkeypatch.delenv("LOWBIT_KERNEL", raising=False)
+    config = lowbit.BitsAndBytesConfig(load_in_4bit=True)
+    prepared = lowbit.quantize(tiny_llama_model(), config, progress=False)
+    bare = lowbit.quantize(tiny_llama_model(), config, progress=False, prepare=False)
+    quantized = [m for m in bare.modules() if hasattr(m, "cpu_int4")]
+    assert len(quantized) == 14 and not any(m._layouts for m in quantized)
+    lowbit.save_quantized(prepared, tmp_path / "prepared")
+    lowbit.save_quantized(bare, tmp_path / "bare")
+    files = sorted(p.name for p in (tmp_path / "prepared").iterdir())
+    assert all((tmp_path / "prepared" / f).read_bytes() == (tmp_path / "bare" / f).read_bytes() for f in files)
+    loaded = lowbit.from_pretrained(tmp_path / "bare", prepare=False)
+    assert not any(m._layouts for m in loaded.modules() if hasattr(m, "cpu_int4"))
+    ids = calib_ids(1, 12, seed=3)
+    with torch.no_grad():
+        assert torch.equal(bare(ids).logits, prepared(ids).logits)
+    assert all("cpu_int4" in m._layouts for m in quantized)
