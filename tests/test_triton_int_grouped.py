@@ -316,6 +316,18 @@ def test_serial_split_k_on_gpu_repeats_in_streams_and_graphs():
     assert not held.any()
 
 
+@pytest.mark.parametrize(("k", "n", "splits"), [(4096, 4096, (8, 4, 4)), (4096, 11008, (8, 2, 2)),
+                                                (11008, 4096, (8, 4, 4))])
+def test_skinny_tiles_are_the_h100_sweeps_best(k, n, splits):
+    """16, 32 and 64 rows of the Llama-7B shapes on an H100 (132 SMs) take the launch its sweep found
+    fastest (``docs/perf/2026-11-27-h100-run6-sweeps.json``): 16x64 tiles with K split 8 ways at 16
+    rows (16 ways, the rule before, took 1.27-1.42x as long where it applied), and 64x64 tiles from
+    17 rows (16x64 tiles took 1.45-3.5x as long at 32 and 64 rows)."""
+    got = [C.matmul_config(m, n, k, 128, 132, None) for m in (16, 32, 64)]
+    assert [(c.block_m, c.block_n) for c in got] == [(16, 64), (64, 64), (64, 64)]
+    assert tuple(c.split_k for c in got) == splits
+
+
 def test_act_order_token_takes_its_own_tile_on_nvidia(monkeypatch):
     """One act-order token (x gathered through ``perm``) takes ``ACT_ORDER_GEMV_TILE`` on NVIDIA and
     the plain one-token tile on AMD; plain weights and more rows keep the shared heuristic's."""
