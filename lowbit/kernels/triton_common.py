@@ -259,12 +259,12 @@ def matmul_config(m: int, n: int, k: int, block_k: int, sms: int, hip_arch: str 
     16 ways for a GEMV and 8 for ``tl.dot`` tiles. From the sweeps of ``bench/sweep.py`` (w4 g128,
     Llama-7B shapes; H200 2026-11-26, H100 2026-11-27): one token is fastest with many small
     programs (64 columns, 2 warps, K split 16 ways); 16 rows with 16x64 tiles and K split 8 ways
-    on every shape (on the H100, 4096x4096 took 13.2 µs against 18.9 split 16 ways, 11008x4096
-    26.2 against 33.2); above, 64x64 tiles, which read each weight tile once for 64 rows, and 3
-    waves (32 rows on the H100: 14.9 / 34.8 / 31.6 µs against 21.6 / 51.5 / 47.0 in 16x64
-    tiles). ``gemv_tile``: (columns, warps) of a
-    one-token program on NVIDIA instead of (64, 2), for a kernel whose sweep found others. An AMD
-    target (``hip_arch``, None on NVIDIA) gets its own compiler options (:func:`hip_options`).
+    on every shape (16 waves let 4096x11008 split so far; on the H100, 4096x4096 took 13.2 µs
+    against 18.9 split 16 ways, 11008x4096 26.2 against 33.2); above, 64x64 tiles, which read each
+    weight tile once for 64 rows, and 3 waves (32 rows on the H100: 14.9 / 34.8 / 31.6 µs against
+    21.6 / 51.5 / 47.0 in 16x64 tiles). ``gemv_tile``: (columns, warps) of a one-token program on
+    NVIDIA instead of (64, 2), for a kernel whose sweep found others. An AMD target (``hip_arch``,
+    None on NVIDIA) gets its own compiler options (:func:`hip_options`).
     """
     if m == 1:
         block_n, num_warps = gemv_tile if gemv_tile is not None and not hip_arch else (64, 2)
