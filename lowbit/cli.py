@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity or SST-2 accuracy, size, peak memory of a model folder")
     e.add_argument("model", help="local (plain or quantized) model folder, 'default' (causal LM) or 'encoder'")
     _add_eval_args(e)
+    e.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the unquantized parts and the activations (default: float16 on a GPU, where "
+                        "the quantized layers' kernels take fp16/bf16, float32 on the CPU)")
 
     pr = sub.add_parser("prune", help="prune a model folder (magnitude, Wanda, SparseGPT) and save it dense")
     pr.add_argument("model", help="local model folder, 'default' or 'encoder'")
@@ -227,11 +230,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
     from lowbit.eval.summary import evaluate_folder, format_table
 
-    row = evaluate_folder(args.model, label=str(args.model), tokens=args.tokens, seqlen=args.ppl_seqlen,
+    dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+    label = str(args.model) if args.dtype is None else f"{args.model} ({dtype})"
+    row = evaluate_folder(args.model, label=label, tokens=args.tokens, seqlen=args.ppl_seqlen,
                           device=args.device, kernel=args.kernel, shots=args.shots, examples=args.examples,
-                          probe_base=args.probe_base)
+                          probe_base=args.probe_base, dtype=getattr(torch, dtype))
     print(format_table([row]))
     return 0
 

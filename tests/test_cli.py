@@ -21,6 +21,21 @@ def test_quantize_then_eval(tiny_model_dir, tmp_path, capsys):
     assert "perplexity" in table and str(out) in table
 
 
+def test_eval_in_another_dtype(tiny_model_dir, tmp_path, capsys):
+    """``--dtype`` loads the unquantized parts (and so the activations) in that dtype: the bf16
+    model holds fewer bytes and scores about the same perplexity; its row is labelled with it."""
+    from lowbit.eval.summary import evaluate_folder
+
+    out = tmp_path / "q4"
+    assert main(["quantize", str(tiny_model_dir), "--bits", "4", "--group-size", "32", "--out", str(out)]) == 0
+    assert main(["eval", str(out), "--tokens", "600", "--ppl-seqlen", "128", "--dtype", "bfloat16"]) == 0
+    assert f"{out} (bfloat16)" in capsys.readouterr().out
+    fp32, bf16 = (evaluate_folder(out, label="q4", tokens=600, seqlen=128, dtype=d)
+                  for d in (None, torch.bfloat16))
+    assert bf16.weight_bytes < fp32.weight_bytes
+    assert abs(bf16.perplexity / fp32.perplexity - 1) < 0.02
+
+
 def test_quantize_and_convert_build_no_kernel_layouts(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """They only save: the layouts the kernels hold to run a model (on a CPU, a copy of the codes)
     are not built."""

@@ -47,8 +47,10 @@ def evaluate_folder(
     shots: int | None = None,
     examples: int | None = None,
     probe_base: str | Path | None = None,
+    dtype: torch.dtype | None = None,
 ) -> EvalRow:
-    """Load a plain or quantized model folder and measure it.
+    """Load a plain or quantized model folder and measure it, its unquantized parts in ``dtype``
+    (default fp32, as :func:`lowbit.from_pretrained`).
 
     A causal LM gets WikiText-2 test perplexity, and SST-2 ``shots``-shot accuracy on the first
     ``examples`` dev sentences when ``shots`` is given. An encoder gets SST-2 dev accuracy under
@@ -75,7 +77,7 @@ def evaluate_folder(
     gc.collect()
     ppl = acc = task = auc = None
     with PeakMemory(torch.device(device)) as peak:
-        model = from_pretrained(folder, device=device, kernel=kernel)
+        model = from_pretrained(folder, device=device, kernel=kernel, dtype=dtype)
         start = time.perf_counter()
         if causal:
             ppl = text_perplexity(model, tokenizer, wikitext2("test"), seqlen=seqlen, max_tokens=tokens, progress=True)
