@@ -229,12 +229,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dtype_name(args: argparse.Namespace) -> str:
+    """``--dtype``, or its default: float16 on a GPU (the quantized kernels take fp16/bf16), float32
+    on the CPU."""
+    return args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from lowbit.eval.summary import evaluate_folder, format_table
 
-    dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+    dtype = _dtype_name(args)
     label = str(args.model) if args.dtype is None else f"{args.model} ({dtype})"
     row = evaluate_folder(args.model, label=label, tokens=args.tokens, seqlen=args.ppl_seqlen,
                           device=args.device, kernel=args.kernel, shots=args.shots, examples=args.examples,
@@ -376,7 +382,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         batch_sizes = tuple(int(v) for v in args.batch_sizes.split(","))
     except ValueError:
         raise ValueError(f"--batch-sizes must be comma-separated integers, not {args.batch_sizes!r}") from None
-    dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+    dtype = _dtype_name(args)
     quantized = read_config_json(resolve_model(args.model)).get("quantization_config") is not None
     common = dict(dtype=dtype, device=args.device, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                   batch_sizes=batch_sizes, repeats=args.repeats)

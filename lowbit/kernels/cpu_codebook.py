@@ -131,8 +131,7 @@ def _weight(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, 
     backward or ``torch.compile`` is tracing. The same values either way."""
     if not cpu_dequant.may_hold(x):
         return dequantize_codebook(codes, codebooks, scales).to(x.dtype)
-    n, k = codes.shape[0], codes.shape[1] * codebooks.shape[3]
-    return cpu_dequant.codebook_into(cpu_dequant.workspace(n * k, x.dtype), codes, codebooks, scales).view(n, k)
+    return cpu_dequant.codebook_weight(codes, codebooks, scales, x.dtype)
 
 
 def matmul_codebook(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,

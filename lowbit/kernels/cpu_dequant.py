@@ -237,6 +237,14 @@ def codebook_into(out: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tenso
     return out
 
 
+def codebook_weight(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+                    dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """An AQLM weight ``[N, K]`` in ``dtype``, written into this thread's :func:`workspace` by
+    :func:`codebook_into`: valid until the workspace is written again."""
+    n, k = codes.shape[0], codes.shape[1] * codebooks.shape[3]
+    return codebook_into(workspace(n * k, dtype), codes, codebooks, scales).view(n, k)
+
+
 def matmul_int_grouped(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
                        g_idx: torch.Tensor, bits: int, group_size: int,
                        bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -276,9 +284,8 @@ def matmul_codebook(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tenso
     """``x @ W.T + bias`` for an AQLM weight of one output per group (the arguments of
     :func:`lowbit.kernels.reference.matmul_codebook`): dequantized to bf16 (:func:`codebook_into`),
     then one bf16 matmul; ``[..., N]`` in x's dtype."""
-    n, k = codes.shape[0], codes.shape[1] * codebooks.shape[3]
-    w = codebook_into(workspace(n * k), codes, codebooks, scales).view(n, k)
-    x2 = x.reshape(-1, k).to(torch.bfloat16)  # [M, K]
+    w = codebook_weight(codes, codebooks, scales)  # [N, K]
+    x2 = x.reshape(-1, w.shape[1]).to(torch.bfloat16)  # [M, K]
     return _finish(F.linear(x2, w), x, bias)
 
 
