@@ -110,6 +110,13 @@ def grouped_layer(n: int, k: int, group_size: int, act_order: bool, *, bias: boo
     return IntGroupedLinear.from_quantized(q, scales, zeros, g_idx, bits=bits, group_size=group_size, bias=b)
 
 
+# AQLM layers of the CPU kernels' tests: (C, nbits) 2x8 and 1x16 (int16 codes), 7-bit codes in int8
+# (negative from 64), three small codebooks; (N, K, ig) groups of 8 (AQLM's) and of 4, K not a
+# multiple of 8 groups
+AQLM_SCHEMES = [(2, 8), (1, 16), (2, 7), (3, 4)]
+AQLM_SHAPES = [(40, 96, 8), (17, 64, 8), (24, 60, 4)]
+
+
 def aqlm_layer(n: int, k: int, ig: int, n_codebooks: int, nbits: int, *, bias: bool = True, seed: int = 0,
                og: int = 1, dtype: torch.dtype = torch.float16) -> torch.nn.Module:
     """An ``AqlmLinear`` with random codes over the whole index range (so the signed storage holds

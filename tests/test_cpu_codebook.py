@@ -6,14 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import MATMUL_REL, aqlm_layer as layer, input_grad, rel_err
+from conftest import AQLM_SCHEMES, AQLM_SHAPES, MATMUL_REL, aqlm_layer as layer, input_grad, rel_err
 from lowbit.formats.codebook import AqlmLinear
 from lowbit.kernels import cpu_codebook, exact_kernels, reference, select_kernel
-
-# (C, nbits): AQLM's 2x8 and 1x16, 7-bit codes (int8, negative from 64), three small codebooks
-SCHEMES = [(2, 8), (1, 16), (2, 7), (3, 4)]
-# (N, K, ig)
-SHAPES = [(40, 96, 8), (17, 64, 8), (24, 60, 4)]
 
 
 def run(mod: AqlmLinear, x: torch.Tensor, kernel: str) -> torch.Tensor:
@@ -22,8 +17,8 @@ def run(mod: AqlmLinear, x: torch.Tensor, kernel: str) -> torch.Tensor:
         return mod(x)
 
 
-@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}-ig{s[2]}")
+@pytest.mark.parametrize("scheme", AQLM_SCHEMES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape", AQLM_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}-ig{s[2]}")
 def test_dequantize_equals_the_reference(shape, scheme):
     mod = layer(*shape, *scheme)
     assert torch.equal(cpu_codebook.dequantize_codebook(mod.codes, mod.codebooks, mod.scales), mod.dequantize())
@@ -31,8 +26,8 @@ def test_dequantize_equals_the_reference(shape, scheme):
 
 @pytest.mark.parametrize("m", [1, 3, 16])  # tables up to LUT_MAX_ROWS, the dequantizing path above
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}-ig{s[2]}")
+@pytest.mark.parametrize("scheme", AQLM_SCHEMES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape", AQLM_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}-ig{s[2]}")
 def test_matches_reference(shape, scheme, dtype, m):
     mod = layer(*shape, *scheme)
     x = torch.randn(m, shape[1], generator=torch.Generator().manual_seed(m)).to(dtype)

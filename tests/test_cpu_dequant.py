@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from conftest import CPU_INT4_REL, aqlm_layer, grouped_layer as grouped, rel_err
+from conftest import AQLM_SCHEMES, AQLM_SHAPES, CPU_INT4_REL, aqlm_layer, grouped_layer as grouped, rel_err
 from lowbit.formats.blockwise4 import Blockwise4Linear
 from lowbit.kernels import cpu_codebook, cpu_dequant, exact_kernels, reference, select_kernel
 
@@ -126,12 +126,6 @@ def test_blockwise_auto_needs_whole_blocks():
         assert select_kernel(blockwise(40, 192, "nf4", False), torch.randn(200, 192)).name == "cpu-dequant"
         odd = blockwise(3, 50, "nf4", False)  # 150 weights: two blocks and part of a third
         assert select_kernel(odd, torch.randn(200, 50)).name != "cpu-dequant"
-
-
-# (C, nbits): AQLM's 2x8 and 1x16 (int16 codes), 7-bit codes in int8, three small codebooks
-AQLM_SCHEMES = [(2, 8), (1, 16), (2, 7), (3, 4)]
-# (N, K, ig): groups of 8 (AQLM's), of 4, K not a multiple of 8 groups
-AQLM_SHAPES = [(40, 96, 8), (17, 64, 8), (24, 60, 4)]
 
 
 @pytest.mark.parametrize("scheme", AQLM_SCHEMES, ids=lambda s: f"{s[0]}x{s[1]}")
