@@ -5,7 +5,7 @@ For each Llama-7B layer shape (K x N) and M = 1, 16, 128 it times, with CUDA gra
 * ``fp16``: ``F.linear`` with an fp16 weight (cuBLAS);
 * ``lowbit w4g128`` and ``lowbit w4g128 act`` (act-order, rows reordered at load), from 16 rows
   also each batch path forced (the fused kernel; dequantize + ``F.linear``) and the fused kernel
-  with its ``tl.dot`` tiles dequantized K-contiguous (``DOT_K_MAJOR``, off by default), and lowbit's
+  with its ``tl.dot`` tiles computing ``y.T``, the weight first (``DOT_SWAP``, off by default), and lowbit's
   NF4 kernel (blocks of 64, double quant) on the bitsandbytes layout, its AQLM kernel
   (2x8 and 1x16, groups of 8 inputs, about 2 bits per weight), and its LLM.int8 kernel
   (threshold 6, one outlier input column, at its defaults; above 16 rows also with the
@@ -183,11 +183,11 @@ def switching(module, fn: Callable, **values) -> Callable:
     return call
 
 
-def lowbit_row(m, k, n, sets, act_order, group=128, perm_dtype=None, k_major=None, batch_path=None,
+def lowbit_row(m, k, n, sets, act_order, group=128, perm_dtype=None, swap=None, batch_path=None,
                gather_rows=None):
     """lowbit's grouped-int matmul, w4 (``perm_dtype``: the act-order indices cast to it, e.g.
-    int16, a variant the kernel reads as given; None keeps the layout's int32; ``k_major``: the
-    ``tl.dot`` tiles dequantized K-contiguous or not, None for ``DOT_K_MAJOR``'s default;
+    int16, a variant the kernel reads as given; None keeps the layout's int32; ``swap``: the
+    ``tl.dot`` tiles computing ``y.T`` or not, None for ``DOT_SWAP``'s default;
     ``batch_path``: forced for 16 rows or more, None for the default; ``gather_rows``: up to how many
     rows act-order activations are gathered in the kernel, not permuted before it, None for
     ``GATHER_MAX_ROWS``' default)."""
@@ -196,7 +196,7 @@ def lowbit_row(m, k, n, sets, act_order, group=128, perm_dtype=None, k_major=Non
     from lowbit.kernels import triton_int_grouped as T
 
     call = switching(T, lambda x, layout: T.matmul_group_ordered(x, layout, batch_path=batch_path),
-                     DOT_K_MAJOR=k_major, GATHER_MAX_ROWS=gather_rows)
+                     DOT_SWAP=swap, GATHER_MAX_ROWS=gather_rows)
 
     calls, err = [], 0.0
     for i in range(sets):
@@ -427,10 +427,10 @@ def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str], n
         "fp16 F.linear": lambda: fp16_row(m, k, n, copies_for(2 * n * k, l2)),
         "lowbit w4g128": lambda: lowbit_row(m, k, n, sets4, act_order=False),
         "lowbit w4g128 act-order": lambda: lowbit_row(m, k, n, sets4, act_order=True),
-        # from 16 rows: the tl.dot tiles dequantized K-contiguous (DOT_K_MAJOR, off by default); and
-        # each batch path (the default fuses up to TILED_MAX_ROWS rows and dequantizes above)
-        **({"lowbit w4g128, K-contiguous dot tiles": lambda: lowbit_row(m, k, n, sets4, act_order=False,
-                                                                         k_major=True, batch_path="tiled"),
+        # from 16 rows: the tl.dot tiles computing y.T (DOT_SWAP, off by default); and each batch
+        # path (the default fuses up to TILED_MAX_ROWS rows and dequantizes above)
+        **({"lowbit w4g128, swapped dot tiles": lambda: lowbit_row(m, k, n, sets4, act_order=False,
+                                                                    swap=True, batch_path="tiled"),
             "lowbit w4g128 (tiled)": lambda: lowbit_row(m, k, n, sets4, act_order=False, batch_path="tiled"),
             "lowbit w4g128 (dequantize)": lambda: lowbit_row(m, k, n, sets4, act_order=False,
                                                              batch_path="dequantize")}

@@ -9,7 +9,10 @@ Llama-7B shapes sees (pointers and sizes multiples of 16), takes the body of its
 - instructions a thread executes per loop step, and the weights one step of the program covers;
 - warp instructions per 1,000 weights (instructions x warps / weights x 1,000): the issue work a
   variant asks of the GPU for the same weights, comparable across variants;
-- the memory and synchronisation instructions in the step.
+- the memory and synchronisation instructions in the step;
+- for ``tl.dot`` tiles, the ``wgmma`` instructions and how many dot groups each wait in the step
+  leaves pending: 0 makes every product finish before the next tile's work goes on, more lets
+  the dots run beside it.
 
 These are counts, not times: PTX before ``ptxas``, no latency, no occupancy. They rank variants
 to time first; ``bench/lookup.py`` times them on a GPU.
@@ -65,13 +68,13 @@ def cases() -> list[Case]:
                              "perm_ptr": "*i32", "b_ptr": "*fp16", "y_ptr": "*fp16",
                              **{n: "i32" for n in ("M", "N", "K", "stride_xm", "stride_ym", "qw_words", "qz_words")}})
     int4 = dict(BITS=4, GROUP=128, HAS_PERM=False, HAS_BIAS=False, BLOCK_K=128, TILE_IN_GROUP=True, DOT_FP32=False,
-                K_MAJOR=True)
+                SWAP=False)
     out.append(Case("int4 g128 GEMV (calibration: 74-90 % of the read probe)", G._matmul_kernel, int_sig,
                     dict(int4, BLOCK_M=1, BLOCK_N=64, SPLIT_K=16), 2, 64 * 128))
-    for bm, split in ((16, 8), (64, 2)):  # tl.dot tiles of 16 and 128 rows, as the heuristic launches them
-        for k_major in (True, False):
-            out.append(Case(f"int4 g128 {bm}x64 tile, {'K' if k_major else 'N'}-contiguous", G._matmul_kernel,
-                            int_sig, dict(int4, BLOCK_M=bm, BLOCK_N=64, SPLIT_K=split, K_MAJOR=k_major), 4, 64 * 128))
+    for bm, split in ((16, 8), (64, 2), (128, 2)):  # tl.dot tiles of 16 and 128 rows; 128 rows in one tile
+        for swap in (False, True):
+            out.append(Case(f"int4 g128 {bm}x64 tile{', y.T (swapped)' if swap else ''}", G._matmul_kernel,
+                            int_sig, dict(int4, BLOCK_M=bm, BLOCK_N=64, SPLIT_K=split, SWAP=swap), 4, 64 * 128))
     nf4 = dict(BLOCKSIZE=64, NESTED=True, HAS_BIAS=False, BLOCK_N=64, SPLIT_K=16)
     step = B.gemv_step_blocks(64)
     for lookup in B.GEMV_LOOKUPS:
@@ -143,15 +146,18 @@ def loop_body(ptx: str) -> tuple[list[str], bool]:
 def main() -> None:
     print(f"sm_90 PTX, Triton {triton.__version__}; per loop step (or per program for loopless kernels)\n")
     print("| kernel variant | instructions / thread | warps | weights | warp instructions / 1k weights | "
-          "memory and sync instructions |")
-    print("|---|---|---|---|---|---|")
+          "memory and sync instructions | wgmma, pending at each wait |")
+    print("|---|---|---|---|---|---|---|")
     for case in cases():
         body, looped = loop_body(compile_ptx(case))
         per_k = len(body) * case.num_warps / case.weights * 1000
         mem = Counter(re.findall(MEMORY, "\n".join(body)))
         detail = ", ".join(f"{k} {v}" for k, v in sorted(mem.items()))
+        text = "\n".join(body)
+        dots = len(re.findall(r"\bwgmma\.mma_async", text))
+        waits = ",".join(re.findall(r"\bwgmma\.wait_group\.sync\.aligned\s+(\d+)", text))
         print(f"| {case.label} | {len(body)}{'' if looped else ' (no loop)'} | {case.num_warps} | {case.weights} | "
-              f"{per_k:.0f} | {detail} |", flush=True)
+              f"{per_k:.0f} | {detail} | {f'{dots}, {waits}' if dots else ''} |", flush=True)
 
 
 if __name__ == "__main__":

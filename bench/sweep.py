@@ -16,7 +16,9 @@ cache; running several such processes at once, then one timing run, compiles in 
     for i in $(seq 0 11); do python bench/sweep.py --warm $i/12 & done; wait
     python bench/sweep.py --json sweep.json
 
-``--quick`` (on both) tries a few dozen configurations around the heuristic's instead.
+``--quick`` (on both) tries a few dozen configurations around the heuristic's instead. For w4g128
+every ``tl.dot`` configuration (16 rows and up) is also tried with tiles of ``y.T``
+(``swap=True``: ``DOT_SWAP``'s tiles, off by default and not yet timed).
 ``--act-order`` sweeps w4g128 with an act-order ``g_idx`` (one token gathers x through ``perm`` in
 the kernel; more rows are permuted before it, so only one token differs from the plain sweep);
 ``--m`` and ``--shapes`` narrow the sweep, e.g. ``--m 1 --shapes 4096x4096,4096x11008``.
@@ -25,6 +27,7 @@ the kernel; more rows are permuted before it, so only one token differs from the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -45,8 +48,9 @@ SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # K x N
 MS = {"w4g128": (1, 16, 128), "int8": (16, 128, 512, 2048), "int8-prequantized": (16, 128, 512, 2048)}
 
 
-def configs(m: int, quick: bool = False) -> list[MatmulConfig]:
-    """The launch configurations tried at ``m`` rows (``quick``: a few dozen around the heuristic's)."""
+def configs(m: int, quick: bool = False, swap: bool = False) -> list[MatmulConfig]:
+    """The launch configurations tried at ``m`` rows (``quick``: a few dozen around the heuristic's);
+    ``swap``: each ``tl.dot`` configuration also with tiles of ``y.T`` (grouped int's ``DOT_SWAP``)."""
     out = []
     if m == 1:  # vector-unit products, one row
         if quick:
@@ -71,6 +75,8 @@ def configs(m: int, quick: bool = False) -> list[MatmulConfig]:
             if bm * bn >= 128 * 128 and warps == 4:
                 continue
             out.append(MatmulConfig(bm, bn, bk, split, warps, stages))
+    if swap:
+        out += [dataclasses.replace(c, swap=True) for c in out if c.block_m >= 16]
     return out
 
 
@@ -120,7 +126,7 @@ def main() -> None:
         for m in ms:
             heuristic = launch_config(m, n, k, block_k, torch.device("cuda"),
                                       T.ACT_ORDER_GEMV_TILE if args.act_order else None)
-            cands = [heuristic] + [c for c in configs(m, args.quick) if c != heuristic]
+            cands = [heuristic] + [c for c in configs(m, args.quick, args.kernel == "w4g128") if c != heuristic]
             if not args.warm:
                 calls, nbytes, _ = fp16_row(m, k, n, copies_for(2 * n * k, l2))
                 rows.append({"K": k, "N": n, "M": m, "config": "fp16 F.linear", "us": time_graph(calls, 10, 5)})

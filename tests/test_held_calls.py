@@ -116,7 +116,7 @@ def test_a_new_input_layout_or_bias_goes_through_the_wrapper(recorded, change):
 
 
 @pytest.mark.parametrize("switch,value", [("ACT_ORDER_GEMV_TILE", (64, 2)), ("GATHER_MAX_ROWS", 4),
-                                          ("DOT_K_MAJOR", True)])
+                                          ("DOT_SWAP", True)])
 def test_a_switch_changed_is_a_new_key(recorded, monkeypatch, switch, value):
     _kernel, launches = recorded
     w = _layout(act_order=True)

@@ -376,6 +376,23 @@ def test_model_sizes_on_gpu(m, k, n, act):
     assert rel_err(got, want) <= MATMUL_REL[torch.float16]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [16, 33, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_swapped_tiles_at_model_sizes_on_gpu(monkeypatch, m, dtype, bits):
+    """``DOT_SWAP``'s tiles compiled, on a 4096x11008 weight (K split), and 128 rows in one tile."""
+    k, n = 4096, 11008
+    mod = random_module(n, k, bits, 128, False, seed=m, dtype=dtype).cuda()
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    want = reference.matmul_int_grouped(x.float(), mod.qweight, mod.scales, mod.qzeros, mod.g_idx, bits)
+    monkeypatch.setattr(T, "DOT_SWAP", True)
+    assert rel_err(T.matmul_int_grouped(x, mod.qweight, mod.scales, mod.qzeros, mod.g_idx, bits), want) <= MATMUL_REL[dtype]
+    w = to_group_ordered(mod.qweight, mod.scales, mod.qzeros, mod.g_idx, bits)
+    one_tile = C.MatmulConfig(128, 64, 128, 2, 4, 3, swap=True)
+    assert rel_err(T.matmul_group_ordered(x, w, cfg=one_tile), want) <= MATMUL_REL[dtype]
+
+
 def test_kernels_compile_for_every_target():
     """Every kernel variant lowers to a cubin for sm_90 and an hsaco for gfx942 and gfx1100, on any
     machine; gfx1030 (RDNA2), which Triton cannot compile for, still fails (else it should become
@@ -462,20 +479,72 @@ def test_unpack_cols_is_unpack_rows_transposed(bits, k0):
     assert torch.equal(cols, want.T)
 
 
+@triton.jit
+def _rounded(v_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, C._round_to_bf16(tl.load(v_ptr + offs)))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="helper kernel checked under the interpreter")
+def test_round_to_bf16_is_torchs_rounding():
+    """The interpreter's stand-in for a GPU's fp32 -> bf16 cast rounds as PyTorch does: random
+    values of every magnitude, ties (to even, both ways) and values that carry into the exponent."""
+    g = torch.Generator().manual_seed(0)
+    ties = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 1 - 2**-10, 255.5, 3 * 2**-9])
+    edge = torch.tensor([1.9999999, -1.9999999, 65504.0, 3.3895e38, 0.0, -0.0])
+    n = 4096 - ties.numel() - edge.numel()
+    v = torch.randn(n, generator=g) * torch.exp2(torch.randint(-60, 60, (n,), generator=g).float())
+    v = torch.cat([v, ties, edge])  # [4096]
+    out = torch.empty_like(v)
+    _rounded[(1,)](v, out, N=v.numel())
+    assert torch.equal(out, v.to(torch.bfloat16).float())
+
+
+# (M, N, K, group_size, act_order) for the tiles of y.T: N and K not multiples of a tile, one group
+# per row, act-order (x permuted before the kernel), split K
+SWAP_SHAPES = [(20, 70, 256, 64, False), (16, 33, 96, 96, False), (127, 50, 200, 200, True), (33, 17, 512, 128, True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_dot_tile_layouts_agree(monkeypatch, bits):
-    """Both dequantized layouts of the ``tl.dot`` tiles (``DOT_K_MAJOR``; the bench times the two)
-    match the reference, and each other to the accumulation order's rounding."""
-    m, n, k, gs = 20, 70, 256, 64
-    mod = random_module(n, k, bits, gs, act_order=False, seed=bits).to(DEVICE)
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(bits)).to(DEVICE, torch.float16)
-    want = reference.matmul_int_grouped(x.float(), mod.qweight, mod.scales, mod.qzeros, mod.g_idx, bits)
-    got = {}
-    for k_major in (True, False):
-        monkeypatch.setattr(T, "DOT_K_MAJOR", k_major)
-        got[k_major] = T.matmul_int_grouped(x, mod.qweight, mod.scales, mod.qzeros, mod.g_idx, bits)
-        assert rel_err(got[k_major], want) <= MATMUL_REL[torch.float16]
-    assert rel_err(got[True], got[False].float()) <= MATMUL_REL[torch.float16]
+@pytest.mark.parametrize("m,n,k,gs,act", SWAP_SHAPES, ids=[f"M{m}-N{n}-K{k}-g{g}{'-act' if a else ''}"
+                                                          for m, n, k, g, a in SWAP_SHAPES])
+def test_swapped_dot_tiles_match_reference(monkeypatch, m, n, k, gs, act, bits, dtype):
+    """``DOT_SWAP``'s tiles of ``y.T`` (off by default; the benches time them beside the default)
+    are planned for these weights and match the reference, as the default's tiles do."""
+    mod = random_module(n, k, bits, gs, act, seed=m + bits, dtype=dtype).to(DEVICE)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE, dtype)
+    bias = torch.randn(n).to(DEVICE, dtype)
+    want = reference.matmul_int_grouped(x.float(), mod.qweight, mod.scales, mod.qzeros, mod.g_idx, bits, bias.float())
+    for swap in (False, True):
+        monkeypatch.setattr(T, "DOT_SWAP", swap)
+        cfg = T._plan(m, n, k, bits, gs, False, True, dtype, x.device, None, swap)[0]
+        assert cfg.swap is swap and cfg.block_m >= 16
+        got = T.matmul_int_grouped(x, mod.qweight, mod.scales, mod.qzeros, mod.g_idx, bits, bias)
+        assert got.dtype == dtype and got.shape == (m, n)
+        assert rel_err(got, want) <= MATMUL_REL[dtype]
+
+
+@pytest.mark.parametrize("block_m", [2, 8])
+def test_swapped_tiles_of_few_rows_match_reference(block_m):
+    """Swapped tiles under 16 rows (``tl.dot`` pads them), as the sweep tries them."""
+    m, n, k, gs = block_m - 1 or 1, 70, 256, 64
+    mod = random_module(n, k, 4, gs, False, seed=block_m).to(DEVICE)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(block_m)).to(DEVICE, torch.float16)
+    want = reference.matmul_int_grouped(x.float(), mod.qweight, mod.scales, mod.qzeros, mod.g_idx, 4)
+    w = to_group_ordered(mod.qweight, mod.scales, mod.qzeros, mod.g_idx, 4)
+    got = T.matmul_group_ordered(x, w, cfg=C.MatmulConfig(block_m, 32, 64, 2, 4, 3, swap=True))
+    assert rel_err(got, want) <= MATMUL_REL[torch.float16]
+
+
+@pytest.mark.parametrize("bits,gs", [(3, 64), (8, 100)], ids=["3-bit", "tiles-span-groups"])
+def test_swapped_tiles_refused_where_the_kernel_has_none(bits, gs):
+    mod = random_module(33, 200, bits, gs, False, seed=bits).to(DEVICE)
+    w = to_group_ordered(mod.qweight, mod.scales, mod.qzeros, mod.g_idx, bits)
+    block_k = T.block_k_for(gs, 200)[0]
+    x = torch.randn(16, 200).to(DEVICE, torch.float16)
+    with pytest.raises(ValueError, match="swapped tiles need 2, 4 or 8 bits and tiles inside groups"):
+        T.matmul_group_ordered(x, w, cfg=C.MatmulConfig(16, 32, block_k, 1, 4, 3, swap=True))
 
 
 @pytest.mark.parametrize("m", [1, 16, 5])

@@ -75,10 +75,10 @@ def _matmul_variants() -> list[Variant]:
             sig[name] = f"*{dt}"
         sig = _with_split_outputs(sig)
         consts = dict(BITS=bits, GROUP=group, HAS_PERM=perm, HAS_BIAS=split == 1, BLOCK_M=bm, BLOCK_N=bn,
-                      BLOCK_K=bk, SPLIT_K=split, TILE_IN_GROUP=in_group, DOT_FP32=False, K_MAJOR=False)
+                      BLOCK_K=bk, SPLIT_K=split, TILE_IN_GROUP=in_group, DOT_FP32=False, SWAP=False)
         out.append(Variant("triton_int_grouped", "_matmul_kernel", sig, consts))
-        if bm == 64:  # the dot tile dequantized K-contiguous (DOT_K_MAJOR; the bench's comparison row)
-            out.append(Variant("triton_int_grouped", "_matmul_kernel", sig, dict(consts, K_MAJOR=True)))
+        if bm >= 16 and in_group and bits != 3:  # tiles of y.T, the weight first (DOT_SWAP)
+            out.append(Variant("triton_int_grouped", "_matmul_kernel", sig, dict(consts, SWAP=True)))
     return out
 
 

@@ -148,15 +148,31 @@ def _product(x, w, BLOCK_M: tl.constexpr, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _dot_t(x, w_t, DOT_FP32: tl.constexpr):
-    """``x [BM, BK] @ w_t.T`` in fp32 with ``tl.dot`` (``BM >= 16``); ``w_t [BN, BK]`` holds fp32
-    values, rounded to x's dtype. For a weight tile dequantized with K contiguous in each thread,
-    which ``tl.dot`` then reads as a K-major operand. ``DOT_FP32`` as in :func:`_product`."""
+def _dot_weight_first(w, x, acc, DOT_FP32: tl.constexpr):
+    """``acc [BN, BM] + w [BN, BK] @ x [BM, BK].T`` in fp32 with ``tl.dot``: a tile of ``y.T``, the
+    weight the dot's first operand and the sum accumulated in the dot. ``w`` holds fp32 values,
+    rounded to x's dtype (its scale applied before, as the dequantize path rounds it); ``BM`` may
+    be under 16 (Triton pads it). ``DOT_FP32`` as in :func:`_product`.
+
+    In the sm_90 code of Triton 3.6 and 3.9 the weight then comes to the ``wgmma`` from registers
+    and the dots run asynchronously, each step waiting only for earlier ones, so the next tile's
+    dequantize overlaps the product; ``x @ w`` with a scale applied after it waits for every dot
+    to finish before the next step (``bench/ptx.py``)."""
     if DOT_FP32:
-        out = tl.dot(x.to(tl.float32), tl.trans(w_t.to(x.dtype).to(tl.float32)))
+        out = tl.dot(_round_to_bf16(w), tl.trans(x.to(tl.float32)), acc)
     else:
-        out = tl.dot(x, tl.trans(w_t.to(x.dtype)))
+        out = tl.dot(w.to(x.dtype), tl.trans(x), acc)
     return out
+
+
+@triton.jit
+def _round_to_bf16(v):
+    """fp32 ``v`` rounded to the nearest bf16 value (ties to even), as fp32: what ``v.to(tl.bfloat16)``
+    does on a GPU. The interpreter's cast truncates instead (a bias of -2.8e-3 on average over
+    random values here), which the tests would count as the kernel's error. Finite values only."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -222,6 +238,7 @@ class MatmulConfig:
     num_warps: int
     num_stages: int
     hip: tuple[tuple[str, int], ...] = ()  # HIP-only compiler options (waves_per_eu, ...)
+    swap: bool = False  # tl.dot tiles of y.T, the weight first (:func:`_dot_weight_first`; grouped int only)
 
     def launch_options(self) -> dict:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages, **dict(self.hip)}

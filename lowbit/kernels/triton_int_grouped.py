@@ -30,7 +30,7 @@ from lowbit.formats.group_order import GroupOrdered, to_group_ordered
 from lowbit.kernels.held import HeldCall
 from lowbit.kernels.triton_common import (
     MatmulConfig,
-    _dot_t,
+    _dot_weight_first,
     _output_tile,
     _product,
     _store_output,
@@ -155,15 +155,19 @@ def _matmul_kernel(
     M, N, K, stride_xm, stride_ym, qw_words, qz_words,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    TILE_IN_GROUP: tl.constexpr, DOT_FP32: tl.constexpr, K_MAJOR: tl.constexpr,
+    TILE_IN_GROUP: tl.constexpr, DOT_FP32: tl.constexpr, SWAP: tl.constexpr,
 ):
     """``y[M, N] = x[M, K] @ W.T (+ bias)``; with ``SPLIT_K > 1`` the splits meet in ``ws`` and the
-    last one writes y (``_store_output``). ``K_MAJOR``: ``tl.dot`` tiles (2, 4 and 8 bits, one group
-    a tile) are dequantized K-contiguous (:func:`_unpack_cols`), else as ``[BLOCK_K, BLOCK_N]``."""
+    last one writes y (``_store_output``). ``SWAP`` (2, 4 and 8 bits, one group a tile): ``tl.dot``
+    tiles of ``y.T`` (:func:`_dot_weight_first`), the weight dequantized K-contiguous
+    (:func:`_unpack_cols`) with its scale, ``acc`` ``[BLOCK_N, BLOCK_M]``."""
     offs_m, offs_n = _output_tile(M, N, BLOCK_M, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(tl.program_id(1) * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -179,9 +183,9 @@ def _matmul_kernel(
             g = k0 // GROUP
             s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # [BN]
             z = _unpack(qz_ptr + g * qz_words, offs_n, 0, 1, 0, qz_words, mask_n, BITS)  # [BN]
-            if K_MAJOR and BLOCK_M >= 16 and BITS != 3:  # tensor cores: the tile dequantized K-contiguous
+            if SWAP:
                 q = _unpack_cols(qw_ptr, k0, offs_n, N, qw_words, mask_n, BITS, BLOCK_K, BLOCK_N)  # [BN, BK]
-                acc += _dot_t(x, (q - z[:, None]).to(tl.float32), DOT_FP32) * s[None, :]
+                acc = _dot_weight_first((q - z[:, None]).to(tl.float32) * s[:, None], x, acc, DOT_FP32)
             else:
                 q = _unpack_tile(qw_ptr, k0, offs_k, offs_n, N, qw_words, mask_kn, mask_n, BITS, BLOCK_K, BLOCK_N)
                 w = (q - z[None, :]).to(tl.float32)  # |q - z| < 256: exact in fp16 and bf16
@@ -192,6 +196,8 @@ def _matmul_kernel(
             s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask_kn, other=0.0)
             z = _unpack(qz_ptr, offs_n[None, :], g[:, None], 1, qz_words, qz_words, mask_kn, BITS)
             acc += _product(x, (q - z).to(tl.float32) * s.to(tl.float32), BLOCK_M, DOT_FP32)
+    if SWAP:
+        acc = tl.trans(acc)  # [BM, BN]
     _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, tl.program_id(0), HAS_BIAS,
                   SPLIT_K)
 
@@ -227,14 +233,15 @@ def _dequantize_kernel(
 
 # --- launch configuration ----------------------------------------------------------------
 
-DOT_K_MAJOR = False
-"""Whether the ``tl.dot`` tiles (16 rows or more) dequantize the weight K-contiguous
-(:func:`_unpack_cols`, then a transposed dot) instead of ``[BLOCK_K, BLOCK_N]`` (:func:`_unpack_tile`).
-The K-contiguous tile has fewer instructions in the sm_90 PTX (a 64x64 tile's shared-memory stores
-go from 64 ``st.shared.b16`` to 8 ``st.shared.v4.b32`` per thread and K step, its loop from 553 to
-469 instructions; ``bench/ptx.py``) but ran slower on an H100 (2026-11-27, ``bench/kernels.py``,
-w4g128, graphs, cold L2): 23.9 against 18.8 µs at 16 rows of 4096x4096, 45.2 against 29.8 µs at 16
-rows of 4096x11008, 28.3 against 27.3 µs at 128 rows. So it is off; the bench keeps a row for it."""
+DOT_SWAP = False
+"""Whether the ``tl.dot`` tiles (16 rows or more) compute ``y.T = W @ x.T``, the dequantized and
+scaled weight the dot's first operand (:func:`~lowbit.kernels.triton_common._dot_weight_first`), for
+2, 4 and 8 bits with tiles inside groups. In the sm_90 code the dots then overlap the next tile's
+dequantize, where ``x @ W.T`` waits for each (``bench/ptx.py``). Not yet timed on a GPU, so off;
+``bench/kernels.py`` and ``bench/sweep.py`` time it beside the default.
+An earlier variant kept ``x @ W.T`` with the weight dequantized K-contiguous as the second operand:
+fewer instructions, but slower on an H100 (2026-11-27, w4g128, graphs, cold L2: 23.9 against 18.8
+µs at 16 rows of 4096x4096, 28.3 against 27.3 µs at 128 rows), and it was removed."""
 
 
 def block_k_for(group: int, k: int, cap: int = 128) -> tuple[int, bool]:
@@ -312,7 +319,7 @@ def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | 
     Returns:
         ``[..., N]`` in x's dtype, accumulated in fp32.
     """
-    key = (held_call_key(x, ACT_ORDER_GEMV_TILE, GATHER_MAX_ROWS, DOT_K_MAJOR)
+    key = (held_call_key(x, ACT_ORDER_GEMV_TILE, GATHER_MAX_ROWS, DOT_SWAP)
            if hold and cfg is None and batch_path is None else None)
     if key is not None:
         call = w.held_calls.find(key, (bias,))
@@ -333,7 +340,7 @@ def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | 
     if perm is not None and m > GATHER_MAX_ROWS:
         x2, perm = x2.index_select(1, perm), None
     cfg, grid, options = _plan(m, n, k, w.bits, w.group_size, perm is not None, bias is not None, x.dtype, x.device,
-                               cfg, DOT_K_MAJOR, ACT_ORDER_GEMV_TILE if perm is not None else None)
+                               cfg, DOT_SWAP, ACT_ORDER_GEMV_TILE if perm is not None else None)
     y, ws, locks = output_buffers(cfg, m, n, x, grid[0])
     args = (x2, w.qweight, w.scales, w.qzeros, perm if perm is not None else w.qweight,
             bias if bias is not None else w.scales, y, ws, locks,
@@ -347,7 +354,7 @@ def matmul_group_ordered(x: torch.Tensor, w: GroupOrdered, bias: torch.Tensor | 
 
 @functools.lru_cache(maxsize=4096)  # each prefill length is a plan of its own
 def _plan(m: int, n: int, k: int, bits: int, group_size: int, has_perm: bool, has_bias: bool, dtype: torch.dtype,
-          device: torch.device, cfg: MatmulConfig | None, k_major: bool,
+          device: torch.device, cfg: MatmulConfig | None, swap: bool,
           gemv_tile: tuple[int, int] | None = None) -> tuple[MatmulConfig, tuple[int, int], dict]:
     """The launch of :func:`_matmul_kernel` for ``[m, k]`` rows and a ``[n, k]`` weight: its
     configuration (``cfg``, or None for the heuristic's, with ``gemv_tile`` for one token), grid,
@@ -356,12 +363,18 @@ def _plan(m: int, n: int, k: int, bits: int, group_size: int, has_perm: bool, ha
     Cached, so that an eager call skips the tile choice and the options' dict (about 1.6 µs of CPU
     a call here, ``bench/dispatch.py``); callers must not change the dict."""
     block_k, in_group = block_k_for(group_size, k, cfg.block_k if cfg is not None else 128)
+    can_swap = in_group and bits != 3
     if cfg is None:
         cfg = launch_config(m, n, k, block_k, device, gemv_tile)
+        if swap and can_swap and cfg.block_m >= 16:
+            cfg = dataclasses.replace(cfg, swap=True)
     elif cfg.block_k != block_k:
         raise ValueError(f"block_k {cfg.block_k} does not fit group size {group_size} (use {block_k})")
+    elif cfg.swap and not can_swap:
+        raise ValueError(f"swapped tiles need 2, 4 or 8 bits and tiles inside groups, not {bits} bits in groups of "
+                         f"{group_size}")
     options = dict(BITS=bits, GROUP=group_size, HAS_PERM=has_perm, HAS_BIAS=has_bias, TILE_IN_GROUP=in_group,
-                   K_MAJOR=k_major, **cfg.kernel_options(dtype))
+                   SWAP=cfg.swap, **cfg.kernel_options(dtype))
     return cfg, cfg.grid(m, n), options
 
 
