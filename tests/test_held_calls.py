@@ -316,7 +316,7 @@ def _eager_calls_match(mod, rows: tuple[int, ...], replace, want, tol: float, ou
 @pytest.fixture
 def recorded_aqlm(monkeypatch):
     """As the others, and each table of codeword products the wrapper makes."""
-    kernels, _log, launches = _record(monkeypatch, TC, ("_lut_gemv_kernel", "_matmul_kernel"))
+    kernels, _log, launches = _record(monkeypatch, TC, ("_lut_gemv_kernel", "_lut_slice_kernel", "_matmul_kernel"))
     tables = []
     products = TC.codeword_products
 
@@ -362,7 +362,7 @@ def test_aqlm_second_call_repeats_the_launch(recorded_aqlm, rows, kernel, x_at, 
     assert held[2][y_at + 1] is not held[2][y_at]  # split K: the partials are not the output
 
 
-@pytest.mark.parametrize("change", ["replaced", "bias", "lut-switch", "not-contiguous"])
+@pytest.mark.parametrize("change", ["replaced", "bias", "lut-switch", "slices-switch", "not-contiguous"])
 def test_aqlm_a_change_goes_through_the_wrapper(recorded_aqlm, monkeypatch, change):
     _kernels, launches, _tables = recorded_aqlm
     mod = random_aqlm(32, 2048, 8, 2, 8, seed=2).cpu()  # stand-in kernels: CPU tensors
@@ -375,6 +375,8 @@ def test_aqlm_a_change_goes_through_the_wrapper(recorded_aqlm, monkeypatch, chan
         mod.bias = torch.randn(32).half()
     elif change == "lut-switch":
         monkeypatch.setattr(TC, "LUT_BLOCK_J", 32)
+    elif change == "slices-switch":
+        monkeypatch.setattr(TC, "LUT_SLICES", not TC.LUT_SLICES)
     _aqlm(mod, _x2k())
     assert len(launches) == 2
     _aqlm(mod, _x2k())

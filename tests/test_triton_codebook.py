@@ -90,10 +90,14 @@ LUT_CASES = [(1, 33, 72, 8, (2, 8)), (3, 40, 96, 8, (2, 8)), (1, 24, 2048, 8, (2
              (4, 17, 72, 12, (3, 5)), (1, 8, 64, 8, (1, 8))]
 
 
+@pytest.mark.parametrize("slices", [False, True], ids=["gathered", "slices-held"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 @pytest.mark.parametrize("m,n,k,ig,scheme", LUT_CASES, ids=[f"M{c[0]}-N{c[1]}-K{c[2]}-g{c[3]}-{c[4][0]}x{c[4][1]}"
                                                             for c in LUT_CASES])
-def test_tabulated_products_match_reference(m, n, k, ig, scheme, dtype):
+def test_tabulated_products_match_reference(monkeypatch, m, n, k, ig, scheme, dtype, slices):
+    """The tabulated path, its entries gathered from device memory (``_lut_gemv_kernel``) or from
+    slices of the table held in each program (``LUT_SLICES``)."""
+    monkeypatch.setattr(T, "LUT_SLICES", slices)
     mod = random_module(n, k, ig, *scheme, seed=k + m)
     assert T.lut_applies(m, mod.codebooks, lut=True)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(n)).to(DEVICE, dtype)
@@ -121,6 +125,29 @@ def test_tabulated_steps_and_prefetch(monkeypatch, block_j, prefetch, m, n, k):
     assert cfg.block_k == block_j
     got = T.matmul_codebook(x, *args(mod), bias=mod.bias, lut=True)
     assert rel_err(got, reference.matmul_codebook(x.float(), *args(mod), bias=mod.bias)) <= MATMUL_REL[torch.float16]
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 300, 4096), (3, 600, 2048), (1, 40, 200)],
+                         ids=["split-2-slices-each", "rows-over-a-program", "partial-slice"])
+def test_held_slices_over_splits(monkeypatch, m, n, k):
+    """Slices of the table held in the program: programs of several slices, several row blocks, and
+    a last slice past the codes (its entries read as 0)."""
+    monkeypatch.setattr(T, "LUT_SLICES", True)
+    mod = random_module(n, k, 8, 2, 8, seed=n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(DEVICE, torch.float16)
+    got = T.matmul_codebook(x, *args(mod), bias=mod.bias, lut=True)
+    assert rel_err(got, reference.matmul_codebook(x.float(), *args(mod), bias=mod.bias)) <= MATMUL_REL[torch.float16]
+
+
+def test_held_slice_config():
+    """A held slice fits :data:`LUT_SLICE_BYTES` (fp16 and fp32 tables, 2x8 and 3x5), and every split has a slice."""
+    for size, entry in ((256, 2), (256, 4), (32, 2)):
+        for n in (8, 4096, 11008):
+            for j in (18, 1024, 2752):
+                cfg = T._lut_slice_config(1, n, j, size, entry, torch.device(DEVICE))
+                assert cfg.block_k * size * entry <= T.LUT_SLICE_BYTES and cfg.block_k <= 64
+                assert T.cdiv(j, cfg.block_k) >= cfg.split_k
+    assert T._lut_slice_config(1, 8, 1024, 256, 2, torch.device(DEVICE)).split_k > 1
 
 
 def test_lut_split_keeps_a_step_per_split():
@@ -224,3 +251,16 @@ def test_model_size_on_gpu(m, scheme):
     assert select_kernel(mod, x).name == "triton"
     want = reference.matmul_codebook(x.float(), *args(mod))
     assert rel_err(mod(x), want) <= MATMUL_REL[torch.float16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n", [(4096, 4096), (11008, 4096)])
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_held_slices_at_model_sizes_on_gpu(monkeypatch, k, n, m, dtype):
+    """``LUT_SLICES``' kernel compiled: fp16 and fp32 tables, a K split over 22 slices."""
+    monkeypatch.setattr(T, "LUT_SLICES", True)
+    mod = random_module(n, k, 8, 2, 8, seed=m)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    want = reference.matmul_codebook(x.float(), *args(mod), bias=mod.bias)
+    assert rel_err(T.matmul_codebook(x, *args(mod), bias=mod.bias, lut=True), want) <= MATMUL_REL[dtype]

@@ -150,6 +150,10 @@ def _codebook_variants() -> list[Variant]:
         out.append(Variant("triton_codebook", "_lut_gemv_kernel", _with_split_outputs(sig),
                            dict(C=2, SIZE=256, HAS_BIAS=split > 1, BLOCK_N=16, BLOCK_J=block_j, SPLIT_K=split,
                                 PREFETCH=prefetch)))
+        # the same with slices of the table held in the program (LUT_SLICES), 64 KiB of fp32 or 32 of fp16
+        out.append(Variant("triton_codebook", "_lut_slice_kernel", _with_split_outputs(sig),
+                           dict(C=2, SIZE=256, HAS_BIAS=split > 1, BLOCK_N=256, BLOCK_J=64, SPLIT_K=split),
+                           options=(("num_warps", 8),)))
     return out
 
 

@@ -211,6 +211,35 @@ def _lut_gemv_kernel(codes_ptr, lut_ptr, scales_ptr, b_ptr, y_ptr, ws_ptr, lock_
                   m * tl.num_programs(0) + tl.program_id(0), HAS_BIAS, SPLIT_K)
 
 
+@triton.jit
+def _lut_slice_kernel(codes_ptr, lut_ptr, scales_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, N, GI,
+                      C: tl.constexpr, SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr):
+    """:func:`_lut_gemv_kernel`'s product with each program's slice of the table held in the
+    program: for ``BLOCK_J`` codes of its rows at a time it loads their ``BLOCK_J * SIZE`` table
+    entries once (contiguous), then gathers every code's entry from there with one ``tl.gather``,
+    which Triton places in shared memory (``bench/ptx.py``; each ``tl.gather`` stores its table
+    there again, so a slice takes one), rather than from device memory. Slices ``program_id(1), +
+    SPLIT_K, ...`` of the ``J = GI * C`` codes are this program's; the splits meet as in
+    :func:`_lut_gemv_kernel`."""
+    m = tl.program_id(2)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    J = GI * C
+    lut_row = lut_ptr + m.to(tl.int64) * J * SIZE
+    entries = tl.arange(0, BLOCK_J * SIZE)
+    at = tl.arange(0, BLOCK_J)[None, :] * SIZE  # [1, BJ]: each code's first entry in the slice
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j0 in range(tl.program_id(1) * BLOCK_J, J, BLOCK_J * SPLIT_K):
+        table = tl.load(lut_row + j0 * SIZE + entries, mask=entries < (J - j0) * SIZE, other=0.0)  # past J: 0
+        code = _lut_codes(codes_ptr, offs_n, mask_n, j0, J, BLOCK_J) & (SIZE - 1)  # [BN, BJ]
+        index = tl.reshape(at + code, (BLOCK_N * BLOCK_J,))
+        acc += tl.sum(tl.reshape(tl.gather(table, index, 0), (BLOCK_N, BLOCK_J)).to(tl.float32), axis=1)
+    s = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, (acc * s)[None, :], m + tl.arange(0, 1), offs_n, tl.num_programs(2),
+                  N, N, m * tl.num_programs(0) + tl.program_id(0), HAS_BIAS, SPLIT_K)
+
+
 def supports(codebooks: torch.Tensor) -> bool:
     """The kernels handle one output row per group (``out_group_size == 1``)."""
     return codebooks.dim() == 4 and codebooks.shape[2] == 1
@@ -339,6 +368,33 @@ def _lut_config(m: int, n: int, j: int, device: torch.device, block_j: int | Non
     return MatmulConfig(1, block_n, block_j, split, 4, 1)
 
 
+LUT_SLICES = False
+"""Whether the tabulated path gathers from slices of the table held in each program
+(:func:`_lut_slice_kernel`) rather than from device memory (:func:`_lut_gemv_kernel`). A gather from
+device memory reads a 32-byte sector for each 2-byte entry: for one token of a 2x8 4096x4096
+weight, 2M lookups move about 64 MiB from L2, against 4 MiB of codes. The slices move about twice
+the codes' bytes (a slice's table is ``2 * SIZE`` bytes a code against ``BLOCK_N`` rows of
+codes). Not yet timed on a GPU, so off; ``bench/kernels.py`` times it beside the default."""
+
+LUT_SLICE_ROWS = 256
+"""Rows a program of :func:`_lut_slice_kernel` takes (8 warps): each slice's table, loaded once, serves them all."""
+
+LUT_SLICE_BYTES = 1 << 16
+"""The most bytes of table a program of :func:`_lut_slice_kernel` holds (64 KiB, in shared memory)."""
+
+
+def _lut_slice_config(m: int, n: int, j: int, size: int, entry_bytes: int, device: torch.device) -> MatmulConfig:
+    """Launch of :func:`_lut_slice_kernel` over ``j`` codes a row and a table of ``size`` entries a
+    code (``entry_bytes`` each): :data:`LUT_SLICE_ROWS` rows a program (8 warps), slices of up to 64
+    codes within :data:`LUT_SLICE_BYTES` (``block_k``), split over programs while they stay under 2
+    a multiprocessor, up to 16 ways."""
+    block_j = min(64, LUT_SLICE_BYTES // (size * entry_bytes))
+    programs, slices, split = cdiv(n, LUT_SLICE_ROWS) * m, cdiv(j, block_j), 1
+    while split < 16 and programs * split * 2 <= 2 * device_sms(device) and slices >= split * 2:
+        split *= 2
+    return MatmulConfig(1, LUT_SLICE_ROWS, block_j, split, 8, 1)
+
+
 class _HeldTabulated(HeldCall):
     """The tabulated one-token path, held: each call makes its table of codeword products from its
     rows (:func:`codeword_products`, with the codebooks the call was made from), then launches."""
@@ -355,12 +411,17 @@ def _matmul_lut(x2, codes, codebooks, scales, bias, n: int, gi: int) -> tuple[to
     m = x2.shape[0]
     n_codebooks, size = codebooks.shape[:2]
     lut = codeword_products(x2, codebooks)
-    cfg = _lut_config(m, n, gi * n_codebooks, x2.device)
+    if LUT_SLICES:
+        cfg = _lut_slice_config(m, n, gi * n_codebooks, size, lut.element_size(), x2.device)
+        kernel, options = _lut_slice_kernel, {}
+    else:
+        cfg = _lut_config(m, n, gi * n_codebooks, x2.device)
+        kernel, options = _lut_gemv_kernel, dict(PREFETCH=LUT_PREFETCH)
     y, ws, locks = output_buffers(cfg, m, n, x2, tiles=cdiv(n, cfg.block_n) * m)
     args = (codes.contiguous(), lut, scales.contiguous(), bias if bias is not None else scales, y, ws, locks, n, gi)
-    launched = launch(_lut_gemv_kernel, (cdiv(n, cfg.block_n), cfg.split_k, m), *args,
+    launched = launch(kernel, (cdiv(n, cfg.block_n), cfg.split_k, m), *args,
         C=n_codebooks, SIZE=size, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_J=cfg.block_k,
-        SPLIT_K=cfg.split_k, PREFETCH=LUT_PREFETCH, num_warps=cfg.num_warps)
+        SPLIT_K=cfg.split_k, num_warps=cfg.num_warps, **options)
     return y, args, launched
 
 
@@ -379,8 +440,8 @@ def matmul_codebook(x, codes, codebooks, scales, bias=None, batch_path: str | No
             (:class:`~lowbit.kernels.held.HeldCall`; the tabulated path still makes its
             table each call).
     """
-    key = (held_call_key(x, DEFAULT_LUT, LUT_MAX_ROWS, LUT_MAX_SIZE, LUT_BLOCK_J, LUT_PREFETCH, DEFAULT_GATHER,
-                         GATHER_MAX)
+    key = (held_call_key(x, DEFAULT_LUT, LUT_MAX_ROWS, LUT_MAX_SIZE, LUT_BLOCK_J, LUT_PREFETCH, LUT_SLICES,
+                         DEFAULT_GATHER, GATHER_MAX)
            if held is not None and batch_path is None and gather is None and lut is None else None)
     if key is not None:
         sources = (codes, codebooks, scales, bias)

@@ -211,20 +211,29 @@ def _split_total(ws_ptr, lock_ptr, tile, acc, ws_at, mask, stride_split, SPLIT_K
 
 @triton.jit
 def _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, tile,
-                  HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+                  HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, TRANSPOSED: tl.constexpr = False):
     """Write the fp32 tile ``+ bias`` in y's dtype. With ``SPLIT_K > 1`` the partials of output tile
     ``tile`` (this program's index among the output tiles, its K split being ``program_id(1)``)
     meet in ``ws[SPLIT_K, M, N]`` and the last split to finish writes y (:func:`_split_total`):
-    one launch, no zero-filled output, no reduction kernel after it."""
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    one launch, no zero-filled output, no reduction kernel after it.
+
+    ``TRANSPOSED``: ``acc`` is a tile of ``y.T``, ``[BN, BM]``, written as it is. Transposed in
+    registers first (``tl.trans``), the accumulator made ``ptxas`` serialize the ``wgmma`` of the
+    loop that produced it (warning C7515, Triton 3.6, tiles of 32 rows and more)."""
+    if TRANSPOSED:
+        rows = offs_m[None, :]
+        cols = offs_n[:, None]
+    else:
+        rows = offs_m[:, None]
+        cols = offs_n[None, :]
+    mask = (rows < M) & (cols < N)
     last = True
     if SPLIT_K > 1:
-        last, acc = _split_total(ws_ptr, lock_ptr, tile, acc, ws_ptr + offs_m[:, None] * N + offs_n[None, :],
-                                 mask, M * N, SPLIT_K)
+        last, acc = _split_total(ws_ptr, lock_ptr, tile, acc, ws_ptr + rows * N + cols, mask, M * N, SPLIT_K)
     if last:
         if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+            acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows * stride_ym + cols, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @dataclass(frozen=True)

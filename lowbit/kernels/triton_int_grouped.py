@@ -168,6 +168,8 @@ def _matmul_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:  # every split has a K tile (_plan): with no path around the loop, ptxas keeps its wgmma
+        tl.assume(tl.program_id(1) * BLOCK_K < K)  # asynchronous (else warning C7515: the zeros on that path)
     for k0 in range(tl.program_id(1) * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -196,10 +198,8 @@ def _matmul_kernel(
             s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask_kn, other=0.0)
             z = _unpack(qz_ptr, offs_n[None, :], g[:, None], 1, qz_words, qz_words, mask_kn, BITS)
             acc += _product(x, (q - z).to(tl.float32) * s.to(tl.float32), BLOCK_M, DOT_FP32)
-    if SWAP:
-        acc = tl.trans(acc)  # [BM, BN]
     _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, tl.program_id(0), HAS_BIAS,
-                  SPLIT_K)
+                  SPLIT_K, SWAP)
 
 
 @triton.jit
@@ -370,6 +370,9 @@ def _plan(m: int, n: int, k: int, bits: int, group_size: int, has_perm: bool, ha
             cfg = dataclasses.replace(cfg, swap=True)
     elif cfg.block_k != block_k:
         raise ValueError(f"block_k {cfg.block_k} does not fit group size {group_size} (use {block_k})")
+    elif cdiv(k, block_k) < cfg.split_k:
+        raise ValueError(f"split_k {cfg.split_k} leaves a split without a K tile ({cdiv(k, block_k)} tiles of "
+                         f"{block_k})")
     elif cfg.swap and not can_swap:
         raise ValueError(f"swapped tiles need 2, 4 or 8 bits and tiles inside groups, not {bits} bits in groups of "
                          f"{group_size}")
