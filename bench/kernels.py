@@ -255,10 +255,11 @@ def lowbit_aqlm_row(m, k, n, sets, n_codebooks, nbits, batch_path=None, lut_step
     (``lut_step``: the tabulated GEMV's (codes a step, prefetch), None for its defaults; ``slices``:
     its table's slices held in each program or not, None for ``LUT_SLICES``' default)."""
     from lowbit.kernels import triton_codebook as A
+    from lowbit.kernels import triton_codebook_lut as L
 
     block_j, prefetch = lut_step or (None, None)
 
-    call = switching(A, lambda x, c, b, s, held: A.matmul_codebook(x, c, b, s, batch_path=batch_path, held=held),
+    call = switching(L, lambda x, c, b, s, held: A.matmul_codebook(x, c, b, s, batch_path=batch_path, held=held),
                      LUT_BLOCK_J=block_j, LUT_PREFETCH=prefetch, LUT_SLICES=slices)
     calls, err = [], 0.0
     for i in range(sets):

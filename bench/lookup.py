@@ -92,6 +92,7 @@ def bench_shape(k: int, n: int, ms: list[int], l2: int, warm: bool = False) -> l
     """Rows of one shape; ``warm``: compile and run each variant once on one input set, time nothing."""
     from lowbit.kernels import triton_blockwise4 as B
     from lowbit.kernels import triton_codebook as A
+    from lowbit.kernels import triton_codebook_lut as L
 
     rows = []
 
@@ -120,7 +121,7 @@ def bench_shape(k: int, n: int, ms: list[int], l2: int, warm: bool = False) -> l
         for gather in (False, True):  # the dequantize kernel: a value at a time (below, whole codewords)
             add(m, f"aqlm 2x8 {'gather' if gather else 'global'}",
                 lambda: aqlm_calls(m, k, n, sets2, gather, lut=False, words=False))
-        if 0 < m <= A.LUT_MAX_ROWS:
+        if 0 < m <= L.LUT_MAX_ROWS:
             add(m, "aqlm 2x8 lut", lambda: aqlm_calls(m, k, n, sets2, False, lut=True))
         if m == 0:
             for gather in (False, True):

@@ -37,6 +37,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from lowbit.kernels import triton_blockwise4 as B  # noqa: E402
 from lowbit.kernels import triton_codebook as A  # noqa: E402
+from lowbit.kernels import triton_codebook_lut as L  # noqa: E402
 from lowbit.kernels import triton_int8 as I  # noqa: E402
 from lowbit.kernels import triton_int_grouped as G  # noqa: E402
 from lowbit.kernels.aot_check import _with_split_outputs as split_outputs  # noqa: E402
@@ -91,12 +92,12 @@ def cases() -> list[Case]:
                              "y_ptr": "*fp16", "N": "i32", "GI": "i32"})
     for block_j, prefetch in ((64, False), (256, True)):  # the first version's step, and the default
         out.append(Case(f"aqlm 2x8 GEMV, lut, {block_j} codes a step{', prefetch' if prefetch else ''} "
-                        "(table matmul not counted)", A._lut_gemv_kernel, lut_sig,
+                        "(table matmul not counted)", L._lut_gemv_kernel, lut_sig,
                         dict(C=2, SIZE=256, HAS_BIAS=False, BLOCK_N=16, BLOCK_J=block_j, SPLIT_K=1,
                              PREFETCH=prefetch), 4, 16 * block_j // 2 * 8))
-    out.append(Case("aqlm 2x8 GEMV, lut slices held (LUT_SLICES; table matmul not counted)", A._lut_slice_kernel,
-                    lut_sig, dict(C=2, SIZE=256, HAS_BIAS=False, BLOCK_N=A.LUT_SLICE_ROWS, BLOCK_J=64, SPLIT_K=8),
-                    8, A.LUT_SLICE_ROWS * 64 // 2 * 8))
+    out.append(Case("aqlm 2x8 GEMV, lut slices held (LUT_SLICES; table matmul not counted)", L._lut_slice_kernel,
+                    lut_sig, dict(C=2, SIZE=256, HAS_BIAS=False, BLOCK_N=L.LUT_SLICE_ROWS, BLOCK_J=64, SPLIT_K=8),
+                    8, L.LUT_SLICE_ROWS * 64 // 2 * 8))
     nf4_deq = {"w_ptr": "*u8", "absmax_ptr": "*u8", "qmap_ptr": "*fp32", "nabs_ptr": "*fp32", "nmap_ptr": "*fp32",
                "noff_ptr": "*fp32", "out_ptr": "*fp16", "numel": "i32"}
     out.append(Case("nf4 dequantize, global (calibration: 86 % of the copy probe)", B._dequantize_kernel, nf4_deq,

@@ -19,6 +19,7 @@ C = pytest.importorskip("lowbit.kernels.triton_common")
 TG = pytest.importorskip("lowbit.kernels.triton_int_grouped")
 TB = pytest.importorskip("lowbit.kernels.triton_blockwise4")
 TC = pytest.importorskip("lowbit.kernels.triton_codebook")
+TL = pytest.importorskip("lowbit.kernels.triton_codebook_lut")
 TI = pytest.importorskip("lowbit.kernels.triton_int8")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -94,7 +95,7 @@ def test_one_token_call_is_allocations_and_launches(case, monkeypatch):
     its kernels' launches, and no PyTorch work but views, allocations and the stated matmul."""
     build, want_launches, want_work = CASES[case]
     launches = []
-    for mod in (TG, TB, TC, TI):
+    for mod in (TG, TB, TC, TL, TI):
         monkeypatch.setattr(mod, "launch", lambda kernel, grid, *a, **kw: launches.append(kernel.fn.__name__))
     x = torch.randn(1, 512, generator=torch.Generator().manual_seed(0)).to(DEVICE, torch.float16)
     call = build(x)

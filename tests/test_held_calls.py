@@ -14,7 +14,7 @@ import torch
 from conftest import MATMUL_REL, rel_err
 from lowbit.kernels import reference
 from lowbit.kernels.held import HeldCalls
-from test_eager_work import BOOKKEEPING, TB, TC, TG, TI, C, _Ops
+from test_eager_work import BOOKKEEPING, TB, TC, TG, TI, TL, C, _Ops
 from test_group_order import random_module
 from test_launch_cache import StandInKernel
 from test_triton_blockwise4 import args as nf4_args
@@ -32,24 +32,34 @@ class Recorder(StandInKernel):
         self.arg_names, self.fn, self.log = kernel.arg_names, kernel.fn, log
 
 
-def _record(monkeypatch, module, names: tuple[str, ...]) -> tuple[dict, list, list]:
-    """The launch cache on (outside the interpreter), ``module``'s kernels ``names`` recorded into
-    one log in launch order, and a count of the wrapper's calls to ``launch`` (a held call makes
-    none): ``(recorders by name, the log, the count)``."""
+def _record(monkeypatch, module, names: tuple[str, ...], others: tuple = ()) -> tuple[dict, list, list]:
+    """The launch cache on (outside the interpreter), ``module``'s kernels ``names`` (and those of
+    each ``(module, names)`` of ``others``) recorded into one log in launch order, and a count of
+    the wrappers' calls to ``launch`` (a held call makes none): ``(recorders by name, the log, the
+    count)``."""
     monkeypatch.setattr(C, "LAUNCH_CACHE", True)
     monkeypatch.setattr(C, "INTERPRET", False)
     monkeypatch.setattr(C, "_HELD", {})
     log, launches = [], []
-    kernels = {name: Recorder(getattr(module, name), log) for name in names}
-    for name, kernel in kernels.items():
-        monkeypatch.setattr(module, name, kernel)
 
     def counted(*args, **kwargs):
         launches.append(1)
         return C.launch(*args, **kwargs)
 
-    monkeypatch.setattr(module, "launch", counted)
+    kernels = {}
+    for mod, of_mod in ((module, names), *others):
+        for name in of_mod:
+            kernels[name] = Recorder(getattr(mod, name), log)
+            monkeypatch.setattr(mod, name, kernels[name])
+        monkeypatch.setattr(mod, "launch", counted)
     return kernels, log, launches
+
+
+def _record_wrapper(monkeypatch, module) -> tuple[dict, list, list]:
+    """:func:`_record` for every kernel a format's wrapper in ``module`` launches (AQLM's tabulated
+    path's kernels too)."""
+    names = tuple(name for name in ("_matmul_kernel", "_gemv_kernel", "_stats_kernel") if hasattr(module, name))
+    return _record(monkeypatch, module, names, ((TL, ("_lut_gemv_kernel", "_lut_slice_kernel")),) if module is TC else ())
 
 
 @pytest.fixture
@@ -316,15 +326,16 @@ def _eager_calls_match(mod, rows: tuple[int, ...], replace, want, tol: float, ou
 @pytest.fixture
 def recorded_aqlm(monkeypatch):
     """As the others, and each table of codeword products the wrapper makes."""
-    kernels, _log, launches = _record(monkeypatch, TC, ("_lut_gemv_kernel", "_lut_slice_kernel", "_matmul_kernel"))
+    kernels, _log, launches = _record(monkeypatch, TC, ("_matmul_kernel",),
+                                      ((TL, ("_lut_gemv_kernel", "_lut_slice_kernel")),))
     tables = []
-    products = TC.codeword_products
+    products = TL.codeword_products
 
     def tabulated(x2, books):
         tables.append(products(x2, books))
         return tables[-1]
 
-    monkeypatch.setattr(TC, "codeword_products", tabulated)
+    monkeypatch.setattr(TL, "codeword_products", tabulated)
     return kernels, launches, tables
 
 
@@ -374,9 +385,9 @@ def test_aqlm_a_change_goes_through_the_wrapper(recorded_aqlm, monkeypatch, chan
     elif change == "bias":
         mod.bias = torch.randn(32).half()
     elif change == "lut-switch":
-        monkeypatch.setattr(TC, "LUT_BLOCK_J", 32)
+        monkeypatch.setattr(TL, "LUT_BLOCK_J", 32)
     elif change == "slices-switch":
-        monkeypatch.setattr(TC, "LUT_SLICES", not TC.LUT_SLICES)
+        monkeypatch.setattr(TL, "LUT_SLICES", not TL.LUT_SLICES)
     _aqlm(mod, _x2k())
     assert len(launches) == 2
     _aqlm(mod, _x2k())
@@ -516,9 +527,7 @@ def test_a_held_call_only_allocates(monkeypatch, case, work):
     """A held repeat dispatches no PyTorch work but views and allocations (and AQLM's table of
     codeword products, one matmul), and calls no wrapper's ``launch``."""
     module = {"grouped-int": TG, "nf4": TB, "aqlm": TC, "int8": TI}[case]
-    names = tuple(name for name in ("_matmul_kernel", "_gemv_kernel", "_lut_gemv_kernel", "_stats_kernel")
-                  if hasattr(module, name))
-    _kernels, log, launches = _record(monkeypatch, module, names)
+    _kernels, log, launches = _record_wrapper(monkeypatch, module)
     call = _held_repeat(case)
     call()
     launches.clear()
@@ -556,9 +565,7 @@ def test_a_module_forward_holds_its_calls(monkeypatch, case):
     import lowbit.kernels as K
 
     mod, module = _module(case)
-    names = tuple(name for name in ("_matmul_kernel", "_gemv_kernel", "_lut_gemv_kernel", "_stats_kernel")
-                  if hasattr(module, name))
-    _kernels, log, launches = _record(monkeypatch, module, names)
+    _kernels, log, launches = _record_wrapper(monkeypatch, module)
     fmt = type(mod).format
     monkeypatch.setitem(K._KERNELS, fmt, [dataclasses.replace(i, available=K.always, supports=lambda m, x: True)
                                           if i.name == "triton" else i for i in K._KERNELS[fmt]])

@@ -11,6 +11,7 @@ from lowbit.kernels import reference, select_kernel
 
 pytest.importorskip("triton")
 T = pytest.importorskip("lowbit.kernels.triton_codebook")
+L = pytest.importorskip("lowbit.kernels.triton_codebook_lut")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -97,9 +98,9 @@ LUT_CASES = [(1, 33, 72, 8, (2, 8)), (3, 40, 96, 8, (2, 8)), (1, 24, 2048, 8, (2
 def test_tabulated_products_match_reference(monkeypatch, m, n, k, ig, scheme, dtype, slices):
     """The tabulated path, its entries gathered from device memory (``_lut_gemv_kernel``) or from
     slices of the table held in each program (``LUT_SLICES``)."""
-    monkeypatch.setattr(T, "LUT_SLICES", slices)
+    monkeypatch.setattr(L, "LUT_SLICES", slices)
     mod = random_module(n, k, ig, *scheme, seed=k + m)
-    assert T.lut_applies(m, mod.codebooks, lut=True)
+    assert L.lut_applies(m, mod.codebooks, lut=True)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(n)).to(DEVICE, dtype)
     want = reference.matmul_codebook(x.float(), *args(mod), bias=mod.bias)
     got = T.matmul_codebook(x, *args(mod), bias=mod.bias, lut=True)
@@ -117,11 +118,11 @@ def test_tabulated_products_match_reference(monkeypatch, m, n, k, ig, scheme, dt
 def test_tabulated_steps_and_prefetch(monkeypatch, block_j, prefetch, m, n, k):
     """Each step size, with and without the next codes loaded ahead, gives the reference's product
     over K splits of several steps, unsplit rows of several steps, and a last step past the codes."""
-    monkeypatch.setattr(T, "LUT_BLOCK_J", block_j)
-    monkeypatch.setattr(T, "LUT_PREFETCH", prefetch)
+    monkeypatch.setattr(L, "LUT_BLOCK_J", block_j)
+    monkeypatch.setattr(L, "LUT_PREFETCH", prefetch)
     mod = random_module(n, k, 8, 2, 8, seed=n + block_j)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(DEVICE, torch.float16)
-    cfg = T._lut_config(m, n, k // 8 * 2, torch.device(DEVICE))
+    cfg = L._lut_config(m, n, k // 8 * 2, torch.device(DEVICE))
     assert cfg.block_k == block_j
     got = T.matmul_codebook(x, *args(mod), bias=mod.bias, lut=True)
     assert rel_err(got, reference.matmul_codebook(x.float(), *args(mod), bias=mod.bias)) <= MATMUL_REL[torch.float16]
@@ -132,7 +133,7 @@ def test_tabulated_steps_and_prefetch(monkeypatch, block_j, prefetch, m, n, k):
 def test_held_slices_over_splits(monkeypatch, m, n, k):
     """Slices of the table held in the program: programs of several slices, several row blocks, and
     a last slice past the codes (its entries read as 0)."""
-    monkeypatch.setattr(T, "LUT_SLICES", True)
+    monkeypatch.setattr(L, "LUT_SLICES", True)
     mod = random_module(n, k, 8, 2, 8, seed=n)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(DEVICE, torch.float16)
     got = T.matmul_codebook(x, *args(mod), bias=mod.bias, lut=True)
@@ -144,10 +145,10 @@ def test_held_slice_config():
     for size, entry in ((256, 2), (256, 4), (32, 2)):
         for n in (8, 4096, 11008):
             for j in (18, 1024, 2752):
-                cfg = T._lut_slice_config(1, n, j, size, entry, torch.device(DEVICE))
-                assert cfg.block_k * size * entry <= T.LUT_SLICE_BYTES and cfg.block_k <= 64
+                cfg = L._lut_slice_config(1, n, j, size, entry, torch.device(DEVICE))
+                assert cfg.block_k * size * entry <= L.LUT_SLICE_BYTES and cfg.block_k <= 64
                 assert T.cdiv(j, cfg.block_k) >= cfg.split_k
-    assert T._lut_slice_config(1, 8, 1024, 256, 2, torch.device(DEVICE)).split_k > 1
+    assert L._lut_slice_config(1, 8, 1024, 256, 2, torch.device(DEVICE)).split_k > 1
 
 
 def test_lut_split_keeps_a_step_per_split():
@@ -155,15 +156,15 @@ def test_lut_split_keeps_a_step_per_split():
     for n in (8, 64, 4096, 11008):
         for j in (64, 200, 1024, 2752):
             for block_j in (64, 256):
-                cfg = T._lut_config(1, n, j, torch.device(DEVICE), block_j)
+                cfg = L._lut_config(1, n, j, torch.device(DEVICE), block_j)
                 assert cfg.split_k == 1 or T.cdiv(j, block_j) >= cfg.split_k
-    assert T._lut_config(1, 8, 1024, torch.device(DEVICE), 64).split_k > 1  # few rows, long K: split
+    assert L._lut_config(1, 8, 1024, torch.device(DEVICE), 64).split_k > 1  # few rows, long K: split
 
 
 def test_codeword_products_table():
     mod = random_module(8, 48, 8, 2, 8, seed=3, dtype=torch.float32)
     x = torch.randn(2, 48, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    lut = T.codeword_products(x, mod.codebooks)
+    lut = L.codeword_products(x, mod.codebooks)
     assert lut.shape == (2, 6, 512) and lut.dtype == torch.float32
     books = mod.codebooks.float()
     for m, g, c, s in [(0, 0, 0, 0), (1, 5, 1, 255), (0, 3, 1, 17), (1, 2, 0, 128)]:
@@ -173,11 +174,11 @@ def test_codeword_products_table():
 
 def test_tabulated_path_applies_to_few_rows_and_small_codebooks():
     small, big = torch.empty(2, 256, 1, 8), torch.empty(1, 65536, 1, 8)
-    assert T.lut_applies(1, small, lut=True) and T.lut_applies(T.LUT_MAX_ROWS, small, lut=True)
-    assert not T.lut_applies(T.LUT_MAX_ROWS + 1, small, lut=True)
-    assert not T.lut_applies(1, big, lut=True)  # 1x16: 65,536 products per group
-    assert not T.lut_applies(1, small, lut=False)
-    assert T.lut_applies(1, small) == T.DEFAULT_LUT
+    assert L.lut_applies(1, small, lut=True) and L.lut_applies(L.LUT_MAX_ROWS, small, lut=True)
+    assert not L.lut_applies(L.LUT_MAX_ROWS + 1, small, lut=True)
+    assert not L.lut_applies(1, big, lut=True)  # 1x16: 65,536 products per group
+    assert not L.lut_applies(1, small, lut=False)
+    assert L.lut_applies(1, small) == L.DEFAULT_LUT
 
 
 @pytest.mark.parametrize("gather", [False, True], ids=["global", "gather"])
@@ -259,7 +260,7 @@ def test_model_size_on_gpu(m, scheme):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_held_slices_at_model_sizes_on_gpu(monkeypatch, k, n, m, dtype):
     """``LUT_SLICES``' kernel compiled: fp16 and fp32 tables, a K split over 22 slices."""
-    monkeypatch.setattr(T, "LUT_SLICES", True)
+    monkeypatch.setattr(L, "LUT_SLICES", True)
     mod = random_module(n, k, 8, 2, 8, seed=m)
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     want = reference.matmul_codebook(x.float(), *args(mod), bias=mod.bias)

@@ -147,11 +147,11 @@ def _codebook_variants() -> list[Variant]:
     for split, lut, block_j, prefetch in ((4, "fp32", 64, True), (1, "fp16", 64, False)):
         sig = {"codes_ptr": "*i8", "lut_ptr": f"*{lut}", "scales_ptr": "*fp16", "b_ptr": "*fp16",
                "y_ptr": "*fp16", "N": "i32", "GI": "i32"}
-        out.append(Variant("triton_codebook", "_lut_gemv_kernel", _with_split_outputs(sig),
+        out.append(Variant("triton_codebook_lut", "_lut_gemv_kernel", _with_split_outputs(sig),
                            dict(C=2, SIZE=256, HAS_BIAS=split > 1, BLOCK_N=16, BLOCK_J=block_j, SPLIT_K=split,
                                 PREFETCH=prefetch)))
         # the same with slices of the table held in the program (LUT_SLICES), 64 KiB of fp32 or 32 of fp16
-        out.append(Variant("triton_codebook", "_lut_slice_kernel", _with_split_outputs(sig),
+        out.append(Variant("triton_codebook_lut", "_lut_slice_kernel", _with_split_outputs(sig),
                            dict(C=2, SIZE=256, HAS_BIAS=split > 1, BLOCK_N=256, BLOCK_J=64, SPLIT_K=split),
                            options=(("num_warps", 8),)))
     return out
