@@ -8,7 +8,8 @@ For each Llama-7B layer shape (K x N) and M = 1, 16, 128 it times, with CUDA gra
   with its ``tl.dot`` tiles computing ``y.T``, the weight first (``DOT_SWAP``, off by default), and lowbit's
   NF4 kernel (blocks of 64, double quant) on the bitsandbytes layout, its AQLM kernel
   (2x8 and 1x16, groups of 8 inputs, about 2 bits per weight; for one to four rows also with
-  each program's slices of the product table held in it, ``LUT_SLICES``, off by default), and its LLM.int8 kernel
+  each program's slices of the product table held in it, ``LUT_SLICES``, and made there,
+  ``LUT_SLICE_PRODUCTS``, both off by default), and its LLM.int8 kernel
   (threshold 6, one outlier input column, at its defaults; above 16 rows also with the
   activations quantized in every program, and quantized in a launch of their own with the shared
   tile heuristic and with 128x128 tiles), and the same int8 weights with the activations left in
@@ -250,17 +251,18 @@ def lowbit_nf4_row(m, k, n, sets, batch_path=None):
     return calls, k * n // 2 + k * n // 64 + 2 * m * (k + n), err
 
 
-def lowbit_aqlm_row(m, k, n, sets, n_codebooks, nbits, batch_path=None, lut_step=None, slices=None):
+def lowbit_aqlm_row(m, k, n, sets, n_codebooks, nbits, batch_path=None, lut_step=None, slices=None, made=None):
     """lowbit's AQLM kernel (groups of 8 inputs) on random codes over the whole index range
     (``lut_step``: the tabulated GEMV's (codes a step, prefetch), None for its defaults; ``slices``:
-    its table's slices held in each program or not, None for ``LUT_SLICES``' default)."""
+    its table's slices held in each program or not, None for ``LUT_SLICES``' default; ``made``: those
+    slices made in the program, None for ``LUT_SLICE_PRODUCTS``' default)."""
     from lowbit.kernels import triton_codebook as A
     from lowbit.kernels import triton_codebook_lut as L
 
     block_j, prefetch = lut_step or (None, None)
 
     call = switching(L, lambda x, c, b, s, held: A.matmul_codebook(x, c, b, s, batch_path=batch_path, held=held),
-                     LUT_BLOCK_J=block_j, LUT_PREFETCH=prefetch, LUT_SLICES=slices)
+                     LUT_BLOCK_J=block_j, LUT_PREFETCH=prefetch, LUT_SLICES=slices, LUT_SLICE_PRODUCTS=made)
     calls, err = [], 0.0
     for i in range(sets):
         codes, books, scales = random_codebook(n, k, n_codebooks, nbits, seed=i)
@@ -457,8 +459,11 @@ def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str], n
             (lambda j=j, ahead=ahead: lowbit_aqlm_row(m, k, n, sets2, 2, 8, lut_step=(j, ahead)))
             for j, ahead in ((32, False), (64, False), (128, False), (128, True), (256, True))}
            if m <= 4 else {}),
-        # or with slices of the table held in each program (LUT_SLICES, off by default)
-        **({"lowbit aqlm 2x8, lut slices held": lambda: lowbit_aqlm_row(m, k, n, sets2, 2, 8, slices=True)}
+        # or with slices of the table held in each program (LUT_SLICES), and made there (LUT_SLICE_PRODUCTS:
+        # one launch); both off by default
+        **({"lowbit aqlm 2x8, lut slices held": lambda: lowbit_aqlm_row(m, k, n, sets2, 2, 8, slices=True),
+            "lowbit aqlm 2x8, lut slices made in the program": lambda: lowbit_aqlm_row(m, k, n, sets2, 2, 8,
+                                                                                        slices=True, made=True)}
            if m <= 4 else {}),
         "lowbit aqlm 1x16": lambda: lowbit_aqlm_row(m, k, n, sets2, 1, 16),
         "lowbit int8 (LLM.int8)": lambda: lowbit_int8_row(m, k, n, sets8),

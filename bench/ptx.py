@@ -98,6 +98,12 @@ def cases() -> list[Case]:
     out.append(Case("aqlm 2x8 GEMV, lut slices held (LUT_SLICES; table matmul not counted)", L._lut_slice_kernel,
                     lut_sig, dict(C=2, SIZE=256, HAS_BIAS=False, BLOCK_N=L.LUT_SLICE_ROWS, BLOCK_J=64, SPLIT_K=8),
                     8, L.LUT_SLICE_ROWS * 64 // 2 * 8))
+    products_sig = split_outputs({"codes_ptr": "*i8", "x_ptr": "*fp16", "books_ptr": "*fp16", "scales_ptr": "*fp16",
+                                  "b_ptr": "*fp16", "y_ptr": "*fp16", "N": "i32", "GI": "i32", "stride_xm": "i32"})
+    out.append(Case("aqlm 2x8 GEMV, lut slices made in the program (LUT_SLICE_PRODUCTS; one launch)",
+                    L._lut_products_kernel, products_sig,
+                    dict(C=2, SIZE=256, IG=8, HAS_BIAS=False, BLOCK_N=L.LUT_SLICE_ROWS, BLOCK_J=64, SPLIT_K=8,
+                         EXACT=False), 8, L.LUT_SLICE_ROWS * 64 // 2 * 8))
     nf4_deq = {"w_ptr": "*u8", "absmax_ptr": "*u8", "qmap_ptr": "*fp32", "nabs_ptr": "*fp32", "nmap_ptr": "*fp32",
                "noff_ptr": "*fp32", "out_ptr": "*fp16", "numel": "i32"}
     out.append(Case("nf4 dequantize, global (calibration: 86 % of the copy probe)", B._dequantize_kernel, nf4_deq,

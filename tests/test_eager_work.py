@@ -57,6 +57,19 @@ def _aqlm(x):
     return lambda: TC.matmul_codebook(x, mod.codes, mod.codebooks, mod.scales)
 
 
+def _aqlm_products_in_program(x):
+    call = _aqlm(x)
+
+    def run():
+        saved = TL.LUT_SLICES, TL.LUT_SLICE_PRODUCTS
+        TL.LUT_SLICES = TL.LUT_SLICE_PRODUCTS = True
+        try:
+            return call()
+        finally:
+            TL.LUT_SLICES, TL.LUT_SLICE_PRODUCTS = saved
+    return run
+
+
 def _int8(weight_only):
     def build(x):
         cb, scb = (v.to(DEVICE) for v in quantize_rows(torch.randn(256, 512, generator=torch.Generator().manual_seed(3))))
@@ -77,12 +90,14 @@ def _int8_fused_stats(x):
 
 
 # (build, its Triton launches, aten ops besides bookkeeping): AQLM's one-token path multiplies x by
-# the codebooks in one matmul (its lookup table) before its kernel; LLM.int8 finds the outlier
+# the codebooks in one matmul (its lookup table) before its kernel, or (not the default) in the kernel
+# itself; LLM.int8 finds the outlier
 # columns and row maxima in a launch before its matmul, or (not the default) in the matmul kernel
 CASES = {
     "grouped-int-split-k": (_grouped, ["_matmul_kernel"], []),
     "nf4-double-quant": (_nf4, ["_gemv_kernel"], []),
     "aqlm-2x8": (_aqlm, ["_lut_gemv_kernel"], ["mm"]),
+    "aqlm-2x8-products-in-program": (_aqlm_products_in_program, ["_lut_products_kernel"], []),
     "int8": (_int8(False), ["_stats_kernel", "_matmul_kernel"], []),
     "int8-fused-statistics": (_int8_fused_stats, ["_matmul_kernel"], []),
     "int8-weight-only": (_int8(True), ["_matmul_kernel"], []),

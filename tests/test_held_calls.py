@@ -55,11 +55,15 @@ def _record(monkeypatch, module, names: tuple[str, ...], others: tuple = ()) -> 
     return kernels, log, launches
 
 
+TABULATED = ((TL, ("_lut_gemv_kernel", "_lut_slice_kernel", "_lut_products_kernel")),)
+"""AQLM's tabulated path's kernels, for :func:`_record`'s ``others``."""
+
+
 def _record_wrapper(monkeypatch, module) -> tuple[dict, list, list]:
     """:func:`_record` for every kernel a format's wrapper in ``module`` launches (AQLM's tabulated
     path's kernels too)."""
     names = tuple(name for name in ("_matmul_kernel", "_gemv_kernel", "_stats_kernel") if hasattr(module, name))
-    return _record(monkeypatch, module, names, ((TL, ("_lut_gemv_kernel", "_lut_slice_kernel")),) if module is TC else ())
+    return _record(monkeypatch, module, names, TABULATED if module is TC else ())
 
 
 @pytest.fixture
@@ -326,8 +330,7 @@ def _eager_calls_match(mod, rows: tuple[int, ...], replace, want, tol: float, ou
 @pytest.fixture
 def recorded_aqlm(monkeypatch):
     """As the others, and each table of codeword products the wrapper makes."""
-    kernels, _log, launches = _record(monkeypatch, TC, ("_matmul_kernel",),
-                                      ((TL, ("_lut_gemv_kernel", "_lut_slice_kernel")),))
+    kernels, _log, launches = _record(monkeypatch, TC, ("_matmul_kernel",), TABULATED)
     tables = []
     products = TL.codeword_products
 
@@ -343,11 +346,15 @@ def _aqlm(mod, x, **kwargs):
     return TC.matmul_codebook(x, *aqlm_args(mod), mod.bias, held=mod.held_calls, **kwargs)
 
 
-@pytest.mark.parametrize("rows,kernel,x_at,y_at", [(1, "_lut_gemv_kernel", 1, 4), (5, "_matmul_kernel", 0, 5)],
-                         ids=["tabulated", "tiled"])
-def test_aqlm_second_call_repeats_the_launch(recorded_aqlm, rows, kernel, x_at, y_at):
+@pytest.mark.parametrize("rows,kernel,x_at,y_at", [(1, "_lut_gemv_kernel", 1, 4), (1, "_lut_products_kernel", 1, 5),
+                                                  (5, "_matmul_kernel", 0, 5)],
+                         ids=["tabulated", "products-in-program", "tiled"])
+def test_aqlm_second_call_repeats_the_launch(recorded_aqlm, monkeypatch, rows, kernel, x_at, y_at):
     """One token goes through its table of codeword products (made each call, and passed to the held
-    launch); five rows through the tiled kernel."""
+    launch) or, with ``LUT_SLICE_PRODUCTS``, x itself; five rows through the tiled kernel."""
+    products = kernel == "_lut_products_kernel"
+    monkeypatch.setattr(TL, "LUT_SLICES", products)
+    monkeypatch.setattr(TL, "LUT_SLICE_PRODUCTS", products)
     kernels, launches, tables = recorded_aqlm
     mod = random_aqlm(32, 2048, 8, 2, 8, seed=2).cpu()  # stand-in kernels: CPU tensors
     _aqlm(mod, _x2k(rows, seed=0))
@@ -359,7 +366,7 @@ def test_aqlm_second_call_repeats_the_launch(recorded_aqlm, rows, kernel, x_at, 
     want = kernels[kernel].log[-1]
     assert held[0] == want[0] == "held"
     for i, (a, b) in enumerate(zip(held[2], want[2], strict=True)):
-        if i == x_at and x_at == 1:  # this call's table, from this call's x
+        if i == x_at and kernel == "_lut_gemv_kernel":  # this call's table, from this call's x
             assert a is tables[-2] and torch.equal(a, b)
         elif i == x_at:
             assert a.data_ptr() == b.data_ptr() == x.data_ptr()
@@ -373,7 +380,8 @@ def test_aqlm_second_call_repeats_the_launch(recorded_aqlm, rows, kernel, x_at, 
     assert held[2][y_at + 1] is not held[2][y_at]  # split K: the partials are not the output
 
 
-@pytest.mark.parametrize("change", ["replaced", "bias", "lut-switch", "slices-switch", "not-contiguous"])
+@pytest.mark.parametrize("change", ["replaced", "bias", "lut-switch", "slices-switch", "products-switch",
+                                    "not-contiguous"])
 def test_aqlm_a_change_goes_through_the_wrapper(recorded_aqlm, monkeypatch, change):
     _kernels, launches, _tables = recorded_aqlm
     mod = random_aqlm(32, 2048, 8, 2, 8, seed=2).cpu()  # stand-in kernels: CPU tensors
@@ -388,6 +396,8 @@ def test_aqlm_a_change_goes_through_the_wrapper(recorded_aqlm, monkeypatch, chan
         monkeypatch.setattr(TL, "LUT_BLOCK_J", 32)
     elif change == "slices-switch":
         monkeypatch.setattr(TL, "LUT_SLICES", not TL.LUT_SLICES)
+    elif change == "products-switch":
+        monkeypatch.setattr(TL, "LUT_SLICE_PRODUCTS", not TL.LUT_SLICE_PRODUCTS)
     _aqlm(mod, _x2k())
     assert len(launches) == 2
     _aqlm(mod, _x2k())

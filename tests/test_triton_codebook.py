@@ -91,15 +91,22 @@ LUT_CASES = [(1, 33, 72, 8, (2, 8)), (3, 40, 96, 8, (2, 8)), (1, 24, 2048, 8, (2
              (4, 17, 72, 12, (3, 5)), (1, 8, 64, 8, (1, 8))]
 
 
-@pytest.mark.parametrize("slices", [False, True], ids=["gathered", "slices-held"])
+# how the tabulated path reads its table: (LUT_SLICES, LUT_SLICE_PRODUCTS)
+LUT_READS = {"gathered": (False, False), "slices-held": (True, False), "slices-made": (True, True)}
+
+
+@pytest.mark.parametrize("reads", list(LUT_READS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 @pytest.mark.parametrize("m,n,k,ig,scheme", LUT_CASES, ids=[f"M{c[0]}-N{c[1]}-K{c[2]}-g{c[3]}-{c[4][0]}x{c[4][1]}"
                                                             for c in LUT_CASES])
-def test_tabulated_products_match_reference(monkeypatch, m, n, k, ig, scheme, dtype, slices):
-    """The tabulated path, its entries gathered from device memory (``_lut_gemv_kernel``) or from
-    slices of the table held in each program (``LUT_SLICES``)."""
-    monkeypatch.setattr(L, "LUT_SLICES", slices)
+def test_tabulated_products_match_reference(monkeypatch, m, n, k, ig, scheme, dtype, reads):
+    """The tabulated path, its entries gathered from device memory (``_lut_gemv_kernel``), from
+    slices of the table held in each program (``LUT_SLICES``), or from slices each program makes
+    (``LUT_SLICE_PRODUCTS``; three codebooks are not a power of two and keep the table)."""
+    monkeypatch.setattr(L, "LUT_SLICES", LUT_READS[reads][0])
+    monkeypatch.setattr(L, "LUT_SLICE_PRODUCTS", LUT_READS[reads][1])
     mod = random_module(n, k, ig, *scheme, seed=k + m)
+    assert L.products_in_program(mod.codebooks) == (scheme[0] != 3)
     assert L.lut_applies(m, mod.codebooks, lut=True)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(n)).to(DEVICE, dtype)
     want = reference.matmul_codebook(x.float(), *args(mod), bias=mod.bias)
@@ -130,10 +137,12 @@ def test_tabulated_steps_and_prefetch(monkeypatch, block_j, prefetch, m, n, k):
 
 @pytest.mark.parametrize("m,n,k", [(1, 300, 4096), (3, 600, 2048), (1, 40, 200)],
                          ids=["split-2-slices-each", "rows-over-a-program", "partial-slice"])
-def test_held_slices_over_splits(monkeypatch, m, n, k):
-    """Slices of the table held in the program: programs of several slices, several row blocks, and
-    a last slice past the codes (its entries read as 0)."""
+@pytest.mark.parametrize("made", [False, True], ids=["slices-held", "slices-made"])
+def test_held_slices_over_splits(monkeypatch, m, n, k, made):
+    """Slices of the table held in (or made by) the program: programs of several slices, several row
+    blocks, and a last slice past the codes (its entries read as 0)."""
     monkeypatch.setattr(L, "LUT_SLICES", True)
+    monkeypatch.setattr(L, "LUT_SLICE_PRODUCTS", made)
     mod = random_module(n, k, 8, 2, 8, seed=n)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(DEVICE, torch.float16)
     got = T.matmul_codebook(x, *args(mod), bias=mod.bias, lut=True)
@@ -258,9 +267,11 @@ def test_model_size_on_gpu(m, scheme):
 @pytest.mark.parametrize("k,n", [(4096, 4096), (11008, 4096)])
 @pytest.mark.parametrize("m", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_held_slices_at_model_sizes_on_gpu(monkeypatch, k, n, m, dtype):
-    """``LUT_SLICES``' kernel compiled: fp16 and fp32 tables, a K split over 22 slices."""
+@pytest.mark.parametrize("made", [False, True], ids=["slices-held", "slices-made"])
+def test_held_slices_at_model_sizes_on_gpu(monkeypatch, k, n, m, dtype, made):
+    """``LUT_SLICES``' kernels compiled: fp16 and fp32 tables, a K split over 22 slices."""
     monkeypatch.setattr(L, "LUT_SLICES", True)
+    monkeypatch.setattr(L, "LUT_SLICE_PRODUCTS", made)
     mod = random_module(n, k, 8, 2, 8, seed=m)
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     want = reference.matmul_codebook(x.float(), *args(mod), bias=mod.bias)

@@ -154,6 +154,13 @@ def _codebook_variants() -> list[Variant]:
         out.append(Variant("triton_codebook_lut", "_lut_slice_kernel", _with_split_outputs(sig),
                            dict(C=2, SIZE=256, HAS_BIAS=split > 1, BLOCK_N=256, BLOCK_J=64, SPLIT_K=split),
                            options=(("num_warps", 8),)))
+        # or made in the program from x and the codebooks (LUT_SLICE_PRODUCTS): fp32 dots for bf16 x
+        x_dtype = "bf16" if lut == "fp32" else "fp16"
+        sig = {"codes_ptr": "*i8", "x_ptr": f"*{x_dtype}", "books_ptr": "*fp16", "scales_ptr": "*fp16",
+               "b_ptr": "*fp16", "y_ptr": f"*{x_dtype}", "N": "i32", "GI": "i32", "stride_xm": "i32"}
+        out.append(Variant("triton_codebook_lut", "_lut_products_kernel", _with_split_outputs(sig),
+                           dict(C=2, SIZE=256, IG=8, HAS_BIAS=split > 1, BLOCK_N=256, BLOCK_J=64, SPLIT_K=split,
+                                EXACT=lut == "fp32"), options=(("num_warps", 8),)))
     return out
 
 

@@ -252,8 +252,8 @@ def matmul_codebook(x, codes, codebooks, scales, bias=None, batch_path: str | No
     """
     key = (held_call_key(x, *tabulated.switches(), DEFAULT_GATHER, GATHER_MAX)
            if held is not None and batch_path is None and gather is None and lut is None else None)
+    sources = (codes, codebooks, scales, bias)
     if key is not None:
-        sources = (codes, codebooks, scales, bias)
         call = held.find(key, sources)
         if call is not None:
             return call(input_rows(x))
@@ -264,9 +264,9 @@ def matmul_codebook(x, codes, codebooks, scales, bias=None, batch_path: str | No
     # held calls pass the buffers themselves: not copies made contiguous for one call
     key = key if m < 16 and codes.is_contiguous() and codebooks.is_contiguous() and scales.is_contiguous() else None
     if tabulated.lut_applies(m, codebooks, lut):
-        y, args, launched = tabulated.matmul_tabulated(x2, codes, codebooks, scales, bias, n, gi)
-        if key is not None and launched is not None:
-            held.hold(key, tabulated.HeldTabulated(launched, args, 4, out_shape, sources, x_at=1))
+        y, call = tabulated.matmul_tabulated(x2, codes, codebooks, scales, bias, n, gi, out_shape, sources)
+        if key is not None and call is not None:
+            held.hold(key, call)
         return y.reshape(out_shape)
     check_batch_path(batch_path)
     if m >= 16 and (batch_path or batch_path_for(n_codebooks)) == "dequantize":

@@ -98,6 +98,44 @@ def _lut_slice_kernel(codes_ptr, lut_ptr, scales_ptr, b_ptr, y_ptr, ws_ptr, lock
                   N, N, m * tl.num_programs(0) + tl.program_id(0), HAS_BIAS, SPLIT_K)
 
 
+@triton.jit
+def _lut_products_kernel(codes_ptr, x_ptr, books_ptr, scales_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, N, GI, stride_xm,
+                         C: tl.constexpr, SIZE: tl.constexpr, IG: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr, EXACT: tl.constexpr):
+    """:func:`_lut_slice_kernel` with each slice's products made in the program: the slice's
+    ``BLOCK_J // C`` input groups of row ``m`` (``IG <= 16`` inputs each, padded with zeros to 16)
+    times every codeword, one ``tl.dot`` of ``[BLOCK_J // C, 16] @ [16, C * SIZE]`` whose result,
+    flattened, is the slice's table (entry ``(g * C + c) * SIZE + s``). So no table is written to or
+    read from memory, and the call is one launch. ``EXACT``: the dot in fp32 (bf16 and fp32 inputs,
+    as :func:`codeword_products` makes their table); fp16 inputs multiply in fp16 with fp32 sums."""
+    m = tl.program_id(2)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    J = GI * C
+    G: tl.constexpr = BLOCK_J // C
+    inputs = tl.arange(0, 16)
+    words = tl.arange(0, C * SIZE)
+    books = tl.load(books_ptr + words[None, :] * IG + inputs[:, None], mask=(inputs < IG)[:, None], other=0.0)
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
+    at = tl.arange(0, BLOCK_J)[None, :] * SIZE  # [1, BJ]: each code's first entry in the slice
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j0 in range(tl.program_id(1) * BLOCK_J, J, BLOCK_J * SPLIT_K):
+        groups = j0 // C + tl.arange(0, G)
+        xg = tl.load(x_row + groups[:, None] * IG + inputs[None, :],
+                     mask=(groups < GI)[:, None] & (inputs < IG)[None, :], other=0.0)  # [G, 16]; past GI: 0
+        if EXACT:
+            products = tl.dot(xg.to(tl.float32), books.to(tl.float32), input_precision="ieee")
+        else:
+            products = tl.dot(xg, books.to(xg.dtype))  # [G, C * SIZE]
+        table = tl.reshape(products, (BLOCK_J * SIZE,))
+        code = _lut_codes(codes_ptr, offs_n, mask_n, j0, J, BLOCK_J) & (SIZE - 1)  # [BN, BJ]
+        index = tl.reshape(at + code, (BLOCK_N * BLOCK_J,))
+        acc += tl.sum(tl.reshape(tl.gather(table, index, 0), (BLOCK_N, BLOCK_J)), axis=1)
+    s = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, (acc * s)[None, :], m + tl.arange(0, 1), offs_n, tl.num_programs(2),
+                  N, N, m * tl.num_programs(0) + tl.program_id(0), HAS_BIAS, SPLIT_K)
+
+
 LUT_MAX_SIZE = 256
 """The largest codebook (entries) whose codeword products are tabulated: 2x8's 256. A 1x16
 codebook's 65,536 products per input group would outweigh the codes they replace."""
@@ -179,6 +217,21 @@ def _lut_slice_config(m: int, n: int, j: int, size: int, entry_bytes: int, devic
     return MatmulConfig(1, LUT_SLICE_ROWS, block_j, split, 8, 1)
 
 
+LUT_SLICE_PRODUCTS = False
+"""With :data:`LUT_SLICES`, whether each program makes its slices' products itself, from x and the
+codebooks (:func:`_lut_products_kernel`, where :func:`products_in_program` applies): one launch, no
+table written to or read from memory, and no matmul launch before it. Not yet timed on a GPU, so
+off; ``bench/kernels.py`` times it beside the default."""
+
+
+def products_in_program(codebooks: torch.Tensor) -> bool:
+    """Whether :func:`_lut_products_kernel` takes these codebooks: groups of up to 16 inputs, and a
+    power-of-two count of codebooks of which a slice of 64 codes holds at least 16 groups (``tl.dot``'s
+    least M)."""
+    n_codebooks, _size, _, ig = codebooks.shape
+    return ig <= 16 and n_codebooks & (n_codebooks - 1) == 0 and 64 // n_codebooks >= 16
+
+
 class HeldTabulated(HeldCall):
     """The tabulated one-token path, held: each call makes its table of codeword products from its
     rows (:func:`codeword_products`, with the codebooks the call was made from), then launches."""
@@ -189,27 +242,39 @@ class HeldTabulated(HeldCall):
         return super().__call__(codeword_products(x2, self.sources[1]))  # sources: codes, codebooks, ...
 
 
-def matmul_tabulated(x2, codes, codebooks, scales, bias, n: int, gi: int) -> tuple[torch.Tensor, tuple, tuple | None]:
+def matmul_tabulated(x2, codes, codebooks, scales, bias, n: int, gi: int, out_shape: tuple,
+                     sources: tuple) -> tuple[torch.Tensor, HeldCall | None]:
     """The tabulated product of rows ``x2`` (``[M, K]``, M at most :data:`LUT_MAX_ROWS`) with an
-    ``[n, gi * in_group]`` weight: ``(y [M, N], the kernel's arguments, the held launch)`` (the
-    table at argument 1, ``y`` at 4)."""
+    ``[n, gi * in_group]`` weight: ``y [M, N]``, and the call that repeats it (its output shaped
+    ``out_shape``, its buffers ``sources``), or None where the launch was not held."""
     m = x2.shape[0]
-    n_codebooks, size = codebooks.shape[:2]
+    n_codebooks, size, _, ig = codebooks.shape
+    j = gi * n_codebooks
+    b = bias if bias is not None else scales
+    if LUT_SLICES and LUT_SLICE_PRODUCTS and products_in_program(codebooks):
+        cfg = _lut_slice_config(m, n, j, size, 4, x2.device)  # the products in fp32
+        y, ws, locks = output_buffers(cfg, m, n, x2, tiles=cdiv(n, cfg.block_n) * m)
+        args = (codes.contiguous(), x2, codebooks.contiguous(), scales.contiguous(), b, y, ws, locks, n, gi,
+                x2.stride(0))
+        launched = launch(_lut_products_kernel, (cdiv(n, cfg.block_n), cfg.split_k, m), *args,
+            C=n_codebooks, SIZE=size, IG=ig, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_J=cfg.block_k,
+            SPLIT_K=cfg.split_k, EXACT=x2.dtype != torch.float16, num_warps=cfg.num_warps)
+        return y, HeldCall(launched, args, 5, out_shape, sources, x_at=1) if launched is not None else None
     lut = codeword_products(x2, codebooks)
     if LUT_SLICES:
-        cfg = _lut_slice_config(m, n, gi * n_codebooks, size, lut.element_size(), x2.device)
+        cfg = _lut_slice_config(m, n, j, size, lut.element_size(), x2.device)
         kernel, options = _lut_slice_kernel, {}
     else:
-        cfg = _lut_config(m, n, gi * n_codebooks, x2.device)
+        cfg = _lut_config(m, n, j, x2.device)
         kernel, options = _lut_gemv_kernel, dict(PREFETCH=LUT_PREFETCH)
     y, ws, locks = output_buffers(cfg, m, n, x2, tiles=cdiv(n, cfg.block_n) * m)
-    args = (codes.contiguous(), lut, scales.contiguous(), bias if bias is not None else scales, y, ws, locks, n, gi)
+    args = (codes.contiguous(), lut, scales.contiguous(), b, y, ws, locks, n, gi)
     launched = launch(kernel, (cdiv(n, cfg.block_n), cfg.split_k, m), *args,
         C=n_codebooks, SIZE=size, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_J=cfg.block_k,
         SPLIT_K=cfg.split_k, num_warps=cfg.num_warps, **options)
-    return y, args, launched
+    return y, HeldTabulated(launched, args, 4, out_shape, sources, x_at=1) if launched is not None else None
 
 
 def switches() -> tuple:
     """The module constants that change a tabulated launch (for held calls' keys), read at each call."""
-    return DEFAULT_LUT, LUT_MAX_ROWS, LUT_MAX_SIZE, LUT_BLOCK_J, LUT_PREFETCH, LUT_SLICES
+    return DEFAULT_LUT, LUT_MAX_ROWS, LUT_MAX_SIZE, LUT_BLOCK_J, LUT_PREFETCH, LUT_SLICES, LUT_SLICE_PRODUCTS
