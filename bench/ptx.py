@@ -12,7 +12,10 @@ Llama-7B shapes sees (pointers and sizes multiples of 16), takes the body of its
 - the memory and synchronisation instructions in the step;
 - for ``tl.dot`` tiles, the ``wgmma`` instructions and how many dot groups each wait in the step
   leaves pending: 0 makes every product finish before the next tile's work goes on, more lets
-  the dots run beside it.
+  the dots run beside it;
+- what Triton's own ``ptxas`` makes of the kernel (``ptxas -v`` for sm_90a): registers a thread,
+  bytes spilled, and whether it serialized the ``wgmma`` (its warning C7515, which undoes the
+  pending waits above).
 
 These are counts, not times: PTX before ``ptxas``, no latency, no occupancy. They rank variants
 to time first; ``bench/lookup.py`` times them on a GPU.
@@ -24,7 +27,9 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 
@@ -138,6 +143,22 @@ def compile_ptx(case: Case) -> str:
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": case.num_warps}).asm["ptx"]
 
 
+def assemble(ptx: str) -> str:
+    """``ptxas -v`` of ``ptx`` for sm_90a with the ``ptxas`` Triton ships: "registers, spilled
+    bytes", and "wgmma serialized" where it warns C7515."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill stores", log))
+    out = f"{regs.group(1) if regs else '?'} registers, {spills} B spilled"
+    return out + (", wgmma serialized" if "C7515" in log else "")
+
+
 def loop_body(ptx: str) -> tuple[list[str], bool]:
     """The instructions of the longest loop (a label and the backward branch to it), or of the
     whole kernel if it has none; and whether a loop was found."""
@@ -156,10 +177,11 @@ def loop_body(ptx: str) -> tuple[list[str], bool]:
 def main() -> None:
     print(f"sm_90 PTX, Triton {triton.__version__}; per loop step (or per program for loopless kernels)\n")
     print("| kernel variant | instructions / thread | warps | weights | warp instructions / 1k weights | "
-          "memory and sync instructions | wgmma, pending at each wait |")
-    print("|---|---|---|---|---|---|---|")
+          "memory and sync instructions | wgmma, pending at each wait | ptxas |")
+    print("|---|---|---|---|---|---|---|---|")
     for case in cases():
-        body, looped = loop_body(compile_ptx(case))
+        ptx = compile_ptx(case)
+        body, looped = loop_body(ptx)
         per_k = len(body) * case.num_warps / case.weights * 1000
         mem = Counter(re.findall(MEMORY, "\n".join(body)))
         detail = ", ".join(f"{k} {v}" for k, v in sorted(mem.items()))
@@ -167,7 +189,7 @@ def main() -> None:
         dots = len(re.findall(r"\bwgmma\.mma_async", text))
         waits = ",".join(re.findall(r"\bwgmma\.wait_group\.sync\.aligned\s+(\d+)", text))
         print(f"| {case.label} | {len(body)}{'' if looped else ' (no loop)'} | {case.num_warps} | {case.weights} | "
-              f"{per_k:.0f} | {detail} | {f'{dots}, {waits}' if dots else ''} |", flush=True)
+              f"{per_k:.0f} | {detail} | {f'{dots}, {waits}' if dots else ''} | {assemble(ptx)} |", flush=True)
 
 
 if __name__ == "__main__":
