@@ -1,13 +1,17 @@
 """Table lookups in the NF4 and AQLM kernels, each way timed side by side in one run.
 
 NF4 decodes each 4-bit code through a 16-entry table, AQLM 2x8 each code through a 256-entry
-codebook of 8 values. The kernels read those tables one of several ways
-(``triton_blockwise4.LOOKUPS``: from device memory per value, or ``tl.gather`` from the table
-held in the program, and for one token on NVIDIA ``prmt``, byte permutes of the table in
-registers; ``triton_codebook``: the same two, for one to four rows a third, ``lut``:
-each input group's dot products with every codeword tabulated first, then one lookup per code,
-and for the dequantize kernel each code decoding its whole codeword, ``words``, or each value
-looking up its own code).
+codebook of 8 values. The kernels read those tables one of several ways:
+
+- ``triton_blockwise4.LOOKUPS``: from device memory per value, or ``tl.gather`` from the table
+  held in the program; for one token on NVIDIA also ``prmt``, byte permutes of the table in
+  registers, and the gathered one-token kernel at other step sizes and warps;
+- ``triton_codebook``: the same two; for one to four rows a third, ``lut``, each input group's
+  dot products with every codeword tabulated first, then one lookup per code
+  (``triton_codebook_lut``: from device memory, from slices of the table held in each program, or
+  from slices each program makes); and for the dequantize kernel each code decoding its whole
+  codeword, ``words``, or each value looking up its own code.
+
 For each Llama-7B layer shape this times every way on every path (one token, 16 and 128 rows
 through the tiled kernel, standalone dequantize), with CUDA graphs and cold L2 as ``bench/kernels.py`` does,
 next to fp16 ``F.linear`` and bitsandbytes' NF4 where it imports. Every variant is checked
@@ -32,6 +36,7 @@ from kernels import (
     random_nf4,
     rel_err,
     start_gpu_bench,
+    switching,
     time_graph,
     write_rows,
 )
@@ -40,9 +45,13 @@ from lowbit.kernels import reference
 SHAPES = ["4096x4096", "4096x11008", "8192x8192"]  # K x N
 
 
-def nf4_calls(m, k, n, sets, lookup):
-    """``m`` rows (0: dequantize) through lowbit's NF4 kernels with ``lookup``; (calls, bytes, rel err)."""
+def nf4_calls(m, k, n, sets, lookup, step_bytes=None, warps=None):
+    """``m`` rows (0: dequantize) through lowbit's NF4 kernels with ``lookup`` (and for one token,
+    ``step_bytes`` and ``warps`` for ``GEMV_STEP_BYTES`` and ``GEMV_WARPS``, None for their
+    defaults); (calls, bytes, rel err)."""
     from lowbit.kernels import triton_blockwise4 as B
+
+    call = switching(B, lambda *a, **kw: B.matmul_blockwise4(*a, **kw), GEMV_STEP_BYTES=step_bytes, GEMV_WARPS=warps)
 
     calls, err = [], 0.0
     for i in range(sets):
@@ -54,18 +63,21 @@ def nf4_calls(m, k, n, sets, lookup):
             continue
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         if i == 0:
-            err = rel_err(B.matmul_blockwise4(x, *a, batch_path="tiled", lookup=lookup),
-                          reference.matmul_blockwise4(x.float(), *a))
-        calls.append(lambda x=x, a=a: B.matmul_blockwise4(x, *a, batch_path="tiled", lookup=lookup))
+            err = rel_err(call(x, *a, batch_path="tiled", lookup=lookup), reference.matmul_blockwise4(x.float(), *a))
+        calls.append(lambda x=x, a=a: call(x, *a, batch_path="tiled", lookup=lookup))
     out = 2 * k * n if m == 0 else 2 * m * (k + n)
     return calls, k * n // 2 + k * n // 64 + out, err
 
 
-def aqlm_calls(m, k, n, sets, gather, lut=False, words=False):
+def aqlm_calls(m, k, n, sets, gather, lut=False, words=False, slices=None, made=None):
     """As :func:`nf4_calls` for AQLM 2x8 (groups of 8), codebooks gathered from or loaded;
-    ``lut``: through tabulated codeword products instead (one to four rows); ``words``: the
+    ``lut``: through tabulated codeword products instead (one to four rows), with ``slices`` and
+    ``made`` for ``LUT_SLICES`` and ``LUT_SLICE_PRODUCTS`` (None: their defaults); ``words``: the
     dequantize kernel decodes a whole codeword per code."""
     from lowbit.kernels import triton_codebook as A
+    from lowbit.kernels import triton_codebook_lut as L
+
+    matmul = switching(L, A.matmul_codebook, LUT_SLICES=slices, LUT_SLICE_PRODUCTS=made)
 
     calls, err = [], 0.0
     for i in range(sets):
@@ -79,19 +91,19 @@ def aqlm_calls(m, k, n, sets, gather, lut=False, words=False):
             continue
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         if i == 0:
-            err = rel_err(A.matmul_codebook(x, codes, books, scales, batch_path="tiled", gather=gather, lut=lut),
+            err = rel_err(matmul(x, codes, books, scales, batch_path="tiled", gather=gather, lut=lut),
                           reference.matmul_codebook(x.float(), codes, books, scales))
         calls.append(lambda x=x, c=codes, b=books, s=scales:
-                     A.matmul_codebook(x, c, b, s, batch_path="tiled", gather=gather, lut=lut))
+                     matmul(x, c, b, s, batch_path="tiled", gather=gather, lut=lut))
     out = 2 * k * n if m == 0 else 2 * m * (k + n)
-    table = 2 * m * (k // 8) * books.shape[0] * books.shape[1] * 2 if lut else 0  # the products, written and read
+    # the products, written and read (not when each program makes its own)
+    table = 2 * m * (k // 8) * books.shape[0] * books.shape[1] * 2 if lut and not made else 0
     return calls, n * (k // 8) * 2 + books.numel() * 2 + 2 * n + out + table, err
 
 
 def bench_shape(k: int, n: int, ms: list[int], l2: int, warm: bool = False) -> list[dict]:
     """Rows of one shape; ``warm``: compile and run each variant once on one input set, time nothing."""
     from lowbit.kernels import triton_blockwise4 as B
-    from lowbit.kernels import triton_codebook as A
     from lowbit.kernels import triton_codebook_lut as L
 
     rows = []
@@ -118,11 +130,19 @@ def bench_shape(k: int, n: int, ms: list[int], l2: int, warm: bool = False) -> l
             add(m, f"nf4 {lookup}", lambda: nf4_calls(m, k, n, sets4, lookup))
         if m == 1 and torch.version.hip is None:  # byte permutes: the one-token kernel, NVIDIA only
             add(m, "nf4 prmt", lambda: nf4_calls(m, k, n, sets4, "prmt"))
+        if m == 1:  # the one-token kernel's step and warps (the default: 128-byte steps, 4 warps)
+            for step, warps in ((128, 8), (64, 4), (64, 8), (256, 8)):
+                add(m, f"nf4 gather, {step}-byte steps, {warps} warps",
+                    lambda step=step, warps=warps: nf4_calls(m, k, n, sets4, "gather", step, warps))
         for gather in (False, True):  # the dequantize kernel: a value at a time (below, whole codewords)
             add(m, f"aqlm 2x8 {'gather' if gather else 'global'}",
                 lambda: aqlm_calls(m, k, n, sets2, gather, lut=False, words=False))
         if 0 < m <= L.LUT_MAX_ROWS:
             add(m, "aqlm 2x8 lut", lambda: aqlm_calls(m, k, n, sets2, False, lut=True))
+            add(m, "aqlm 2x8 lut, slices held", lambda: aqlm_calls(m, k, n, sets2, False, lut=True, slices=True,
+                                                                   made=False))
+            add(m, "aqlm 2x8 lut, slices made", lambda: aqlm_calls(m, k, n, sets2, False, lut=True, slices=True,
+                                                                   made=True))
         if m == 0:
             for gather in (False, True):
                 add(m, f"aqlm 2x8 {'gather' if gather else 'global'} words",

@@ -223,10 +223,10 @@ def test_nf4_second_call_repeats_the_launch(recorded_nf4, rows, kernel):
     assert held[2][9] is not held[2][8]  # split K: the partials are not the output
 
 
-@pytest.mark.parametrize("change", ["replaced", "new-data", "bias", "compute-dtype", "lookup-switch"])
+@pytest.mark.parametrize("change", ["replaced", "new-data", "bias", "compute-dtype", "lookup-switch", "warps-switch"])
 def test_nf4_a_changed_buffer_or_switch_goes_through_the_wrapper(recorded_nf4, monkeypatch, change):
     """A buffer replaced (every held call is dropped), a weight given new memory with ``.data`` (held
-    calls pass a view of it), a new bias, another compute dtype or a changed lookup default."""
+    calls pass a view of it), a new bias, another compute dtype, a changed lookup default or warps."""
     _kernels, launches = recorded_nf4
     mod = random_nf4(256, 2048, 64, "nf4", True, seed=0).cpu()  # stand-in kernels: CPU tensors
     _nf4(mod, _x2k())
@@ -240,12 +240,15 @@ def test_nf4_a_changed_buffer_or_switch_goes_through_the_wrapper(recorded_nf4, m
         mod.bias = torch.randn(256)
     elif change == "compute-dtype":
         mod.compute_dtype = torch.bfloat16
+    elif change == "warps-switch":
+        monkeypatch.setattr(TB, "GEMV_WARPS", 8)
     else:
         monkeypatch.setitem(TB.DEFAULT_LOOKUP, "gemv", "global")
     _nf4(mod, _x2k())
     assert len(launches) == 2
     _nf4(mod, _x2k())
-    assert len(launches) == 2 and len(mod.held_calls) == (2 if change in ("compute-dtype", "lookup-switch") else 1)
+    kept = 2 if change in ("compute-dtype", "lookup-switch", "warps-switch") else 1
+    assert len(launches) == 2 and len(mod.held_calls) == kept
 
 
 def test_nf4_moved_module_holds_nothing(recorded_nf4):

@@ -102,6 +102,19 @@ def test_gemv_matches_reference_with_either_lookup(n, k, bs, double_quant, dtype
     assert torch.equal(got["global"], got["gather"])  # the same table values, the same arithmetic
 
 
+@pytest.mark.parametrize("step_bytes,warps", [(128, 8), (64, 4), (64, 8), (256, 8)])
+@pytest.mark.parametrize("n,k,bs", [(33, 512, 64), (24, 320, 64), (9, 768, 256)], ids=["steps", "partial", "b256"])
+def test_gemv_other_steps_and_warps_match_reference(monkeypatch, step_bytes, warps, n, k, bs):
+    """The one-token kernel at the step sizes and warps ``bench/lookup.py`` times beside the default."""
+    monkeypatch.setattr(T, "GEMV_STEP_BYTES", step_bytes)
+    monkeypatch.setattr(T, "GEMV_WARPS", warps)
+    mod = random_module(n, k, bs, "nf4", True, seed=n + k)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(k)).to(DEVICE, torch.float16)
+    assert T._gemv_config(n, k, bs, x.device, T.gemv_step_blocks(bs)).num_warps == warps
+    got = T.matmul_blockwise4(x, *args(mod), bias=mod.bias)
+    assert rel_err(got, reference.matmul_blockwise4(x.float(), *args(mod), bias=mod.bias)) <= MATMUL_REL[torch.float16]
+
+
 @pytest.mark.parametrize("blocksize,step", [(32, 8), (64, 4), (128, 2), (256, 1)])
 def test_gemv_step_is_128_bytes_of_a_row(blocksize, step):
     assert T.gemv_step_blocks(blocksize) == step

@@ -296,13 +296,20 @@ def gemv_step_blocks(blocksize: int) -> int:
     return max(1, GEMV_STEP_BYTES // (blocksize // 2))
 
 
+GEMV_WARPS = 4
+"""Warps of a one-token program. With the gathered table and 128-byte steps the sm_90 code takes
+168 registers a thread at 4 warps (3 programs, 12 warps a multiprocessor) and 128 at 8 (16 warps),
+where the grouped-int GEMV that reaches the read probe takes 51 at 2 (``bench/ptx.py``);
+``bench/lookup.py`` times 8 warps and 64-byte steps beside the default, not yet run."""
+
+
 def _gemv_config(n: int, k: int, blocksize: int, device: torch.device, step_blocks: int) -> MatmulConfig:
-    """Launch of the GEMV kernel: 64 rows a program, 4 warps, K split until about 8 programs
-    per multiprocessor or two steps of ``step_blocks`` blocks per split."""
+    """Launch of the GEMV kernel: 64 rows a program, :data:`GEMV_WARPS` warps, K split until about
+    8 programs per multiprocessor or two steps of ``step_blocks`` blocks per split."""
     tiles, k_steps, split = cdiv(n, 64), cdiv(k // blocksize, step_blocks), 1
     while split < 16 and tiles * split * 2 <= 8 * device_sms(device) and k_steps // (split * 2) >= 2:
         split *= 2
-    return MatmulConfig(1, 64, blocksize, split, 4, 3)
+    return MatmulConfig(1, 64, blocksize, split, GEMV_WARPS, 3)
 
 
 def batch_path_for(m: int) -> str:
@@ -332,7 +339,8 @@ def matmul_blockwise4(x, weight, absmax, quant_map, blocksize, shape, nested_abs
     """
     n, k = shape
     dtype = compute_dtype or x.dtype
-    key = (held_call_key(x, dtype, blocksize, n, k, GEMV_STEP_BYTES, DEFAULT_LOOKUP["gemv"], DEFAULT_LOOKUP["tiled"])
+    key = (held_call_key(x, dtype, blocksize, n, k, GEMV_STEP_BYTES, GEMV_WARPS, DEFAULT_LOOKUP["gemv"],
+                         DEFAULT_LOOKUP["tiled"])
            if held is not None and batch_path is None and lookup is None else None)
     if key is not None:
         sources = (weight, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, bias)
