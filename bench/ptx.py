@@ -144,15 +144,22 @@ def compile_ptx(case: Case) -> str:
 
 
 def assemble(ptx: str) -> str:
-    """``ptxas -v`` of ``ptx`` for sm_90a with the ``ptxas`` Triton ships: "registers, spilled
-    bytes", and "wgmma serialized" where it warns C7515."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    """``ptxas -v`` of ``ptx`` for sm_90a with a ``ptxas`` Triton ships (its newer one where the
+    first does not take this PTX version): "registers, spilled bytes", and "wgmma serialized" where
+    it warns C7515."""
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", src, "-o", os.path.join(tmp, "k.cubin")],
-                             capture_output=True, text=True).stderr
+        for name in ("ptxas", "ptxas-blackwell"):
+            run = subprocess.run([os.path.join(tools, name), "-v", "--gpu-name", "sm_90a", src, "-o",
+                                  os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
+            if run.returncode == 0:
+                break
+        log = run.stderr
+    if run.returncode:
+        return f"ptxas failed: {log.strip().splitlines()[0] if log.strip() else run.returncode}"
     regs = re.search(r"Used (\d+) registers", log)
     spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill stores", log))
     out = f"{regs.group(1) if regs else '?'} registers, {spills} B spilled"
