@@ -5,6 +5,11 @@ group ``g`` of row ``m`` dotted with codeword ``s`` of codebook ``c`` (:func:`co
 one small matmul), turns each code into one lookup and one add, and the weight is read once, as
 codes. :func:`lowbit.kernels.triton_codebook.matmul_codebook` takes this path where
 :func:`lut_applies`; its reference twin is :func:`lowbit.kernels.reference.matmul_codebook`.
+
+By default :func:`_lut_gemv_kernel` gathers each entry from the table in device memory. Two
+variants, off until timed on a GPU, hold each program's slices of the table in the program
+(:data:`LUT_SLICES`, :func:`_lut_slice_kernel`) and make those slices there from x and the
+codebooks (:data:`LUT_SLICE_PRODUCTS`, :func:`_lut_products_kernel`: one launch).
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors; the tests use that.
 """
 

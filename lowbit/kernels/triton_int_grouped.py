@@ -166,10 +166,11 @@ def _matmul_kernel(
     mask_n = offs_n < N
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        # every split has a K tile (_plan): with no path around the loop, ptxas keeps its wgmma
+        # asynchronous (else warning C7515, for the zeros that path leaves in the accumulator)
+        tl.assume(tl.program_id(1) * BLOCK_K < K)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if SWAP:  # every split has a K tile (_plan): with no path around the loop, ptxas keeps its wgmma
-        tl.assume(tl.program_id(1) * BLOCK_K < K)  # asynchronous (else warning C7515: the zeros on that path)
     for k0 in range(tl.program_id(1) * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
