@@ -6,7 +6,8 @@ For each Llama-7B layer shape (K x N) and M = 1, 16, 128 it times, with CUDA gra
 * ``lowbit w4g128`` and ``lowbit w4g128 act`` (act-order, rows reordered at load), from 16 rows
   also each batch path forced (the fused kernel; dequantize + ``F.linear``) and the fused kernel
   with its ``tl.dot`` tiles computing ``y.T``, the weight first (``DOT_SWAP``, off by default), and lowbit's
-  NF4 kernel (blocks of 64, double quant) on the bitsandbytes layout, its AQLM kernel
+  NF4 kernel (blocks of 64, double quant) on the bitsandbytes layout (from 16 rows also its tiled
+  path forced, with and without tiles of ``y.T``, ``DOT_SWAP``), its AQLM kernel
   (2x8 and 1x16, groups of 8 inputs, about 2 bits per weight; for one to four rows also with
   each program's slices of the product table held in it, ``LUT_SLICES``, and made there,
   ``LUT_SLICE_PRODUCTS``, both off by default), and its LLM.int8 kernel
@@ -235,19 +236,20 @@ def random_codebook(n: int, k: int, n_codebooks: int, nbits: int, seed: int) -> 
     return codes, books, scales
 
 
-def lowbit_nf4_row(m, k, n, sets, batch_path=None):
-    """lowbit's NF4 kernel on the bitsandbytes layout (blocks of 64, double quant)."""
+def lowbit_nf4_row(m, k, n, sets, batch_path=None, swap=None):
+    """lowbit's NF4 kernel on the bitsandbytes layout (blocks of 64, double quant); ``swap``: its
+    ``tl.dot`` tiles computing ``y.T`` or not, None for ``DOT_SWAP``'s default."""
     from lowbit.kernels import triton_blockwise4 as B
 
+    call = switching(B, B.matmul_blockwise4, DOT_SWAP=swap)
     calls, err = [], 0.0
     for i in range(sets):
         a = random_nf4(n, k)
         held = HeldCalls()  # as an NF4 module holds its eager launches
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         if i == 0:
-            err = rel_err(B.matmul_blockwise4(x, *a, batch_path=batch_path, held=held),
-                          reference.matmul_blockwise4(x.float(), *a))
-        calls.append(lambda x=x, a=a, h=held: B.matmul_blockwise4(x, *a, batch_path=batch_path, held=h))
+            err = rel_err(call(x, *a, batch_path=batch_path, held=held), reference.matmul_blockwise4(x.float(), *a))
+        calls.append(lambda x=x, a=a, h=held: call(x, *a, batch_path=batch_path, held=h))
     return calls, k * n // 2 + k * n // 64 + 2 * m * (k + n), err
 
 
@@ -490,6 +492,7 @@ def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str], n
            if m > 16 else {}),
         # both paths for batches (16 rows or more); the rows above take the default's
         **({"lowbit nf4 double-quant (tiled)": lambda: lowbit_nf4_row(m, k, n, sets4, "tiled"),
+            "lowbit nf4 double-quant, swapped dot tiles": lambda: lowbit_nf4_row(m, k, n, sets4, "tiled", swap=True),
             "lowbit nf4 double-quant (dequantize)": lambda: lowbit_nf4_row(m, k, n, sets4, "dequantize"),
             "lowbit aqlm 2x8 (tiled)": lambda: lowbit_aqlm_row(m, k, n, sets2, 2, 8, "tiled"),
             "lowbit aqlm 2x8 (dequantize)": lambda: lowbit_aqlm_row(m, k, n, sets2, 2, 8, "dequantize"),

@@ -81,6 +81,14 @@ def cases() -> list[Case]:
         for swap in (False, True):
             out.append(Case(f"int4 g128 {bm}x64 tile{', y.T (swapped)' if swap else ''}", G._matmul_kernel,
                             int_sig, dict(int4, BLOCK_M=bm, BLOCK_N=64, SPLIT_K=split, SWAP=swap), 4, 64 * 128))
+    nf4_tile = split_outputs({"x_ptr": "*fp16", "w_ptr": "*u8", "absmax_ptr": "*u8", "qmap_ptr": "*fp32",
+                              "nabs_ptr": "*fp32", "nmap_ptr": "*fp32", "noff_ptr": "*fp32", "b_ptr": "*fp16",
+                              "y_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32"})
+    for bm, split in ((16, 8), (64, 2)):  # NF4's tl.dot tiles (blocks of 64), and the same as y.T (DOT_SWAP)
+        for swap in (False, True):
+            out.append(Case(f"nf4 {bm}x64 tile{', y.T (swapped)' if swap else ''}", B._matmul_kernel, nf4_tile,
+                            dict(BLOCKSIZE=64, NESTED=True, HAS_BIAS=False, BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64,
+                                 SPLIT_K=split, DOT_FP32=False, ROW_BLOCKS=True, LOOKUP=1, SWAP=swap), 4, 64 * 64))
     nf4 = dict(BLOCKSIZE=64, NESTED=True, HAS_BIAS=False, BLOCK_N=64, SPLIT_K=16)
     step = B.gemv_step_blocks(64)
     for lookup in B.GEMV_LOOKUPS:

@@ -59,6 +59,45 @@ def test_both_batch_paths_match_reference(path, dtype):
     assert rel_err(got, want) <= MATMUL_REL[dtype]
 
 
+# rows of whole blocks for the tiles of y.T: odd N, blocks of 32, 64 and 256, a K split, nf4 and fp4
+SWAP_SHAPES = [(16, 40, 128, 64, "nf4"), (20, 33, 512, 32, "nf4"), (33, 17, 768, 256, "fp4"), (64, 24, 2048, 64, "nf4")]
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("m,n,k,bs,quant_type", SWAP_SHAPES, ids=[f"M{m}-N{n}-K{k}-b{b}-{q}"
+                                                                  for m, n, k, b, q in SWAP_SHAPES])
+def test_swapped_dot_tiles_match_reference(monkeypatch, m, n, k, bs, quant_type, double_quant, dtype):
+    """``DOT_SWAP``'s tiles of ``y.T`` (off by default; the bench times them beside the default),
+    the tiled path forced above 16 rows as the bench forces it."""
+    monkeypatch.setattr(T, "DOT_SWAP", True)
+    mod = random_module(n, k, bs, quant_type, double_quant, seed=m + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(n)).to(DEVICE, dtype)
+    want = reference.matmul_blockwise4(x.float(), *args(mod), bias=mod.bias)
+    swapped, launch = [], T.launch
+
+    def recorded(kernel, grid, *a, **kw):
+        swapped.append(kw["SWAP"])
+        return launch(kernel, grid, *a, **kw)
+
+    monkeypatch.setattr(T, "launch", recorded)
+    got = T.matmul_blockwise4(x, *args(mod), bias=mod.bias, batch_path="tiled")
+    assert swapped == [True]
+    assert got.dtype == dtype and got.shape == (m, n)
+    assert rel_err(got, want) <= MATMUL_REL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [16, 33, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_swapped_dot_tiles_at_model_size_on_gpu(monkeypatch, m, dtype):
+    monkeypatch.setattr(T, "DOT_SWAP", True)
+    mod = random_module(11008, 4096, 64, "nf4", True, seed=m)
+    x = torch.randn(m, 4096, device="cuda", dtype=dtype)
+    want = reference.matmul_blockwise4(x.float(), *args(mod), bias=mod.bias)
+    assert rel_err(T.matmul_blockwise4(x, *args(mod), bias=mod.bias, batch_path="tiled"), want) <= MATMUL_REL[dtype]
+
+
 # the GEMV kernel, the tiled kernel on rows of whole blocks and on straddling blocks, tl.dot tiles
 LOOKUP_SHAPES = [(1, 40, 192, 64), (3, 40, 96, 64), (1, 33, 71, 64), (16, 24, 256, 32)]
 

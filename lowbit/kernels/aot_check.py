@@ -100,8 +100,10 @@ def _blockwise4_variants() -> list[Variant]:
                "y_ptr": f"*{dt}", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32"}
         sig = _with_split_outputs(sig)
         consts = dict(BLOCKSIZE=64, NESTED=nested, HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=64 if bm < 64 else 128,
-                      BLOCK_K=64, SPLIT_K=split, DOT_FP32=False, ROW_BLOCKS=nested, LOOKUP=lookup)
+                      BLOCK_K=64, SPLIT_K=split, DOT_FP32=False, ROW_BLOCKS=nested, LOOKUP=lookup, SWAP=False)
         out.append(Variant("triton_blockwise4", "_matmul_kernel", sig, consts))
+        if bm >= 16:  # tiles of y.T (DOT_SWAP), on rows of whole blocks
+            out.append(Variant("triton_blockwise4", "_matmul_kernel", sig, dict(consts, ROW_BLOCKS=True, SWAP=True)))
     # the one-token kernel: gathered table, table in memory, and (NVIDIA only) byte permutes (2)
     for nested, split, dt, lookup in ((True, 16, "fp16", 1), (False, 1, "bf16", 0), (True, 16, "fp16", 2),
                                       (False, 8, "bf16", 2)):

@@ -20,6 +20,7 @@ from lowbit.kernels.held import HeldCall, HeldCalls
 from lowbit.kernels.triton_common import (
     INTERPRET,
     MatmulConfig,
+    _dot_weight_first,
     _output_tile,
     _product,
     _store_output,
@@ -135,12 +136,25 @@ def _row_codes(w_ptr, row, k0, K, mask_n, BLOCK_K: tl.constexpr, BLOCK_N: tl.con
 
 
 @triton.jit
+def _row_codes_t(w_ptr, offs_n, k0, K, mask_n, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """:func:`_row_codes` of rows ``offs_n`` as ``[BLOCK_N, BLOCK_K]``: each row's bytes loaded along K
+    (its ``K // 2`` bytes, so loads are as wide as K's divisibility allows) and split with
+    ``tl.join``, so a thread holds consecutive codes of one row (the K-contiguous tile
+    :func:`~lowbit.kernels.triton_common._dot_weight_first` takes)."""
+    pairs = tl.arange(0, BLOCK_K // 2)
+    mask = mask_n[:, None] & (k0 + 2 * pairs < K)[None, :]
+    at = w_ptr + offs_n[:, None].to(tl.int64) * (K // 2) + k0 // 2 + pairs[None, :]
+    byte = tl.load(at, mask=mask, other=0).to(tl.int32)  # [BN, BK/2]
+    return tl.reshape(tl.join(byte >> 4, byte & 15), (BLOCK_N, BLOCK_K))  # even element: the high nibble
+
+
+@triton.jit
 def _matmul_kernel(
     x_ptr, w_ptr, absmax_ptr, qmap_ptr, nabs_ptr, nmap_ptr, noff_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
     M, N, K, stride_xm,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    DOT_FP32: tl.constexpr, ROW_BLOCKS: tl.constexpr, LOOKUP: tl.constexpr,
+    DOT_FP32: tl.constexpr, ROW_BLOCKS: tl.constexpr, LOOKUP: tl.constexpr, SWAP: tl.constexpr,
 ):
     """``y[M, N] = x[M, K] @ W.T (+ bias)``; with ``SPLIT_K > 1`` the splits meet in ``ws`` and the
     last one writes y (``_store_output``).
@@ -148,12 +162,20 @@ def _matmul_kernel(
     ``ROW_BLOCKS``: ``K`` is a multiple of ``BLOCKSIZE == BLOCK_K``, so each tile column is one
     block: codes are read a byte at a time and the block's scale multiplies after the product.
     Otherwise blocks may straddle rows and every value is decoded with its own scale.
+
+    ``SWAP`` (with ``ROW_BLOCKS``): ``tl.dot`` tiles of ``y.T``, the decoded and scaled weight the
+    dot's first operand (as :func:`lowbit.kernels.triton_int_grouped._matmul_kernel`'s), ``acc``
+    ``[BLOCK_N, BLOCK_M]``.
     """
     offs_m, offs_n = _output_tile(M, N, BLOCK_M, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
     row = offs_n.to(tl.int64) * K  # [BN] flat index of each output row's first weight
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        tl.assume(tl.program_id(1) * BLOCK_K < K)  # every split has a K tile: see triton_int_grouped
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     table = _table(qmap_ptr)
     for k0 in range(tl.program_id(1) * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -161,16 +183,22 @@ def _matmul_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
         if ROW_BLOCKS:
-            codes = _row_codes(w_ptr, row, k0, K, mask_n, BLOCK_K, BLOCK_N)
-            v = _decode(qmap_ptr, table, codes, 0, LOOKUP)  # [BK, BN]; codes < 16, always in the table
             scale = _block_scale(absmax_ptr, nabs_ptr, nmap_ptr, noff_ptr, (row + k0) // BLOCKSIZE, mask_n, NESTED)
-            acc += _product(x, v, BLOCK_M, DOT_FP32) * scale[None, :]
+            if SWAP:
+                codes = _row_codes_t(w_ptr, offs_n, k0, K, mask_n, BLOCK_K, BLOCK_N)
+                v = _decode(qmap_ptr, table, codes, 1, LOOKUP)  # [BN, BK]
+                acc = _dot_weight_first(v * scale[:, None], x, acc, DOT_FP32)
+            else:
+                codes = _row_codes(w_ptr, row, k0, K, mask_n, BLOCK_K, BLOCK_N)
+                v = _decode(qmap_ptr, table, codes, 0, LOOKUP)  # [BK, BN]; codes < 16, always in the table
+                acc += _product(x, v, BLOCK_M, DOT_FP32) * scale[None, :]
         else:
             i = row[None, :] + offs_k[:, None]  # [BK, BN]
             w = _values(w_ptr, absmax_ptr, qmap_ptr, table, nabs_ptr, nmap_ptr, noff_ptr, i,
                         mask_k[:, None] & mask_n[None, :], BLOCKSIZE, NESTED, LOOKUP)
             acc += _product(x, w, BLOCK_M, DOT_FP32)
-    _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, acc, offs_m, offs_n, M, N, N, tl.program_id(0), HAS_BIAS, SPLIT_K)
+    _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, acc, offs_m, offs_n, M, N, N, tl.program_id(0), HAS_BIAS, SPLIT_K,
+                  SWAP)
 
 
 @triton.jit
@@ -312,6 +340,13 @@ def _gemv_config(n: int, k: int, blocksize: int, device: torch.device, step_bloc
     return MatmulConfig(1, 64, blocksize, split, GEMV_WARPS, 3)
 
 
+DOT_SWAP = False
+"""Whether the ``tl.dot`` tiles (16 rows or more, rows of whole blocks) compute ``y.T``, the decoded
+and scaled weight the dot's first operand, as grouped int's ``DOT_SWAP`` (whose docstring and
+``docs/performance.md`` give the sm_90 code's reasons). Not yet timed on a GPU, so off;
+``bench/kernels.py`` times it beside the default at 16 rows and, with the tiled path forced, above."""
+
+
 def batch_path_for(m: int) -> str:
     """How ``m >= 16`` rows are multiplied: ``"tiled"`` (the fused kernel) at 16 rows,
     ``"dequantize"`` (the weight dequantized to the compute dtype, then ``F.linear``) above. On an
@@ -340,7 +375,7 @@ def matmul_blockwise4(x, weight, absmax, quant_map, blocksize, shape, nested_abs
     n, k = shape
     dtype = compute_dtype or x.dtype
     key = (held_call_key(x, dtype, blocksize, n, k, GEMV_STEP_BYTES, GEMV_WARPS, DEFAULT_LOOKUP["gemv"],
-                         DEFAULT_LOOKUP["tiled"])
+                         DEFAULT_LOOKUP["tiled"], DOT_SWAP)
            if held is not None and batch_path is None and lookup is None else None)
     if key is not None:
         sources = (weight, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, bias)
@@ -374,7 +409,8 @@ def matmul_blockwise4(x, weight, absmax, quant_map, blocksize, shape, nested_abs
                 m, n, k, x2.stride(0))
         launched = launch(_matmul_kernel, cfg.grid(m, n), *args,
             BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, ROW_BLOCKS=row_blocks,
-            LOOKUP=lookup_index(lookup, "tiled"), **cfg.kernel_options(dtype),
+            LOOKUP=lookup_index(lookup, "tiled"), SWAP=DOT_SWAP and row_blocks and cfg.block_m >= 16,
+            **cfg.kernel_options(dtype),
         )
     out_shape = (*x.shape[:-1], n)
     if key is not None and launched is not None and m < 16:
