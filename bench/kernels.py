@@ -8,7 +8,8 @@ For each Llama-7B layer shape (K x N) and M = 1, 16, 128 it times, with CUDA gra
   with its ``tl.dot`` tiles computing ``y.T``, the weight first (``DOT_SWAP``, off by default), and lowbit's
   NF4 kernel (blocks of 64, double quant) on the bitsandbytes layout (from 16 rows also its tiled
   path forced, with and without tiles of ``y.T``, ``DOT_SWAP``), its AQLM kernel
-  (2x8 and 1x16, groups of 8 inputs, about 2 bits per weight; for one to four rows also with
+  (2x8 and 1x16, groups of 8 inputs, about 2 bits per weight; from 16 rows its tiled kernel also
+  with tiles of ``y.T``, ``DOT_SWAP``; for one to four rows also with
   each program's slices of the product table held in it, ``LUT_SLICES``, and made there,
   ``LUT_SLICE_PRODUCTS``, both off by default), and its LLM.int8 kernel
   (threshold 6, one outlier input column, at its defaults; above 16 rows also with the
@@ -253,17 +254,20 @@ def lowbit_nf4_row(m, k, n, sets, batch_path=None, swap=None):
     return calls, k * n // 2 + k * n // 64 + 2 * m * (k + n), err
 
 
-def lowbit_aqlm_row(m, k, n, sets, n_codebooks, nbits, batch_path=None, lut_step=None, slices=None, made=None):
+def lowbit_aqlm_row(m, k, n, sets, n_codebooks, nbits, batch_path=None, lut_step=None, slices=None, made=None,
+                    swap=None):
     """lowbit's AQLM kernel (groups of 8 inputs) on random codes over the whole index range
     (``lut_step``: the tabulated GEMV's (codes a step, prefetch), None for its defaults; ``slices``:
     its table's slices held in each program or not, None for ``LUT_SLICES``' default; ``made``: those
-    slices made in the program, None for ``LUT_SLICE_PRODUCTS``' default)."""
+    slices made in the program, None for ``LUT_SLICE_PRODUCTS``' default; ``swap``: the tiled
+    kernel's ``tl.dot`` tiles computing ``y.T`` or not, None for ``DOT_SWAP``'s default)."""
     from lowbit.kernels import triton_codebook as A
     from lowbit.kernels import triton_codebook_lut as L
 
     block_j, prefetch = lut_step or (None, None)
 
-    call = switching(L, lambda x, c, b, s, held: A.matmul_codebook(x, c, b, s, batch_path=batch_path, held=held),
+    matmul = switching(A, A.matmul_codebook, DOT_SWAP=swap)
+    call = switching(L, lambda x, c, b, s, held: matmul(x, c, b, s, batch_path=batch_path, held=held),
                      LUT_BLOCK_J=block_j, LUT_PREFETCH=prefetch, LUT_SLICES=slices, LUT_SLICE_PRODUCTS=made)
     calls, err = [], 0.0
     for i in range(sets):
@@ -497,6 +501,8 @@ def bench_shape(k: int, n: int, m: int, l2: int, eager: bool, only: list[str], n
             "lowbit aqlm 2x8 (tiled)": lambda: lowbit_aqlm_row(m, k, n, sets2, 2, 8, "tiled"),
             "lowbit aqlm 2x8 (dequantize)": lambda: lowbit_aqlm_row(m, k, n, sets2, 2, 8, "dequantize"),
             "lowbit aqlm 1x16 (tiled)": lambda: lowbit_aqlm_row(m, k, n, sets2, 1, 16, "tiled"),
+            "lowbit aqlm 1x16, swapped dot tiles": lambda: lowbit_aqlm_row(m, k, n, sets2, 1, 16, "tiled", swap=True),
+            "lowbit aqlm 2x8, swapped dot tiles": lambda: lowbit_aqlm_row(m, k, n, sets2, 2, 8, "tiled", swap=True),
             "lowbit aqlm 1x16 (dequantize)": lambda: lowbit_aqlm_row(m, k, n, sets2, 1, 16, "dequantize")}
            if m >= 16 else {}),
         **{name: (lambda fn=fn: fn(m, k, n, sets8 if "int8" in name else sets4)) for name, fn in PEERS.items()},

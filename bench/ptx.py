@@ -100,7 +100,14 @@ def cases() -> list[Case]:
     for table in (0, 4096):
         out.append(Case(f"aqlm 2x8 GEMV, {'gather' if table else 'global'}", A._matmul_kernel, aqlm_sig,
                         dict(C=2, SIZE=256, IG=8, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=64, BLOCK_K=128, SPLIT_K=8,
-                             DOT_FP32=False, WHOLE_WORDS=True, TABLE=table), 4, 64 * 128))
+                             DOT_FP32=False, WHOLE_WORDS=True, TABLE=table, SWAP=False), 4, 64 * 128))
+    for size, table in ((256, 4096), (65536, 0)):  # the tiled kernel's 64x64 tiles, and as y.T (DOT_SWAP)
+        for swap in (False, True):
+            c = 2 if size == 256 else 1
+            out.append(Case(f"aqlm {c}x{size.bit_length() - 1} 64x64 tile{', y.T (swapped)' if swap else ''}",
+                            A._matmul_kernel, dict(aqlm_sig, codes_ptr="*i8" if size == 256 else "*i16"),
+                            dict(C=c, SIZE=size, IG=8, HAS_BIAS=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2,
+                                 DOT_FP32=False, WHOLE_WORDS=True, TABLE=table, SWAP=swap), 4, 64 * 128))
     lut_sig = split_outputs({"codes_ptr": "*i8", "lut_ptr": "*fp16", "scales_ptr": "*fp16", "b_ptr": "*fp16",
                              "y_ptr": "*fp16", "N": "i32", "GI": "i32"})
     for block_j, prefetch in ((64, False), (256, True)):  # the first version's step, and the default

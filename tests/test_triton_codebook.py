@@ -60,6 +60,34 @@ def test_both_batch_paths_match_reference(path, dtype):
     assert rel_err(got, want) <= MATMUL_REL[dtype]
 
 
+# the tiled kernel's tiles of y.T: odd N, K not a multiple of the tile, groups of 4, 8 and 16, a K split
+SWAP_CASES = [(16, 24, 80, 8, (2, 8)), (37, 20, 64, 4, (1, 16)), (20, 33, 512, 16, (3, 5)), (64, 17, 1024, 8, (1, 16))]
+
+
+@pytest.mark.parametrize("gather", [False, True], ids=["loaded", "gathered"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("m,n,k,ig,scheme", SWAP_CASES, ids=[f"M{c[0]}-N{c[1]}-K{c[2]}-g{c[3]}-{c[4][0]}x{c[4][1]}"
+                                                             for c in SWAP_CASES])
+def test_swapped_dot_tiles_match_reference(monkeypatch, m, n, k, ig, scheme, dtype, gather):
+    """``DOT_SWAP``'s tiles of ``y.T`` in the tiled kernel (off by default; the bench times them
+    beside the default), codebooks loaded from memory or gathered where they fit."""
+    monkeypatch.setattr(T, "DOT_SWAP", True)
+    mod = random_module(n, k, ig, *scheme, seed=m + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(n)).to(DEVICE, dtype)
+    want = reference.matmul_codebook(x.float(), *args(mod), bias=mod.bias)
+    swapped, launch = [], T.launch
+
+    def recorded(kernel, grid, *a, **kw):
+        swapped.append(kw["SWAP"])
+        return launch(kernel, grid, *a, **kw)
+
+    monkeypatch.setattr(T, "launch", recorded)
+    got = T.matmul_codebook(x, *args(mod), bias=mod.bias, batch_path="tiled", gather=gather)
+    assert swapped == [True]
+    assert got.dtype == dtype and got.shape == (m, n)
+    assert rel_err(got, want) <= MATMUL_REL[dtype]
+
+
 # codebooks small enough to gather from: the GEMV, tl.dot tiles, groups of 4, and a group wider than
 # the K tile (decoded a value at a time)
 GATHER_CASES = [(1, 33, 72, 8, (2, 8)), (16, 24, 80, 8, (2, 8)), (3, 40, 96, 4, (2, 8)), (1, 8, 256, 256, (1, 2))]
@@ -261,6 +289,18 @@ def test_model_size_on_gpu(m, scheme):
     assert select_kernel(mod, x).name == "triton"
     want = reference.matmul_codebook(x.float(), *args(mod))
     assert rel_err(mod(x), want) <= MATMUL_REL[torch.float16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", [(2, 8), (1, 16)], ids=["2x8", "1x16"])
+@pytest.mark.parametrize("m", [16, 128])
+def test_swapped_dot_tiles_at_model_size_on_gpu(monkeypatch, m, scheme):
+    monkeypatch.setattr(T, "DOT_SWAP", True)
+    mod = random_module(4096, 4096, 8, *scheme, seed=m)
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+    want = reference.matmul_codebook(x.float(), *args(mod), bias=mod.bias)
+    got = T.matmul_codebook(x, *args(mod), bias=mod.bias, batch_path="tiled")
+    assert rel_err(got, want) <= MATMUL_REL[torch.float16]
 
 
 @pytest.mark.gpu

@@ -387,7 +387,8 @@ def test_swapped_tiles_at_model_sizes_on_gpu(monkeypatch, m, dtype, bits):
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     want = reference.matmul_int_grouped(x.float(), mod.qweight, mod.scales, mod.qzeros, mod.g_idx, bits)
     monkeypatch.setattr(T, "DOT_SWAP", True)
-    assert rel_err(T.matmul_int_grouped(x, mod.qweight, mod.scales, mod.qzeros, mod.g_idx, bits), want) <= MATMUL_REL[dtype]
+    got = T.matmul_int_grouped(x, mod.qweight, mod.scales, mod.qzeros, mod.g_idx, bits)
+    assert rel_err(got, want) <= MATMUL_REL[dtype]
     w = to_group_ordered(mod.qweight, mod.scales, mod.qzeros, mod.g_idx, bits)
     one_tile = C.MatmulConfig(128, 64, 128, 2, 4, 3, swap=True)
     assert rel_err(T.matmul_group_ordered(x, w, cfg=one_tile), want) <= MATMUL_REL[dtype]

@@ -135,8 +135,10 @@ def _codebook_variants() -> list[Variant]:
         sig = _with_split_outputs(sig)
         consts = dict(C=c, SIZE=size, IG=ig, HAS_BIAS=split == 1, BLOCK_M=bm, BLOCK_N=64 if bm < 64 else 128,
                       BLOCK_K=128, SPLIT_K=split, DOT_FP32=False, WHOLE_WORDS=True,
-                      TABLE=c * size * ig if c * size * ig <= 4096 else 0)  # 2x8 gathers from a held table
+                      TABLE=c * size * ig if c * size * ig <= 4096 else 0, SWAP=False)  # 2x8 gathers: a held table
         out.append(Variant("triton_codebook", "_matmul_kernel", sig, consts))
+        if bm >= 16:  # tiles of y.T (DOT_SWAP)
+            out.append(Variant("triton_codebook", "_matmul_kernel", sig, dict(consts, SWAP=True)))
     # (codebooks, entries, whole words, gathered): the 2x8 default (whole words from memory) and the rest
     for c, size, words, table in ((2, 256, True, 0), (2, 256, False, 4096), (1, 65536, False, 0),
                                   (1, 65536, True, 0)):

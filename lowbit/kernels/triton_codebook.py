@@ -23,6 +23,7 @@ import triton.language as tl
 from lowbit.kernels import triton_codebook_lut as tabulated
 from lowbit.kernels.held import HeldCall, HeldCalls
 from lowbit.kernels.triton_common import (
+    _dot_weight_first,
     _output_tile,
     _product,
     _store_output,
@@ -102,7 +103,7 @@ def _matmul_kernel(
     M, N, K, GI, stride_xm,
     C: tl.constexpr, SIZE: tl.constexpr, IG: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    DOT_FP32: tl.constexpr, WHOLE_WORDS: tl.constexpr, TABLE: tl.constexpr,
+    DOT_FP32: tl.constexpr, WHOLE_WORDS: tl.constexpr, TABLE: tl.constexpr, SWAP: tl.constexpr,
 ):
     """``y[M, N] = x[M, K] @ W.T (+ bias)``; with ``SPLIT_K > 1`` the splits meet in ``ws`` and the
     last one writes y (``_store_output``).
@@ -110,28 +111,43 @@ def _matmul_kernel(
     ``WHOLE_WORDS``: ``IG`` is a power of two dividing ``BLOCK_K`` (see :func:`_codeword_tile`).
     ``TABLE``: the codebooks' element count ``C * SIZE * IG`` to hold them in the program and
     gather from there (:func:`gather_table`), or 0 to load each value from device memory.
+    ``SWAP`` (with ``WHOLE_WORDS``): ``tl.dot`` tiles of ``y.T``, the decoded weight the dot's first
+    operand (as :func:`lowbit.kernels.triton_int_grouped._matmul_kernel`'s), ``acc`` ``[BLOCK_N, BLOCK_M]``.
     """
     GATHER: tl.constexpr = TABLE > 0
     table = tl.load(books_ptr + tl.arange(0, TABLE if GATHER else 1))
     offs_m, offs_n = _output_tile(M, N, BLOCK_M, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        tl.assume(tl.program_id(1) * BLOCK_K < K)  # every split has a K tile: see triton_int_grouped
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(tl.program_id(1) * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        if WHOLE_WORDS:
-            w = _codeword_tile(codes_ptr, books_ptr, table, offs_n, k0, mask_n, GI, C, SIZE, IG, BLOCK_K, BLOCK_N,
-                               GATHER)
-        else:
-            w = _codewords(codes_ptr, books_ptr, table, offs_n[None, :], offs_k[:, None],
-                           mask_k[:, None] & mask_n[None, :], GI, C, SIZE, IG, GATHER)  # [BK, BN]
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
-        acc += _product(x, w, BLOCK_M, DOT_FP32)
+        if SWAP:
+            w = _codeword_rows(codes_ptr, books_ptr, table, offs_n, k0, mask_n, GI, C, SIZE, IG, BLOCK_K, BLOCK_N,
+                               GATHER)  # [BN, BK]
+            acc = _dot_weight_first(w, x, acc, DOT_FP32)
+        else:
+            if WHOLE_WORDS:
+                w = _codeword_tile(codes_ptr, books_ptr, table, offs_n, k0, mask_n, GI, C, SIZE, IG, BLOCK_K, BLOCK_N,
+                                   GATHER)
+            else:
+                w = _codewords(codes_ptr, books_ptr, table, offs_n[None, :], offs_k[:, None],
+                               mask_k[:, None] & mask_n[None, :], GI, C, SIZE, IG, GATHER)  # [BK, BN]
+            acc += _product(x, w, BLOCK_M, DOT_FP32)
     s = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, acc * s[None, :], offs_m, offs_n, M, N, N, tl.program_id(0), HAS_BIAS,
-                  SPLIT_K)
+    if SWAP:
+        acc = acc * s[:, None]
+    else:
+        acc = acc * s[None, :]
+    _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, acc, offs_m, offs_n, M, N, N, tl.program_id(0), HAS_BIAS, SPLIT_K,
+                  SWAP)
 
 
 @triton.jit
@@ -222,6 +238,13 @@ def gather_table(codebooks: torch.Tensor, gather: bool | None = None) -> int:
     return numel if want and numel <= GATHER_MAX and numel & (numel - 1) == 0 else 0
 
 
+DOT_SWAP = False
+"""Whether the tiled kernel's ``tl.dot`` tiles (16 rows or more, groups of a power of two) compute
+``y.T``, the decoded weight the dot's first operand, as grouped int's ``DOT_SWAP`` (whose docstring
+and ``docs/performance.md`` give the sm_90 code's reasons). Not yet timed on a GPU, so off;
+``bench/kernels.py`` times it beside the default."""
+
+
 def batch_path_for(n_codebooks: int) -> str:
     """How 16 rows or more are multiplied: ``"tiled"`` (the fused kernel) for one codebook (1x16),
     ``"dequantize"`` (the weight dequantized to x's dtype, then ``F.linear``) for several (2x8).
@@ -250,7 +273,7 @@ def matmul_codebook(x, codes, codebooks, scales, bias=None, batch_path: str | No
             (:class:`~lowbit.kernels.held.HeldCall`; the tabulated path still makes its
             table each call).
     """
-    key = (held_call_key(x, *tabulated.switches(), DEFAULT_GATHER, GATHER_MAX)
+    key = (held_call_key(x, *tabulated.switches(), DEFAULT_GATHER, GATHER_MAX, DOT_SWAP)
            if held is not None and batch_path is None and gather is None and lut is None else None)
     sources = (codes, codebooks, scales, bias)
     if key is not None:
@@ -279,9 +302,10 @@ def matmul_codebook(x, codes, codebooks, scales, bias=None, batch_path: str | No
     y, ws, locks = output_buffers(cfg, m, n, x2)
     args = (x2, codes.contiguous(), codebooks.contiguous(), scales.contiguous(),
             bias if bias is not None else scales, y, ws, locks, m, n, k, gi, x2.stride(0))
+    words = ig & (ig - 1) == 0 and ig <= block_k
     launched = launch(_matmul_kernel, cfg.grid(m, n), *args,
-        C=n_codebooks, SIZE=size, IG=ig, HAS_BIAS=bias is not None,
-        WHOLE_WORDS=ig & (ig - 1) == 0 and ig <= block_k, TABLE=gather_table(codebooks, gather),
+        C=n_codebooks, SIZE=size, IG=ig, HAS_BIAS=bias is not None, WHOLE_WORDS=words,
+        TABLE=gather_table(codebooks, gather), SWAP=DOT_SWAP and words and cfg.block_m >= 16,
         **cfg.kernel_options(x.dtype),
     )
     if key is not None and launched is not None:
