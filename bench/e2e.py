@@ -15,11 +15,17 @@ weight-only config runs), groups of 128, asymmetric (:class:`Int4Tinygemm`).
 ``--compile`` traces every model's decode step with ``torch.compile`` (inductor, ``fullgraph``)
 before the graph capture: the small ops between the matmuls (norms, rotary embedding, residual
 adds), one kernel each otherwise, are fused.
+``--switch MODULE.NAME=VALUE`` (repeatable) adds a row for the 4-bit model with those kernel
+switches set together, e.g. the grouped-int tiles of y.T for prefill too:
+``--switch triton_int_grouped.DOT_SWAP=True --switch triton_int_grouped.TILED_MAX_ROWS=512``.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
+import importlib
 import statistics
 import time
 
@@ -183,6 +189,59 @@ def prefill_tokens_per_s(model, prompt_len: int, trials: int = 5) -> float:
     return prompt_len / statistics.median(times)
 
 
+def time_model(label: str, args) -> tuple[float, float, bool]:
+    """(decode tokens/s, prefill tokens/s, whether decode replayed CUDA graphs) of the row ``label``."""
+    model = build(args.model, args.layers).cuda().eval()
+    if label.startswith("tinygemm"):
+        model = tinygemm_model(model)
+    elif label != "fp16":
+        lowbit.quantize(model, RtnConfig(bits=4, group_size=128), device="cuda", progress=False,
+                        fuse=label.endswith("fused"))
+    graphs = args.graphs
+    backend = "inductor" if args.compile else None
+    try:
+        decode = decode_tokens_per_s(model, args.new_tokens, graphs, compile_backend=backend)
+    except RuntimeError as e:  # a forward that cannot be captured still gets an eager number
+        print(f"{label}: CUDA graph capture failed ({str(e).splitlines()[0][:200]}); timing eager decode")
+        graphs = False
+        decode = decode_tokens_per_s(model, args.new_tokens, graphs, compile_backend=backend)
+    return decode, prefill_tokens_per_s(model, args.prompt_len), graphs
+
+
+def parse_switches(specs: list[str]) -> list[tuple[object, str, object]]:
+    """``MODULE.NAME=VALUE`` strings -> ``(lowbit.kernels.MODULE, NAME, value)``; VALUE is a Python
+    literal. An unknown module or constant is an error (a switch that sets nothing would time the
+    default twice)."""
+    out = []
+    for spec in specs:
+        target, sep, text = spec.partition("=")
+        module_name, dot, name = target.rpartition(".")
+        if not sep or not dot:
+            raise SystemExit(f"--switch takes MODULE.NAME=VALUE, not {spec!r}")
+        try:
+            module = importlib.import_module(f"lowbit.kernels.{module_name}")
+            value = ast.literal_eval(text)
+        except (ImportError, ValueError, SyntaxError) as e:
+            raise SystemExit(f"--switch {spec!r}: {e}") from None
+        if not hasattr(module, name):
+            raise SystemExit(f"--switch {spec!r}: lowbit.kernels.{module_name} has no {name}")
+        out.append((module, name, value))
+    return out
+
+
+@contextlib.contextmanager
+def switched(switches: list[tuple[object, str, object]]):
+    """Each ``(module, name, value)`` of :func:`parse_switches` set, then put back."""
+    saved = [(module, name, getattr(module, name)) for module, name, _ in switches]
+    try:
+        for module, name, value in switches:
+            setattr(module, name, value)
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=["smollm2", "llama7b"], default="smollm2")
@@ -195,29 +254,21 @@ def main() -> None:
                    help="trace each decode step with torch.compile (inductor, fullgraph) for every model")
     p.add_argument("--peer", action="store_true",
                    help="also time the model through PyTorch's int4 tinygemm (torchao's kernel), bf16")
+    p.add_argument("--switch", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                   help="also time the 4-bit model with lowbit.kernels.MODULE's NAME set to VALUE (a Python "
+                        "literal); repeatable, all set together")
     args = p.parse_args()
+    switches = parse_switches(args.switch)
     if not torch.cuda.is_available():
         raise SystemExit("bench/e2e.py needs a CUDA or ROCm GPU")
     results = {}
+    switched_label = f"lowbit w4g128, {', '.join(args.switch)}"
     labels = ("fp16", "lowbit w4g128", *(("lowbit w4g128 fused",) if args.fuse else ()),
+              *((switched_label,) if switches else ()),
               *(("tinygemm int4 (torchao's kernel), bf16",) if args.peer else ()))
     for label in labels:
-        model = build(args.model, args.layers).cuda().eval()
-        if label.startswith("tinygemm"):
-            model = tinygemm_model(model)
-        elif label != "fp16":
-            lowbit.quantize(model, RtnConfig(bits=4, group_size=128), device="cuda", progress=False,
-                            fuse=label.endswith("fused"))
-        graphs = args.graphs
-        backend = "inductor" if args.compile else None
-        try:
-            decode = decode_tokens_per_s(model, args.new_tokens, graphs, compile_backend=backend)
-        except RuntimeError as e:  # a forward that cannot be captured still gets an eager number
-            print(f"{label}: CUDA graph capture failed ({str(e).splitlines()[0][:200]}); timing eager decode")
-            graphs = False
-            decode = decode_tokens_per_s(model, args.new_tokens, graphs, compile_backend=backend)
-        results[label] = (decode, prefill_tokens_per_s(model, args.prompt_len), graphs)
-        del model
+        with switched(switches if label == switched_label else []):
+            results[label] = time_model(label, args)
         torch.cuda.empty_cache()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, model {args.model}"
           f"{f' ({args.layers} layers)' if args.model == 'llama7b' else ''}"

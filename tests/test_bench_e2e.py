@@ -133,3 +133,20 @@ def test_bench_peer_model_decodes_as_its_dequantized_weights():
     dec = bench.Decoder(model, 8, False, "aot_eager", "cpu")
     logits = torch.stack([dec.step(torch.tensor([i + 3]), i)[0, -1].float() for i in range(3)])
     assert torch.isfinite(logits).all() and logits.std(0).max() > 0
+
+
+def test_bench_switches_set_kernel_constants_and_put_them_back():
+    """``bench/e2e.py --switch MODULE.NAME=VALUE``: the constants set together for the row, then put
+    back; a malformed, unknown or non-literal switch stops the bench before any model is built."""
+    e2e = _bench_e2e()
+    from lowbit.kernels import triton_int_grouped as T
+
+    before = (T.DOT_SWAP, T.TILED_MAX_ROWS)
+    switches = e2e.parse_switches(["triton_int_grouped.DOT_SWAP=True", "triton_int_grouped.TILED_MAX_ROWS=512"])
+    with e2e.switched(switches):
+        assert (T.DOT_SWAP, T.TILED_MAX_ROWS) == (True, 512)
+    assert (T.DOT_SWAP, T.TILED_MAX_ROWS) == before
+    for spec, msg in (("DOT_SWAP", "MODULE.NAME=VALUE"), ("triton_int_grouped.NO_SUCH=1", "has no NO_SUCH"),
+                      ("no_such_module.X=1", "no_such_module"), ("triton_int_grouped.DOT_SWAP=yes", "DOT_SWAP=yes")):
+        with pytest.raises(SystemExit, match=msg):
+            e2e.parse_switches([spec])
