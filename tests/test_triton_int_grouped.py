@@ -540,12 +540,15 @@ def test_swapped_tiles_of_few_rows_match_reference(block_m):
 
 def test_a_split_without_a_k_tile_is_refused():
     """A given ``split_k`` above the K tiles would leave programs with no K tile, which the swapped
-    tiles' kernel assumes away."""
+    tiles' kernel assumes away (the default tiles' programs just add nothing)."""
     mod = random_module(33, 256, 4, 128, False, seed=1).to(DEVICE)
     w = to_group_ordered(mod.qweight, mod.scales, mod.qzeros, mod.g_idx, 4)
     x = torch.randn(16, 256).to(DEVICE, torch.float16)
     with pytest.raises(ValueError, match="split_k 4 leaves a split without a K tile"):
         T.matmul_group_ordered(x, w, cfg=C.MatmulConfig(16, 32, 128, 4, 4, 3, swap=True))
+    want = reference.matmul_int_grouped(x.float(), mod.qweight, mod.scales, mod.qzeros, mod.g_idx, 4)
+    got = T.matmul_group_ordered(x, w, cfg=C.MatmulConfig(16, 32, 128, 4, 4, 3))
+    assert rel_err(got, want) <= MATMUL_REL[torch.float16]
 
 
 @pytest.mark.parametrize("bits,gs", [(3, 64), (8, 100)], ids=["3-bit", "tiles-span-groups"])

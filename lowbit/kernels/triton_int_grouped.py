@@ -371,12 +371,12 @@ def _plan(m: int, n: int, k: int, bits: int, group_size: int, has_perm: bool, ha
             cfg = dataclasses.replace(cfg, swap=True)
     elif cfg.block_k != block_k:
         raise ValueError(f"block_k {cfg.block_k} does not fit group size {group_size} (use {block_k})")
-    elif cdiv(k, block_k) < cfg.split_k:
-        raise ValueError(f"split_k {cfg.split_k} leaves a split without a K tile ({cdiv(k, block_k)} tiles of "
-                         f"{block_k})")
     elif cfg.swap and not can_swap:
         raise ValueError(f"swapped tiles need 2, 4 or 8 bits and tiles inside groups, not {bits} bits in groups of "
                          f"{group_size}")
+    elif cfg.swap and cdiv(k, block_k) < cfg.split_k:  # the kernel assumes every split has a K tile
+        raise ValueError(f"split_k {cfg.split_k} leaves a split without a K tile ({cdiv(k, block_k)} tiles of "
+                         f"{block_k})")
     options = dict(BITS=bits, GROUP=group_size, HAS_PERM=has_perm, HAS_BIAS=has_bias, TILE_IN_GROUP=in_group,
                    SWAP=cfg.swap, **cfg.kernel_options(dtype))
     return cfg, cfg.grid(m, n), options
