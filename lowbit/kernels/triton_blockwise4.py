@@ -182,16 +182,16 @@ def _matmul_kernel(
         mask_k = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
-        if ROW_BLOCKS:
+        if ROW_BLOCKS and SWAP:
+            codes = _row_codes_t(w_ptr, offs_n, k0, K, mask_n, BLOCK_K, BLOCK_N)
+            v = _decode(qmap_ptr, table, codes, 1, LOOKUP)  # [BN, BK]
             scale = _block_scale(absmax_ptr, nabs_ptr, nmap_ptr, noff_ptr, (row + k0) // BLOCKSIZE, mask_n, NESTED)
-            if SWAP:
-                codes = _row_codes_t(w_ptr, offs_n, k0, K, mask_n, BLOCK_K, BLOCK_N)
-                v = _decode(qmap_ptr, table, codes, 1, LOOKUP)  # [BN, BK]
-                acc = _dot_weight_first(v * scale[:, None], x, acc, DOT_FP32)
-            else:
-                codes = _row_codes(w_ptr, row, k0, K, mask_n, BLOCK_K, BLOCK_N)
-                v = _decode(qmap_ptr, table, codes, 0, LOOKUP)  # [BK, BN]; codes < 16, always in the table
-                acc += _product(x, v, BLOCK_M, DOT_FP32) * scale[None, :]
+            acc = _dot_weight_first(v * scale[:, None], x, acc, DOT_FP32)
+        elif ROW_BLOCKS:
+            codes = _row_codes(w_ptr, row, k0, K, mask_n, BLOCK_K, BLOCK_N)
+            v = _decode(qmap_ptr, table, codes, 0, LOOKUP)  # [BK, BN]; codes < 16, always in the table
+            scale = _block_scale(absmax_ptr, nabs_ptr, nmap_ptr, noff_ptr, (row + k0) // BLOCKSIZE, mask_n, NESTED)
+            acc += _product(x, v, BLOCK_M, DOT_FP32) * scale[None, :]
         else:
             i = row[None, :] + offs_k[:, None]  # [BK, BN]
             w = _values(w_ptr, absmax_ptr, qmap_ptr, table, nabs_ptr, nmap_ptr, noff_ptr, i,

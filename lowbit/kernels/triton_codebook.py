@@ -127,19 +127,20 @@ def _matmul_kernel(
     for k0 in range(tl.program_id(1) * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
         if SWAP:
             w = _codeword_rows(codes_ptr, books_ptr, table, offs_n, k0, mask_n, GI, C, SIZE, IG, BLOCK_K, BLOCK_N,
                                GATHER)  # [BN, BK]
+        elif WHOLE_WORDS:
+            w = _codeword_tile(codes_ptr, books_ptr, table, offs_n, k0, mask_n, GI, C, SIZE, IG, BLOCK_K, BLOCK_N,
+                               GATHER)
+        else:
+            w = _codewords(codes_ptr, books_ptr, table, offs_n[None, :], offs_k[:, None],
+                           mask_k[:, None] & mask_n[None, :], GI, C, SIZE, IG, GATHER)  # [BK, BN]
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
+        if SWAP:
             acc = _dot_weight_first(w, x, acc, DOT_FP32)
         else:
-            if WHOLE_WORDS:
-                w = _codeword_tile(codes_ptr, books_ptr, table, offs_n, k0, mask_n, GI, C, SIZE, IG, BLOCK_K, BLOCK_N,
-                                   GATHER)
-            else:
-                w = _codewords(codes_ptr, books_ptr, table, offs_n[None, :], offs_k[:, None],
-                               mask_k[:, None] & mask_n[None, :], GI, C, SIZE, IG, GATHER)  # [BK, BN]
             acc += _product(x, w, BLOCK_M, DOT_FP32)
     s = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     if SWAP:

@@ -223,16 +223,21 @@ def _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, acc, offs_m, offs_n, M, N, str
     if TRANSPOSED:
         rows = offs_m[None, :]
         cols = offs_n[:, None]
+        mask = (offs_m < M)[None, :] & (offs_n < N)[:, None]
     else:
         rows = offs_m[:, None]
         cols = offs_n[None, :]
-    mask = (rows < M) & (cols < N)
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     last = True
     if SPLIT_K > 1:
         last, acc = _split_total(ws_ptr, lock_ptr, tile, acc, ws_ptr + rows * N + cols, mask, M * N, SPLIT_K)
     if last:
         if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+            bias = tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+            if TRANSPOSED:
+                acc += bias[:, None]
+            else:
+                acc += bias[None, :]
         tl.store(y_ptr + rows * stride_ym + cols, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
