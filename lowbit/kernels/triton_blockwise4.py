@@ -20,6 +20,7 @@ from lowbit.kernels.held import HeldCall, HeldCalls
 from lowbit.kernels.triton_common import (
     INTERPRET,
     MatmulConfig,
+    _accumulator,
     _dot_weight_first,
     _output_tile,
     _product,
@@ -171,11 +172,7 @@ def _matmul_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     row = offs_n.to(tl.int64) * K  # [BN] flat index of each output row's first weight
-    if SWAP:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        tl.assume(tl.program_id(1) * BLOCK_K < K)  # every split has a K tile: see triton_int_grouped
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _accumulator(K, BLOCK_M, BLOCK_N, BLOCK_K, SWAP)
     table = _table(qmap_ptr)
     for k0 in range(tl.program_id(1) * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)

@@ -23,6 +23,7 @@ import triton.language as tl
 from lowbit.kernels import triton_codebook_lut as tabulated
 from lowbit.kernels.held import HeldCall, HeldCalls
 from lowbit.kernels.triton_common import (
+    _accumulator,
     _dot_weight_first,
     _output_tile,
     _product,
@@ -119,11 +120,7 @@ def _matmul_kernel(
     offs_m, offs_n = _output_tile(M, N, BLOCK_M, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    if SWAP:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        tl.assume(tl.program_id(1) * BLOCK_K < K)  # every split has a K tile: see triton_int_grouped
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _accumulator(K, BLOCK_M, BLOCK_N, BLOCK_K, SWAP)
     for k0 in range(tl.program_id(1) * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K

@@ -33,6 +33,26 @@ def _lut_codes(codes_ptr, offs_n, mask_n, j0, J, BLOCK_J: tl.constexpr):
 
 
 @triton.jit
+def _slice_sum(table, codes_ptr, offs_n, mask_n, j0, J, SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_J: tl.constexpr):
+    """fp32 ``[BLOCK_N]``: each row's sum of its entries for codes ``j0 .. j0 + BLOCK_J``, gathered with
+    one ``tl.gather`` from ``table``, that slice's ``BLOCK_J * SIZE`` entries (0 past ``J``)."""
+    code = _lut_codes(codes_ptr, offs_n, mask_n, j0, J, BLOCK_J) & (SIZE - 1)  # [BN, BJ]
+    index = tl.reshape(tl.arange(0, BLOCK_J)[None, :] * SIZE + code, (BLOCK_N * BLOCK_J,))
+    return tl.sum(tl.reshape(tl.gather(table, index, 0), (BLOCK_N, BLOCK_J)).to(tl.float32), axis=1)
+
+
+@triton.jit
+def _store_row(y_ptr, ws_ptr, lock_ptr, b_ptr, y, offs_n, N, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """fp32 ``y [BLOCK_N]`` (``+ bias``) into row ``m = program_id(2)`` of the ``[M, N]`` output, M the
+    programs along axis 2: output tile ``(m, program_id(0))``, whose splits meet as
+    :func:`~lowbit.kernels.triton_common._store_output` has them."""
+    m = tl.program_id(2)
+    _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, y[None, :], m + tl.arange(0, 1), offs_n, tl.num_programs(2), N, N,
+                  m * tl.num_programs(0) + tl.program_id(0), HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
 def _lut_gemv_kernel(codes_ptr, lut_ptr, scales_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, N, GI,
                      C: tl.constexpr, SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr):
@@ -68,10 +88,7 @@ def _lut_gemv_kernel(codes_ptr, lut_ptr, scales_ptr, b_ptr, y_ptr, ws_ptr, lock_
         acc += tl.load(lut_row + index, mask=mask, other=0.0).to(tl.float32)
         code = ahead
     s = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    y = tl.sum(acc, axis=1) * s
-    # row m of the [M, N] output, M the programs along axis 2; output tile (m, program_id(0))
-    _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, y[None, :], m + tl.arange(0, 1), offs_n, tl.num_programs(2), N, N,
-                  m * tl.num_programs(0) + tl.program_id(0), HAS_BIAS, SPLIT_K)
+    _store_row(y_ptr, ws_ptr, lock_ptr, b_ptr, tl.sum(acc, axis=1) * s, offs_n, N, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -91,16 +108,12 @@ def _lut_slice_kernel(codes_ptr, lut_ptr, scales_ptr, b_ptr, y_ptr, ws_ptr, lock
     J = GI * C
     lut_row = lut_ptr + m.to(tl.int64) * J * SIZE
     entries = tl.arange(0, BLOCK_J * SIZE)
-    at = tl.arange(0, BLOCK_J)[None, :] * SIZE  # [1, BJ]: each code's first entry in the slice
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for j0 in range(tl.program_id(1) * BLOCK_J, J, BLOCK_J * SPLIT_K):
         table = tl.load(lut_row + j0 * SIZE + entries, mask=entries < (J - j0) * SIZE, other=0.0)  # past J: 0
-        code = _lut_codes(codes_ptr, offs_n, mask_n, j0, J, BLOCK_J) & (SIZE - 1)  # [BN, BJ]
-        index = tl.reshape(at + code, (BLOCK_N * BLOCK_J,))
-        acc += tl.sum(tl.reshape(tl.gather(table, index, 0), (BLOCK_N, BLOCK_J)).to(tl.float32), axis=1)
+        acc += _slice_sum(table, codes_ptr, offs_n, mask_n, j0, J, SIZE, BLOCK_N, BLOCK_J)
     s = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, (acc * s)[None, :], m + tl.arange(0, 1), offs_n, tl.num_programs(2),
-                  N, N, m * tl.num_programs(0) + tl.program_id(0), HAS_BIAS, SPLIT_K)
+    _store_row(y_ptr, ws_ptr, lock_ptr, b_ptr, acc * s, offs_n, N, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -122,7 +135,6 @@ def _lut_products_kernel(codes_ptr, x_ptr, books_ptr, scales_ptr, b_ptr, y_ptr, 
     words = tl.arange(0, C * SIZE)
     books = tl.load(books_ptr + words[None, :] * IG + inputs[:, None], mask=(inputs < IG)[:, None], other=0.0)
     x_row = x_ptr + m.to(tl.int64) * stride_xm
-    at = tl.arange(0, BLOCK_J)[None, :] * SIZE  # [1, BJ]: each code's first entry in the slice
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for j0 in range(tl.program_id(1) * BLOCK_J, J, BLOCK_J * SPLIT_K):
         groups = j0 // C + tl.arange(0, G)
@@ -132,13 +144,10 @@ def _lut_products_kernel(codes_ptr, x_ptr, books_ptr, scales_ptr, b_ptr, y_ptr, 
             products = tl.dot(xg.to(tl.float32), books.to(tl.float32), input_precision="ieee")
         else:
             products = tl.dot(xg, books.to(xg.dtype))  # [G, C * SIZE]
-        table = tl.reshape(products, (BLOCK_J * SIZE,))
-        code = _lut_codes(codes_ptr, offs_n, mask_n, j0, J, BLOCK_J) & (SIZE - 1)  # [BN, BJ]
-        index = tl.reshape(at + code, (BLOCK_N * BLOCK_J,))
-        acc += tl.sum(tl.reshape(tl.gather(table, index, 0), (BLOCK_N, BLOCK_J)), axis=1)
+        acc += _slice_sum(tl.reshape(products, (BLOCK_J * SIZE,)), codes_ptr, offs_n, mask_n, j0, J, SIZE, BLOCK_N,
+                          BLOCK_J)
     s = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    _store_output(y_ptr, ws_ptr, lock_ptr, b_ptr, (acc * s)[None, :], m + tl.arange(0, 1), offs_n, tl.num_programs(2),
-                  N, N, m * tl.num_programs(0) + tl.program_id(0), HAS_BIAS, SPLIT_K)
+    _store_row(y_ptr, ws_ptr, lock_ptr, b_ptr, acc * s, offs_n, N, HAS_BIAS, SPLIT_K)
 
 
 LUT_MAX_SIZE = 256

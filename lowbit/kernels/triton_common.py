@@ -166,6 +166,23 @@ def _dot_weight_first(w, x, acc, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
+def _accumulator(K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr):
+    """A fused matmul's fp32 zeros: ``[BLOCK_M, BLOCK_N]``, or with ``SWAP`` the ``y.T`` tile
+    ``[BLOCK_N, BLOCK_M]`` that :func:`_dot_weight_first` accumulates into.
+
+    With ``SWAP`` the caller's K loop (``range(program_id(1) * BLOCK_K, K, ...)``) is assumed to run
+    at least once: every split has a K tile. With no path around the loop, ptxas keeps its
+    ``wgmma`` asynchronous; otherwise the zeros that path leaves in the accumulator made it
+    serialize them (warning C7515)."""
+    if SWAP:
+        tl.assume(tl.program_id(1) * BLOCK_K < K)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    return acc
+
+
+@triton.jit
 def _round_to_bf16(v):
     """fp32 ``v`` rounded to the nearest bf16 value (ties to even), as fp32: what ``v.to(tl.bfloat16)``
     does on a GPU. The interpreter's cast truncates instead (a bias of -2.8e-3 on average over

@@ -30,6 +30,7 @@ from lowbit.formats.group_order import GroupOrdered, to_group_ordered
 from lowbit.kernels.held import HeldCall
 from lowbit.kernels.triton_common import (
     MatmulConfig,
+    _accumulator,
     _dot_weight_first,
     _output_tile,
     _product,
@@ -164,13 +165,7 @@ def _matmul_kernel(
     offs_m, offs_n = _output_tile(M, N, BLOCK_M, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    if SWAP:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        # every split has a K tile (_plan): with no path around the loop, ptxas keeps its wgmma
-        # asynchronous (else warning C7515, for the zeros that path leaves in the accumulator)
-        tl.assume(tl.program_id(1) * BLOCK_K < K)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _accumulator(K, BLOCK_M, BLOCK_N, BLOCK_K, SWAP)
     for k0 in range(tl.program_id(1) * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
