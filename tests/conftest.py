@@ -131,6 +131,19 @@ def aqlm_layer(n: int, k: int, ig: int, n_codebooks: int, nbits: int, *, bias: b
     return AqlmLinear.from_quantized(idx, books, scales, b, dtype=dtype)
 
 
+def launch_keyword(monkeypatch, module, name: str) -> list:
+    """The value of keyword ``name`` at each later call of ``module.launch`` (a Triton wrapper
+    module's launcher; the launches still run)."""
+    values, launch = [], module.launch
+
+    def recorded(kernel, grid, *args, **kwargs):
+        values.append(kwargs[name])
+        return launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(module, "launch", recorded)
+    return values
+
+
 def check_layout_rebuilt(mod: torch.nn.Module, held, buffer: str) -> None:
     """The layout ``held()`` returns (a ``QuantLinear.held_layout``) is built anew after the module's
     ``buffer`` is replaced, after a move (here a no-op one) and after a state-dict load."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEQUANT_ATOL, MATMUL_REL, rel_err
+from conftest import DEQUANT_ATOL, MATMUL_REL, launch_keyword, rel_err
 from lowbit.formats.blockwise4 import Blockwise4Linear
 from lowbit.kernels import reference, select_kernel
 
@@ -74,13 +74,7 @@ def test_swapped_dot_tiles_match_reference(monkeypatch, m, n, k, bs, quant_type,
     mod = random_module(n, k, bs, quant_type, double_quant, seed=m + k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(n)).to(DEVICE, dtype)
     want = reference.matmul_blockwise4(x.float(), *args(mod), bias=mod.bias)
-    swapped, launch = [], T.launch
-
-    def recorded(kernel, grid, *a, **kw):
-        swapped.append(kw["SWAP"])
-        return launch(kernel, grid, *a, **kw)
-
-    monkeypatch.setattr(T, "launch", recorded)
+    swapped = launch_keyword(monkeypatch, T, "SWAP")
     got = T.matmul_blockwise4(x, *args(mod), bias=mod.bias, batch_path="tiled")
     assert swapped == [True]
     assert got.dtype == dtype and got.shape == (m, n)
