@@ -37,9 +37,11 @@ import triton.language as tl
 
 from lowbit.formats.group_order import GroupOrdered
 from lowbit.kernels.held import HeldCalls
-from lowbit.kernels import ops, triton_blockwise4, triton_codebook, triton_common, triton_int8, triton_int_grouped
+from lowbit.kernels import (ops, triton_blockwise4, triton_codebook, triton_codebook_lut, triton_common, triton_int8,
+                            triton_int8_activations, triton_int_grouped)
 
-KERNEL_MODULES = (triton_int_grouped, triton_blockwise4, triton_codebook, triton_int8, triton_common)
+KERNEL_MODULES = (triton_int_grouped, triton_blockwise4, triton_codebook, triton_codebook_lut, triton_int8,
+                  triton_int8_activations, triton_common)
 
 
 @triton.jit

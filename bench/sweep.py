@@ -7,7 +7,7 @@ fp16 ``F.linear``, and prints the best configuration per shape against the heuri
 
 ``--kernel int8`` sweeps LLM.int8's kernel instead (threshold 6, one outlier column) at M = 16,
 128, 512, 2048; ``--kernel int8-prequantized`` its variant whose activations are quantized in a
-launch of their own (``triton_int8.quantize_activations``).
+launch of their own (``triton_int8_activations.quantize_activations``).
 
 Compiling a few hundred variants is most of the cost, so ``--warm PART/PARTS`` only compiles
 (and checks against the reference) every PARTS-th variant from PART into Triton's on-disk

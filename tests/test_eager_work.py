@@ -21,6 +21,7 @@ TB = pytest.importorskip("lowbit.kernels.triton_blockwise4")
 TC = pytest.importorskip("lowbit.kernels.triton_codebook")
 TL = pytest.importorskip("lowbit.kernels.triton_codebook_lut")
 TI = pytest.importorskip("lowbit.kernels.triton_int8")
+TA = pytest.importorskip("lowbit.kernels.triton_int8_activations")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BOOKKEEPING = {"view", "_unsafe_view", "reshape", "detach", "empty", "t", "transpose", "alias"}
@@ -110,7 +111,7 @@ def test_one_token_call_is_allocations_and_launches(case, monkeypatch):
     its kernels' launches, and no PyTorch work but views, allocations and the stated matmul."""
     build, want_launches, want_work = CASES[case]
     launches = []
-    for mod in (TG, TB, TC, TL, TI):
+    for mod in (TG, TB, TC, TL, TI, TA):
         monkeypatch.setattr(mod, "launch", lambda kernel, grid, *a, **kw: launches.append(kernel.fn.__name__))
     x = torch.randn(1, 512, generator=torch.Generator().manual_seed(0)).to(DEVICE, torch.float16)
     call = build(x)

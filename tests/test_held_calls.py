@@ -14,7 +14,7 @@ import torch
 from conftest import MATMUL_REL, rel_err
 from lowbit.kernels import reference
 from lowbit.kernels.held import HeldCalls
-from test_eager_work import BOOKKEEPING, TB, TC, TG, TI, TL, C, _Ops
+from test_eager_work import BOOKKEEPING, TA, TB, TC, TG, TI, TL, C, _Ops
 from test_group_order import random_module
 from test_launch_cache import StandInKernel
 from test_triton_blockwise4 import args as nf4_args
@@ -58,12 +58,15 @@ def _record(monkeypatch, module, names: tuple[str, ...], others: tuple = ()) -> 
 TABULATED = ((TL, ("_lut_gemv_kernel", "_lut_slice_kernel", "_lut_products_kernel")),)
 """AQLM's tabulated path's kernels, for :func:`_record`'s ``others``."""
 
+INT8_STATISTICS = ((TA, ("_stats_kernel",)),)
+"""LLM.int8's statistics kernel, for :func:`_record`'s ``others``."""
+
 
 def _record_wrapper(monkeypatch, module) -> tuple[dict, list, list]:
     """:func:`_record` for every kernel a format's wrapper in ``module`` launches (AQLM's tabulated
-    path's kernels too)."""
-    names = tuple(name for name in ("_matmul_kernel", "_gemv_kernel", "_stats_kernel") if hasattr(module, name))
-    return _record(monkeypatch, module, names, TABULATED if module is TC else ())
+    path's kernels and LLM.int8's statistics kernel too)."""
+    names = tuple(name for name in ("_matmul_kernel", "_gemv_kernel") if hasattr(module, name))
+    return _record(monkeypatch, module, names, {TC: TABULATED, TI: INT8_STATISTICS}.get(module, ()))
 
 
 @pytest.fixture
@@ -425,7 +428,7 @@ def test_aqlm_held_calls_give_the_reference_on_gpu(monkeypatch, n_codebooks, nbi
 
 @pytest.fixture
 def recorded_int8(monkeypatch):
-    _kernels, log, launches = _record(monkeypatch, TI, ("_stats_kernel", "_matmul_kernel"))
+    _kernels, log, launches = _record(monkeypatch, TI, ("_matmul_kernel",), INT8_STATISTICS)
     return log, launches
 
 

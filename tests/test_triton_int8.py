@@ -19,6 +19,7 @@ from lowbit.kernels import reference, select_kernel
 
 pytest.importorskip("triton")
 T = pytest.importorskip("lowbit.kernels.triton_int8")
+A = pytest.importorskip("lowbit.kernels.triton_int8_activations")
 C = pytest.importorskip("lowbit.kernels.triton_common")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -56,7 +57,7 @@ def test_matmul_matches_reference(m, n, k, threshold, dtype):
         pytest.skip("fp32 outlier products run in tf32 on a GPU")
     x, cb, scb, b = random_case(m, n, k, seed=m * k + n, threshold=threshold)
     x = x.to(dtype)
-    outliers = T.activation_stats(x, threshold)[0]  # uint8 [K], None without a threshold
+    outliers = A.activation_stats(x, threshold)[0]  # uint8 [K], None without a threshold
     assert outliers is None if not threshold else outliers.nonzero().flatten().tolist() == [1, k - 2]
     want = reference.matmul_int8_outlier(x.float(), cb, scb, threshold, b)  # fp32: the kernel's error alone
     got = T.matmul_int8_outlier(x, cb, scb, threshold, b)
@@ -71,14 +72,14 @@ def test_activation_statistics(m, k, threshold):
     to 16 rows, partials over blocks of columns) and from PyTorch (more rows), as the reference
     finds them."""
     x = random_case(m, 8, k, seed=m + k, threshold=threshold)[0].half()
-    outliers, part = T.activation_stats(x, threshold)
+    outliers, part = A.activation_stats(x, threshold)
     xa = x.float().abs()
     want_outliers = (xa >= threshold).any(0) if threshold else torch.zeros(k, dtype=torch.bool, device=x.device)
     if threshold:
         assert torch.equal(outliers.bool(), want_outliers) and want_outliers.sum() == 2
     else:
         assert outliers is None
-    assert part.shape == ((-(-k // T.STATS_BLOCK_K) if m <= T.STATS_ROWS else 1), m)
+    assert part.shape == ((-(-k // A.STATS_BLOCK_K) if m <= A.STATS_ROWS else 1), m)
     assert torch.equal(part.amax(0), xa.masked_fill(want_outliers, 0).amax(1))
 
 
@@ -125,8 +126,8 @@ def test_prequantized_codes_are_the_references(m, k, threshold, dtype):
     """The quantize kernel's int8 codes (across its 16 x 256 blocks, K not a multiple) are the
     reference's ``round(x * 127 / absmax)`` with the outlier columns 0."""
     x = random_case(m, 8, k, seed=m + k, threshold=threshold)[0].to(dtype)
-    outliers, part = T.activation_stats(x, threshold)
-    got = T.quantize_activations(x, outliers, part)
+    outliers, part = A.activation_stats(x, threshold)
+    got = A.quantize_activations(x, outliers, part)
     mask, _row, want = reference.int8_activation_codes(x.float(), threshold)
     assert got.dtype == torch.int8 and torch.equal(got, want)
     assert int(mask.sum()) == (2 if threshold else 0) and got[:, mask].eq(0).all()
@@ -258,7 +259,7 @@ def test_model_sizes_on_gpu(m, k, n, prequantize, weight_only, path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 def test_dequantized_weight_is_the_references(dtype):
     _, cb, scb, _ = random_case(1, 70, 300, seed=2)
-    got = T.dequantize_int8_rows(cb, scb, dtype)
+    got = A.dequantize_int8_rows(cb, scb, dtype)
     assert got.dtype == dtype
     assert_rounded_equal(got, reference.dequantize_int8_rows(cb, scb).to(dtype))
 
@@ -281,7 +282,7 @@ def test_grid_activations_are_the_codes_values(threshold, dtype):
     x = x.to(dtype)
     outliers, row, ca = reference.int8_activation_codes(x.float(), threshold)
     want = torch.where(outliers, x.float(), ca.float() * (row / 127.0).unsqueeze(1)).to(dtype)
-    got = T.grid_activations(x, *T.activation_stats(x, threshold))
+    got = A.grid_activations(x, *A.activation_stats(x, threshold))
     assert got.dtype == dtype
     assert_rounded_equal(got, want)
 

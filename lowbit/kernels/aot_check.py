@@ -192,16 +192,16 @@ def _int8_variants() -> list[Variant]:
     for outliers, dt, grid in ((True, "fp16", False), (False, "bf16", False), (True, "bf16", True)):
         sig = {"x_ptr": f"*{dt}", "outlier_ptr": "*u8", "part_ptr": "*fp32", "ca_ptr": f"*{dt}" if grid else "*i8",
                "M": "i32", "K": "i32", "stride_xm": "i32", "n_parts": "i32"}
-        out.append(Variant("triton_int8", "_quantize_kernel", sig,
+        out.append(Variant("triton_int8_activations", "_quantize_kernel", sig,
                            dict(HAS_OUTLIERS=outliers, BLOCK_M=16, BLOCK_K=256, GRID=grid),
                            (("enable_fp_fusion", False),)))
     for dt in ("fp16", "bf16"):
         sig = {"w_ptr": "*i8", "scb_ptr": "*fp32", "out_ptr": f"*{dt}", "N": "i32", "K": "i32", "stride_wn": "i32"}
-        out.append(Variant("triton_int8", "_dequantize_kernel", sig, dict(BLOCK_N=32, BLOCK_K=128)))
+        out.append(Variant("triton_int8_activations", "_dequantize_kernel", sig, dict(BLOCK_N=32, BLOCK_K=128)))
     for outliers, bm, dt in ((True, 1, "fp16"), (False, 16, "bf16")):
         sig = {"x_ptr": f"*{dt}", "outlier_ptr": "*u8", "part_ptr": "*fp32", "M": "i32", "K": "i32",
                "stride_xm": "i32", "threshold": "fp32"}
-        out.append(Variant("triton_int8", "_stats_kernel", sig,
+        out.append(Variant("triton_int8_activations", "_stats_kernel", sig,
                            dict(HAS_OUTLIERS=outliers, BLOCK_M=bm, BLOCK_K=512)))
     return out
 
