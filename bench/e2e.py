@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import importlib
 import statistics
 import time
@@ -34,6 +33,8 @@ import torch
 import lowbit
 from lowbit.config import RtnConfig
 from lowbit.models import cache_keyword, default_causal_lm_path
+
+from kernels import switched  # bench/kernels.py
 
 
 def build(model_name: str, layers: int):
@@ -227,19 +228,6 @@ def parse_switches(specs: list[str]) -> list[tuple[object, str, object]]:
             raise SystemExit(f"--switch {spec!r}: lowbit.kernels.{module_name} has no {name}")
         out.append((module, name, value))
     return out
-
-
-@contextlib.contextmanager
-def switched(switches: list[tuple[object, str, object]]):
-    """Each ``(module, name, value)`` of :func:`parse_switches` set, then put back."""
-    saved = [(module, name, getattr(module, name)) for module, name, _ in switches]
-    try:
-        for module, name, value in switches:
-            setattr(module, name, value)
-        yield
-    finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
 
 
 def main() -> None:

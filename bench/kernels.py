@@ -39,6 +39,7 @@ before it is timed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -165,24 +166,31 @@ def fp16_row(m, k, n, sets):
     return [lambda x=x, w=w: F.linear(x, w) for x, w in zip(xs, ws)], 2 * n * k + 2 * m * (k + n), 0.0
 
 
+@contextlib.contextmanager
+def switched(switches: list[tuple[object, str, object]]):
+    """Each ``(module, name, value)`` set (module constants a wrapper reads at each call, so a graph
+    capture and the eager calls both see them), then put back."""
+    saved = [(module, name, getattr(module, name)) for module, name, _ in switches]
+    try:
+        for module, name, value in switches:
+            setattr(module, name, value)
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
 def switching(module, fn: Callable, **values) -> Callable:
-    """``fn`` with ``module``'s switches (module constants its wrappers read at each call, so a graph
-    capture and the eager calls both see them) set to ``values`` for each call, then restored; None
+    """``fn`` with ``module``'s switches set to ``values`` for each call (:func:`switched`); None
     leaves one at its default. ``fn`` itself when every value is None, so that a default row's eager
     time is the wrapper's alone."""
-    values = {name: value for name, value in values.items() if value is not None}
-    if not values:
+    switches = [(module, name, value) for name, value in values.items() if value is not None]
+    if not switches:
         return fn
 
     def call(*args, **kwargs):
-        saved = {name: getattr(module, name) for name in values}
-        for name, value in values.items():
-            setattr(module, name, value)
-        try:
+        with switched(switches):
             return fn(*args, **kwargs)
-        finally:
-            for name, value in saved.items():
-                setattr(module, name, value)
 
     return call
 

@@ -64,13 +64,20 @@ def test_unknown_bench_is_a_usage_error(argv):
 
 
 def _bench_e2e():
-    """``bench/e2e.py`` (a script, not a package module)."""
+    """``bench/e2e.py`` (a script, not a package module; it imports ``bench/kernels.py`` as a
+    script does, from its own folder)."""
     import importlib.util
+    import sys
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("bench_e2e", Path(__file__).parents[1] / "bench" / "e2e.py")
+    bench = str(Path(__file__).parents[1] / "bench")
+    spec = importlib.util.spec_from_file_location("bench_e2e", Path(bench) / "e2e.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, bench)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(bench)
     return module
 
 
