@@ -201,6 +201,7 @@ def test_code_sweep_with_lazy_updates_equals_the_eager_sweep(og, c):
     """A block of positions carries its E H changes to later columns in one product; position by
     position (block 1, an eager update) the sweep must choose the same codes, and lower the error."""
     from lowbit.methods import aqlm as A
+    from lowbit.methods.aqlm_search import update_codes
 
     W, H = _layer(n=48, k=256, seed=5)  # 32 input groups: two blocks of 16 and a partial third with 12
     H.diagonal().add_(0.01 * float(H.diagonal().mean()))
@@ -209,7 +210,7 @@ def test_code_sweep_with_lazy_updates_equals_the_eager_sweep(og, c):
         layer = A._Layer(W, H, og, 8)
         A._initialize(layer, c, 6, 2, _gen(0))
         start, before = layer.codes.clone(), layer.error()
-        A._update_codes(layer, beam_size=4, block=block)
+        update_codes(layer, beam_size=4, block=block)
         sweeps[block] = layer.codes.clone()
         assert layer.error() < before
         assert (layer.codes != start).any(dim=-1).float().mean() > 0.05  # the sweep changed codes across blocks
