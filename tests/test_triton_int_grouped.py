@@ -23,6 +23,7 @@ triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 T = pytest.importorskip("lowbit.kernels.triton_int_grouped")
 C = pytest.importorskip("lowbit.kernels.triton_common")
+from lowbit.kernels import split_k as S  # noqa: E402 (plain PyTorch)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -161,7 +162,7 @@ def test_launch_config_whose_k_tile_spans_groups_is_an_error():
 
 
 def _split_counters(device) -> torch.Tensor:
-    return C.split_k_counters(torch.device(device), 1)
+    return S.split_k_counters(torch.device(device), 1)
 
 
 @pytest.mark.parametrize("split,m,n,k", [(2, 1, 33, 256), (16, 1, 200, 2048), (4, 3, 70, 512), (8, 17, 64, 1024)])
@@ -196,12 +197,12 @@ def test_split_k_counters_grow_and_are_kept():
     """The held counters are allocated once per device, zeroed, and grown when a launch has more
     output tiles than they hold."""
     device = torch.device(DEVICE)
-    first = C.split_k_counters(device, 10)
+    first = S.split_k_counters(device, 10)
     assert first.dtype == torch.int32 and first.numel() >= 10 and not first.any()
-    assert C.split_k_counters(device, 10) is first
-    bigger = C.split_k_counters(device, first.numel() + 1)
+    assert S.split_k_counters(device, 10) is first
+    bigger = S.split_k_counters(device, first.numel() + 1)
     assert bigger.numel() > first.numel() and not bigger.any()
-    assert C.split_k_counters(device, 10) is bigger
+    assert S.split_k_counters(device, 10) is bigger
 
 
 def test_split_k_counters_by_stream_and_capture(monkeypatch):
@@ -217,7 +218,7 @@ def test_split_k_counters_by_stream_and_capture(monkeypatch):
         return zeros(n, dtype=dtype)
 
     state = {"stream": 0, "capturing": False}
-    monkeypatch.setattr(C, "_COUNTERS", {})
+    monkeypatch.setattr(S, "_COUNTERS", {})
     monkeypatch.setattr(torch, "zeros", fake_zeros)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: state["stream"], raising=False)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: state["capturing"])
@@ -225,17 +226,17 @@ def test_split_k_counters_by_stream_and_capture(monkeypatch):
 
     def counters(stream, capturing, tiles=8):
         state.update(stream=stream, capturing=capturing)
-        return C.split_k_counters(cuda, tiles)
+        return S.split_k_counters(cuda, tiles)
 
     early_capture = counters(77, True)
-    assert made == [8] and C._COUNTERS == {}  # fresh for the call, not held
+    assert made == [8] and S._COUNTERS == {}  # fresh for the call, not held
     side = [counters(55, False) for _ in range(2)]
     assert side[0] is not side[1] and made == [8, 8, 8]
     held = counters(0, False)
     assert made[-1] == 4096 and counters(0, False) is held and len(made) == 4
     assert counters(77, True) is held and len(made) == 4
     assert counters(55, False) is not held and counters(0, False, tiles=5000) is not held
-    assert early_capture.numel() == 8 and C._COUNTERS[0].numel() == 5000
+    assert early_capture.numel() == 8 and S._COUNTERS[0].numel() == 5000
 
 
 def test_split_k_partials_by_stream_and_size(monkeypatch):
@@ -251,15 +252,15 @@ def test_split_k_partials_by_stream_and_size(monkeypatch):
         return empty(n, dtype=dtype)
 
     stream = {"now": 0}
-    monkeypatch.setattr(C, "_PARTIALS", {})
-    monkeypatch.setattr(C, "HELD_PARTIALS_MAX", 1 << 20)
+    monkeypatch.setattr(S, "_PARTIALS", {})
+    monkeypatch.setattr(S, "HELD_PARTIALS_MAX", 1 << 20)
     monkeypatch.setattr(torch, "empty", fake_empty)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: stream["now"], raising=False)
     cuda = torch.device("cuda", 0)
 
     def partials(on, size):
         stream["now"] = on
-        return C.split_k_partials(cuda, size)
+        return S.split_k_partials(cuda, size)
 
     held = partials(0, 100)
     assert held.dtype == torch.float32 and made == [1 << 16]
@@ -272,8 +273,8 @@ def test_split_k_partials_by_stream_and_size(monkeypatch):
     assert made[-1] == 3 << 17 and partials(0, (1 << 17) + 1) is largest
     assert partials(0, (3 << 17) + 1).numel() == 3 << 18  # doubled again
     assert partials(0, (3 << 18) + 1).numel() == 1 << 20  # doubling stops at the cap
-    assert partials(0, (1 << 20) + 1) is not C._PARTIALS[0] and made[-1] == (1 << 20) + 1
-    assert C._PARTIALS[0].numel() == 1 << 20
+    assert partials(0, (1 << 20) + 1) is not S._PARTIALS[0] and made[-1] == (1 << 20) + 1
+    assert S._PARTIALS[0].numel() == 1 << 20
 
 
 @pytest.mark.gpu
@@ -295,19 +296,19 @@ def test_serial_split_k_on_gpu_repeats_in_streams_and_graphs():
     assert rel_err(first, want) <= MATMUL_REL[torch.float16]
     outs = [T.matmul_group_ordered(x, layout, b, cfg=cfg) for _ in range(200)]
     assert all(torch.equal(o, first) for o in outs)
-    held = C.split_k_counters(x.device, 1)
+    held = S.split_k_counters(x.device, 1)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         on_side = T.matmul_group_ordered(x, layout, b, cfg=cfg)
-        assert C.split_k_counters(x.device, 1).data_ptr() != held.data_ptr()
+        assert S.split_k_counters(x.device, 1).data_ptr() != held.data_ptr()
     torch.cuda.current_stream().wait_stream(side)
     assert torch.equal(on_side, first)
     graph = torch.cuda.CUDAGraph()
-    partials = C.split_k_partials(x.device, 1)
+    partials = S.split_k_partials(x.device, 1)
     with torch.cuda.graph(graph):
-        assert C.split_k_counters(x.device, 1) is held
-        assert C.split_k_partials(x.device, 1) is not partials
+        assert S.split_k_counters(x.device, 1) is held
+        assert S.split_k_partials(x.device, 1) is not partials
         captured = T.matmul_group_ordered(x, layout, b, cfg=cfg)
     for _ in range(50):
         graph.replay()

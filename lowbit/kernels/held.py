@@ -77,12 +77,12 @@ class HeldCall(HeldSources):
     The launch takes what each call computes from its input (the rows, or a table made from them)
     at ``x_at`` and the output at ``y_at`` (after it); every other argument is held, the split-K
     partials and counters included. Those come from the default stream's held buffers
-    (:func:`~lowbit.kernels.triton_common.split_k_partials`), which is why the key is None on any
+    (:func:`~lowbit.kernels.split_k.split_k_partials`), which is why the key is None on any
     other stream or in a capture: there a wrapper allocates them per call. A held buffer a later
     launch outgrew stays alive with the call that holds it and is still correct to use (launches on
     the default stream run in order, and each leaves its counters zero). With one split, the
     partials and counters the kernel never reads are the first call's output
-    (:func:`~lowbit.kernels.triton_common.output_buffers`), which the held call then keeps
+    (:func:`~lowbit.kernels.split_k.output_buffers`), which the held call then keeps
     (``M x N`` values).
     """
 

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from lowbit.kernels import prmt
 from lowbit.kernels.held import HeldCall, HeldCalls
+from lowbit.kernels.split_k import output_buffers
 from lowbit.kernels.triton_common import (
     INTERPRET,
     MatmulConfig,
@@ -32,7 +33,6 @@ from lowbit.kernels.triton_common import (
     input_rows,
     launch,
     launch_config,
-    output_buffers,
 )
 
 

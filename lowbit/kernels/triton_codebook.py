@@ -22,6 +22,7 @@ import triton.language as tl
 
 from lowbit.kernels import triton_codebook_lut as tabulated
 from lowbit.kernels.held import HeldCall, HeldCalls
+from lowbit.kernels.split_k import output_buffers
 from lowbit.kernels.triton_common import (
     _accumulator,
     _dot_weight_first,
@@ -35,7 +36,6 @@ from lowbit.kernels.triton_common import (
     launch,
     launch_config,
     next_power_of_2,
-    output_buffers,
 )
 
 

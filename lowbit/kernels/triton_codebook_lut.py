@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels.held import HeldCall
-from lowbit.kernels.triton_common import MatmulConfig, _store_output, cdiv, device_sms, launch, output_buffers
+from lowbit.kernels.split_k import output_buffers
+from lowbit.kernels.triton_common import MatmulConfig, _store_output, cdiv, device_sms, launch
 
 
 @triton.jit

@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels.held import HeldCalls, HeldLaunch, HeldSources
+from lowbit.kernels.split_k import output_buffers
 from lowbit.kernels.triton_common import (
     MatmulConfig,
     _output_tile,
@@ -53,7 +54,6 @@ from lowbit.kernels.triton_common import (
     launch,
     launch_config,
     next_power_of_2,
-    output_buffers,
 )
 from lowbit.kernels.triton_int8_activations import (
     STATS_ROWS,

@@ -28,6 +28,7 @@ import triton.language as tl
 
 from lowbit.formats.group_order import GroupOrdered, to_group_ordered
 from lowbit.kernels.held import HeldCall
+from lowbit.kernels.split_k import output_buffers
 from lowbit.kernels.triton_common import (
     MatmulConfig,
     _accumulator,
@@ -42,7 +43,6 @@ from lowbit.kernels.triton_common import (
     launch,
     launch_config,
     next_power_of_2,
-    output_buffers,
 )
 
 
