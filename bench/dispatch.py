@@ -106,7 +106,7 @@ def wrapper_table(k: int, n: int) -> None:
                 setattr(mod, name, _NoLaunch(getattr(mod, name)))
     # AQLM's one-token path tabulates codeword products with a small matmul first: one cuBLAS
     # launch on a GPU, but a slow fp16 matmul on a CPU, so it is stubbed here too
-    triton_codebook.codeword_products = lambda x2, books: torch.empty(
+    triton_codebook_lut.codeword_products = lambda x2, books: torch.empty(
         x2.shape[0], x2.shape[1] // books.shape[3], books.shape[0] * books.shape[1], dtype=x2.dtype)
     cases = wrapper_cases(k, n, "cpu")
     print("\n| format, one token, fp16 | wrapper µs (kernels stubbed) | with the launch cache and held calls |")
