@@ -8,7 +8,9 @@
    tensors of Llama-7B's 4096 x 4096 shape; and again with ``LAUNCH_CACHE`` on: the held launches
    of ``triton_common.launch`` and, given a weight's held calls as a module gives them, the held
    calls (``lowbit.kernels.held.HeldCall``), which repeat a call after its first. Then each format's
-   whole module forward (kernel selection, the entry point, the wrapper) with the same stubs.
+   whole module forward (kernel selection, the entry point, the wrapper) with the same stubs. With
+   Triton 3.5 or 3.6, also one held launch through Triton's runner and through lowbit's held runner,
+   which calls Triton's C launcher itself (the C function stubbed: :func:`runner_table`).
 
 What is timed is the Python and PyTorch work an eager call adds to a kernel's graph-replay time,
 less Triton's own launcher. Runs on any machine; needs Triton importable.
@@ -16,9 +18,12 @@ less Triton's own launcher. Runs on any machine; needs Triton importable.
 3. With ``--gpu``, on a CUDA or ROCm GPU: the same wrappers with their real kernels, called
    eagerly (CPU µs per call); a launch of an empty Triton kernel (Triton's own floor there); each
    kernel those wrappers launch, through Triton's ``JITFunction.run`` and from the compiled kernel
-   that call returned (what a launch cache would save); the wrappers again with lowbit's launch
-   cache (``LOWBIT_LAUNCH_CACHE=1``, ``triton_common.launch``); and a ``cProfile`` of each call's
-   functions, to show where an eager call's time goes.
+   that call returned (what a launch cache would save), through Triton's runner and through
+   lowbit's held runner (which calls Triton's C launcher itself where
+   ``lowbit.kernels.direct_launch`` knows it); the wrappers again with lowbit's launch cache
+   (``LOWBIT_LAUNCH_CACHE=1``, ``triton_common.launch``), with the C launcher called directly and
+   through Triton's runner; and a ``cProfile`` of each call's functions, to show where an eager
+   call's time goes.
 
     python bench/dispatch.py
     python bench/dispatch.py --gpu
@@ -37,8 +42,8 @@ import triton.language as tl
 
 from lowbit.formats.group_order import GroupOrdered
 from lowbit.kernels.held import HeldCalls
-from lowbit.kernels import (ops, triton_blockwise4, triton_codebook, triton_codebook_lut, triton_common, triton_int8,
-                            triton_int8_activations, triton_int_grouped)
+from lowbit.kernels import (direct_launch, ops, triton_blockwise4, triton_codebook, triton_codebook_lut, triton_common,
+                            triton_int8, triton_int8_activations, triton_int_grouped)
 
 KERNEL_MODULES = (triton_int_grouped, triton_blockwise4, triton_codebook, triton_codebook_lut, triton_int8,
                   triton_int8_activations, triton_common)
@@ -70,6 +75,51 @@ class _NoLaunch:
 
     def __call__(self, *every) -> None:
         return None
+
+
+def runner_table(calls: int = 200000) -> None:
+    """Part 2b (Triton 3.5 or 3.6): one held launch of a compiled kernel with a matmul's ten tensor
+    and eight scalar arguments, through Triton's runner and through lowbit's held runner
+    (``lowbit.kernels.direct_launch``). Triton's own ``CompiledKernel`` and ``CudaLauncher`` code
+    runs, with the handles stood in for and the C ``launch`` function replaced by a Python one that
+    calls the hooks it is given, as the C function does; the driver's device and stream are
+    PyTorch's CPU-side calls. So the difference is the Python each way runs around the C launcher."""
+    import types
+
+    from triton.backends.nvidia.driver import CudaLauncher
+    from triton.compiler.compiler import CompiledKernel
+    from triton.runtime.driver import driver
+
+    def c_launch(gx, gy, gz, stream, function, cooperative, pdl, scratch, profile, meta, launch_meta, enter, leave,
+                 *args):
+        if enter is not None:
+            enter(launch_meta)
+        if leave is not None:
+            leave(launch_meta)
+
+    class _Driver:
+        get_current_device = staticmethod(torch.get_num_threads)  # a C call returning an int, as the CUDA one
+        get_current_stream = staticmethod(lambda device: 0)
+
+    launcher = object.__new__(CudaLauncher)
+    launcher.launch, launcher.num_ctas, launcher.launch_cooperative_grid, launcher.launch_pdl = c_launch, 1, False, False
+    launcher.global_scratch_size = launcher.profile_scratch_size = 0
+    launcher.global_scratch_align = launcher.profile_scratch_align = 1
+    compiled = object.__new__(CompiledKernel)
+    compiled.module, compiled.function, compiled.packed_metadata, compiled._run = object(), 1, (4, 1, 0), launcher
+    compiled.name, compiled.metadata = "stand_in", None
+    compiled.src = types.SimpleNamespace(fn=types.SimpleNamespace(launch_metadata=None, arg_names=()))
+    args = (*(torch.empty(1) for _ in range(10)), 1, 4096, 4096, 4096, 4096, 1, 6.0, True)
+    saved, driver._active = driver._active, _Driver()
+    try:
+        tritons = compiled[(64, 16, 1)]
+        held = triton_common.held_runner(compiled, (64, 16))
+        print(f"\n| held launch, C launcher stubbed (Triton {triton.__version__}) | µs per launch |")
+        print("|---|---|")
+        for name, fn in (("Triton's runner", tritons), ("lowbit's held runner (direct)", held)):
+            print(f"| {name} | {per_call_us(lambda: fn(*args), calls):.2f} |", flush=True)
+    finally:
+        driver._active = saved
 
 
 def wrapper_cases(k: int, n: int, device: str) -> list:
@@ -188,11 +238,13 @@ class _Recorder:
         return launch
 
 
-def held_launches(cases: list) -> list[tuple[str, object, object]]:
+def held_launches(cases: list) -> list[tuple[str, object, object, object]]:
     """Each Triton kernel the wrapper ``cases`` launch, as (name, launch through Triton's
-    ``JITFunction.run``, launch of the compiled kernel Triton returned, with the same arguments):
-    the second skips the argument binding, specialization and cache lookup an eager call repeats,
-    which is what a launch cache held by a module would save. Each pair is checked to write the
+    ``JITFunction.run``, launch of the compiled kernel Triton returned through Triton's runner,
+    the same through lowbit's held runner, with the same arguments): the second skips the argument
+    binding, specialization and cache lookup an eager call repeats, which is what a launch cache
+    held by a module saves; the third calls Triton's C launcher itself where
+    ``lowbit.kernels.direct_launch`` knows it (else it is the second). Each is checked to write the
     same output."""
     triton_common.LAUNCH_CACHE = False  # every launch through kernel[grid], where the recorders sit
     recorders = []
@@ -215,20 +267,23 @@ def held_launches(cases: list) -> list[tuple[str, object, object]]:
             continue
         grid, args, kwargs, compiled = rec.last
         every = triton_common._HeldLaunches(rec.kernel).every_argument(args, kwargs)
+        tritons = compiled[tuple(grid) + (1,) * (3 - len(grid))]
         runner = triton_common.held_runner(compiled, grid)
         via_run = (lambda kernel=rec.kernel, grid=grid, args=args, kwargs=kwargs: kernel[grid](*args, **kwargs))
+        held_tritons = (lambda runner=tritons, every=every: runner(*every))
         held = (lambda runner=runner, every=every: runner(*every))
         names = list(rec.kernel.arg_names)
         written = args[names.index(next(n for n in ("y_ptr", "out_ptr", "part_ptr") if n in names))]  # an output
         with torch.inference_mode():  # the recorded tensors were made in inference mode
             via_run()
             want = written.clone()
-            written.fill_(float("nan"))
-            held()
-        torch.cuda.synchronize()
-        if not torch.equal(written, want):
-            raise AssertionError(f"{name}: the held compiled kernel wrote another output")
-        out.append((name, via_run, held))
+            for way, call in (("Triton's runner", held_tritons), ("lowbit's held runner", held)):
+                written.fill_(float("nan"))
+                call()
+                torch.cuda.synchronize()
+                if not torch.equal(written, want):
+                    raise AssertionError(f"{name}: the held compiled kernel wrote another output ({way})")
+        out.append((name, via_run, held_tritons, held))
     return out
 
 
@@ -238,8 +293,11 @@ def gpu_table(k: int, n: int, calls: int = 2000) -> None:
     functions each call spends its time in (cProfile, per call)."""
     buf = torch.empty(1, device="cuda")
     wrappers = wrapper_cases(k, n, "cuda")
-    held = [(f"{name}, {way}", fn) for name, via_run, from_held in held_launches(wrappers)
-            for way, fn in (("through JITFunction.run", via_run), ("held compiled kernel", from_held))]
+    direct = direct_launch.triton_version() in direct_launch.VERSIONS and torch.version.hip is None
+    held = [(f"{name}, {way}", fn) for name, via_run, tritons, from_held in held_launches(wrappers)
+            for way, fn in (("through JITFunction.run", via_run), ("held compiled kernel, Triton's runner", tritons),
+                            ("held compiled kernel, lowbit's runner" + (" (C launcher called directly)" if direct
+                                                                        else ""), from_held))]
     cases = [("empty Triton kernel (one pointer, one int)", lambda: _empty_kernel[(1,)](buf, 1, BLOCK=64)),
              ("torch.add (one PyTorch launch)", lambda: torch.add(buf, 1.0)),
              *held, *wrappers]
@@ -264,6 +322,11 @@ def gpu_table(k: int, n: int, calls: int = 2000) -> None:
             triton_common.LAUNCH_CACHE = on
             for name, call in cases if not on else wrappers:
                 timed(f"{name}, launch cache and held calls" if on else name, call)
+        if direct:  # and the held calls through Triton's runner (the held launches were made above)
+            direct_launch.DIRECT_LAUNCH = False
+            for name, call in wrappers:
+                timed(f"{name}, launch cache and held calls, Triton's runner", call)
+            direct_launch.DIRECT_LAUNCH = True
         triton_common.LAUNCH_CACHE = cached
         for name, call in cases[2 + len(held):]:
             prof = cProfile.Profile()
@@ -318,6 +381,8 @@ def main() -> None:
      triton_codebook.matmul_codebook) = saved
     wrapper_table(k, n)
     module_table(k, n)
+    if direct_launch.triton_version() in direct_launch.VERSIONS:
+        runner_table()
 
 
 if __name__ == "__main__":

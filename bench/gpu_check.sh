@@ -86,13 +86,15 @@ if step int8; then  # LLM.int8's variants (weight-only, prequantized x) against 
     grep "^|" "$OUT/int8.log"
 fi
 
-if step eager; then  # one-token calls, eager and in a graph, without and with the launch cache
-    for cache in 0 1; do
-        LOWBIT_LAUNCH_CACHE=$cache timeout ${EAGER_TIMEOUT:-90} python3 bench/kernels.py --rows fp16,lowbit \
-            --names "${EAGER_NAMES:-fp16,w4g128,nf4 double-quant}" --shapes 4096x4096,4096x11008 --m 1 --no-dequantize \
-            >"$OUT/eager$cache.log" 2>&1
-        echo "eager (LOWBIT_LAUNCH_CACHE=$cache) exit $?"
-        grep "^|" "$OUT/eager$cache.log"
+if step eager; then  # one-token calls, eager and in a graph: without the launch cache, with it through
+    # Triton's runner, and with it calling Triton's C launcher directly (the default)
+    for setting in "0 1" "1 0" "1 1"; do
+        set -- $setting
+        LOWBIT_LAUNCH_CACHE=$1 LOWBIT_DIRECT_LAUNCH=$2 timeout ${EAGER_TIMEOUT:-90} python3 bench/kernels.py \
+            --rows fp16,lowbit --names "${EAGER_NAMES:-fp16,w4g128,nf4 double-quant}" --shapes 4096x4096,4096x11008 \
+            --m 1 --no-dequantize >"$OUT/eager$1$2.log" 2>&1
+        echo "eager (LOWBIT_LAUNCH_CACHE=$1 LOWBIT_DIRECT_LAUNCH=$2) exit $?"
+        grep "^|" "$OUT/eager$1$2.log"
     done
 fi
 

@@ -149,3 +149,8 @@ def test_held_launches_give_the_reference_on_gpu(monkeypatch, fmt):
         for view in (x[:, :512], x[:, 1:]):  # 16-byte aligned, then 2 bytes past it
             assert rel_err(ours(view), want(view)) <= MATMUL_REL[torch.float16]
     assert any(held.runners for held in C._HELD.values())
+    from lowbit.kernels import direct_launch as D
+
+    if D.triton_version() in D.VERSIONS and torch.version.hip is None:  # each held launch calls the C launcher
+        runners = [runner for held in C._HELD.values() for runner, _tail in held.runners.values()]
+        assert all(r.__qualname__.startswith("direct_runner.") for r in runners) and D.DIRECT_LAUNCH

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels import device_arch
+from lowbit.kernels.direct_launch import direct_runner
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 """Kernels run under the Triton interpreter (CPU tensors; the tests use it)."""
@@ -77,8 +78,11 @@ class _HeldLaunches:
 
 
 def held_runner(compiled, grid: tuple[int, ...]):
-    """The launch of a ``CompiledKernel`` over ``grid``: ``runner(*every_argument)``."""
-    return compiled[tuple(grid) + (1,) * (3 - len(grid))]
+    """The launch of a ``CompiledKernel`` over ``grid``: ``runner(*every_argument)``; the C launcher
+    called directly where :func:`lowbit.kernels.direct_launch.direct_runner` knows it, else Triton's runner."""
+    grid3 = tuple(grid) + (1,) * (3 - len(grid))
+    runner = compiled[grid3]
+    return direct_runner(compiled, grid3, runner) or runner
 
 
 _HELD: dict[int, _HeldLaunches] = {}  # by id of the kernel (a JITFunction hashes through a property)
