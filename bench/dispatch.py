@@ -9,7 +9,7 @@
    of ``triton_common.launch`` and, given a weight's held calls as a module gives them, the held
    calls (``lowbit.kernels.held.HeldCall``), which repeat a call after its first. Then each format's
    whole module forward (kernel selection, the entry point, the wrapper) with the same stubs. With
-   Triton 3.5 or 3.6, also one held launch through Triton's runner and through lowbit's held runner,
+   Triton 3.5 to 3.9, also one held launch through Triton's runner and through lowbit's held runner,
    which calls Triton's C launcher itself (the C function stubbed: :func:`runner_table`).
 
 What is timed is the Python and PyTorch work an eager call adds to a kernel's graph-replay time,
@@ -78,9 +78,9 @@ class _NoLaunch:
 
 
 def runner_table(calls: int = 200000) -> None:
-    """Part 2b (Triton 3.5 or 3.6): one held launch of a compiled kernel with a matmul's ten tensor
-    and eight scalar arguments, through Triton's runner and through lowbit's held runner
-    (``lowbit.kernels.direct_launch``). Triton's own ``CompiledKernel`` and ``CudaLauncher`` code
+    """Part 2b (a Triton whose launcher ``lowbit.kernels.direct_launch`` calls): one held launch of a
+    compiled kernel with a matmul's ten tensor and eight scalar arguments, through Triton's runner
+    and through lowbit's held runner. Triton's own ``CompiledKernel`` and ``CudaLauncher`` code
     runs, with the handles stood in for and the C ``launch`` function replaced by a Python one that
     calls the hooks it is given, as the C function does; the driver's device and stream are
     PyTorch's CPU-side calls. So the difference is the Python each way runs around the C launcher."""
@@ -90,12 +90,12 @@ def runner_table(calls: int = 200000) -> None:
     from triton.compiler.compiler import CompiledKernel
     from triton.runtime.driver import driver
 
-    def c_launch(gx, gy, gz, stream, function, cooperative, pdl, scratch, profile, meta, launch_meta, enter, leave,
-                 *args):
-        if enter is not None:
-            enter(launch_meta)
-        if leave is not None:
-            leave(launch_meta)
+    at = 10 if direct_launch.LAYOUTS[direct_launch.triton_version()] == "arguments" else 8  # the launch metadata
+
+    def c_launch(*given):
+        for hook in given[at + 1:at + 3]:  # enter, exit
+            if hook is not None:
+                hook(given[at])
 
     class _Driver:
         get_current_device = staticmethod(torch.get_num_threads)  # a C call returning an int, as the CUDA one
@@ -105,7 +105,9 @@ def runner_table(calls: int = 200000) -> None:
     launcher.launch, launcher.num_ctas, launcher.launch_cooperative_grid, launcher.launch_pdl = c_launch, 1, False, False
     launcher.global_scratch_size = launcher.profile_scratch_size = 0
     launcher.global_scratch_align = launcher.profile_scratch_align = 1
-    compiled = object.__new__(CompiledKernel)
+    launcher.gsan_enabled, launcher.arg_annotations, launcher.kernel_signature = False, (), b""
+    stand_in = type("StandInCompiledKernel", (CompiledKernel,), {"__del__": lambda self: None})  # unloads nothing
+    compiled = object.__new__(stand_in)
     compiled.module, compiled.function, compiled.packed_metadata, compiled._run = object(), 1, (4, 1, 0), launcher
     compiled.name, compiled.metadata = "stand_in", None
     compiled.src = types.SimpleNamespace(fn=types.SimpleNamespace(launch_metadata=None, arg_names=()))
