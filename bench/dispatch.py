@@ -10,7 +10,7 @@
    calls (``lowbit.kernels.held.HeldCall``), which repeat a call after its first. Then each format's
    whole module forward (kernel selection, the entry point, the wrapper) with the same stubs. With
    Triton 3.5 to 3.9, also one held launch through Triton's runner and through lowbit's held runner,
-   which calls Triton's C launcher itself (the C function stubbed: :func:`runner_table`).
+   which skips it (the C function stubbed: :func:`runner_table`).
 
 What is timed is the Python and PyTorch work an eager call adds to a kernel's graph-replay time,
 less Triton's own launcher. Runs on any machine; needs Triton importable.
@@ -19,10 +19,10 @@ less Triton's own launcher. Runs on any machine; needs Triton importable.
    eagerly (CPU µs per call); a launch of an empty Triton kernel (Triton's own floor there); each
    kernel those wrappers launch, through Triton's ``JITFunction.run`` and from the compiled kernel
    that call returned (what a launch cache would save), through Triton's runner and through
-   lowbit's held runner (which calls Triton's C launcher itself where
+   lowbit's held runner (which skips Triton's runner where
    ``lowbit.kernels.direct_launch`` knows it); the wrappers again with lowbit's launch cache
-   (``LOWBIT_LAUNCH_CACHE=1``, ``triton_common.launch``), with the C launcher called directly and
-   through Triton's runner; and a ``cProfile`` of each call's functions, to show where an eager
+   (``LOWBIT_LAUNCH_CACHE=1``, ``triton_common.launch``), with Triton's runner skipped and
+   through it; and a ``cProfile`` of each call's functions, to show where an eager
    call's time goes.
 
     python bench/dispatch.py
@@ -295,10 +295,10 @@ def gpu_table(k: int, n: int, calls: int = 2000) -> None:
     functions each call spends its time in (cProfile, per call)."""
     buf = torch.empty(1, device="cuda")
     wrappers = wrapper_cases(k, n, "cuda")
-    direct = direct_launch.triton_version() in direct_launch.VERSIONS and torch.version.hip is None
+    direct = direct_launch.triton_version() in direct_launch.VERSIONS
     held = [(f"{name}, {way}", fn) for name, via_run, tritons, from_held in held_launches(wrappers)
             for way, fn in (("through JITFunction.run", via_run), ("held compiled kernel, Triton's runner", tritons),
-                            ("held compiled kernel, lowbit's runner" + (" (C launcher called directly)" if direct
+                            ("held compiled kernel, lowbit's runner" + (" (Triton's runner skipped)" if direct
                                                                         else ""), from_held))]
     cases = [("empty Triton kernel (one pointer, one int)", lambda: _empty_kernel[(1,)](buf, 1, BLOCK=64)),
              ("torch.add (one PyTorch launch)", lambda: torch.add(buf, 1.0)),

@@ -1,22 +1,28 @@
-"""Held launches that call Triton's C launcher themselves, skipping the Python around it.
+"""Held launches that call Triton's launcher themselves, skipping the Python around it.
 
 A launch of a compiled Triton kernel (``compiled[grid](*args)``) runs, in Triton 3.5 to 3.9, a
 Python runner that asks the active driver for the current device and stream, builds the launch's
-metadata for the launch hooks (``HookChain`` objects, never None), and calls the ``CudaLauncher``,
-a Python object that allocates no scratch for lowbit's kernels and then calls the C ``launch``
-function with the hooks, which call Python again (two empty ``HookChain`` calls). That Python took
-2.8-3.4 µs a launch on a 2-core AMD EPYC with Triton 3.5 to 3.9, against 0.5-0.8 µs through
-:func:`direct_runner`, the C function stubbed (``python bench/dispatch.py``);
-``bench/dispatch.py --gpu`` times both ways with real launches.
+metadata for the launch hooks (``HookChain`` objects, never None), and calls the launcher
+(``CudaLauncher`` or AMD's ``HIPLauncher``), a Python object that allocates any scratch the
+kernel needs (lowbit's need none) and then calls the C ``launch`` function with the hooks, which
+call Python again (two empty ``HookChain`` calls).
 
-:func:`direct_runner` returns a launch that calls the same C function with the same arguments,
-but for the launch metadata and the hooks, which are None (the C launcher then skips them). It
-does so only while no launch hook is installed (a profiler's): then it takes Triton's runner,
-and the hooks see every launch. It applies only to the launcher layouts it was written against
-(:data:`LAYOUTS`: Triton 3.5 to 3.9 on NVIDIA; ``tests/test_direct_launch.py`` compares its
-arguments with those of the installed Triton's own runner), for kernels without global or profile
-scratch (or 3.8's and 3.9's sanitizer); otherwise it returns None and the held launch is Triton's
-runner. AMD's launcher takes its arguments in another order and keeps Triton's runner.
+:func:`direct_runner` returns a launch that passes None for the launch metadata and both hooks
+(the C launcher then skips them) and the same everything else, in one of two ways:
+
+- **the C function itself**, for a ``CudaLauncher`` whose C arguments it knows (:data:`LAYOUTS`:
+  Triton 3.5 to 3.9) and a kernel without global or profile scratch or 3.8/3.9's sanitizer;
+- **the launcher**, otherwise (AMD, or a kernel with scratch): the launcher's own ``__call__``
+  then does its scratch and C call, with the arguments every version's runner passes it.
+
+On a 2-core AMD EPYC, with the C function stubbed (``python bench/dispatch.py``), the Python of
+one held launch took 2.8-3.4 µs through Triton's runner, 1.1-1.4 µs through the launcher and
+0.5-0.8 µs through the C function; ``bench/dispatch.py --gpu`` times them with real launches.
+
+While a launch hook is installed (a profiler's), or with :data:`DIRECT_LAUNCH` off, a launch takes
+Triton's runner, so the hooks see every launch. ``tests/test_direct_launch.py`` compares the
+arguments that reach the C function both ways, through the installed Triton's own code. Other
+Triton versions keep Triton's runner (3.4's hooks are None by default, not chains).
 """
 
 from __future__ import annotations
@@ -28,16 +34,19 @@ import torch
 import triton
 
 DIRECT_LAUNCH = os.environ.get("LOWBIT_DIRECT_LAUNCH", "1") not in ("", "0")
-"""Whether a held launch that :func:`direct_runner` made calls the C launcher itself (on unless
+"""Whether a held launch that :func:`direct_runner` made skips Triton's runner (on unless
 ``LOWBIT_DIRECT_LAUNCH=0``; read at each launch, so a bench can compare both ways in one process)."""
 
-LAYOUTS = {(3, 5): "arguments", (3, 6): "arguments", (3, 7): "tuple", (3, 8): "tuple", (3, 9): "tuple"}
-"""The C ``launch`` function's arguments in each Triton version :func:`direct_runner` calls:
-3.5 and 3.6 take the scratch buffers before the kernel's metadata and the kernel's arguments one by
-one; 3.7 to 3.9 take the scratch buffers after the hooks, then the launcher's argument annotations
-and signature, and the kernel's arguments as one tuple."""
+VERSIONS = ((3, 5), (3, 6), (3, 7), (3, 8), (3, 9))
+"""Triton versions whose runner :func:`direct_runner` stands in for: each calls its launcher as
+``launcher(gx, gy, gz, stream, function, kernel_metadata, launch_metadata, enter_hook, exit_hook,
+*args)``, with hook chains."""
 
-VERSIONS = tuple(LAYOUTS)
+LAYOUTS = {(3, 5): "arguments", (3, 6): "arguments", (3, 7): "tuple", (3, 8): "tuple", (3, 9): "tuple"}
+"""The ``CudaLauncher``'s C ``launch`` arguments in each version: 3.5 and 3.6 take the scratch
+buffers before the kernel's metadata and the kernel's arguments one by one; 3.7 to 3.9 take the
+scratch buffers after the hooks, then the launcher's argument annotations and signature, and the
+kernel's arguments as one tuple."""
 
 
 def triton_version() -> tuple[int, int]:
@@ -48,29 +57,33 @@ def triton_version() -> tuple[int, int]:
 
 def direct_runner(compiled, grid: tuple[int, int, int], runner: Callable) -> Callable | None:
     """A launch of ``compiled`` (a ``CompiledKernel`` whose handles are loaded) over ``grid``:
-    ``launch(*every_argument)``, as ``runner`` (Triton's ``compiled[grid]``) launches it, calling
-    the C launcher directly; None where the installed Triton's launcher is not one this calls
-    (see the module's docstring)."""
+    ``launch(*every_argument)``, as ``runner`` (Triton's ``compiled[grid]``) launches it, without
+    the runner; None where the installed Triton or launcher is not one this knows (see the
+    module's docstring)."""
     from triton import knobs
     from triton.runtime.driver import driver
 
-    layout = LAYOUTS.get(triton_version())
+    version = triton_version()
     launcher = getattr(compiled, "run", None)  # (a stand-in for a compiled kernel may have none)
-    if (layout is None or type(launcher).__name__ != "CudaLauncher" or launcher.global_scratch_size
-            or launcher.profile_scratch_size or getattr(launcher, "gsan_enabled", False)):
+    kind = type(launcher).__name__
+    if version not in VERSIONS or kind not in ("CudaLauncher", "HIPLauncher"):
         return None
     runtime = knobs.runtime
     enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
     if not (hasattr(enter, "calls") and hasattr(leave, "calls")):
         return None
-    c_launch = launcher.launch
+    layout = LAYOUTS.get(version) if kind == "CudaLauncher" else None
+    if layout is not None and (launcher.global_scratch_size or launcher.profile_scratch_size
+                               or getattr(launcher, "gsan_enabled", False)):
+        layout = None  # the launcher allocates the scratch
+    c_launch = launcher.launch if layout is not None else None
     device = driver.active.get_current_device
     if device is torch.cuda.current_device:  # the same value without its Python call, once CUDA is initialised
         device = torch._C._cuda_getDevice
     stream = driver.active.get_current_stream
     gx, gy, gz = grid
     function, packed = compiled.function, compiled.packed_metadata
-    cooperative, pdl = launcher.launch_cooperative_grid, launcher.launch_pdl
+    cooperative, pdl = launcher.launch_cooperative_grid, getattr(launcher, "launch_pdl", False)
     if layout == "tuple":
         annotations, signature = launcher.arg_annotations, launcher.kernel_signature
 
@@ -78,6 +91,8 @@ def direct_runner(compiled, grid: tuple[int, int, int], runner: Callable) -> Cal
         hooks = runtime.launch_enter_hook, runtime.launch_exit_hook
         if not DIRECT_LAUNCH or hooks[0] is not enter or hooks[1] is not leave or enter.calls or leave.calls:
             runner(*args)
+        elif layout is None:  # the launcher, as the runner calls it, without launch metadata or hooks
+            launcher(gx, gy, gz, stream(device()), function, packed, None, None, None, *args)
         elif layout == "arguments":  # no global or profile scratch, the kernel's metadata, no launch metadata or hooks
             c_launch(gx, gy, gz, stream(device()), function, cooperative, pdl, None, None, packed, None, None, None,
                      *args)
