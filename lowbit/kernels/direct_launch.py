@@ -82,6 +82,8 @@ def direct_runner(compiled, grid: tuple[int, int, int], runner: Callable) -> Cal
         device = torch._C._cuda_getDevice
     stream = driver.active.get_current_stream
     gx, gy, gz = grid
+    # the function handle lives while ``compiled`` does (3.8 and 3.9 unload its module when it goes):
+    # ``runner``, which this launch keeps, holds it
     function, packed = compiled.function, compiled.packed_metadata
     cooperative, pdl = launcher.launch_cooperative_grid, getattr(launcher, "launch_pdl", False)
     if layout == "tuple":
