@@ -2,14 +2,11 @@
 
 Without a GPU the kernels run on CPU under ``TRITON_INTERPRET=1`` (set in conftest) at small
 sizes; with one, the ``gpu`` tests also run them compiled at model sizes. Tolerances come from
-the table in conftest. A separate test compiles every kernel for sm_90, gfx942 and gfx1100.
+the table in conftest. ``tests/test_aot_check.py`` compiles every kernel for sm_90, gfx942 and gfx1100;
+``tests/test_split_k.py`` checks the split-K scratch the kernels are given.
 """
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,13 +14,13 @@ import torch
 from conftest import DEQUANT_ATOL, MATMUL_REL, rel_err
 from lowbit.formats.group_order import to_group_ordered
 from lowbit.kernels import reference, select_kernel
+from lowbit.kernels import split_k as S
 from test_group_order import random_module
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 T = pytest.importorskip("lowbit.kernels.triton_int_grouped")
 C = pytest.importorskip("lowbit.kernels.triton_common")
-from lowbit.kernels import split_k as S  # noqa: E402 (plain PyTorch)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -193,90 +190,6 @@ def test_serial_split_k(split, m, n, k, dtype, bias):
     assert torch.equal(got, again)
 
 
-def test_split_k_counters_grow_and_are_kept():
-    """The held counters are allocated once per device, zeroed, and grown when a launch has more
-    output tiles than they hold."""
-    device = torch.device(DEVICE)
-    first = S.split_k_counters(device, 10)
-    assert first.dtype == torch.int32 and first.numel() >= 10 and not first.any()
-    assert S.split_k_counters(device, 10) is first
-    bigger = S.split_k_counters(device, first.numel() + 1)
-    assert bigger.numel() > first.numel() and not bigger.any()
-    assert S.split_k_counters(device, 10) is bigger
-
-
-def test_split_k_counters_by_stream_and_capture(monkeypatch):
-    """Which counters a launch on a CUDA device gets (the stream, the capture state and the
-    allocation faked, so this runs anywhere): the default stream's are made once and held; a side
-    stream gets fresh zeroed ones each call, and so does a capture before any are held; a capture
-    after that uses the held ones; a capture never holds what it allocated."""
-    zeros = torch.zeros
-    made = []
-
-    def fake_zeros(n, dtype, device):
-        made.append(n)
-        return zeros(n, dtype=dtype)
-
-    state = {"stream": 0, "capturing": False}
-    monkeypatch.setattr(S, "_COUNTERS", {})
-    monkeypatch.setattr(torch, "zeros", fake_zeros)
-    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: state["stream"], raising=False)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: state["capturing"])
-    cuda = torch.device("cuda", 0)
-
-    def counters(stream, capturing, tiles=8):
-        state.update(stream=stream, capturing=capturing)
-        return S.split_k_counters(cuda, tiles)
-
-    early_capture = counters(77, True)
-    assert made == [8] and S._COUNTERS == {}  # fresh for the call, not held
-    side = [counters(55, False) for _ in range(2)]
-    assert side[0] is not side[1] and made == [8, 8, 8]
-    held = counters(0, False)
-    assert made[-1] == 4096 and counters(0, False) is held and len(made) == 4
-    assert counters(77, True) is held and len(made) == 4
-    assert counters(55, False) is not held and counters(0, False, tiles=5000) is not held
-    assert early_capture.numel() == 8 and S._COUNTERS[0].numel() == 5000
-
-
-def test_split_k_partials_by_stream_and_size(monkeypatch):
-    """Which partials buffer a split-K launch on a CUDA device gets (the stream and the allocation
-    faked, so this runs anywhere): eager launches on the default stream share one held buffer,
-    grown when a launch needs more; a side stream or a capture (always on a side stream) gets a
-    buffer of its own each call, never held; and so does a launch above ``HELD_PARTIALS_MAX``."""
-    empty = torch.empty
-    made = []
-
-    def fake_empty(n, dtype, device):
-        made.append(n)
-        return empty(n, dtype=dtype)
-
-    stream = {"now": 0}
-    monkeypatch.setattr(S, "_PARTIALS", {})
-    monkeypatch.setattr(S, "HELD_PARTIALS_MAX", 1 << 20)
-    monkeypatch.setattr(torch, "empty", fake_empty)
-    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: stream["now"], raising=False)
-    cuda = torch.device("cuda", 0)
-
-    def partials(on, size):
-        stream["now"] = on
-        return S.split_k_partials(cuda, size)
-
-    held = partials(0, 100)
-    assert held.dtype == torch.float32 and made == [1 << 16]
-    assert partials(0, 5000) is held and len(made) == 1
-    side = [partials(77, 100) for _ in range(2)]
-    assert side[0] is not side[1] and made[1:] == [100, 100] and all(t is not held for t in side)
-    bigger = partials(0, (1 << 16) + 1)  # grown twofold
-    assert bigger is not held and made[-1] == 1 << 17 and partials(0, 10) is bigger
-    largest = partials(0, 3 << 17)  # or to the size asked for
-    assert made[-1] == 3 << 17 and partials(0, (1 << 17) + 1) is largest
-    assert partials(0, (3 << 17) + 1).numel() == 3 << 18  # doubled again
-    assert partials(0, (3 << 18) + 1).numel() == 1 << 20  # doubling stops at the cap
-    assert partials(0, (1 << 20) + 1) is not S._PARTIALS[0] and made[-1] == (1 << 20) + 1
-    assert S._PARTIALS[0].numel() == 1 << 20
-
-
 @pytest.mark.gpu
 def test_serial_split_k_on_gpu_repeats_in_streams_and_graphs():
     """On a GPU, where the splits of a tile run at the same time on different multiprocessors: one
@@ -393,50 +306,6 @@ def test_swapped_tiles_at_model_sizes_on_gpu(monkeypatch, m, dtype, bits):
     w = to_group_ordered(mod.qweight, mod.scales, mod.qzeros, mod.g_idx, bits)
     one_tile = C.MatmulConfig(128, 64, 128, 2, 4, 3, swap=True)
     assert rel_err(T.matmul_group_ordered(x, w, cfg=one_tile), want) <= MATMUL_REL[dtype]
-
-
-def test_kernels_compile_for_every_target():
-    """Every kernel variant lowers to a cubin for sm_90 and an hsaco for gfx942 and gfx1100, on any
-    machine; gfx1030 (RDNA2), which Triton cannot compile for, still fails (else it should become
-    a target)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    proc = subprocess.run([sys.executable, "-m", "lowbit.kernels.aot_check"], env=env,
-                          capture_output=True, text=True, timeout=600)
-    lines = proc.stdout.splitlines()
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    from lowbit.kernels import aot_check
-
-    want = sum(target[0] in v.backends for v in aot_check.variants() for target in aot_check.TARGETS)
-    assert sum(line.startswith("ok ") for line in lines) == want
-    assert {line.split()[1] for line in lines if line.startswith("ok ")} == {"cuda:90", "hip:gfx942", "hip:gfx1100"}
-    assert [line.split()[1] for line in lines if line.startswith("refused ")] == ["hip:gfx1030"]
-
-
-@pytest.mark.parametrize(("arch", "mfma"), [("gfx942", True), ("gfx90a", True), ("gfx1030", False), ("gfx1100", False)])
-def test_matrix_core_options_only_for_cdna(arch, mfma):
-    opts = dict(C.hip_options(arch))
-    assert opts["waves_per_eu"] == 2
-    assert ("matrix_instr_nonkdim" in opts) == mfma and ("kpack" in opts) == mfma
-    assert C.matmul_config(16, 512, 512, 64, 100, arch).hip == C.hip_options(arch)
-    assert C.matmul_config(16, 512, 512, 64, 100, None).hip == ()
-
-
-@pytest.mark.parametrize(("hip", "arch", "usable"), [(None, "", True), ("6.4", "gfx942:sramecc+:xnack-", True),
-                                                     ("6.4", "gfx1100", True), ("6.4", "gfx1030", False)])
-def test_triton_is_not_offered_on_gpus_it_cannot_compile_for(monkeypatch, hip, arch, usable):
-    from types import SimpleNamespace
-
-    from lowbit import kernels
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.version, "hip", hip)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(gcnArchName=arch))
-    kernels._gcn_arch.cache_clear()  # the architecture is read once per device
-    try:
-        assert kernels.triton_gpu_available() is usable
-    finally:
-        kernels._gcn_arch.cache_clear()
 
 
 def test_launch_arithmetic_equals_tritons():
