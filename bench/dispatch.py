@@ -240,14 +240,15 @@ class _Recorder:
         return launch
 
 
-def held_launches(cases: list) -> list[tuple[str, object, object, object]]:
+def held_launches(cases: list) -> list[tuple[str, object, object, object, object]]:
     """Each Triton kernel the wrapper ``cases`` launch, as (name, launch through Triton's
     ``JITFunction.run``, launch of the compiled kernel Triton returned through Triton's runner,
-    the same through lowbit's held runner, with the same arguments): the second skips the argument
-    binding, specialization and cache lookup an eager call repeats, which is what a launch cache
-    held by a module saves; the third calls Triton's C launcher itself where
-    ``lowbit.kernels.direct_launch`` knows it (else it is the second). Each is checked to write the
-    same output."""
+    the same through lowbit's held runner, and that with every tensor passed as its address, with
+    the same arguments): the second skips the argument binding, specialization and cache lookup an
+    eager call repeats, which is what a launch cache held by a module saves; the third skips
+    Triton's runner where ``lowbit.kernels.direct_launch`` knows it (else it is the second); the
+    fourth also skips the C launcher's work per tensor (a ``data_ptr`` call and the driver's pointer
+    check). Each is checked to write the same output."""
     triton_common.LAUNCH_CACHE = False  # every launch through kernel[grid], where the recorders sit
     recorders = []
     for mod in KERNEL_MODULES:
@@ -274,18 +275,23 @@ def held_launches(cases: list) -> list[tuple[str, object, object, object]]:
         via_run = (lambda kernel=rec.kernel, grid=grid, args=args, kwargs=kwargs: kernel[grid](*args, **kwargs))
         held_tritons = (lambda runner=tritons, every=every: runner(*every))
         held = (lambda runner=runner, every=every: runner(*every))
+        # the same with every tensor passed as its address: what Triton's C launcher would then skip
+        # per tensor (its data_ptr call and the driver's pointer check), for a variant to come
+        addresses = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in every)
+        held_addresses = (lambda runner=runner, every=addresses: runner(*every))
         names = list(rec.kernel.arg_names)
         written = args[names.index(next(n for n in ("y_ptr", "out_ptr", "part_ptr") if n in names))]  # an output
         with torch.inference_mode():  # the recorded tensors were made in inference mode
             via_run()
             want = written.clone()
-            for way, call in (("Triton's runner", held_tritons), ("lowbit's held runner", held)):
+            for way, call in (("Triton's runner", held_tritons), ("lowbit's held runner", held),
+                              ("addresses", held_addresses)):
                 written.fill_(float("nan"))
                 call()
                 torch.cuda.synchronize()
                 if not torch.equal(written, want):
                     raise AssertionError(f"{name}: the held compiled kernel wrote another output ({way})")
-        out.append((name, via_run, held_tritons, held))
+        out.append((name, via_run, held_tritons, held, held_addresses))
     return out
 
 
@@ -296,10 +302,11 @@ def gpu_table(k: int, n: int, calls: int = 2000) -> None:
     buf = torch.empty(1, device="cuda")
     wrappers = wrapper_cases(k, n, "cuda")
     direct = direct_launch.triton_version() in direct_launch.VERSIONS
-    held = [(f"{name}, {way}", fn) for name, via_run, tritons, from_held in held_launches(wrappers)
+    held = [(f"{name}, {way}", fn) for name, via_run, tritons, from_held, addresses in held_launches(wrappers)
             for way, fn in (("through JITFunction.run", via_run), ("held compiled kernel, Triton's runner", tritons),
                             ("held compiled kernel, lowbit's runner" + (" (Triton's runner skipped)" if direct
-                                                                        else ""), from_held))]
+                                                                        else ""), from_held),
+                            ("the same, tensors passed as addresses", addresses))]
     cases = [("empty Triton kernel (one pointer, one int)", lambda: _empty_kernel[(1,)](buf, 1, BLOCK=64)),
              ("torch.add (one PyTorch launch)", lambda: torch.add(buf, 1.0)),
              *held, *wrappers]
