@@ -78,8 +78,9 @@ class _HeldLaunches:
 
 
 def held_runner(compiled, grid: tuple[int, ...]):
-    """The launch of a ``CompiledKernel`` over ``grid``: ``runner(*every_argument)``; the C launcher
-    called directly where :func:`lowbit.kernels.direct_launch.direct_runner` knows it, else Triton's runner."""
+    """The launch of a ``CompiledKernel`` over ``grid``: ``runner(*every_argument)``; without Triton's
+    Python runner where :func:`lowbit.kernels.direct_launch.direct_runner` knows the launcher, else
+    through it."""
     grid3 = tuple(grid) + (1,) * (3 - len(grid))
     runner = compiled[grid3]
     return direct_runner(compiled, grid3, runner) or runner
