@@ -47,7 +47,8 @@ if step tests; then
     # -v names each test as it ends, so a step cut short by its time limit still names its failures
     timeout ${TEST_TIMEOUT:-120} python3 -m pytest -v -p no:cacheprovider -n 8 ${TEST_ARGS:-} \
         tests/test_triton_int_grouped.py tests/test_triton_blockwise4.py tests/test_triton_codebook.py tests/test_triton_int8.py \
-        tests/test_gpu_paths.py tests/test_ops.py tests/test_launch_cache.py tests/test_held_calls.py tests/test_eager_work.py tests/test_prmt.py \
+        tests/test_gpu_paths.py tests/test_ops.py tests/test_launch_cache.py tests/test_held_calls.py tests/test_held_calls_launches.py \
+        tests/test_eager_work.py tests/test_prmt.py \
         tests/test_split_k.py \
         tests/test_gptq.py::test_gptq_on_gpu_matches_cpu \
         tests/test_memory_bounded.py::test_gpu_working_memory_does_not_grow_with_depth \

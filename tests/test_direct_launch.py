@@ -8,7 +8,7 @@ The compiled kernel here is the installed Triton's ``CompiledKernel`` and ``Cuda
 recorder, so this runs without a GPU. The comparison with Triton's runner needs a Triton whose
 runner :func:`direct_runner` stands in for (3.5 to 3.9; each was run); with another only the
 refusals are checked. Real kernels go through it in the GPU tests of ``tests/test_launch_cache.py`` and
-``tests/test_held_calls.py``."""
+``tests/test_held_calls*.py``."""
 
 from __future__ import annotations
 
