@@ -39,7 +39,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kernels import rel_err
+from timing import rel_err
 from lowbit.formats.blockwise4 import Blockwise4Linear
 from lowbit.formats.codebook import AqlmLinear
 from lowbit.formats.int8_outlier import Int8Linear

@@ -34,7 +34,7 @@ import lowbit
 from lowbit.config import RtnConfig
 from lowbit.models import cache_keyword, default_causal_lm_path
 
-from kernels import switched  # bench/kernels.py
+from timing import switched  # bench/timing.py
 
 
 def build(model_name: str, layers: int):

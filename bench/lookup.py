@@ -28,18 +28,8 @@ import argparse
 
 import torch
 
-from kernels import (
-    bnb_row,
-    copies_for,
-    fp16_row,
-    random_codebook,
-    random_nf4,
-    rel_err,
-    start_gpu_bench,
-    switching,
-    time_graph,
-    write_rows,
-)
+from kernels import bnb_row, fp16_row, random_codebook, random_nf4
+from timing import copies_for, rel_err, start_gpu_bench, switching, time_graph, write_rows
 from lowbit.kernels import reference
 
 SHAPES = ["4096x4096", "4096x11008", "8192x8192"]  # K x N

@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import copies_for, fp16_row, l2_bytes, random_int8, random_w4, rel_err, time_graph  # noqa: E402
+from kernels import fp16_row, random_int8, random_w4  # noqa: E402
+from timing import copies_for, l2_bytes, rel_err, time_graph  # noqa: E402
 
 from lowbit.formats.group_order import to_group_ordered  # noqa: E402
 from lowbit.kernels import reference  # noqa: E402

@@ -64,7 +64,7 @@ def test_unknown_bench_is_a_usage_error(argv):
 
 
 def _bench_e2e():
-    """``bench/e2e.py`` (a script, not a package module; it imports ``bench/kernels.py`` as a
+    """``bench/e2e.py`` (a script, not a package module; it imports ``bench/timing.py`` as a
     script does, from its own folder)."""
     import importlib.util
     import sys
