@@ -60,14 +60,14 @@ def direct_runner(compiled, grid: tuple[int, int, int], runner: Callable) -> Cal
     ``launch(*every_argument)``, as ``runner`` (Triton's ``compiled[grid]``) launches it, without
     the runner; None where the installed Triton or launcher is not one this knows (see the
     module's docstring)."""
-    from triton import knobs
-    from triton.runtime.driver import driver
-
     version = triton_version()
     launcher = getattr(compiled, "run", None)  # (a stand-in for a compiled kernel may have none)
     kind = type(launcher).__name__
     if version not in VERSIONS or kind not in ("CudaLauncher", "HIPLauncher"):
         return None
+    from triton import knobs  # (not in Triton before 3.4)
+    from triton.runtime.driver import driver
+
     runtime = knobs.runtime
     enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
     if not (hasattr(enter, "calls") and hasattr(leave, "calls")):
