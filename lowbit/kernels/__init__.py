@@ -74,12 +74,18 @@ def device_arch(device: torch.device) -> str | None:
 
 
 def triton_gpu_available() -> bool:
-    """Triton is importable and PyTorch sees a CUDA or ROCm GPU that Triton compiles for (not an
-    RDNA2 ``gfx10xx`` Radeon, which Triton's AMD backend refuses: those take the reference path)."""
+    """Triton is importable and PyTorch sees a CUDA or ROCm GPU that Triton compiles for. An RDNA2
+    or RDNA1 ``gfx10xx`` Radeon counts only where the installed Triton compiles for its
+    architecture (:func:`lowbit.kernels.triton_common.compiles_for`: Triton 3.5 to 3.8 for gfx1030,
+    not 3.9); otherwise it takes the reference path."""
     if importlib.util.find_spec("triton") is None or not torch.cuda.is_available():
         return False
     arch = device_arch(torch.device("cuda", 0))
-    return arch is None or not arch.startswith("gfx10")
+    if arch is None or not arch.startswith("gfx10"):
+        return True
+    from lowbit.kernels import triton_common
+
+    return triton_common.compiles_for(arch)
 
 
 _AVAILABLE: dict[tuple[str, str], bool] = {}

@@ -132,6 +132,31 @@ def next_power_of_2(n: int) -> int:
 
 
 @triton.jit
+def _probe_kernel(p_ptr, BLOCK: tl.constexpr):
+    """Adds 1 to ``BLOCK`` fp32 values: the kernel :func:`compiles_for` compiles."""
+    offs = tl.arange(0, BLOCK)
+    tl.store(p_ptr + offs, tl.load(p_ptr + offs) + 1.0)
+
+
+@functools.cache
+def compiles_for(arch: str) -> bool:
+    """Whether the installed Triton compiles a kernel for the AMD architecture ``arch`` (wave32, as
+    RDNA runs): Triton 3.5 to 3.8 compile for RDNA2's gfx1030, 3.9 refuses it. Asked once per
+    architecture, about a second. False under the interpreter, which compiles nothing."""
+    if INTERPRET:
+        return False
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    try:
+        triton.compile(ASTSource(fn=_probe_kernel, signature={"p_ptr": "*fp32", "BLOCK": "constexpr"},
+                                 constexprs={"BLOCK": 64}), target=GPUTarget("hip", arch, 32))
+    except Exception:  # the backend refuses the architecture: any error of its pipeline
+        return False
+    return True
+
+
+@triton.jit
 def _product(x, w, BLOCK_M: tl.constexpr, DOT_FP32: tl.constexpr):
     """``x [BM, BK] @ w [BK, BN]`` in fp32; ``w`` holds fp32 values, rounded to x's dtype for ``tl.dot``.
 
