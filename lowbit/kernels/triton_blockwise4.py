@@ -33,6 +33,7 @@ from lowbit.kernels.triton_common import (
     input_rows,
     launch,
     launch_config,
+    split_for,
 )
 
 
@@ -331,9 +332,7 @@ where the grouped-int GEMV that reaches the read probe takes 51 at 2 (``bench/pt
 def _gemv_config(n: int, k: int, blocksize: int, device: torch.device, step_blocks: int) -> MatmulConfig:
     """Launch of the GEMV kernel: 64 rows a program, :data:`GEMV_WARPS` warps, K split until about
     8 programs per multiprocessor or two steps of ``step_blocks`` blocks per split."""
-    tiles, k_steps, split = cdiv(n, 64), cdiv(k // blocksize, step_blocks), 1
-    while split < 16 and tiles * split * 2 <= 8 * device_sms(device) and k_steps // (split * 2) >= 2:
-        split *= 2
+    split = split_for(cdiv(n, 64), cdiv(k // blocksize, step_blocks), device_sms(device), 8, 16, steps_per_split=2)
     return MatmulConfig(1, 64, blocksize, split, GEMV_WARPS, 3)
 
 

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from lowbit.kernels.held import HeldCall
 from lowbit.kernels.split_k import output_buffers
-from lowbit.kernels.triton_common import MatmulConfig, _store_output, cdiv, device_sms, launch
+from lowbit.kernels.triton_common import MatmulConfig, _store_output, cdiv, device_sms, launch, split_for
 
 
 @triton.jit
@@ -197,11 +197,8 @@ def _lut_config(m: int, n: int, j: int, device: torch.device, block_j: int | Non
     """Launch of :func:`_lut_gemv_kernel` over ``j`` codes a row: 16 rows by ``block_j`` codes a step
     (None: :data:`LUT_BLOCK_J`), 4 warps, K split while the programs stay under about 4 a
     multiprocessor and every split keeps a step."""
-    block_n, block_j, split = 16, block_j or LUT_BLOCK_J, 1
-    programs = cdiv(n, block_n) * m
-    steps = cdiv(j, block_j)
-    while split < 8 and programs * split * 2 <= 4 * device_sms(device) and steps >= split * 2:
-        split *= 2
+    block_n, block_j = 16, block_j or LUT_BLOCK_J
+    split = split_for(cdiv(n, block_n) * m, cdiv(j, block_j), device_sms(device), 4, 8)
     return MatmulConfig(1, block_n, block_j, split, 4, 1)
 
 
@@ -226,9 +223,7 @@ def _lut_slice_config(m: int, n: int, j: int, size: int, entry_bytes: int, devic
     codes within :data:`LUT_SLICE_BYTES` (``block_k``), split over programs while they stay under 2
     a multiprocessor, up to 16 ways."""
     block_j = min(64, LUT_SLICE_BYTES // (size * entry_bytes))
-    programs, slices, split = cdiv(n, LUT_SLICE_ROWS) * m, cdiv(j, block_j), 1
-    while split < 16 and programs * split * 2 <= 2 * device_sms(device) and slices >= split * 2:
-        split *= 2
+    split = split_for(cdiv(n, LUT_SLICE_ROWS) * m, cdiv(j, block_j), device_sms(device), 2, 16)
     return MatmulConfig(1, LUT_SLICE_ROWS, block_j, split, 8, 1)
 
 

@@ -327,6 +327,16 @@ def hip_options(arch: str) -> tuple[tuple[str, int], ...]:
     return (("waves_per_eu", 2),)
 
 
+def split_for(programs: int, steps: int, sms: int, waves: int, most: int, steps_per_split: int = 1) -> int:
+    """The K split of a launch of ``programs`` programs per split over ``steps`` K steps: doubled from 1,
+    up to ``most``, while the programs stay within ``waves`` a multiprocessor of ``sms`` and every
+    split keeps at least ``steps_per_split`` steps (the launch heuristics of every kernel here)."""
+    split = 1
+    while split < most and programs * split * 2 <= waves * sms and steps >= split * 2 * steps_per_split:
+        split *= 2
+    return split
+
+
 @functools.lru_cache(maxsize=None)
 def matmul_config(m: int, n: int, k: int, block_k: int, sms: int, hip_arch: str | None,
                   gemv_tile: tuple[int, int] | None = None) -> MatmulConfig:
@@ -357,9 +367,7 @@ def matmul_config(m: int, n: int, k: int, block_k: int, sms: int, hip_arch: str 
     tiles = cdiv(m, block_m) * cdiv(n, block_n)
     k_tiles = cdiv(k, block_k)
     max_split = 16 if m < 16 else 8
-    split_k = 1
-    while split_k < max_split and tiles * split_k * 2 <= waves * sms and k_tiles // (split_k * 2) >= 2:
-        split_k *= 2
+    split_k = split_for(tiles, k_tiles, sms, waves, max_split, steps_per_split=2)
     hip_opts = hip_options(hip_arch) if hip_arch else ()
     num_stages = 2 if hip_arch else 3
     return MatmulConfig(block_m, block_n, block_k, split_k, num_warps, num_stages, hip_opts)
