@@ -4,10 +4,11 @@ installed Triton compiles for it.
 
 Triton 3.5 to 3.8 compile for RDNA2: every kernel variant here with Triton 3.6, and one variant
 with each of 3.5, 3.7 and 3.8 (2026-11-28). Triton 3.9 dropped it ("unsupported target:
-'gfx1030'"). So the check first
-compiles one kernel for each target of :data:`WHERE_SUPPORTED`. If that compiles, every variant must
-compile for it as well. If it is refused, the check says so, and such a GPU takes the reference
-path (:func:`lowbit.kernels.triton_gpu_available` asks the same question).
+'gfx1030'"). So for each target of :data:`WHERE_SUPPORTED` the check first asks
+:func:`lowbit.kernels.triton_common.compiles_for`, the probe that also decides whether such a GPU
+gets the Triton kernels (:func:`lowbit.kernels.triton_gpu_available`). If it compiles, every variant
+must compile for it as well; if it is refused, the check says so, and such a GPU takes the
+reference path.
 
 Runs on a machine without a GPU: ``triton.compile`` lowers each kernel variant through the
 target's whole pipeline (PTX and cubin for CUDA, AMDGCN and hsaco for HIP, with the HIP
@@ -28,7 +29,8 @@ TARGETS = (("cuda", 90, 32), ("hip", "gfx942", 64), ("hip", "gfx1100", 32))
 """(backend, architecture, warp size) of each target."""
 
 WHERE_SUPPORTED = (("hip", "gfx1030", 32),)
-"""Targets of some Triton versions only: RDNA2 (see above)."""
+"""Targets of some Triton versions only: RDNA2 (see above), wave32 AMD architectures that
+:func:`lowbit.kernels.triton_common.compiles_for` asks about."""
 
 
 @dataclass(frozen=True)
@@ -241,20 +243,13 @@ def compile_variant(v: Variant, target: tuple) -> str:
     return binary
 
 
-def supported(target: tuple) -> bool:
-    """Whether the installed Triton compiles a kernel for ``target`` (one variant tried)."""
-    try:
-        compile_variant(variants()[0], target)
-    except Exception:  # the backend refuses the architecture: any error of its pipeline
-        return False
-    return True
-
-
 def main() -> int:
+    from lowbit.kernels.triton_common import compiles_for
+
     failed = 0
     targets = [*TARGETS]
     for target in WHERE_SUPPORTED:
-        if supported(target):
+        if compiles_for(target[1]):
             targets.append(target)
         else:
             print(f"refused  {target[0]}:{target[1]}  (Triton's backend does not compile for it)")
