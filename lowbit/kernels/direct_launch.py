@@ -37,16 +37,16 @@ DIRECT_LAUNCH = os.environ.get("LOWBIT_DIRECT_LAUNCH", "1") not in ("", "0")
 """Whether a held launch that :func:`direct_runner` made skips Triton's runner (on unless
 ``LOWBIT_DIRECT_LAUNCH=0``; read at each launch, so a bench can compare both ways in one process)."""
 
-VERSIONS = ((3, 5), (3, 6), (3, 7), (3, 8), (3, 9))
-"""Triton versions whose runner :func:`direct_runner` stands in for: each calls its launcher as
-``launcher(gx, gy, gz, stream, function, kernel_metadata, launch_metadata, enter_hook, exit_hook,
-*args)``, with hook chains."""
-
 LAYOUTS = {(3, 5): "arguments", (3, 6): "arguments", (3, 7): "tuple", (3, 8): "tuple", (3, 9): "tuple"}
 """The ``CudaLauncher``'s C ``launch`` arguments in each version: 3.5 and 3.6 take the scratch
 buffers before the kernel's metadata and the kernel's arguments one by one; 3.7 to 3.9 take the
 scratch buffers after the hooks, then the launcher's argument annotations and signature, and the
 kernel's arguments as one tuple."""
+
+VERSIONS = tuple(LAYOUTS)
+"""Triton versions whose runner :func:`direct_runner` stands in for (those of :data:`LAYOUTS`): each
+calls its launcher as ``launcher(gx, gy, gz, stream, function, kernel_metadata, launch_metadata,
+enter_hook, exit_hook, *args)``, with hook chains."""
 
 
 def triton_version() -> tuple[int, int]:
