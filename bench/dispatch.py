@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import importlib
 import pstats
 import time
 
@@ -42,11 +43,12 @@ import triton.language as tl
 
 from lowbit.formats.group_order import GroupOrdered
 from lowbit.kernels.held import HeldCalls
-from lowbit.kernels import (direct_launch, ops, triton_blockwise4, triton_codebook, triton_codebook_lut, triton_common,
-                            triton_int8, triton_int8_activations, triton_int_grouped)
+from lowbit.kernels import (aot_check, direct_launch, ops, triton_blockwise4, triton_codebook, triton_codebook_lut,
+                            triton_common, triton_int8, triton_int_grouped)
 
-KERNEL_MODULES = (triton_int_grouped, triton_blockwise4, triton_codebook, triton_codebook_lut, triton_int8,
-                  triton_int8_activations, triton_common)
+KERNEL_MODULES = tuple(importlib.import_module(f"lowbit.kernels.{name}")
+                       for name in sorted({v.module for v in aot_check.variants()}))
+"""Every module that defines Triton kernels: those the compile check compiles kernels of."""
 
 
 @triton.jit
